@@ -1,0 +1,208 @@
+"""Finding PostgreSQL's programs and running them as the service user.
+
+Every room that runs a Postgres program (initdb, postgres, pg_ctl, pg_receivewal, pg_waldump,
+pg_controldata) goes through here, so "which binaries" and "as whom" are decided once.
+
+Postgres refuses to run as root. When Lakelet itself runs as root, Postgres programs run as an
+unprivileged service user (``postgres`` where it exists, else one we create); otherwise they run
+as the current user.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import glob
+import os
+import pwd
+import re
+import shutil
+import subprocess
+from collections.abc import Sequence
+from dataclasses import dataclass
+from functools import cache
+from pathlib import Path
+
+MIN_MAJOR = 15
+
+
+class PostgresNotFound(RuntimeError):
+    """No usable PostgreSQL server binaries (15 or newer) on this machine."""
+
+
+@dataclass(frozen=True)
+class PgBinaries:
+    bindir: Path
+    major: int
+
+    def __getitem__(self, program: str) -> str:
+        return str(self.bindir / program)
+
+
+def _major_of(bindir: Path) -> int | None:
+    postgres = bindir / "postgres"
+    if not os.access(postgres, os.X_OK):
+        return None
+    try:
+        out = subprocess.run([str(postgres), "--version"], capture_output=True, text=True, timeout=10).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None
+    m = re.search(r"(\d+)(?:\.\d+)?", out)
+    return int(m.group(1)) if m else None
+
+
+@cache
+def find_binaries(hint: str | None = None) -> PgBinaries:
+    """The newest PostgreSQL ≥ 15 server bindir: ``hint`` (config or LAKELET_PG_BINDIR) first."""
+    candidates: list[Path] = []
+    hint = hint or os.environ.get("LAKELET_PG_BINDIR")
+    if hint:
+        candidates.append(Path(hint))
+    candidates += sorted((Path(p) for p in glob.glob("/usr/lib/postgresql/*/bin")), reverse=True)
+    candidates += [Path(p) for p in glob.glob("/usr/pgsql-*/bin")]
+    pg_config = shutil.which("pg_config")
+    if pg_config:
+        try:
+            bindir = subprocess.run([pg_config, "--bindir"], capture_output=True, text=True).stdout.strip()
+            if bindir:
+                candidates.append(Path(bindir))
+        except OSError:
+            pass
+    on_path = shutil.which("postgres")
+    if on_path:
+        candidates.append(Path(on_path).resolve().parent)
+    best: PgBinaries | None = None
+    for bindir in candidates:
+        major = _major_of(bindir)
+        if major is not None and major >= MIN_MAJOR and (best is None or major > best.major):
+            best = PgBinaries(bindir, major)
+    if best is None:
+        raise PostgresNotFound(
+            "PostgreSQL server 15 or newer not found: install it (Debian/Ubuntu: "
+            "apt-get install postgresql) or set LAKELET_PG_BINDIR to its bin directory"
+        )
+    return best
+
+
+@dataclass(frozen=True)
+class ServiceUser:
+    """The OS user Postgres programs run as."""
+
+    name: str
+    uid: int
+    gid: int
+    home: str
+
+    @property
+    def is_current(self) -> bool:
+        return self.uid == os.geteuid()
+
+    def preexec(self) -> None:
+        """Drop to this user in a child before exec (no-op when it is us already)."""
+        if self.is_current:
+            return
+        os.setgroups([])
+        os.setgid(self.gid)
+        os.setuid(self.uid)
+
+    def child_env(self, extra: dict[str, str] | None = None) -> dict[str, str]:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("PG")}
+        env.update({"HOME": self.home, "USER": self.name, "LOGNAME": self.name, "LC_ALL": "C.UTF-8"})
+        if extra:
+            env.update(extra)
+        return env
+
+    def own(self, path: Path, mode: int | None = None) -> None:
+        """Give ``path`` to this user (when we are root) and set its mode."""
+        if os.geteuid() == 0 and not self.is_current:
+            os.chown(path, self.uid, self.gid)
+        if mode is not None:
+            os.chmod(path, mode)
+
+    def own_tree(self, root: Path) -> None:
+        if os.geteuid() != 0 or self.is_current:
+            return
+        for dirpath, dirnames, filenames in os.walk(root):
+            os.chown(dirpath, self.uid, self.gid)
+            for name in dirnames + filenames:
+                os.lchown(os.path.join(dirpath, name), self.uid, self.gid)
+
+
+def resolve_service_user(configured: str | None = None) -> ServiceUser:
+    """As root: the configured user, else ``postgres``, else a ``lakelet`` system user we create.
+    Not root: the current user (a configured one must then be the current user)."""
+    if os.geteuid() != 0:
+        entry = pwd.getpwuid(os.geteuid())
+        if configured and configured != entry.pw_name:
+            raise PermissionError(
+                f"compute_user = {configured!r} needs Lakelet to run as root; "
+                f"running as {entry.pw_name!r}, remove compute_user from the config"
+            )
+        return ServiceUser(entry.pw_name, entry.pw_uid, entry.pw_gid, entry.pw_dir)
+    for name in ([configured] if configured else ["postgres", "lakelet"]):
+        try:
+            entry = pwd.getpwnam(name)
+            return ServiceUser(entry.pw_name, entry.pw_uid, entry.pw_gid, entry.pw_dir or "/")
+        except KeyError:
+            continue
+    name = configured or "lakelet"
+    subprocess.run(
+        ["useradd", "--system", "--no-create-home", "--home-dir", "/nonexistent", "--shell",
+         "/usr/sbin/nologin", name],
+        check=True, capture_output=True,
+    )
+    entry = pwd.getpwnam(name)
+    return ServiceUser(entry.pw_name, entry.pw_uid, entry.pw_gid, "/")
+
+
+def make_reachable(path: Path, user: ServiceUser) -> None:
+    """Let ``user`` traverse every ancestor of ``path`` (o+x), as a data dir under /root needs."""
+    if user.is_current:
+        return
+    for parent in reversed(path.resolve().parents):
+        st = parent.stat()
+        if st.st_mode & 0o001 == 0:
+            os.chmod(parent, st.st_mode | 0o001)
+
+
+def run(
+    argv: Sequence[str],
+    user: ServiceUser,
+    *,
+    check: bool = True,
+    env: dict[str, str] | None = None,
+    timeout: float | None = None,
+    cwd: str | None = None,
+) -> subprocess.CompletedProcess[str]:
+    """Run a Postgres program as ``user``; on failure raise with the program's own last line."""
+    proc = subprocess.run(
+        list(argv), capture_output=True, text=True, preexec_fn=user.preexec, env=user.child_env(env),
+        timeout=timeout, cwd=cwd or "/",
+    )
+    if check and proc.returncode != 0:
+        raise subprocess.CalledProcessError(proc.returncode, list(argv), proc.stdout, proc.stderr)
+    return proc
+
+
+async def run_async(
+    argv: Sequence[str], user: ServiceUser, *, env: dict[str, str] | None = None, check: bool = True
+) -> tuple[int, str, str]:
+    """``run`` without blocking the event loop."""
+    proc = await asyncio.create_subprocess_exec(
+        *argv, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        preexec_fn=user.preexec, env=user.child_env(env), cwd="/",
+    )
+    out, err = await proc.communicate()
+    rc = proc.returncode or 0
+    if check and rc != 0:
+        raise subprocess.CalledProcessError(rc, list(argv), out.decode(), err.decode())
+    return rc, out.decode(), err.decode()
+
+
+def last_error_line(text: str) -> str:
+    """The line of Postgres output that explains a failure (FATAL/ERROR/PANIC first)."""
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    for marker in ("PANIC:", "FATAL:", "ERROR:"):
+        for ln in reversed(lines):
+            if marker in ln:
+                return ln
+    return lines[-1] if lines else "(no output)"
