@@ -1,0 +1,133 @@
+"""The supervisor behind ``lakelet up``: wires store → computes → proxy → control API, and
+takes them down in the reverse order on SIGTERM/SIGINT.
+
+Start order matters: the store and the project exist before the proxy accepts anyone, and
+``/healthz`` turns 200 only once the proxy does. Stop order matters too: the proxy stops accepting
+first, then every compute shuts down cleanly (its image is taken), then the HTTP server goes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import sys
+from pathlib import Path
+
+from aiohttp import web
+from prometheus_client import CollectorRegistry
+
+import storage
+from compute import EndpointConfig, Endpoints
+from lakelet import project
+from lakelet.api import ControlAPI
+from lakelet.config import Config
+from lakelet.rundir import DataDirLock, remove_run_info, write_run_info
+from proxy import Proxy, ProxyConfig
+from storage.postgres import find_binaries, make_reachable, resolve_service_user
+
+log = logging.getLogger("lakelet")
+
+STOP_GRACE_SECONDS = 12.0
+
+
+def prepare_data_dir(config: Config) -> Path:
+    data_dir = config.data_dir.resolve()
+    data_dir.mkdir(parents=True, exist_ok=True)
+    os.chmod(data_dir, 0o711)
+    config.data_dir = data_dir
+    return data_dir
+
+
+async def serve(config: Config) -> int:
+    data_dir = prepare_data_dir(config)
+    lock = DataDirLock(data_dir)
+    lock.acquire()
+    try:
+        return await _serve_locked(config, data_dir)
+    finally:
+        remove_run_info(data_dir)
+        lock.release()
+
+
+async def _serve_locked(config: Config, data_dir: Path) -> int:
+    pg = find_binaries()
+    user = resolve_service_user(config.user or None)
+    make_reachable(data_dir, user)
+    registry = CollectorRegistry()
+
+    store = await asyncio.to_thread(
+        storage.Store.open, config.store_dir, user=user, pg=pg, retention_days=config.retention_days
+    )
+    await asyncio.to_thread(store.bootstrap)
+    endpoints = Endpoints(
+        store, computes_dir=config.computes_dir, user=user, pg=pg, registry=registry,
+        config=EndpointConfig(suspend_timeout=config.suspend_timeout, min_cu=config.min_cu,
+                              max_cu=config.max_cu, durability=config.durability),
+    )
+    await endpoints.start()
+    host, port = config.listen_addr
+    proxy = Proxy(endpoints, ProxyConfig(
+        listen_host=host, listen_port=port, tls_dir=data_dir / "tls",
+        tls_cert=Path(config.tls_cert) if config.tls_cert else None,
+        tls_key=Path(config.tls_key) if config.tls_key else None,
+        require_tls=config.require_tls, auth_timeout=config.auth_timeout,
+        wake_timeout=config.wake_timeout, max_client_connections=config.max_client_connections,
+    ), registry=registry)
+
+    runner: web.AppRunner | None = None
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        created = await project.ensure_project(endpoints, data_dir, superuser=config.superuser)
+        if created is not None:
+            # Printed once, on first start; afterwards it is only in <data-dir>/credentials.
+            print(f"lakelet: created project; login role {created.user!r} with password "
+                  f"{created.password!r} (kept in {project.credentials_file(data_dir)})", flush=True)
+        run = write_run_info(data_dir, config.http)
+        api = ControlAPI(config=config, store=store, endpoints=endpoints, proxy=proxy,
+                         registry=registry, token=run.token)
+        runner = web.AppRunner(api.app(), access_log=None, handle_signals=False)
+        await runner.setup()
+        http_host, http_port = config.http_addr
+        await web.TCPSite(runner, http_host, http_port).start()
+        await proxy.start()
+        api.ready = True
+        log.info("lakelet is up", extra={"postgres": f"{host}:{proxy.port}", "http": config.http,
+                                          "data_dir": str(data_dir)})
+        await stop.wait()
+        log.info("stopping")
+    finally:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(sig)
+        await _shutdown(proxy, endpoints, runner, store)
+    return 0
+
+
+async def _shutdown(proxy: Proxy, endpoints: Endpoints, runner: web.AppRunner | None,
+                    store: storage.Store) -> None:
+    try:
+        await asyncio.wait_for(proxy.close(), 2)
+    except Exception:
+        log.exception("proxy did not close cleanly")
+    try:
+        await asyncio.wait_for(endpoints.close(), STOP_GRACE_SECONDS)
+    except Exception:
+        log.exception("computes did not all stop cleanly; the store recovers them from WAL next start")
+    if runner is not None:
+        await runner.cleanup()
+    store.close()
+
+
+def run(config: Config) -> int:
+    try:
+        import uvloop
+    except ImportError:  # pragma: no cover - uvloop is a dependency; keep running without it
+        return asyncio.run(serve(config))
+    if sys.version_info >= (3, 12):
+        return uvloop.run(serve(config))
+    asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+    return asyncio.run(serve(config))

@@ -1,0 +1,167 @@
+"""Configuration: defaults < config file < LAKELET_* environment < command-line flags.
+
+Every setting has one name (``suspend_timeout``), one TOML place (``[compute] suspend_timeout``),
+one environment variable (``LAKELET_SUSPEND_TIMEOUT``) and, for the common ones, one flag
+(``--suspend-timeout``). The table below is the single list of them.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+from compute import sizes
+
+REPO_DEFAULTS = Path(__file__).resolve().parent.parent / "configs" / "lakelet.toml"
+
+
+class ConfigError(ValueError):
+    """A setting has a value Lakelet cannot use; the message names it and what is allowed."""
+
+
+@dataclass
+class Config:
+    data_dir: Path = Path("./data")
+    log_format: str = "text"
+    log_level: str = "info"
+    http: str = "127.0.0.1:55480"
+    listen: str = "127.0.0.1:55432"
+    require_tls: bool = False
+    tls_cert: str = ""
+    tls_key: str = ""
+    auth_timeout: float = 60.0
+    wake_timeout: float = 30.0
+    max_client_connections: int = 10000
+    suspend_timeout: float = 300.0
+    min_cu: float = 0.25
+    max_cu: float = 2.0
+    durability: str = "store"
+    user: str = ""
+    retention_days: float = 7.0
+    superuser: bool = False
+
+    @property
+    def store_dir(self) -> Path:
+        return self.data_dir / "store"
+
+    @property
+    def computes_dir(self) -> Path:
+        return self.data_dir / "computes"
+
+    @property
+    def listen_addr(self) -> tuple[str, int]:
+        return parse_hostport(self.listen, "listen")
+
+    @property
+    def http_addr(self) -> tuple[str, int]:
+        return parse_hostport(self.http, "http")
+
+
+SECTIONS: dict[str, str] = {
+    "data_dir": "lakelet", "log_format": "lakelet", "log_level": "lakelet", "http": "lakelet",
+    "listen": "proxy", "require_tls": "proxy", "tls_cert": "proxy", "tls_key": "proxy",
+    "auth_timeout": "proxy", "wake_timeout": "proxy", "max_client_connections": "proxy",
+    "suspend_timeout": "compute", "min_cu": "compute", "max_cu": "compute", "durability": "compute",
+    "user": "compute", "retention_days": "storage", "superuser": "project",
+}
+ENV_NAMES = {name: "LAKELET_" + name.upper() for name in SECTIONS} | {"user": "LAKELET_COMPUTE_USER"}
+
+
+def parse_hostport(value: str, name: str) -> tuple[str, int]:
+    host, sep, port = value.rpartition(":")
+    if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ConfigError(f"{name} = {value!r} is not HOST:PORT (for example 127.0.0.1:55432)")
+    return host.strip("[]") or "0.0.0.0", int(port)
+
+
+def _coerce(name: str, raw: Any, origin: str) -> Any:
+    kind = {f.name: f.type for f in fields(Config)}[name]
+    try:
+        if kind == "bool":
+            if isinstance(raw, bool):
+                return raw
+            text = str(raw).strip().lower()
+            if text in ("1", "true", "yes", "on"):
+                return True
+            if text in ("0", "false", "no", "off"):
+                return False
+            raise ValueError
+        if kind == "int":
+            return int(raw)
+        if kind == "float":
+            return float(raw)
+        if kind == "Path":
+            return Path(str(raw)).expanduser()
+        return str(raw)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{name} = {raw!r} (from {origin}) is not a valid {kind}") from None
+
+
+def _from_toml(path: Path) -> dict[str, Any]:
+    try:
+        data = tomllib.loads(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"config file {path} does not exist; pass an existing file to --config") from None
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"config file {path} is not valid TOML: {e}") from None
+    out: dict[str, Any] = {}
+    for section, table in data.items():
+        if not isinstance(table, dict):
+            raise ConfigError(f"{path}: top-level key {section!r} must be a [section]")
+        for key, value in table.items():
+            if SECTIONS.get(key) != section:
+                where = f"[{SECTIONS[key]}]" if key in SECTIONS else "no section (unknown setting)"
+                raise ConfigError(f"{path}: [{section}] {key} is not a setting here; it belongs in {where}")
+            out[key] = _coerce(key, value, str(path))
+    return out
+
+
+def load(config_file: Path | None = None, overrides: dict[str, Any] | None = None,
+         env: dict[str, str] | None = None) -> Config:
+    """Build the effective configuration; ``overrides`` are command-line values (None = unset)."""
+    env = os.environ if env is None else env
+    values: dict[str, Any] = {}
+    if REPO_DEFAULTS.exists():
+        values.update(_from_toml(REPO_DEFAULTS))
+    if config_file is None and env.get("LAKELET_CONFIG"):
+        config_file = Path(env["LAKELET_CONFIG"])
+    if config_file is not None:
+        values.update(_from_toml(config_file))
+    for name, var in ENV_NAMES.items():
+        if env.get(var, "") != "":
+            values[name] = _coerce(name, env[var], var)
+    for name, value in (overrides or {}).items():
+        if value is not None:
+            values[name] = _coerce(name, value, "--" + name.replace("_", "-"))
+    config = Config(**values)
+    validate(config)
+    return config
+
+
+def validate(c: Config) -> None:
+    if c.log_format not in ("text", "json"):
+        raise ConfigError(f"log_format = {c.log_format!r}: use 'text' or 'json'")
+    if c.durability not in ("store", "local"):
+        raise ConfigError(f"durability = {c.durability!r}: use 'store' or 'local'")
+    if c.suspend_timeout < 1:
+        raise ConfigError(f"suspend_timeout = {c.suspend_timeout}: must be at least 1 second")
+    if not 0 <= c.retention_days <= 35:
+        raise ConfigError(f"retention_days = {c.retention_days}: must be between 0 and 35")
+    for name in ("min_cu", "max_cu"):
+        try:
+            sizes.validate_cu(getattr(c, name))
+        except ValueError as e:
+            raise ConfigError(f"{name}: {e}") from None
+    if c.min_cu > c.max_cu:
+        raise ConfigError(f"min_cu = {c.min_cu} is above max_cu = {c.max_cu}: lower min_cu or raise max_cu")
+    if c.auth_timeout <= 0 or c.wake_timeout <= 0:
+        raise ConfigError("auth_timeout and wake_timeout must be positive numbers of seconds")
+    if c.max_client_connections < 1:
+        raise ConfigError("max_client_connections must be at least 1")
+    if bool(c.tls_cert) != bool(c.tls_key):
+        raise ConfigError("tls_cert and tls_key go together: set both, or neither for a self-signed certificate")
+    parse_hostport(c.listen, "listen")
+    parse_hostport(c.http, "http")

@@ -1,0 +1,73 @@
+#!/usr/bin/env bash
+# Installs what Lakelet needs on a fresh machine, idempotently:
+#   - PostgreSQL server 15+ (with pgbench) from the distribution when missing (Debian/Ubuntu),
+#   - ./.venv with Lakelet and, with --test, the test dependencies.
+# Anything it cannot install, it names, and stops.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+want_test=0
+[ "${1:-}" = "--test" ] && want_test=1
+
+say() { echo "setup: $*" >&2; }
+die() { echo "setup: error: $*" >&2; exit 1; }
+
+as_root() {
+  if [ "$(id -u)" = 0 ]; then "$@"
+  elif command -v sudo >/dev/null 2>&1; then sudo -n "$@" || die "need root to run: $* (run it yourself, then re-run)"
+  else die "need root to run: $* (run it yourself, then re-run)"
+  fi
+}
+
+apt_updated=0
+apt_install() {
+  command -v apt-get >/dev/null 2>&1 || return 1
+  if [ "$apt_updated" = 0 ]; then as_root apt-get update -qq >/dev/null; apt_updated=1; fi
+  say "installing $* from the distribution"
+  as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$@" >/dev/null
+}
+
+pg_bindir() {
+  local d v best="" bestv=0
+  for d in ${LAKELET_PG_BINDIR:-} /usr/lib/postgresql/*/bin /usr/pgsql-*/bin; do
+    [ -x "$d/postgres" ] || continue
+    v=$("$d/postgres" --version 2>/dev/null | sed -E 's/[^0-9]*([0-9]+).*/\1/')
+    if [ -n "$v" ] && [ "$v" -ge 15 ] && [ "$v" -gt "$bestv" ]; then best=$d; bestv=$v; fi
+  done
+  echo "$best"
+}
+
+# --- Python 3.11+ -------------------------------------------------------------------------------
+PY=${PYTHON:-python3}
+command -v "$PY" >/dev/null 2>&1 || apt_install python3 python3-venv || die "Python 3.11+ is missing: install python3 (3.11 or newer)"
+"$PY" -c 'import sys; sys.exit(sys.version_info < (3, 11))' \
+  || die "Python 3.11 or newer is needed, found $("$PY" --version 2>&1); set PYTHON=/path/to/python3.11"
+
+# --- PostgreSQL server 15+ -------------------------------------------------------------------------
+if [ -z "$(pg_bindir)" ]; then
+  apt_install postgresql postgresql-contrib \
+    || die "PostgreSQL server 15 or newer is missing: install it (Debian/Ubuntu: apt-get install postgresql; Fedora: dnf install postgresql-server) or set LAKELET_PG_BINDIR"
+  [ -n "$(pg_bindir)" ] || die "installed postgresql, but no server 15+ found under /usr/lib/postgresql: install postgresql-15 or newer"
+fi
+bindir=$(pg_bindir)
+for prog in pg_receivewal pg_waldump pg_controldata pgbench; do
+  [ -x "$bindir/$prog" ] || apt_install postgresql-contrib || die "$prog is missing from $bindir: install your distribution's PostgreSQL server and contrib packages"
+done
+if [ "$want_test" = 1 ]; then
+  command -v psql >/dev/null 2>&1 || [ -x "$bindir/psql" ] || apt_install postgresql-client || die "psql is missing: install postgresql-client"
+fi
+
+# --- the virtual environment ---------------------------------------------------------------------
+if [ ! -x .venv/bin/python ]; then
+  "$PY" -m venv .venv 2>/dev/null || { apt_install python3-venv && rm -rf .venv && "$PY" -m venv .venv; } \
+    || die "cannot make a virtual environment: install python3-venv"
+fi
+extra=""
+[ "$want_test" = 1 ] && extra="[test]"
+stamp=".venv/.installed$extra"
+if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
+  say "installing Lakelet${extra:+ with test dependencies} into ./.venv"
+  .venv/bin/python -m pip install -q --disable-pip-version-check --upgrade pip >/dev/null
+  .venv/bin/python -m pip install -q --disable-pip-version-check -e ".$extra"
+  touch "$stamp"
+fi
