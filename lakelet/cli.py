@@ -159,6 +159,7 @@ def _fail(message: str, as_json: bool) -> int:
 
 def _up(a: argparse.Namespace) -> int:
     from lakelet import app, logs
+    from lakelet.rundir import DataDirBusy
     from storage.postgres import PostgresNotFound, find_binaries
 
     overrides = {"data_dir": a.data_dir, "listen": a.listen, "http": a.http, "suspend_timeout": a.suspend_timeout,
@@ -167,9 +168,9 @@ def _up(a: argparse.Namespace) -> int:
     logs.setup(conf.log_format, conf.log_level)
     try:
         find_binaries()
-    except PostgresNotFound as e:
+        return app.run(conf)
+    except (PostgresNotFound, DataDirBusy, PermissionError) as e:
         return _fail(str(e), a.json)
-    return app.run(conf)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -1,0 +1,111 @@
+"""The WAL archive: one directory per branch that the branch's compute streams into, plus one
+global directory of timeline history files.
+
+Timeline IDs are unique across the whole store: at promotion Postgres probes ``restore_command``
+for the history files of TLI+1, TLI+2, … and takes the first free one, and ``restore_command``
+serves every branch's history files. So a segment's file name (which embeds its TLI) never clashes
+between branches, and the WAL a branch needs is simply what its ancestry's directories hold.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shlex
+import shutil
+import subprocess
+import tempfile
+from collections.abc import Iterable
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+
+from storage import lsn as lsnmod
+from storage.postgres import PgBinaries, ServiceUser
+
+SEGMENT = re.compile(r"^([0-9A-F]{24})(\.partial)?$")
+HISTORY = re.compile(r"^([0-9A-F]{8})\.history$")
+WALDUMP_LINE = re.compile(r"lsn: ([0-9A-F]+/[0-9A-F]+), prev [0-9A-F]+/[0-9A-F]+, desc: (\w+)(?: (.*))?")
+COMMIT_TIME = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d(?:\.\d+)?) ?(UTC|[+-]\d\d)?")
+
+
+def restore_command(dirs: Iterable[Path], history_dir: Path) -> str:
+    """A ``restore_command`` serving segments from ``dirs`` (in order; a zero-padded ``.partial``
+    stands in for the full segment) and history files from ``history_dir``."""
+    search = " ".join(shlex.quote(str(d)) for d in [*dirs, history_dir])
+    script = (
+        f'for d in {search}; do '
+        'if [ -f "$d/%f" ]; then exec cp "$d/%f" "%p"; fi; '
+        'if [ -f "$d/%f.partial" ]; then exec cp "$d/%f.partial" "%p"; fi; '
+        'done; exit 1'
+    )
+    return "sh -c " + shlex.quote(script)
+
+
+def segments(wal_dir: Path) -> dict[str, Path]:
+    """Canonical segment name → file (a full segment wins over its ``.partial``)."""
+    out: dict[str, Path] = {}
+    if not wal_dir.is_dir():
+        return out
+    for entry in sorted(os.listdir(wal_dir)):
+        m = SEGMENT.match(entry)
+        if m and (m.group(2) is None or m.group(1) not in out):
+            out[m.group(1)] = wal_dir / entry
+    return out
+
+
+def copy_history(src_dir: Path, history_dir: Path) -> list[int]:
+    """Copy every ``*.history`` in ``src_dir`` into the global history dir; returns their TLIs."""
+    tlis = []
+    for entry in os.listdir(src_dir):
+        m = HISTORY.match(entry)
+        if not m:
+            continue
+        tlis.append(int(m.group(1), 16))
+        dest = history_dir / entry
+        if not dest.exists():
+            tmp = history_dir / f".{entry}.tmp"
+            shutil.copyfile(src_dir / entry, tmp)
+            os.replace(tmp, dest)
+    return sorted(tlis)
+
+
+def history_switch_lsn(history_file: Path) -> int:
+    """The LSN where the timeline in ``history_file`` began (its last line's switch point)."""
+    lines = [ln.split() for ln in history_file.read_text().splitlines() if ln.strip() and not ln.startswith("#")]
+    return lsnmod.parse(lines[-1][1]) if lines else 0
+
+
+@dataclass(frozen=True)
+class WalRecord:
+    lsn: int
+    kind: str
+    commit_time: datetime | None
+
+
+def scan(pg: PgBinaries, user: ServiceUser, files: dict[str, Path], tli: int) -> list[WalRecord]:
+    """Every record on timeline ``tli`` in ``files`` (canonical name → file), via pg_waldump."""
+    names = sorted(n for n in files if int(n[:8], 16) == tli)
+    if not names:
+        return []
+    with tempfile.TemporaryDirectory(prefix="lakelet-waldump-") as tmp:
+        os.chmod(tmp, 0o755)
+        for n in names:
+            os.symlink(files[n], os.path.join(tmp, n))
+        proc = subprocess.run(
+            [pg["pg_waldump"], "--path", tmp, "--timeline", str(tli), names[0]],
+            capture_output=True, text=True, env={"LC_ALL": "C", "PATH": os.environ.get("PATH", "")},
+        )
+    out: list[WalRecord] = []
+    for line in proc.stdout.splitlines():
+        m = WALDUMP_LINE.search(line)
+        if not m:
+            continue
+        when = None
+        if m.group(2) in ("COMMIT", "COMMIT_PREPARED") and m.group(3):
+            t = COMMIT_TIME.match(m.group(3))
+            if t:
+                text = t.group(1) + ("+00" if t.group(2) in (None, "UTC") else t.group(2))
+                when = datetime.strptime(text + "00", "%Y-%m-%d %H:%M:%S" + (".%f" if "." in text else "") + "%z")
+        out.append(WalRecord(lsnmod.parse(m.group(1)), m.group(2), when))
+    return out
