@@ -48,6 +48,8 @@ ADMIN_ROLE = "lakelet_admin"
 BRANCH_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
 SOURCE_FILE = "lakelet-source.json"
 IMAGE_WAL_THRESHOLD = 256 << 20
+# Small WAL segments: a branch that wrote a little holds a little, in the archive and in copies.
+WAL_SEGMENT_MB = 1
 
 
 @dataclass(frozen=True)
@@ -192,10 +194,10 @@ class Store:
         self.user.own(work, 0o700)
         datadir = work / "pgdata"
         proc = run([self.pg["initdb"], "-D", str(datadir), "-U", ADMIN_ROLE, "--auth=trust", "-E", "UTF8",
-                    "--locale=C.UTF-8", "--no-sync"], self.user, check=False)
+                    "--locale=C.UTF-8", "--no-sync", f"--wal-segsize={WAL_SEGMENT_MB}"], self.user, check=False)
         if proc.returncode != 0:
             proc = run([self.pg["initdb"], "-D", str(datadir), "-U", ADMIN_ROLE, "--auth=trust", "-E", "UTF8",
-                        "--locale=C", "--no-sync"], self.user, check=False)
+                        "--locale=C", "--no-sync", f"--wal-segsize={WAL_SEGMENT_MB}"], self.user, check=False)
         if proc.returncode != 0:
             raise MaterializeError(f"initdb failed: {last_error_line(proc.stderr + proc.stdout)}")
         with self.catalog.transaction() as db:
@@ -415,7 +417,9 @@ class Store:
         name = lsnmod.segment_name(tli, ckpt, self._segment_size())
         src = datadir / "pg_wal" / name
         dest_dir = self.wal_root / f"{branch_id}.ckpt"
-        if not src.exists() or (dest_dir / name).exists():
+        streamed = self.wal_root / str(branch_id)
+        if not src.exists() or any(p.exists() for p in (dest_dir / name, streamed / name,
+                                                          streamed / f"{name}.partial")):
             return
         dest_dir.mkdir(exist_ok=True)
         self.user.own(dest_dir, 0o700)
@@ -483,11 +487,7 @@ class Store:
         images.restore_image(self.pages, self.objects, image.manifest_key, datadir)
         settings["restore_command"] = wal.restore_command(self._dirs(row), self.history_dir)
         settings["recovery_target_timeline"] = str(target_tli)
-        with open(datadir / "postgresql.auto.conf", "a") as f:
-            f.write("\n# recovery, written by lakelet materialize\n")
-            for k, v in settings.items():
-                f.write(f"{k} = {_pg_quote(v)}\n")
-        (datadir / "recovery.signal").touch()
+        _write_recovery_settings(datadir, settings)
         self.user.own_tree(datadir)
         return Materialized(datadir, needs_recovery=True)
 
@@ -556,7 +556,21 @@ class Store:
         return GcReport(len(doomed), wal_deleted, freed)
 
     def _segment_size(self) -> int:
-        return 16 << 20
+        return WAL_SEGMENT_MB << 20
+
+
+RECOVERY_KEYS = ("restore_command", "recovery_target")
+
+
+def _write_recovery_settings(datadir: Path, settings: dict[str, str]) -> None:
+    """Replace any recovery settings an image carried (from its own materialize) with these."""
+    conf = datadir / "postgresql.auto.conf"
+    lines = conf.read_text().splitlines(keepends=True) if conf.exists() else []
+    keep = [ln for ln in lines if not ln.lstrip().startswith(RECOVERY_KEYS) and "written by lakelet" not in ln]
+    keep.append("# recovery settings, written by lakelet materialize\n")
+    keep += [f"{k} = {_pg_quote(v)}\n" for k, v in settings.items()]
+    conf.write_text("".join(keep))
+    (datadir / "recovery.signal").touch()
 
 
 def parse_time(text: str) -> datetime:

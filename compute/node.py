@@ -1,0 +1,290 @@
+"""One compute: a PostgreSQL server for one branch, on a data dir the store materialized.
+
+It listens only on a Unix socket in a directory that only the service user can enter, and it
+streams its WAL into the store as a synchronous standby (``pg_receivewal --synchronous``), so a
+commit is acknowledged only once the store holds it. ``stop`` shuts it down cleanly and hands the
+data dir to the store as an image.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import time
+from pathlib import Path
+
+import asyncpg
+
+from compute.walreceiver import RECEIVER_NAME, SLOT_NAME, WalReceiver
+from storage import ADMIN_ROLE, Store
+from storage.postgres import PgBinaries, ServiceUser, last_error_line, run_async
+
+log = logging.getLogger("lakelet.compute")
+
+PORT = 5432
+START_TIMEOUT = 600.0
+INCLUDE_LINE = "include_if_exists = 'lakelet.conf'"
+# Materialize → promote → note the new timeline must not interleave between computes (two
+# promotions at once could choose the same timeline ID).
+_promotion_lock = asyncio.Lock()
+
+
+class ComputeStartError(Exception):
+    """The compute did not start; the message is the Postgres log line that says why."""
+
+
+def _conf_value(value: str) -> str:
+    return "'" + value.replace("'", "''") + "'"
+
+
+class ComputeNode:
+    def __init__(self, store: Store, branch: str, *, computes_dir: Path, user: ServiceUser, pg: PgBinaries,
+                 settings: dict[str, str], durability: str = "store") -> None:
+        self.store = store
+        self.branch = branch
+        self.user = user
+        self.pg = pg
+        self.settings = dict(settings)
+        self.durability = durability
+        self.home = computes_dir / branch
+        self.datadir = self.home / "pgdata"
+        self.socket_dir = self.home / "socket"
+        self.log_file = self.home / "postgres.log"
+        self.port = PORT
+        self.pid: int | None = None
+        self._proc: asyncio.subprocess.Process | None = None
+        self._receiver: WalReceiver | None = None
+        self._computes_dir = computes_dir
+
+    # -- start ----------------------------------------------------------------------------------
+
+    def _prepare_dirs(self) -> None:
+        for d in (self._computes_dir, self.home, self.socket_dir):
+            d.mkdir(parents=True, exist_ok=True)
+        os.chmod(self._computes_dir, 0o711)
+        self.user.own(self.home, 0o700)
+        self.user.own(self.socket_dir, 0o700)
+
+    def _write_config(self) -> None:
+        conf = {
+            "listen_addresses": "",
+            "unix_socket_directories": str(self.socket_dir),
+            "unix_socket_permissions": "0700",
+            "port": str(self.port),
+            "wal_level": "replica",
+            "max_wal_senders": "10",
+            "max_replication_slots": "10",
+            # Replay runs without hot standby, so a compute may restart at a smaller size than the
+            # one that wrote the WAL (hot standby insists on settings at least as large).
+            "hot_standby": "off",
+            "synchronous_commit": "on",
+            "synchronous_standby_names": RECEIVER_NAME if self.durability == "store" else "",
+            "logging_collector": "off",
+            "log_line_prefix": "%m [%p] ",
+            "password_encryption": "scram-sha-256",
+            "fsync": "on",
+            **self.settings,
+        }
+        text = "".join(f"{k} = {_conf_value(v)}\n" for k, v in conf.items())
+        (self.datadir / "lakelet.conf").write_text(text)
+        main_conf = self.datadir / "postgresql.conf"
+        if INCLUDE_LINE not in main_conf.read_text():
+            with open(main_conf, "a") as f:
+                f.write(f"\n{INCLUDE_LINE}\n")
+        # ALTER SYSTEM values from the previous run must not shadow this run's size.
+        auto = self.datadir / "postgresql.auto.conf"
+        if auto.exists():
+            lines = auto.read_text().splitlines(keepends=True)
+            keep = [ln for ln in lines if ln.split("=", 1)[0].strip() not in conf]
+            auto.write_text("".join(keep))
+        (self.datadir / "pg_hba.conf").write_text(
+            "# Only the private socket exists; its directory is reachable by the service user alone.\n"
+            "local all all trust\nlocal replication all trust\n")
+        for name in ("lakelet.conf", "pg_hba.conf", "postgresql.auto.conf"):
+            if (self.datadir / name).exists():
+                self.user.own(self.datadir / name, 0o600)
+
+    async def _stop_stale(self) -> None:
+        """A postmaster left running by a Lakelet that died holds the data dir: stop it."""
+        if (self.datadir / "postmaster.pid").exists():
+            await run_async([self.pg["pg_ctl"], "stop", "-D", str(self.datadir), "-m", "immediate", "-w"],
+                            self.user, check=False)
+
+    async def start(self) -> None:
+        started = time.monotonic()
+        self._prepare_dirs()
+        async with _promotion_lock:
+            await self._stop_stale()
+            prepared = await asyncio.to_thread(self.store.materialize, self.branch, self.datadir)
+            await asyncio.to_thread(self._write_config)
+            await self._spawn()
+            try:
+                await self._wait_ready()
+                if prepared.needs_recovery:
+                    await asyncio.to_thread(self.store.note_timeline, self.branch, self.datadir)
+                else:
+                    await asyncio.to_thread(self.store.mark_running, self.branch)
+                self._receiver = WalReceiver(self)
+                await self._receiver.start()
+            except BaseException:
+                await self.kill()
+                raise
+        log.info("compute started", extra={"branch": self.branch, "pid": self.pid,
+                                           "seconds": round(time.monotonic() - started, 3),
+                                           "replayed": prepared.needs_recovery})
+
+    async def _spawn(self) -> None:
+        self.log_file.touch()
+        self.user.own(self.log_file, 0o600)
+        log_fd = os.open(self.log_file, os.O_WRONLY | os.O_APPEND)
+        try:
+            self._proc = await asyncio.create_subprocess_exec(
+                self.pg["postgres"], "-D", str(self.datadir),
+                stdin=asyncio.subprocess.DEVNULL, stdout=log_fd, stderr=log_fd,
+                preexec_fn=self.user.preexec, start_new_session=True, env=self.user.child_env(), cwd="/",
+            )
+        finally:
+            os.close(log_fd)
+        self.pid = self._proc.pid
+
+    def log_tail(self, size: int = 16384) -> str:
+        """The end of the compute's log, without the noise of our own readiness probes."""
+        try:
+            with open(self.log_file, "rb") as f:
+                f.seek(max(0, f.seek(0, 2) - size))
+                text = f.read().decode(errors="replace")
+        except OSError:
+            return ""
+        return "\n".join(ln for ln in text.splitlines() if "the database system is starting up" not in ln)
+
+    async def _wait_ready(self) -> None:
+        deadline = time.monotonic() + START_TIMEOUT
+        while time.monotonic() < deadline:
+            if self._proc is None or self._proc.returncode is not None:
+                raise ComputeStartError(f"compute for branch {self.branch!r} exited during start: "
+                                        f"{last_error_line(self.log_tail())}")
+            try:
+                conn = await asyncio.wait_for(self.connect(), 5)
+            except (TimeoutError, OSError, asyncpg.PostgresError):
+                await asyncio.sleep(0.05)
+                continue
+            try:
+                if not await conn.fetchval("SELECT pg_is_in_recovery()"):
+                    return
+            except asyncpg.PostgresError:
+                pass
+            finally:
+                await conn.close()
+            await asyncio.sleep(0.05)
+        raise ComputeStartError(f"compute for branch {self.branch!r} not ready after {START_TIMEOUT:.0f}s: "
+                                f"{last_error_line(self.log_tail())}")
+
+    # -- run ------------------------------------------------------------------------------------
+
+    def alive(self) -> bool:
+        return self._proc is not None and self._proc.returncode is None
+
+    async def wait_exit(self) -> int:
+        if self._proc is None:
+            return 0
+        return await self._proc.wait()
+
+    async def connect(self) -> asyncpg.Connection:
+        return await asyncpg.connect(host=str(self.socket_dir), port=self.port, user=ADMIN_ROLE,
+                                     database="postgres", timeout=10)
+
+    async def apply_settings(self, settings: dict[str, str]) -> None:
+        conn = await self.connect()
+        try:
+            for name, value in settings.items():
+                await conn.execute(f"ALTER SYSTEM SET {name} = {_conf_value(value)}")
+            await conn.execute("SELECT pg_reload_conf()")
+        finally:
+            await conn.close()
+        self.settings.update(settings)
+
+    async def sync_roles(self) -> dict[str, str | None]:
+        conn = await self.connect()
+        try:
+            rows = await conn.fetch("SELECT rolname, CASE WHEN rolcanlogin THEN rolpassword END FROM pg_authid")
+        finally:
+            await conn.close()
+        roles = {r[0]: r[1] for r in rows if r[0] != ADMIN_ROLE}
+        await asyncio.to_thread(self.store.set_roles, self.branch, roles)
+        return roles
+
+    async def durable_lsn(self) -> str:
+        conn = await self.connect()
+        try:
+            value = await conn.fetchval(
+                "SELECT flush_lsn::text FROM pg_stat_replication WHERE application_name = $1", RECEIVER_NAME)
+        finally:
+            await conn.close()
+        if value is None:
+            raise ComputeStartError(f"the WAL receiver of branch {self.branch!r} is not connected")
+        return str(value)
+
+    async def branch_point(self, timeout: float = 30.0) -> str:
+        """A restore-point record, returned once the store holds it: a child branch replays up to
+        (not including) it, so it sees every commit acknowledged before this call."""
+        conn = await self.connect()
+        try:
+            point = await conn.fetchval("SELECT pg_create_restore_point('lakelet-branch')::text")
+            deadline = time.monotonic() + timeout
+            while time.monotonic() < deadline:
+                durable = await conn.fetchval(
+                    "SELECT flush_lsn > $1::text::pg_lsn FROM pg_stat_replication WHERE application_name = $2",
+                    point, RECEIVER_NAME)
+                if durable:
+                    return str(point)
+                await asyncio.sleep(0.02)
+        finally:
+            await conn.close()
+        raise ComputeStartError(f"branch point {point} of {self.branch!r} did not reach the store in {timeout:.0f}s")
+
+    def process_ids(self) -> list[int]:
+        if self.pid is None:
+            return []
+        pids = [self.pid]
+        try:
+            children = Path(f"/proc/{self.pid}/task/{self.pid}/children").read_text().split()
+            pids += [int(p) for p in children]
+        except OSError:
+            pass
+        return pids
+
+    # -- stop -----------------------------------------------------------------------------------
+
+    async def stop(self, *, image: bool = True) -> None:
+        """Fast shutdown (sessions get FATAL 57P01), the receiver drains, the store takes the image."""
+        if self.alive():
+            assert self._proc is not None
+            self._proc.send_signal(signal.SIGINT)  # Postgres' "fast" shutdown
+            try:
+                await asyncio.wait_for(self._proc.wait(), 60)
+            except TimeoutError:
+                await self.kill()
+                raise ComputeStartError(f"compute for branch {self.branch!r} did not shut down in 60s") from None
+        if self._receiver is not None:
+            await self._receiver.stop(drain=True)
+            self._receiver = None
+        self.pid = None
+        if image and (self.datadir / "PG_VERSION").exists():
+            await asyncio.to_thread(self.store.take_image, self.branch, self.datadir)
+
+    async def kill(self) -> None:
+        """SIGKILL the postmaster, its backends and the receiver (a crash, or a failed start)."""
+        if self._proc is not None and self._proc.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self._proc.pid, signal.SIGKILL)
+            await self._proc.wait()
+        if self._receiver is not None:
+            await self._receiver.stop()
+            self._receiver = None
+        self.pid = None
+
+
+__all__ = ["ComputeNode", "ComputeStartError", "SLOT_NAME"]
