@@ -18,14 +18,24 @@ RELOADABLE = frozenset({
 RESTART_ONLY = frozenset({"shared_buffers", "max_connections", "max_worker_processes"})
 
 
+class SizeError(ValueError):
+    """A compute size Lakelet does not offer."""
+
+
 def validate_cu(cu: float) -> float:
-    """``cu`` if it is a size Lakelet offers, else ValueError naming the allowed sizes."""
-    if float(cu) not in ALLOWED:
-        raise ValueError(f"{cu} is not a compute size: use 0.25, 0.5 or a whole number from 1 to 16")
-    return float(cu)
+    """``cu`` if it is a size Lakelet offers, else SizeError naming the allowed sizes."""
+    try:
+        value = float(cu)
+    except (TypeError, ValueError):
+        value = -1.0
+    if value not in ALLOWED:
+        raise SizeError(f"{cu!r} is not a compute size: use 0.25, 0.5 or a whole number from 1 to 16")
+    return value
 
 
 def settings_for(cu: float) -> dict[str, str]:
+    """Postgres settings for a size. shared_buffers stays at 1/8 of the CU's memory (so many small
+    computes fit on one machine); the OS page cache does the rest, as effective_cache_size says."""
     cu = validate_cu(cu)
     memory = int(cu * MEMORY_MB_PER_CU)
     cores = max(1, int(cu))

@@ -146,6 +146,9 @@ class Store:
     def get_branch(self, name: str) -> Branch:
         return self._public(self._row(name))
 
+    def branch_names(self) -> list[str]:
+        return [b.name for b in self.catalog.branches()]
+
     def wal_dir(self, branch: str) -> Path:
         path = self.wal_root / str(self._row(branch).id)
         if not path.exists():

@@ -1,0 +1,101 @@
+"""Load signals: what the proxy reports per branch, and what the autoscaler reads from a running
+compute (CPU and memory from ``/proc``, active backends and commits from Postgres' statistics)."""
+
+from __future__ import annotations
+
+import os
+import time
+
+import asyncpg
+
+from compute.autoscaler import Sample
+
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+
+
+class LoadSignals:
+    """Updated by the proxy on its hot path: plain attributes, no locks, no allocation."""
+
+    __slots__ = ("sessions", "sessions_opened", "bytes_in", "bytes_out", "last_activity")
+
+    def __init__(self) -> None:
+        self.sessions = 0
+        self.sessions_opened = 0
+        self.bytes_in = 0
+        self.bytes_out = 0
+        self.last_activity = time.monotonic()
+
+
+def _cpu_ticks(pid: int) -> int | None:
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            fields = f.read().rsplit(b")", 1)[1].split()
+        return int(fields[11]) + int(fields[12])  # utime + stime
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+def _pss_bytes(pid: int) -> int:
+    try:
+        with open(f"/proc/{pid}/smaps_rollup", "rb") as f:
+            for line in f:
+                if line.startswith(b"Pss:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError):
+        pass
+    return 0
+
+
+class ComputeSampler:
+    """Turns a compute's cumulative counters into one ``Sample`` per tick."""
+
+    def __init__(self) -> None:
+        self._ticks: dict[int, int] = {}
+        self._commits: int | None = None
+        self._at = time.monotonic()
+        self.last_cpu_seconds = 0.0
+        self._conn: asyncpg.Connection | None = None
+
+    async def sample(self, pids: list[int], connect: object, sessions: int) -> Sample:
+        now = time.monotonic()
+        dt = max(now - self._at, 1e-3)
+        self._at = now
+        delta = 0
+        ticks: dict[int, int] = {}
+        for pid in pids:
+            t = _cpu_ticks(pid)
+            if t is None:
+                continue
+            ticks[pid] = t
+            delta += t - self._ticks.get(pid, t if not self._ticks else 0)
+        self._ticks = ticks
+        cpu_seconds = max(0, delta) / CLOCK_TICKS
+        self.last_cpu_seconds = cpu_seconds
+        memory = sum(_pss_bytes(p) for p in pids)
+        active, commits = await self._pg_counts(connect)
+        commit_rate = 0.0 if self._commits is None or commits is None else max(0, commits - self._commits) / dt
+        if commits is not None:
+            self._commits = commits
+        return Sample(cpu_cores=cpu_seconds / dt, active_backends=active, sessions=sessions,
+                      commits_per_second=commit_rate, memory_bytes=memory)
+
+    async def _pg_counts(self, connect: object) -> tuple[int, int | None]:
+        try:
+            if self._conn is None or self._conn.is_closed():
+                self._conn = await connect()  # type: ignore[operator]
+            row = await self._conn.fetchrow(
+                "SELECT (SELECT count(*) FROM pg_stat_activity WHERE state = 'active'"
+                "        AND backend_type = 'client backend' AND pid <> pg_backend_pid()),"
+                "       (SELECT sum(xact_commit) FROM pg_stat_database)::bigint")
+            return int(row[0]), int(row[1] or 0)
+        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError):
+            await self.close()
+            return 0, None
+
+    async def close(self) -> None:
+        if self._conn is not None:
+            conn, self._conn = self._conn, None
+            try:
+                await conn.close(timeout=2)
+            except Exception:
+                conn.terminate()

@@ -1,0 +1,77 @@
+"""Stage 2: SCRAM-SHA-256 at the proxy, against the role's verifier from the control plane.
+
+Nothing is woken for a wrong password or an unknown role, and repeated failures from one address
+are answered more and more slowly.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+
+from proxy import codec
+from proxy.errors import AuthError, HandshakeError
+from proxy.pipe import Side
+from proxy.scram import MECHANISM, MECHANISM_PLUS, ScramError, ScramServer, Verifier
+
+MAX_DELAY = 5.0
+FORGET_AFTER = 300.0
+
+
+class FailureThrottle:
+    """Per client address: after N recent failures, the next failure answers after 0.1·2^(N-1) s."""
+
+    def __init__(self) -> None:
+        self._failures: dict[str, tuple[int, float]] = {}
+
+    def delay(self, address: str) -> float:
+        count, last = self._failures.get(address, (0, 0.0))
+        if not count or time.monotonic() - last > FORGET_AFTER:
+            return 0.0
+        return min(MAX_DELAY, 0.1 * 2 ** (count - 1))
+
+    def failed(self, address: str) -> None:
+        count, last = self._failures.get(address, (0, 0.0))
+        if time.monotonic() - last > FORGET_AFTER:
+            count = 0
+        self._failures[address] = (count + 1, time.monotonic())
+        if len(self._failures) > 100_000:  # bounded memory under a spray of addresses
+            self._failures.clear()
+
+    def succeeded(self, address: str) -> None:
+        self._failures.pop(address, None)
+
+
+async def authenticate(side: Side, *, role: str, verifier_text: str | None, cert_hash: bytes | None,
+                       throttle: FailureThrottle, address: str, on_failure: Callable[[], None]) -> None:
+    """Run the SCRAM exchange; on success the client has AuthenticationOk."""
+    failed_as = AuthError(f'password authentication failed for user "{role}"')
+    verifier: Verifier | None = None
+    if verifier_text:
+        try:
+            verifier = Verifier.parse(verifier_text)
+        except ScramError:
+            verifier = None  # an MD5 or empty password: not accepted here, fail like a wrong one
+    mechanisms = [MECHANISM_PLUS, MECHANISM] if cert_hash is not None else [MECHANISM]
+    side.write(codec.auth_sasl(mechanisms))
+    try:
+        initial = codec.parse_sasl_initial(await side.read_message(codec.MAX_AUTH_MESSAGE))
+        if initial.mechanism not in mechanisms:
+            raise HandshakeError(f"SASL mechanism {initial.mechanism!r} is not offered")
+        server = ScramServer(verifier or Verifier.dummy(role), mechanism=initial.mechanism, cert_hash=cert_hash)
+        side.write(codec.auth_sasl_continue(server.first(initial.data)))
+        final = server.final(codec.parse_sasl_response(await side.read_message(codec.MAX_AUTH_MESSAGE)))
+        if verifier is None:
+            raise ScramError("unknown role")
+    except codec.ProtocolError as e:
+        raise HandshakeError(str(e), e.sqlstate) from None
+    except ScramError:
+        on_failure()
+        delay = throttle.delay(address)
+        throttle.failed(address)
+        if delay:
+            await asyncio.sleep(delay)
+        raise failed_as from None
+    throttle.succeeded(address)
+    side.write(codec.auth_sasl_final(final) + codec.auth_ok())

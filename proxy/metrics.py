@@ -1,0 +1,40 @@
+"""Proxy metrics. Byte and session counts are read from the per-branch ``LoadSignals`` at scrape
+time, so the relay's hot path touches no Prometheus object."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+
+from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+from compute import LoadSignals
+
+
+class _SignalsCollector(Collector):
+    def __init__(self, branches: Callable[[], dict[str, LoadSignals]]) -> None:
+        self.branches = branches
+
+    def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
+        active = GaugeMetricFamily("lakelet_proxy_connections_active", "Sessions relayed now", labels=["branch"])
+        moved = CounterMetricFamily("lakelet_proxy_bytes", "Bytes relayed", labels=["branch", "direction"])
+        for branch, s in sorted(self.branches().items()):
+            active.add_metric([branch], s.sessions)
+            moved.add_metric([branch, "in"], s.bytes_in)
+            moved.add_metric([branch, "out"], s.bytes_out)
+        yield active
+        yield moved
+
+
+class ProxyMetrics:
+    def __init__(self, registry: CollectorRegistry | None, branches: Callable[[], dict[str, LoadSignals]]) -> None:
+        kw = {"registry": registry}
+        self.connections = Counter("lakelet_proxy_connections_total", "Client connections by outcome",
+                                   ["branch", "outcome"], **kw)
+        self.wake_wait = Histogram("lakelet_proxy_wake_wait_seconds", "Time sessions were held for a compute",
+                                   buckets=(0.005, 0.05, 0.25, 0.5, 1, 2, 5, 10, 30), **kw)
+        self.auth_failures = Counter("lakelet_proxy_auth_failures_total", "Failed authentications", **kw)
+        self.protocol_errors = Counter("lakelet_proxy_protocol_errors_total", "Protocol violations by clients", **kw)
+        if registry is not None:
+            registry.register(_SignalsCollector(branches))

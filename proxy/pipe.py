@@ -1,0 +1,142 @@
+"""One end of a session (the client's or the compute's), as an ``asyncio.Protocol``.
+
+During the handshake it buffers what arrives, so the stages can ``await`` whole packets. Once the
+session is relayed, every chunk is written straight to the other end's transport — no parsing,
+no copies kept — and each side's ``pause_writing``/``resume_writing`` pauses and resumes *the
+other side's* reading: a slow reader slows its writer down instead of growing our buffers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import time
+
+from compute import LoadSignals
+from proxy.codec import Message, MessageReader
+
+HANDSHAKE_BUFFER_LIMIT = 256 * 1024
+
+
+class Side(asyncio.Protocol):
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.transport: asyncio.Transport | None = None
+        self.buf = bytearray()
+        self.peer: Side | None = None
+        self.signals: LoadSignals | None = None
+        self.inbound = True  # bytes arriving here count as bytes_in (client → compute)
+        self.closed = False
+        self._waiter: asyncio.Future[None] | None = None
+        self._paused_peer = False
+        self.lost: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+    # -- asyncio.Protocol -------------------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        sock = transport.get_extra_info("socket")
+        if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+            try:
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            except OSError:
+                pass
+
+    def data_received(self, data: bytes) -> None:
+        peer = self.peer
+        if peer is not None:
+            assert peer.transport is not None
+            peer.transport.write(data)
+            s = self.signals
+            if s is not None:
+                if self.inbound:
+                    s.bytes_in += len(data)
+                else:
+                    s.bytes_out += len(data)
+                s.last_activity = time.monotonic()
+            return
+        self.buf += data
+        if len(self.buf) > HANDSHAKE_BUFFER_LIMIT and self.transport is not None:
+            self.transport.pause_reading()
+        self._wake()
+
+    def eof_received(self) -> bool:
+        self._wake()
+        return False  # the protocol has no half-close: closing one end closes the session
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        self._wake()
+        if not self.lost.done():
+            self.lost.set_result(None)
+        if self.peer is not None and self.peer.transport is not None:
+            self.peer.transport.close()
+
+    def pause_writing(self) -> None:
+        if self.peer is not None and self.peer.transport is not None:
+            self.peer.transport.pause_reading()
+            self._paused_peer = True
+
+    def resume_writing(self) -> None:
+        if self._paused_peer and self.peer is not None and self.peer.transport is not None:
+            self._paused_peer = False
+            self.peer.transport.resume_reading()
+
+    # -- handshake reads --------------------------------------------------------------------------
+
+    def _wake(self) -> None:
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_result(None)
+
+    async def _wait(self) -> None:
+        if self.closed:
+            raise ConnectionResetError(f"{self.name} closed the connection")
+        if self.transport is not None and len(self.buf) <= HANDSHAKE_BUFFER_LIMIT:
+            self.transport.resume_reading()
+        self._waiter = asyncio.get_running_loop().create_future()
+        try:
+            await self._waiter
+        finally:
+            self._waiter = None
+
+    async def read_exact(self, n: int) -> bytes:
+        while len(self.buf) < n:
+            await self._wait()
+        data = bytes(self.buf[:n])
+        del self.buf[:n]
+        return data
+
+    async def read_message(self, max_size: int) -> Message:
+        """One typed message; bytes after it stay buffered for the next stage."""
+        while True:
+            reader = MessageReader(max_size)
+            reader.feed(bytes(self.buf))
+            msg = reader.next_message()
+            self.buf[:] = reader.take_rest()
+            if msg is not None:
+                return msg
+            await self._wait()
+
+    def write(self, data: bytes) -> None:
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.write(data)
+
+    def close(self) -> None:
+        if self.transport is not None:
+            self.transport.close()
+
+    # -- relay --------------------------------------------------------------------------------------
+
+    def relay_to(self, peer: Side, signals: LoadSignals, *, inbound: bool) -> None:
+        """From now on, bytes go straight to ``peer``; what was read ahead goes first."""
+        self.signals = signals
+        self.inbound = inbound
+        self.peer = peer
+        if self.buf:
+            pending = bytes(self.buf)
+            self.buf.clear()
+            self.data_received(pending)
+        if self.transport is not None:
+            self.transport.resume_reading()
+        if self.closed and peer.transport is not None:
+            peer.transport.close()

@@ -1,0 +1,254 @@
+"""The proxy: accept, then run each session through its stages —
+handshake → auth → wake → connect → passthrough — each failing with its own error.
+
+Sockets are accepted by hand so the first byte can be peeked: a TLS ClientHello there means a
+PG17 client using direct TLS (``sslnegotiation=direct``), which is wrapped in TLS before the
+protocol handler sees a byte.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import socket
+import ssl
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from prometheus_client import CollectorRegistry
+
+from compute import LoadSignals, UnknownBranch, WakeError
+from proxy import codec, tls
+from proxy.auth import FailureThrottle, authenticate
+from proxy.backend import ComputeProvider
+from proxy.cancel import CancelMap
+from proxy.connect import open_session
+from proxy.errors import HandshakeError, RoutingError, SessionError, TooManyConnections, WakeTimeout
+from proxy.handshake import Cancel, negotiate, route
+from proxy.metrics import ProxyMetrics
+from proxy.pipe import Side
+
+log = logging.getLogger("lakelet.proxy")
+
+TLS_HANDSHAKE_BYTE = 0x16
+PEEK_TIMEOUT = 60.0
+
+
+@dataclass
+class ProxyConfig:
+    listen_host: str = "127.0.0.1"
+    listen_port: int = 5432
+    tls_dir: Path | None = None
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    require_tls: bool = False
+    auth_timeout: float = 60.0
+    wake_timeout: float = 30.0
+    max_client_connections: int = 10000
+    default_branch: str = "main"
+
+
+class Proxy:
+    def __init__(self, provider: ComputeProvider, config: ProxyConfig,
+                 registry: CollectorRegistry | None = None) -> None:
+        self.provider = provider
+        self.config = config
+        self.cancels = CancelMap()
+        self.throttle = FailureThrottle()
+        self._branches: dict[str, LoadSignals] = {}
+        self.metrics = ProxyMetrics(registry, lambda: self._branches)
+        self.material = tls.load(config.tls_dir, config.tls_cert, config.tls_key)
+        self._ssl = self._direct_ssl = None
+        if self.material is not None:
+            self._ssl = tls.server_context(self.material)
+            self._direct_ssl = tls.server_context(self.material, direct=True)
+            for ctx in (self._ssl, self._direct_ssl):
+                ctx.sni_callback = _remember_sni
+        self.ca_file = self.material.ca_file if self.material else None
+        self._sock: socket.socket | None = None
+        self._accepting: asyncio.Task[None] | None = None
+        self._sessions: set[asyncio.Task[None]] = set()
+        self._clients = 0
+
+    @property
+    def port(self) -> int:
+        assert self._sock is not None
+        return int(self._sock.getsockname()[1])
+
+    def connections(self, branch: str) -> int:
+        s = self._branches.get(branch)
+        return s.sessions if s else 0
+
+    # -- accept ---------------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        family = socket.AF_INET6 if ":" in self.config.listen_host else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((self.config.listen_host, self.config.listen_port))
+        except OSError as e:
+            sock.close()
+            raise OSError(f"cannot listen on {self.config.listen_host}:{self.config.listen_port}: "
+                          f"{e.strerror}; choose another --listen") from None
+        sock.listen(4096)
+        sock.setblocking(False)
+        self._sock = sock
+        self._accepting = asyncio.create_task(self._accept_loop(), name="proxy-accept")
+
+    async def close(self) -> None:
+        if self._accepting is not None:
+            self._accepting.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._accepting
+        if self._sock is not None:
+            self._sock.close()
+        for task in list(self._sessions):
+            task.cancel()
+        await asyncio.gather(*self._sessions, return_exceptions=True)
+
+    async def _accept_loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        assert self._sock is not None
+        while True:
+            try:
+                conn, addr = await loop.sock_accept(self._sock)
+            except OSError as e:  # EMFILE and friends: back off instead of spinning
+                log.warning("accept failed", extra={"error": str(e)})
+                await asyncio.sleep(0.1)
+                continue
+            task = asyncio.create_task(self._session(conn, addr))
+            self._sessions.add(task)
+            task.add_done_callback(self._sessions.discard)
+
+    # -- a session --------------------------------------------------------------------------------
+
+    async def _session(self, conn: socket.socket, addr: tuple) -> None:
+        self._clients += 1
+        client: Side | None = None
+        branch = "-"
+        outcome = "error"
+        key: tuple[int, int] | None = None
+        signals: LoadSignals | None = None
+        try:
+            direct = await self._peek_direct_tls(conn)
+            loop = asyncio.get_running_loop()
+            _, client = await loop.connect_accepted_socket(
+                lambda: Side("client"), conn, ssl=self._direct_ssl if direct else None)
+            if direct and client.transport is not None:
+                obj = client.transport.get_extra_info("ssl_object")
+                if obj is None or obj.selected_alpn_protocol() != tls.ALPN:
+                    raise HandshakeError("direct TLS connections must use ALPN protocol postgresql")
+            if self._clients > self.config.max_client_connections:
+                raise TooManyConnections("sorry, too many clients already")
+            async with asyncio.timeout(self.config.auth_timeout):
+                startup = await negotiate(client, self._ssl, direct_tls=direct, require_tls=self.config.require_tls)
+                if isinstance(startup, Cancel):
+                    outcome = "cancel"
+                    await self.cancels.forward(startup.pid, startup.secret)
+                    return
+                branch = route(startup, self.provider.has_branch, self.config.default_branch)
+                role = startup.params["user"]
+                startup.params.setdefault("database", role)
+                cert_hash = self.material.cert_hash if (self.material and startup.tls) else None
+                await authenticate(client, role=role, verifier_text=self.provider.role_verifier(branch, role),
+                                   cert_hash=cert_hash, throttle=self.throttle, address=str(addr[0]),
+                                   on_failure=self.metrics.auth_failures.inc)
+            if startup.minor > 0 or startup.unknown_options:
+                client.write(codec.negotiate_protocol_version(0, startup.unknown_options))
+            address = await self._wake(branch)
+            server = await open_session(address, startup.params, branch)
+            signals = self._signals(branch)
+            key = self.cancels.issue(server.key)
+            client.write(server.greeting + codec.backend_key_data(*key) + server.ready)
+            signals.sessions += 1
+            signals.sessions_opened += 1
+            signals.last_activity = time.monotonic()
+            outcome = "ok"
+            await self._passthrough(client, server.side, signals)
+        except SessionError as e:
+            outcome = e.outcome
+            if isinstance(e, HandshakeError):
+                self.metrics.protocol_errors.inc()
+            if client is not None:
+                client.write(codec.fatal(e.sqlstate, str(e), hint=e.hint))
+        except TimeoutError:
+            outcome = "timeout"
+            if client is not None:
+                client.write(codec.fatal("08006", "authentication timed out: the handshake took longer than "
+                                                  f"auth_timeout ({self.config.auth_timeout:g}s)"))
+        except (ConnectionError, ssl.SSLError, OSError) as e:
+            outcome = "disconnected"
+            log.debug("client connection failed", extra={"error": str(e)})
+        except asyncio.CancelledError:
+            outcome = "shutdown"
+            if client is not None:
+                client.write(codec.fatal("57P01", "terminating connection because the proxy is shutting down"))
+        finally:
+            self._clients -= 1
+            self.cancels.drop(key)
+            if signals is not None:
+                signals.sessions -= 1
+                signals.last_activity = time.monotonic()
+            if client is not None:
+                client.close()
+            else:
+                conn.close()
+            self.metrics.connections.labels(branch, outcome).inc()
+
+    async def _peek_direct_tls(self, conn: socket.socket) -> bool:
+        """Wait for the first byte without consuming it; 0x16 starts a TLS ClientHello."""
+        loop = asyncio.get_running_loop()
+        ready = loop.create_future()
+        loop.add_reader(conn.fileno(), lambda: ready.done() or ready.set_result(None))
+        try:
+            await asyncio.wait_for(ready, PEEK_TIMEOUT)
+        except TimeoutError:
+            raise ConnectionError("client sent nothing") from None
+        finally:
+            loop.remove_reader(conn.fileno())
+        try:
+            first = conn.recv(1, socket.MSG_PEEK)
+        except BlockingIOError:
+            return False
+        if not first:
+            raise ConnectionError("client closed before sending anything")
+        return first[0] == TLS_HANDSHAKE_BYTE and self._direct_ssl is not None
+
+    def _signals(self, branch: str) -> LoadSignals:
+        s = self._branches.get(branch)
+        if s is None:
+            s = self._branches[branch] = self.provider.signals(branch)
+        return s
+
+    async def _wake(self, branch: str):  # noqa: ANN202 - ComputeAddress
+        started = time.monotonic()
+        try:
+            async with asyncio.timeout(self.config.wake_timeout):
+                return await self.provider.ensure_ready(branch)
+        except TimeoutError:
+            raise WakeTimeout(f'the compute for branch "{branch}" did not wake within '
+                              f"{self.config.wake_timeout:g}s; try again shortly") from None
+        except UnknownBranch as e:
+            raise RoutingError(str(e)) from None
+        except WakeError as e:
+            raise WakeTimeout(str(e)) from None
+        finally:
+            self.metrics.wake_wait.observe(time.monotonic() - started)
+
+    async def _passthrough(self, client: Side, server: Side, signals: LoadSignals) -> None:
+        """Relay until either side closes; both protocols then close the other."""
+        client.relay_to(server, signals, inbound=True)
+        server.relay_to(client, signals, inbound=False)
+        try:
+            await asyncio.wait([client.lost, server.lost], return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            client.close()
+            server.close()
+
+
+def _remember_sni(obj: ssl.SSLObject | ssl.SSLSocket, name: str | None, ctx: ssl.SSLContext) -> None:
+    if name:
+        obj.lakelet_sni = name  # type: ignore[union-attr]

@@ -1,0 +1,199 @@
+"""Endpoint lifecycle against real computes: wake, suspend, crash, idle scale-to-zero, failure."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import signal
+import tempfile
+import time
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import asyncpg
+import pytest
+from prometheus_client import CollectorRegistry
+
+from compute import ComputeAddress, EndpointConfig, Endpoints, UnknownBranch, WakeError
+from storage import Store
+from storage.postgres import PgBinaries, ServiceUser
+
+DEADLINE = 30.0  # generous: only a hang should ever reach it
+
+
+@pytest.fixture(scope="module")
+def root(service_user: ServiceUser) -> Iterator[Path]:
+    path = Path(tempfile.mkdtemp(prefix="lakelet-endpoint-", dir="/tmp"))
+    os.chmod(path, 0o755)
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def registry() -> CollectorRegistry:
+    return CollectorRegistry()
+
+
+@pytest.fixture(scope="module")
+async def endpoints(root: Path, service_user: ServiceUser, pg: PgBinaries,
+                    registry: CollectorRegistry) -> AsyncIterator[Endpoints]:
+    store = Store.open(root / "store", user=service_user, pg=pg)
+    store.bootstrap()
+    eps = Endpoints(store, computes_dir=root / "computes", user=service_user, pg=pg,
+                    config=EndpointConfig(suspend_timeout=300), registry=registry)
+    await eps.start()
+    yield eps
+    await eps.close()
+    assert all(s.state in ("suspended", "failed") for s in eps.status())
+    store.close()
+
+
+def starts(registry: CollectorRegistry, branch: str) -> float:
+    return registry.get_sample_value("lakelet_compute_starts_total", {"branch": branch}) or 0.0
+
+
+async def query(addr: ComputeAddress, sql: str) -> object:
+    conn = await asyncpg.connect(host=addr.socket_dir, port=addr.port, user="lakelet_admin", database="postgres")
+    try:
+        return await conn.fetchval(sql)
+    finally:
+        await conn.close()
+
+
+async def wait_for_state(eps: Endpoints, branch: str, state: str) -> None:
+    deadline = time.monotonic() + DEADLINE
+    while time.monotonic() < deadline:
+        if next(s for s in eps.status() if s.branch == branch).state == state:
+            return
+        await asyncio.sleep(0.1)
+    raise AssertionError(f"{branch} never reached {state}: {eps.status()}")
+
+
+async def test_unknown_branch_is_refused_without_side_effects(endpoints: Endpoints, root: Path) -> None:
+    with pytest.raises(UnknownBranch, match="'nope' does not exist"):
+        await endpoints.ensure_ready("nope")
+    with pytest.raises(UnknownBranch):
+        await endpoints.suspend("nope")
+    assert not (root / "computes" / "nope").exists()
+    assert "nope" not in {s.branch for s in endpoints.status()}
+    assert endpoints.role_verifier("nope", "anyone") is None
+    assert not endpoints.has_branch("nope")
+
+
+async def test_suspend_resume_cycles_keep_data(endpoints: Endpoints, registry: CollectorRegistry) -> None:
+    addr = await endpoints.ensure_ready("main")
+    await query(addr, "CREATE TABLE cycles (n int)")
+    before = starts(registry, "main")
+    for n in range(3):
+        addr = await endpoints.ensure_ready("main")
+        st = next(s for s in endpoints.status() if s.branch == "main")
+        assert (st.state, st.pid, st.host, st.cu) == ("active", addr.pid, addr.socket_dir, 0.25)
+        assert registry.get_sample_value("lakelet_compute_state", {"branch": "main", "state": "active"}) == 1
+        await query(addr, f"INSERT INTO cycles VALUES ({n})")
+        await endpoints.suspend("main")
+        st = next(s for s in endpoints.status() if s.branch == "main")
+        assert (st.state, st.pid, st.host) == ("suspended", None, None)
+        assert endpoints.active_node("main") is None
+        assert registry.get_sample_value("lakelet_compute_state", {"branch": "main", "state": "suspended"}) == 1
+    addr = await endpoints.ensure_ready("main")
+    assert await query(addr, "SELECT array_agg(n ORDER BY n)::text FROM cycles") == "{0,1,2}"
+    assert starts(registry, "main") == before + 3
+
+
+async def test_thousand_callers_one_start(endpoints: Endpoints, registry: CollectorRegistry) -> None:
+    await endpoints.suspend("main")
+    before = starts(registry, "main")
+    addrs = await asyncio.gather(*(endpoints.ensure_ready("main") for _ in range(1000)))
+    assert len(set(addrs)) == 1
+    assert starts(registry, "main") == before + 1
+    assert await query(addrs[0], "SELECT count(*) FROM cycles") == 3
+
+
+async def test_session_during_suspend_waits_and_wakes_again(endpoints: Endpoints) -> None:
+    addr = await endpoints.ensure_ready("main")
+    conn = await asyncpg.connect(host=addr.socket_dir, port=addr.port, user="lakelet_admin", database="postgres")
+    busy = asyncio.create_task(conn.fetchval("SELECT pg_sleep(60)"))
+    while await query(addr, "SELECT count(*) FROM pg_stat_activity WHERE query LIKE 'SELECT pg_sleep%'") == 0:
+        await asyncio.sleep(0.05)
+    suspend = asyncio.create_task(endpoints.suspend("main"))
+    await asyncio.sleep(0)  # the suspend has begun
+    assert next(s for s in endpoints.status() if s.branch == "main").state == "suspending"
+    woken = await endpoints.ensure_ready("main")
+    await suspend
+    assert woken.pid != addr.pid
+    assert next(s for s in endpoints.status() if s.branch == "main").state == "active"
+    # The old session was told the server is going away (FATAL 57P01), not left hanging.
+    with pytest.raises((asyncpg.AdminShutdownError, asyncpg.ConnectionDoesNotExistError),
+                       match="terminating connection due to administrator command"):
+        await busy
+    conn.terminate()
+    assert await query(woken, "SELECT count(*) FROM cycles") == 3
+
+
+async def test_killed_compute_returns_to_suspended_and_rewakes_with_data(
+        endpoints: Endpoints, registry: CollectorRegistry) -> None:
+    addr = await endpoints.ensure_ready("main")
+    await query(addr, "CREATE TABLE survivors AS SELECT generate_series(1, 500) AS n")
+    before = starts(registry, "main")
+    os.kill(addr.pid, signal.SIGKILL)
+    await wait_for_state(endpoints, "main", "suspended")
+    st = next(s for s in endpoints.status() if s.branch == "main")
+    assert "exited unexpectedly" in (st.reason or "")
+    addr2 = await endpoints.ensure_ready("main")
+    assert addr2.pid != addr.pid
+    assert await query(addr2, "SELECT count(*) FROM survivors") == 500
+    assert starts(registry, "main") == before + 1
+
+
+async def test_roles_reach_the_store_without_waking(endpoints: Endpoints) -> None:
+    node = await endpoints.node("main")
+    conn = await node.connect()
+    try:
+        await conn.execute("SET password_encryption = 'scram-sha-256'")
+        await conn.execute("CREATE ROLE alice LOGIN PASSWORD 'secret-one'")
+    finally:
+        await conn.close()
+    await endpoints.suspend("main")  # roles are synced on the way down
+    verifier = endpoints.role_verifier("main", "alice")
+    assert verifier is not None and verifier.startswith("SCRAM-SHA-256$")
+    assert next(s for s in endpoints.status() if s.branch == "main").state == "suspended"
+    assert endpoints.role_verifier("main", "nobody") is None
+
+
+async def test_idle_endpoint_scales_to_zero(endpoints: Endpoints) -> None:
+    await asyncio.to_thread(endpoints.store.create_branch, "idle")
+    endpoints.configure("idle", EndpointConfig(suspend_timeout=1))
+    signals = endpoints.signals("idle")
+    addr = await endpoints.ensure_ready("idle")
+    # While a proxy session is open the compute stays up, however long it is quiet.
+    signals.sessions = 1
+    await asyncio.sleep(2.5)
+    assert next(s for s in endpoints.status() if s.branch == "idle").state == "active"
+    signals.sessions = 0
+    signals.last_activity = time.monotonic()
+    await wait_for_state(endpoints, "idle", "suspended")
+    assert (await endpoints.ensure_ready("idle")).pid != addr.pid
+    await endpoints.suspend("idle")
+
+
+async def test_failed_start_gives_every_caller_the_same_clear_error(endpoints: Endpoints, root: Path) -> None:
+    await asyncio.to_thread(endpoints.store.create_branch, "broken")
+    await endpoints.ensure_ready("broken")
+    await endpoints.suspend("broken")
+    # The suspended compute's data dir is a current cache, so the next start reuses it: spoil it.
+    conf = root / "computes" / "broken" / "pgdata" / "postgresql.conf"
+    original = conf.read_text()
+    conf.write_text(original + "\nthis line is not a setting\n")
+    results = await asyncio.gather(*(endpoints.ensure_ready("broken") for _ in range(50)), return_exceptions=True)
+    assert all(isinstance(r, WakeError) for r in results)
+    assert len({str(r) for r in results}) == 1
+    message = str(results[0])
+    assert "'broken'" in message and "postgresql.conf" in message and "\n" not in message
+    st = next(s for s in endpoints.status() if s.branch == "broken")
+    assert st.state == "failed" and st.reason == message
+    # Mend it: the next session tries again and succeeds.
+    conf.write_text(original)
+    addr = await endpoints.ensure_ready("broken")
+    assert await query(addr, "SELECT 1") == 1
+    await endpoints.suspend("broken")
