@@ -58,6 +58,7 @@ class ComputeNode:
         self._proc: asyncio.subprocess.Process | None = None
         self._receiver: WalReceiver | None = None
         self._computes_dir = computes_dir
+        self.stopping = False
 
     # -- start ----------------------------------------------------------------------------------
 
@@ -260,6 +261,7 @@ class ComputeNode:
 
     async def stop(self, *, image: bool = True) -> None:
         """Fast shutdown (sessions get FATAL 57P01), the receiver drains, the store takes the image."""
+        self.stopping = True
         if self.alive():
             assert self._proc is not None
             self._proc.send_signal(signal.SIGINT)  # Postgres' "fast" shutdown

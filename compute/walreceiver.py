@@ -82,7 +82,7 @@ class WalReceiver:
         while not self._stopping:
             assert self._proc is not None
             _, err = await self._proc.communicate()
-            if self._stopping or not self.node.alive():
+            if self._stopping or self.node.stopping or not self.node.alive():
                 return
             self.restarts += 1
             log.warning("WAL receiver exited; restarting (commits wait meanwhile)",

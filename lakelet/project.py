@@ -93,6 +93,9 @@ async def create_role(endpoints: Endpoints, branch: str, name: str, password: st
         await conn.execute(f"{verb} ROLE {quote_ident(name)} {attrs} PASSWORD {quote_literal(password)}")
         if owner:
             await conn.execute(f"GRANT {', '.join(OWNER_GRANTS)} TO {quote_ident(name)}")
+            # Postgres 15 gives CREATE on public only to the database owner: the project's owner
+            # role owns the default database, so it can build its schema there.
+            await conn.execute(f"ALTER DATABASE postgres OWNER TO {quote_ident(name)}")
     finally:
         await conn.close()
     await node.sync_roles()

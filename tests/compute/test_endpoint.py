@@ -61,6 +61,12 @@ async def query(addr: ComputeAddress, sql: str) -> object:
         await conn.close()
 
 
+async def make_branch(eps: Endpoints, name: str) -> None:
+    """A child of main at main's durable head (main running: the way the control plane does it)."""
+    head = await (await eps.node("main")).branch_point()
+    await asyncio.to_thread(eps.store.create_branch, name, "main", head_lsn=head)
+
+
 async def wait_for_state(eps: Endpoints, branch: str, state: str) -> None:
     deadline = time.monotonic() + DEADLINE
     while time.monotonic() < deadline:
@@ -162,7 +168,7 @@ async def test_roles_reach_the_store_without_waking(endpoints: Endpoints) -> Non
 
 
 async def test_idle_endpoint_scales_to_zero(endpoints: Endpoints) -> None:
-    await asyncio.to_thread(endpoints.store.create_branch, "idle")
+    await make_branch(endpoints, "idle")
     endpoints.configure("idle", EndpointConfig(suspend_timeout=1))
     signals = endpoints.signals("idle")
     addr = await endpoints.ensure_ready("idle")
@@ -178,7 +184,7 @@ async def test_idle_endpoint_scales_to_zero(endpoints: Endpoints) -> None:
 
 
 async def test_failed_start_gives_every_caller_the_same_clear_error(endpoints: Endpoints, root: Path) -> None:
-    await asyncio.to_thread(endpoints.store.create_branch, "broken")
+    await make_branch(endpoints, "broken")
     await endpoints.ensure_ready("broken")
     await endpoints.suspend("broken")
     # The suspended compute's data dir is a current cache, so the next start reuses it: spoil it.

@@ -19,7 +19,7 @@ def test_dataclass_defaults_match_the_shipped_file() -> None:
     assert set(flat) == {f.name for f in fields(c.Config)}
     for name, value in flat.items():
         got = getattr(defaults, name)
-        assert (str(got) if isinstance(got, Path) else got) == value, name
+        assert (got == Path(value) if isinstance(got, Path) else got == value), name
 
 
 def test_precedence_flag_over_env_over_file(tmp_path: Path) -> None:
