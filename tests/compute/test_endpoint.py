@@ -63,8 +63,18 @@ async def query(addr: ComputeAddress, sql: str) -> object:
 
 async def make_branch(eps: Endpoints, name: str) -> None:
     """A child of main at main's durable head (main running: the way the control plane does it)."""
-    head = await (await eps.node("main")).branch_point()
-    await asyncio.to_thread(eps.store.create_branch, name, "main", head_lsn=head)
+    node = await eps.node("main")
+    point = asyncio.create_task(node.branch_point())
+    # branch_point waits for a WAL record after the restore point to reach the store; on an idle
+    # server the next one may be 15 s away (bgwriter), so write one.
+    conn = await node.connect()
+    try:
+        while not point.done():
+            await conn.execute("SELECT pg_current_xact_id()")
+            await asyncio.sleep(0.05)
+    finally:
+        await conn.close()
+    await asyncio.to_thread(eps.store.create_branch, name, "main", head_lsn=await point)
 
 
 async def wait_for_state(eps: Endpoints, branch: str, state: str) -> None:
