@@ -77,6 +77,7 @@ async def _serve_locked(config: Config, data_dir: Path) -> int:
     ), registry=registry)
 
     runner: web.AppRunner | None = None
+    collector: asyncio.Task[None] | None = None
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -95,16 +96,35 @@ async def _serve_locked(config: Config, data_dir: Path) -> int:
         http_host, http_port = config.http_addr
         await web.TCPSite(runner, http_host, http_port).start()
         await proxy.start()
+        collector = asyncio.create_task(_collect_garbage(store, config.gc_interval), name="store-gc")
         api.ready = True
         log.info("lakelet is up", extra={"postgres": f"{host}:{proxy.port}", "http": config.http,
                                           "data_dir": str(data_dir)})
         await stop.wait()
         log.info("stopping")
     finally:
+        if collector is not None:
+            collector.cancel()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.remove_signal_handler(sig)
         await _shutdown(proxy, endpoints, runner, store)
     return 0
+
+
+async def _collect_garbage(store: storage.Store, interval: float) -> None:
+    """Retention: every ``interval`` seconds drop what no branch and no instant inside the window
+    can need. A failed round is logged and retried next time; it never stops the server."""
+    while True:
+        await asyncio.sleep(interval)
+        try:
+            report = await asyncio.to_thread(store.gc)
+        except Exception as e:
+            log.warning("garbage collection failed; retrying next round", extra={"error": str(e)})
+            continue
+        if report.images_deleted or report.wal_files_deleted:
+            log.info("garbage collected", extra={"images": report.images_deleted,
+                                                 "wal_files": report.wal_files_deleted,
+                                                 "bytes_freed": report.bytes_freed})
 
 
 async def _shutdown(proxy: Proxy, endpoints: Endpoints, runner: web.AppRunner | None,

@@ -41,6 +41,7 @@ class Config:
     durability: str = "store"
     user: str = ""
     retention_days: float = 7.0
+    gc_interval: float = 600.0
     superuser: bool = False
 
     @property
@@ -65,7 +66,7 @@ SECTIONS: dict[str, str] = {
     "listen": "proxy", "require_tls": "proxy", "tls_cert": "proxy", "tls_key": "proxy",
     "auth_timeout": "proxy", "wake_timeout": "proxy", "max_client_connections": "proxy",
     "suspend_timeout": "compute", "min_cu": "compute", "max_cu": "compute", "durability": "compute",
-    "user": "compute", "retention_days": "storage", "superuser": "project",
+    "user": "compute", "retention_days": "storage", "gc_interval": "storage", "superuser": "project",
 }
 ENV_NAMES = {name: "LAKELET_" + name.upper() for name in SECTIONS} | {"user": "LAKELET_COMPUTE_USER"}
 
@@ -150,6 +151,8 @@ def validate(c: Config) -> None:
         raise ConfigError(f"suspend_timeout = {c.suspend_timeout}: must be at least 1 second")
     if not 0 <= c.retention_days <= 35:
         raise ConfigError(f"retention_days = {c.retention_days}: must be between 0 and 35")
+    if c.gc_interval < 1:
+        raise ConfigError(f"gc_interval = {c.gc_interval}: must be at least 1 (seconds)")
     for name in ("min_cu", "max_cu"):
         try:
             sizes.validate_cu(getattr(c, name))

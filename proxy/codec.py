@@ -161,16 +161,23 @@ class MessageReader:
         return rest
 
     def next_message(self) -> Message | None:
-        if len(self._buf) < 5:
-            return None
-        kind, length = _HEADER.unpack_from(self._buf)
-        if length < 4 or length > self.max_size:
-            raise ProtocolError(f"invalid message length {length}")
-        if len(self._buf) < 1 + length:
-            return None
-        payload = bytes(self._buf[5:1 + length])
-        del self._buf[:1 + length]
-        return Message(kind, payload)
+        msg = split_message(self._buf, self.max_size)
+        if msg is not None:
+            del self._buf[:5 + len(msg.payload)]
+        return msg
+
+
+def split_message(buf: bytes | bytearray, max_size: int) -> Message | None:
+    """The typed message at the start of ``buf`` if it is complete (it occupies
+    ``5 + len(payload)`` bytes), else None; the caller consumes it, so nothing is copied twice."""
+    if len(buf) < 5:
+        return None
+    kind, length = _HEADER.unpack_from(buf)
+    if length < 4 or length > max_size:
+        raise ProtocolError(f"invalid message length {length}")
+    if len(buf) < 1 + length:
+        return None
+    return Message(kind, bytes(buf[5:1 + length]))
 
 
 def encode_message(kind: bytes, payload: bytes = b"") -> bytes:

@@ -1,13 +1,20 @@
 #!/usr/bin/env bash
 # Installs what Lakelet needs on a fresh machine, idempotently:
 #   - PostgreSQL server 15+ (with pgbench) from the distribution when missing (Debian/Ubuntu),
-#   - ./.venv with Lakelet and, with --test, the test dependencies.
+#   - ./.venv with Lakelet and, with --test, the test dependencies,
+#   - with --bench, PgBouncer (the baseline bench/proxy.py compares the proxy against).
 # Anything it cannot install, it names, and stops.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 want_test=0
-[ "${1:-}" = "--test" ] && want_test=1
+want_bench=0
+for arg in "$@"; do
+  case "$arg" in
+    --test) want_test=1 ;;
+    --bench) want_bench=1 ;;
+  esac
+done
 
 say() { echo "setup: $*" >&2; }
 die() { echo "setup: error: $*" >&2; exit 1; }
@@ -55,6 +62,10 @@ for prog in pg_receivewal pg_waldump pg_controldata pgbench; do
 done
 if [ "$want_test" = 1 ]; then
   command -v psql >/dev/null 2>&1 || [ -x "$bindir/psql" ] || apt_install postgresql-client || die "psql is missing: install postgresql-client"
+fi
+
+if [ "$want_bench" = 1 ]; then
+  command -v pgbouncer >/dev/null 2>&1 || apt_install pgbouncer || die "pgbouncer is missing: install it (Debian/Ubuntu: apt-get install pgbouncer)"
 fi
 
 # --- the virtual environment ---------------------------------------------------------------------

@@ -1,0 +1,155 @@
+"""The sans-I/O codec and SCRAM, without sockets."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import struct
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from proxy import codec
+from proxy.scram import MECHANISM, MECHANISM_PLUS, ScramError, ScramServer, Verifier
+
+names = st.text(st.characters(blacklist_characters="\x00", blacklist_categories=("Cs",)), min_size=1, max_size=20)
+values = st.text(st.characters(blacklist_characters="\x00", blacklist_categories=("Cs",)), max_size=40)
+
+
+@given(st.dictionaries(names.filter(lambda n: not n.startswith("_pq_.")), values, max_size=8), names)
+def test_startup_round_trip(params: dict[str, str], user: str) -> None:
+    params = {**params, "user": user}
+    packet = codec.encode_startup(params)
+    if len(packet) > codec.MAX_STARTUP_PACKET:
+        return
+    msg = codec.parse_first_packet(packet)
+    assert isinstance(msg, codec.StartupMessage)
+    assert msg.params == params
+
+
+@given(st.integers(-(2**31), 2**31 - 1), st.integers(-(2**31), 2**31 - 1))
+def test_cancel_and_key_round_trip(pid: int, secret: int) -> None:
+    assert codec.parse_first_packet(codec.encode_cancel(pid, secret)) == codec.CancelRequest(pid, secret)
+    reader = codec.MessageReader()
+    reader.feed(codec.backend_key_data(pid, secret))
+    assert codec.parse_backend_key_data(reader.next_message()) == (pid, secret)  # type: ignore[arg-type]
+
+
+@given(st.sampled_from(["FATAL", "ERROR", "WARNING"]), st.text("0123456789ABCDEFP", min_size=5, max_size=5),
+       values, st.none() | values, st.none() | values)
+def test_error_response_round_trip(severity: str, code: str, message: str, detail: str | None,
+                                   hint: str | None) -> None:
+    reader = codec.MessageReader()
+    reader.feed(codec.error_response(severity, code, message, detail=detail, hint=hint))
+    fields = codec.parse_error_response(reader.next_message())  # type: ignore[arg-type]
+    assert (fields.severity, fields.code, fields.message) == (severity, code, message)
+    assert fields.detail == (detail or None) and fields.hint == (hint or None)
+
+
+@given(names, values)
+def test_parameter_status_round_trip(name: str, value: str) -> None:
+    reader = codec.MessageReader()
+    reader.feed(codec.parameter_status(name, value))
+    assert codec.parse_parameter_status(reader.next_message()) == (name, value)  # type: ignore[arg-type]
+
+
+@given(st.integers(0, 5), st.lists(names.map(lambda n: "_pq_." + n), max_size=4))
+def test_negotiate_round_trip(minor: int, options: list[str]) -> None:
+    reader = codec.MessageReader()
+    reader.feed(codec.negotiate_protocol_version(minor, options))
+    assert codec.parse_negotiate_protocol_version(reader.next_message()) == (minor, options)  # type: ignore
+
+
+@given(st.binary(max_size=64).map(lambda b: b))
+def test_message_reader_splits_across_feeds(blob: bytes) -> None:
+    whole = codec.encode_message(b"Q", blob) + codec.ready_for_query(b"T")
+    reader = codec.MessageReader()
+    got = []
+    for i in range(len(whole)):
+        reader.feed(whole[i:i + 1])
+        while (m := reader.next_message()) is not None:
+            got.append(m)
+    assert got == [codec.Message(b"Q", blob), codec.Message(b"Z", b"T")]
+
+
+@given(st.binary(max_size=300))
+def test_arbitrary_first_packets_raise_only_protocol_errors(data: bytes) -> None:
+    try:
+        codec.parse_first_packet(data)
+    except codec.ProtocolError:
+        pass
+
+
+@given(st.binary(max_size=300))
+def test_arbitrary_messages_raise_only_protocol_errors(data: bytes) -> None:
+    reader = codec.MessageReader()
+    reader.feed(data)
+    try:
+        while (msg := reader.next_message()) is not None:
+            for parse in (codec.parse_sasl_initial, codec.parse_parameter_status, codec.parse_error_response,
+                          codec.parse_backend_key_data, codec.parse_negotiate_protocol_version, codec.parse_auth):
+                try:
+                    parse(msg)
+                except codec.ProtocolError:
+                    pass
+    except codec.ProtocolError:
+        pass
+
+
+@pytest.mark.parametrize(
+    ("packet", "needle"),
+    [
+        (struct.pack("!i", 4), "invalid length"),
+        (struct.pack("!iI", 20_000, 196608), "over the"),
+        (struct.pack("!iI", 8, 2 << 16), "unsupported frontend protocol 2.0"),
+        (codec.encode_startup({"database": "x"}), "no PostgreSQL user"),
+        (struct.pack("!iI", 9, 196608) + b"u", "not terminated"),
+    ],
+)
+def test_bad_first_packets(packet: bytes, needle: str) -> None:
+    with pytest.raises(codec.ProtocolError, match=needle) as err:
+        codec.parse_first_packet(packet)
+    assert err.value.sqlstate == "08P01"
+
+
+def _client_proof(password: str, server_first: str, client_first_bare: str, channel: str) -> tuple[str, bytes]:
+    attrs = dict(p.split("=", 1) for p in server_first.split(","))
+    salted = hashlib.pbkdf2_hmac("sha256", password.encode(), base64.b64decode(attrs["s"]), int(attrs["i"]))
+    client_key = hmac.digest(salted, b"Client Key", "sha256")
+    without_proof = f"c={channel},r={attrs['r']}"
+    auth = f"{client_first_bare},{server_first},{without_proof}".encode()
+    sig = hmac.digest(hashlib.sha256(client_key).digest(), auth, "sha256")
+    proof = base64.b64encode(bytes(a ^ b for a, b in zip(client_key, sig, strict=True))).decode()
+    server_sig = hmac.digest(hmac.digest(salted, b"Server Key", "sha256"), auth, "sha256")
+    return f"{without_proof},p={proof}", server_sig
+
+
+@pytest.mark.parametrize("plus", [False, True])
+def test_scram_accepts_the_right_password_only(plus: bool) -> None:
+    verifier = Verifier.from_password("correct horse")
+    cert_hash = hashlib.sha256(b"cert").digest()
+    gs2 = "p=tls-server-end-point,," if plus else "n,,"
+    channel = base64.b64encode(gs2.encode() + (cert_hash if plus else b"")).decode()
+    for password, ok in (("correct horse", True), ("wrong", False)):
+        server = ScramServer(verifier, mechanism=MECHANISM_PLUS if plus else MECHANISM, cert_hash=cert_hash)
+        bare = "n=,r=abcdefghijkl"
+        server_first = server.first((gs2 + bare).encode()).decode()
+        final, server_sig = _client_proof(password, server_first, bare, channel)
+        if ok:
+            assert server.final(final.encode()) == b"v=" + base64.b64encode(server_sig)
+        else:
+            with pytest.raises(ScramError):
+                server.final(final.encode())
+
+
+def test_scram_rejects_a_channel_binding_downgrade() -> None:
+    server = ScramServer(Verifier.from_password("pw"), mechanism=MECHANISM, cert_hash=b"x" * 32)
+    with pytest.raises(ScramError, match="downgrade"):
+        server.first(b"y,,n=,r=abc")
+
+
+def test_verifier_text_round_trip() -> None:
+    v = Verifier.from_password("pw")
+    assert Verifier.parse(v.text()) == v
