@@ -16,7 +16,7 @@ lint:
 	.venv/bin/ruff check .
 
 bench:
-	@scripts/setup.sh --test
+	@scripts/setup.sh --test --bench
 	.venv/bin/python bench/proxy.py --quick
 	.venv/bin/python bench/wake.py --quick
 	.venv/bin/python bench/branching.py --quick

@@ -44,8 +44,10 @@ class FailureThrottle:
 
 
 async def authenticate(side: Side, *, role: str, verifier_text: str | None, cert_hash: bytes | None,
-                       throttle: FailureThrottle, address: str, on_failure: Callable[[], None]) -> None:
-    """Run the SCRAM exchange; on success the client has AuthenticationOk."""
+                       throttle: FailureThrottle, address: str, on_failure: Callable[[], None]) -> bytes:
+    """Run the SCRAM exchange. On success, return SASLFinal + AuthenticationOk for the caller to
+    send together with the compute's greeting: one write instead of two per connection, and a
+    client never hears "ok" for a session the compute then fails to open."""
     failed_as = AuthError(f'password authentication failed for user "{role}"')
     verifier: Verifier | None = None
     if verifier_text:
@@ -74,4 +76,4 @@ async def authenticate(side: Side, *, role: str, verifier_text: str | None, cert
             await asyncio.sleep(delay)
         raise failed_as from None
     throttle.succeeded(address)
-    side.write(codec.auth_sasl_final(final) + codec.auth_ok())
+    return codec.auth_sasl_final(final) + codec.auth_ok()

@@ -153,16 +153,16 @@ class Proxy:
                 role = startup.params["user"]
                 startup.params.setdefault("database", role)
                 cert_hash = self.material.cert_hash if (self.material and startup.tls) else None
-                await authenticate(client, role=role, verifier_text=self.provider.role_verifier(branch, role),
-                                   cert_hash=cert_hash, throttle=self.throttle, address=str(addr[0]),
-                                   on_failure=self.metrics.auth_failures.inc)
-            if startup.minor > 0 or startup.unknown_options:
-                client.write(codec.negotiate_protocol_version(0, startup.unknown_options))
+                if startup.minor > 0 or startup.unknown_options:  # before authentication, as Postgres does
+                    client.write(codec.negotiate_protocol_version(0, startup.unknown_options))
+                accepted = await authenticate(
+                    client, role=role, verifier_text=self.provider.role_verifier(branch, role), cert_hash=cert_hash,
+                    throttle=self.throttle, address=str(addr[0]), on_failure=self.metrics.auth_failures.inc)
             address = await self._wake(branch)
             server = await open_session(address, startup.params, branch)
             signals = self._signals(branch)
             key = self.cancels.issue(server.key)
-            client.write(server.greeting + codec.backend_key_data(*key) + server.ready)
+            client.write(accepted + server.greeting + codec.backend_key_data(*key) + server.ready)
             signals.sessions += 1
             signals.sessions_opened += 1
             signals.last_activity = time.monotonic()

@@ -104,6 +104,35 @@ def test_branch_lifecycle_through_the_cli(lakelet: Lakelet) -> None:
     assert "feature-x" not in names
 
 
+def test_branch_restore_and_reset_through_the_cli(lakelet: Lakelet) -> None:
+    pw = password_of(lakelet.data_dir)
+    with psycopg.connect(lakelet.dsn("lakelet", pw), autocommit=True) as conn:
+        conn.execute("CREATE TABLE IF NOT EXISTS items (id int primary key, note text)")
+    cli("branch", "create", "restorable", data_dir=lakelet.data_dir, check=True)
+    with psycopg.connect(lakelet.dsn("lakelet", pw, branch="restorable"), autocommit=True) as conn:
+        conn.execute("INSERT INTO items VALUES (10, 'deleted by mistake')")
+        moment = conn.execute("SELECT clock_timestamp()").fetchone()[0]  # type: ignore[index]
+        time.sleep(0.2)
+        conn.execute("DELETE FROM items WHERE id = 10")
+    restored = cli_json("branch", "restore", "restorable", "--at", moment.isoformat(), data_dir=lakelet.data_dir)
+    with psycopg.connect(lakelet.dsn("lakelet", pw, branch="restorable")) as conn:
+        assert conn.execute("SELECT note FROM items WHERE id = 10").fetchone() == ("deleted by mistake",)
+    names = {b["name"] for b in cli_json("branch", "list", data_dir=lakelet.data_dir)["branches"]}
+    backups = [n for n in names if n.startswith("restorable_old_")]
+    assert len(backups) == 1, (restored, names)
+    with psycopg.connect(lakelet.dsn("lakelet", pw, branch=backups[0])) as conn:
+        assert conn.execute("SELECT count(*) FROM items WHERE id = 10").fetchone() == (0,)
+
+    cli("branch", "create", "resettable", data_dir=lakelet.data_dir, check=True)
+    with psycopg.connect(lakelet.dsn("lakelet", pw), autocommit=True) as conn:
+        conn.execute("INSERT INTO items VALUES (11, 'after resettable was made') ON CONFLICT DO NOTHING")
+    with psycopg.connect(lakelet.dsn("lakelet", pw, branch="resettable")) as conn:
+        assert conn.execute("SELECT count(*) FROM items WHERE id = 11").fetchone() == (0,)
+    cli("branch", "reset", "resettable", data_dir=lakelet.data_dir, check=True)
+    with psycopg.connect(lakelet.dsn("lakelet", pw, branch="resettable")) as conn:
+        assert conn.execute("SELECT note FROM items WHERE id = 11").fetchone() == ("after resettable was made",)
+
+
 def test_role_create_then_login(lakelet: Lakelet) -> None:
     cli("role", "create", "alice", "--password", "s3cret-alice", data_dir=lakelet.data_dir, check=True)
     with psycopg.connect(lakelet.dsn("alice", "s3cret-alice")) as conn:
@@ -171,10 +200,13 @@ def test_sigterm_stops_cleanly_and_restart_keeps_everything(lakelet: Lakelet) ->
 
 
 def test_lakelet_password_is_used_when_set(data_root: Path) -> None:
-    server = Lakelet(data_root / "with-password", env={"LAKELET_PASSWORD": "chosen-pw-123"})
+    server = Lakelet(data_root / "with-password", env={"LAKELET_PASSWORD": "chosen-pw-123"},
+                     extra_args=["--log-format", "json"])
     server.start()
     try:
         assert password_of(server.data_dir) == "chosen-pw-123"
+        events = [json.loads(line) for line in server.output().splitlines() if line.startswith("{")]
+        assert any(e.get("msg", e.get("message")) == "lakelet is up" for e in events), server.output()
         with psycopg.connect(server.dsn("lakelet", "chosen-pw-123")) as conn:
             assert conn.execute("SELECT 1").fetchone() == (1,)
         with pytest.raises(psycopg.OperationalError, match="password authentication failed"):
