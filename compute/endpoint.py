@@ -30,6 +30,7 @@ scale_log = logging.getLogger("lakelet.autoscaler")
 
 START_ATTEMPTS = 3
 ROLE_SYNC_EVERY = 5.0
+IMAGE_CHECK_EVERY = 30.0
 
 
 class WakeError(Exception):
@@ -48,6 +49,9 @@ class EndpointConfig:
     durability: str = "store"
     up_after: int = 3
     down_after: int = 30
+    # How often (seconds) an active compute's branch is checked for enough WAL since its last
+    # image to take a background one (the amount is the store's ``image_wal_threshold``).
+    image_check_every: float = IMAGE_CHECK_EVERY
 
     def __post_init__(self) -> None:
         if self.suspend_timeout < 1:
@@ -64,6 +68,8 @@ class EndpointConfig:
             raise ComputeConfigError(f"durability = {self.durability!r}: use 'store' or 'local'")
         if self.up_after < 1 or self.down_after < 1:
             raise ComputeConfigError("up_after and down_after count samples: use whole numbers of at least 1")
+        if self.image_check_every <= 0:
+            raise ComputeConfigError(f"image_check_every = {self.image_check_every}: must be above 0 seconds")
 
     def policy(self) -> PolicyConfig:
         return PolicyConfig(min_cu=self.min_cu, max_cu=self.max_cu, up_after=self.up_after,
@@ -100,6 +106,9 @@ class Endpoint:
         self._suspending: asyncio.Task[None] | None = None
         self._active_since = 0.0
         self._roles_synced = 0.0
+        self._next_start_cu = config.min_cu
+        self._image_job: asyncio.Task[None] | None = None
+        self._image_checked = 0.0
         self._set_state("suspended")
         ctx.metrics.cu.labels(branch).set(0)
 
@@ -136,8 +145,11 @@ class Endpoint:
     async def _start(self) -> ComputeNode:
         started = time.monotonic()
         self._set_state("starting")
-        self.cu = self.config.min_cu
+        # After an idle suspend the next session starts small; after a crash it starts at the size
+        # the load had reached (so the restart-only settings of that size finally apply).
+        self.cu = max(self.config.min_cu, min(self.config.max_cu, self._next_start_cu))
         self._policy = PolicyState(self.cu)
+        self._sampler = ComputeSampler()
         delay = 0.5
         last_error = ""
         for attempt in range(1, START_ATTEMPTS + 1):
@@ -161,6 +173,7 @@ class Endpoint:
                 continue
             self.node = node
             self._active_since = time.monotonic()
+            self._image_checked = self._active_since
             self.signals.last_activity = time.monotonic()
             self._set_state("active")
             self.ctx.metrics.starts.labels(self.branch).inc()
@@ -199,14 +212,16 @@ class Endpoint:
         receiver) and go back to ``suspended``; acknowledged commits are in the store already."""
         if self.node is not node or self.state != "active":
             return
+        sampler = self._sampler
         self.node = None
+        self._next_start_cu = self.cu
         reason = f"compute exited unexpectedly (exit code {code})"
         log.warning(f"{reason}; the next session wakes a fresh one from the store",
                     extra={"branch": self.branch, "exit_code": code})
         self.ctx.metrics.cu.labels(self.branch).set(0)
         self._set_state("suspended", reason)
         await node.kill()
-        await self._sampler.close()
+        await sampler.close()
 
     # -- suspend --------------------------------------------------------------------------------
 
@@ -234,6 +249,9 @@ class Endpoint:
             with contextlib.suppress(Exception):
                 await node.sync_roles()
             await self._sampler.close()
+            # A background image in flight finishes first: the copy must not race the shutdown,
+            # and the clean image must be the branch's newest.
+            await self.image_job_done()
             await node.stop()
             log.info("compute suspended", extra={"branch": self.branch})
         except Exception as e:
@@ -242,8 +260,56 @@ class Endpoint:
             await node.kill()
         finally:
             self.node = None
+            self._next_start_cu = self.config.min_cu
             self.ctx.metrics.cu.labels(self.branch).set(0)
             self._set_state("suspended")
+
+    # -- background images ----------------------------------------------------------------------
+
+    def maybe_background_image(self, now: float) -> None:
+        """Every ``image_check_every`` seconds while active, start a background job that images the
+        branch if it streamed enough WAL since its last image: otherwise a compute that runs for
+        days leaves all of it for GC to keep and for a crash recovery to replay. One job per
+        branch at a time; the compute serves on meanwhile."""
+        node = self.node
+        if self.state != "active" or node is None or self._image_job is not None:
+            return
+        if now - self._image_checked < self.config.image_check_every:
+            return
+        self._image_checked = now
+        self._image_job = asyncio.create_task(self._background_image(node), name=f"image-{self.branch}")
+        self._image_job.add_done_callback(self._image_job_finished)
+
+    def _image_job_finished(self, task: asyncio.Task[None]) -> None:
+        self._image_job = None
+        if not task.cancelled():
+            task.exception()  # _background_image handles its own errors; this only marks it seen
+
+    async def image_job_done(self) -> None:
+        """Wait for the background image job in flight, if any (whatever its outcome)."""
+        job = self._image_job
+        if job is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.shield(job)
+
+    async def _background_image(self, node: ComputeNode) -> None:
+        store = self.ctx.store
+        try:
+            if not await asyncio.to_thread(store.needs_image, self.branch):
+                return
+            if self.state != "active" or self.node is not node or node.stopping:
+                return  # suspending: the clean image at shutdown covers it
+            started = time.monotonic()
+            image = await asyncio.to_thread(store.take_online_image, self.branch, host=str(node.socket_dir),
+                                            port=node.port)
+        except Exception as e:
+            self.ctx.metrics.background_images.labels(self.branch, "error").inc()
+            reason = (str(e).strip().splitlines() or [type(e).__name__])[-1]
+            log.warning(f"background image failed: {reason}", extra={"branch": self.branch})
+            return
+        self.ctx.metrics.background_images.labels(self.branch, "ok").inc()
+        log.info("background image stored", extra={"branch": self.branch, "image_id": image.id,
+                                                   "seconds": round(time.monotonic() - started, 3)})
 
     # -- tick -----------------------------------------------------------------------------------
 
@@ -258,6 +324,8 @@ class Endpoint:
         if self.state != "active" or node is None or not node.alive():
             return
         sample = await self._sampler.sample(node.process_ids(), node.connect, self.signals.sessions)
+        if self.state != "active" or self.node is not node:
+            return  # suspended or lost while we were reading it
         self.last_sample = sample
         now = time.monotonic()
         if sample.active_backends > 0:

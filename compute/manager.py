@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -77,6 +78,8 @@ class Endpoints:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._ticker
         await asyncio.gather(*(e.suspend() for e in self._endpoints.values()), return_exceptions=True)
+        # Jobs of computes that died meanwhile: they must not outlive the store they write to.
+        await asyncio.gather(*(e.image_job_done() for e in self._endpoints.values()))
         for task in list(self.ctx.tasks):
             task.cancel()
 
@@ -88,6 +91,16 @@ class Endpoints:
             for endpoint, result in zip(active, results, strict=True):
                 if isinstance(result, Exception):
                     log.warning("tick failed", extra={"branch": endpoint.branch, "error": repr(result)})
+            self._background_images(active)
+
+    def _background_images(self, active: list[Endpoint]) -> None:
+        """Let each active endpoint start a background image job when one is due (never blocks)."""
+        now = time.monotonic()
+        for endpoint in active:
+            try:
+                endpoint.maybe_background_image(now)
+            except Exception as e:
+                log.warning("background image check failed", extra={"branch": endpoint.branch, "error": repr(e)})
 
     # -- lookups ----------------------------------------------------------------------------------
 

@@ -7,6 +7,7 @@ import contextlib
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 STATES = ("suspended", "starting", "active", "suspending", "failed")
+IMAGE_OUTCOMES = ("ok", "error")
 
 
 class ComputeMetrics:
@@ -24,6 +25,10 @@ class ComputeMetrics:
                            ["branch"], **kw)
         self.memory = Gauge("lakelet_compute_memory_bytes", "Proportional memory of the compute's processes",
                             ["branch"], **kw)
+        self.background_images = Counter(
+            "lakelet_compute_background_images_total",
+            "Images taken of running computes whose branch streamed much WAL since its last image",
+            ["branch", "outcome"], **kw)
 
     def set_state(self, branch: str, state: str) -> None:
         for s in STATES:
@@ -40,3 +45,6 @@ class ComputeMetrics:
         for direction in ("up", "down"):
             with contextlib.suppress(KeyError):
                 self.decisions.remove(branch, direction)
+        for outcome in IMAGE_OUTCOMES:
+            with contextlib.suppress(KeyError):
+                self.background_images.remove(branch, outcome)

@@ -233,7 +233,12 @@ class ComputeNode:
         (not including) it, so it sees every commit acknowledged before this call."""
         conn = await self.connect()
         try:
-            point = await conn.fetchval("SELECT pg_create_restore_point('lakelet-branch')::text")
+            # The xid makes this transaction write a commit record after the point, and a
+            # synchronous commit returns only once the receiver has flushed it: so WAL past the
+            # point is durable at once instead of after the next unrelated write.
+            async with conn.transaction():
+                point = await conn.fetchval("SELECT pg_create_restore_point('lakelet-branch')::text")
+                await conn.fetchval("SELECT pg_current_xact_id()")
             deadline = time.monotonic() + timeout
             while time.monotonic() < deadline:
                 durable = await conn.fetchval(

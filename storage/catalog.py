@@ -38,7 +38,8 @@ CREATE TABLE IF NOT EXISTS images (
     tli INTEGER NOT NULL,
     manifest_key TEXT NOT NULL,
     logical_bytes INTEGER NOT NULL,
-    created_at REAL NOT NULL
+    created_at REAL NOT NULL,
+    redo_lsn INTEGER             -- online images only: where replay from the image starts
 );
 CREATE TABLE IF NOT EXISTS running (
     branch_id INTEGER PRIMARY KEY  -- started since its newest image: WAL may run past that image
@@ -75,6 +76,17 @@ class ImageRow:
     manifest_key: str
     logical_bytes: int
     created_at: float
+    # None for an image of a cleanly shut down cluster (its state is its checkpoint, at ``lsn``).
+    # For an online image, the LSN its replay starts from; it is consistent only from ``lsn`` on.
+    redo_lsn: int | None = None
+
+    @property
+    def online(self) -> bool:
+        return self.redo_lsn is not None
+
+    @property
+    def redo(self) -> int:
+        return self.redo_lsn if self.redo_lsn is not None else self.lsn
 
 
 class Catalog:
@@ -84,6 +96,13 @@ class Catalog:
         self.db.execute("PRAGMA journal_mode=WAL")
         self.db.execute("PRAGMA synchronous=FULL")
         self.db.executescript(SCHEMA)
+        self._migrate()
+
+    def _migrate(self) -> None:
+        """Bring catalogs of older stores up to SCHEMA (CREATE TABLE IF NOT EXISTS adds no columns)."""
+        columns = {row[1] for row in self.db.execute("PRAGMA table_info(images)")}
+        if "redo_lsn" not in columns:
+            self.db.execute("ALTER TABLE images ADD COLUMN redo_lsn INTEGER")
 
     def close(self) -> None:
         self.db.close()
@@ -147,7 +166,7 @@ class Catalog:
     # -- images ---------------------------------------------------------------------------------
 
     def images(self, branch_id: int | None = None) -> list[ImageRow]:
-        sql = "SELECT id, branch_id, lsn, tli, manifest_key, logical_bytes, created_at FROM images"
+        sql = "SELECT id, branch_id, lsn, tli, manifest_key, logical_bytes, created_at, redo_lsn FROM images"
         args: tuple = ()
         if branch_id is not None:
             sql += " WHERE branch_id = ?"
@@ -155,11 +174,19 @@ class Catalog:
         with self._lock:
             return [ImageRow(*r) for r in self.db.execute(sql + " ORDER BY lsn, id", args)]
 
-    def add_image(self, branch_id: int, lsn: int, tli: int, manifest_key: str, logical_bytes: int) -> int:
+    def add_image(self, branch_id: int, lsn: int, tli: int, manifest_key: str, logical_bytes: int, *,
+                  redo_lsn: int | None = None) -> int:
+        """Record an image. A clean one (no ``redo_lsn``) is the branch's head: in the same
+        transaction the branch stops counting as running, so a crash never leaves a new image next
+        to a stale "WAL may run past it" mark (or the reverse). An online one is taken while the
+        compute runs on, so the mark stays."""
         with self.transaction() as db:
             cur = db.execute(
-                "INSERT INTO images (branch_id, lsn, tli, manifest_key, logical_bytes, created_at)"
-                " VALUES (?, ?, ?, ?, ?, ?)", (branch_id, lsn, tli, manifest_key, logical_bytes, time.time()))
+                "INSERT INTO images (branch_id, lsn, tli, manifest_key, logical_bytes, created_at, redo_lsn)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (branch_id, lsn, tli, manifest_key, logical_bytes, time.time(), redo_lsn))
+            if redo_lsn is None:
+                db.execute("DELETE FROM running WHERE branch_id = ?", (branch_id,))
             return int(cur.lastrowid or 0)
 
     def is_running(self, branch_id: int) -> bool:

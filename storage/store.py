@@ -2,8 +2,13 @@
 
 Layout under ``<data-dir>/store/``: ``catalog.db`` (branches, timelines, images, roles),
 ``pages.db`` + ``objects/`` (packs and image manifests), ``wal/<branch-id>/`` (each branch's
-archived WAL, written by its compute's synchronous receiver) and ``wal/history/`` (every timeline
-history file).
+archived WAL, written by its compute's synchronous receiver), ``wal/ckpt/<image>/`` (each image's
+own copy of the WAL its replay starts with, as it was when the image was made: the segment holding
+the shutdown checkpoint of a clean image, the whole backup range of an online one) and
+``wal/history/`` (every timeline history file).
+
+Images are made when a compute shuts down cleanly (``take_image``) and, while it runs, from a base
+backup of it (``take_online_image``, when ``needs_image`` says its WAL has grown).
 
 ``materialize`` is the one way a compute gets a data directory: the nearest image on the branch's
 ancestry, plus ``recovery.signal`` and a ``restore_command`` over the ancestry's WAL, so that
@@ -20,11 +25,13 @@ import shutil
 import tempfile
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
-from storage import images, wal
+from storage import images, online, wal
 from storage import lsn as lsnmod
 from storage.catalog import BranchRow, Catalog, ImageRow
 from storage.errors import (
@@ -37,7 +44,7 @@ from storage.errors import (
     ProtectedBranch,
     StorageError,
 )
-from storage.objectstore import LocalObjectStore
+from storage.objectstore import LocalObjectStore, fsync_dir
 from storage.pagestore import PageStore
 from storage.postgres import PgBinaries, ServiceUser, last_error_line, run
 
@@ -50,6 +57,10 @@ SOURCE_FILE = "lakelet-source.json"
 IMAGE_WAL_THRESHOLD = 256 << 20
 # Small WAL segments: a branch that wrote a little holds a little, in the archive and in copies.
 WAL_SEGMENT_MB = 1
+# A shutdown checkpoint record (with a page header it may straddle) is far smaller than this.
+CHECKPOINT_RECORD_MAX = 512
+# How long an online image waits for the receiver to archive the WAL through the backup's end.
+STREAMED_TIMEOUT = 60.0
 
 
 @dataclass(frozen=True)
@@ -97,11 +108,14 @@ def controldata(pg: PgBinaries, user: ServiceUser, datadir: Path) -> dict[str, s
 
 
 class Store:
-    def __init__(self, root: Path, *, user: ServiceUser, pg: PgBinaries, retention_days: float = 7.0) -> None:
+    def __init__(self, root: Path, *, user: ServiceUser, pg: PgBinaries, retention_days: float = 7.0,
+                 image_wal_threshold: int = IMAGE_WAL_THRESHOLD) -> None:
         self.root = root
         self.user = user
         self.pg = pg
         self.retention = timedelta(days=retention_days)
+        # WAL a branch may stream past its newest image before ``needs_image`` asks for another.
+        self.image_wal_threshold = image_wal_threshold
         root.mkdir(parents=True, exist_ok=True)
         os.chmod(root, 0o711)
         self.catalog = Catalog(root / "catalog.db")
@@ -110,8 +124,9 @@ class Store:
         self.pages = PageStore(self.objects, root / "pages.db")
         self.wal_root = root / "wal"
         self.history_dir = self.wal_root / "history"
+        self.ckpt_root = self.wal_root / "ckpt"
         self.tmp_root = root / "tmp"
-        for d in (self.wal_root, self.history_dir, self.tmp_root):
+        for d in (self.wal_root, self.history_dir, self.ckpt_root, self.tmp_root):
             d.mkdir(exist_ok=True)
             user.own(d, 0o700)
         shutil.rmtree(self.tmp_root, ignore_errors=True)
@@ -120,14 +135,38 @@ class Store:
         # Materialize → promote → note_timeline must not interleave between two branches, or both
         # could pick the same new timeline ID. Callers hold this across the three steps.
         self.promotion_lock = threading.Lock()
+        # GC decides which pages are live from the catalog, but an image's pages exist before its
+        # catalog row does, and a restore reads packs GC may rewrite: GC runs alone.
+        self._maintenance = SharedExclusiveLock()
+        self._sweep_crash_leftovers()
 
     @classmethod
-    def open(cls, root: Path, *, user: ServiceUser, pg: PgBinaries, retention_days: float = 7.0) -> Store:
-        return cls(root, user=user, pg=pg, retention_days=retention_days)
+    def open(cls, root: Path, *, user: ServiceUser, pg: PgBinaries, retention_days: float = 7.0,
+             image_wal_threshold: int = IMAGE_WAL_THRESHOLD) -> Store:
+        return cls(root, user=user, pg=pg, retention_days=retention_days, image_wal_threshold=image_wal_threshold)
 
     def close(self) -> None:
         self.pages.close()
         self.catalog.close()
+
+    def _sweep_crash_leftovers(self) -> None:
+        """Remove what an operation killed half-way left behind, none of which the catalog refers
+        to: WAL of deleted branches, manifests and checkpoint copies of images never recorded (or
+        already dropped). Runs at open, when no operation of this store is in flight; leftover
+        pages go at the next GC."""
+        branch_ids = {str(b.id) for b in self.catalog.branches()}
+        for entry in os.listdir(self.wal_root):
+            stem = entry.removesuffix(".ckpt")
+            if stem.isdigit() and stem not in branch_ids:
+                shutil.rmtree(self.wal_root / entry, ignore_errors=True)
+        recorded = {i.manifest_key for i in self.catalog.images()}
+        for key in self.objects.list("images/"):
+            if key.endswith(".manifest") and key not in recorded:
+                self.objects.delete(key)
+        wanted = {self._ckpt_dir(key).name for key in recorded}
+        for entry in os.listdir(self.ckpt_root):
+            if entry not in wanted:
+                shutil.rmtree(self.ckpt_root / entry, ignore_errors=True)
 
     # -- lookups ----------------------------------------------------------------------------------
 
@@ -178,12 +217,21 @@ class Store:
         return 1
 
     def _dirs(self, row: BranchRow) -> list[Path]:
-        """WAL directories of ``row``'s ancestry, nearest first: each branch's receiver dir, then
-        the checkpoint segments its images brought along."""
+        """Streamed WAL directories of ``row``'s ancestry, nearest first."""
         out: list[Path] = []
         for branch, _ in self._ancestry(row):
-            out += [self.wal_root / str(branch.id), self.wal_root / f"{branch.id}.ckpt"]
+            out.append(self.wal_root / str(branch.id))
+            legacy = self.wal_root / f"{branch.id}.ckpt"  # checkpoint copies of older stores
+            if legacy.is_dir():
+                out.append(legacy)
         return out
+
+    def _ckpt_dir(self, manifest_key: str) -> Path:
+        """Where an image keeps the WAL segment(s) holding its checkpoint record. Named after the
+        manifest, not the image's catalog ID, so it is in place before the row that makes the
+        image exist."""
+        stem = manifest_key.removeprefix("images/").removesuffix(".manifest").replace("/", "-")
+        return self.ckpt_root / stem
 
     # -- branches ---------------------------------------------------------------------------------
 
@@ -282,7 +330,7 @@ class Store:
             ends: list[int | None] = [start for _, start in tls[1:]]
             ends.append(None)
             for (tli, start), end in zip(tls, ends, strict=True):
-                for rec in wal.scan(self.pg, self.user, files, tli):
+                for rec in wal.scan(self.pg, self.user, files, tli, self._segment_size()):
                     if rec.lsn < start or (end is not None and rec.lsn >= end):
                         continue
                     if cutoff is not None and rec.lsn > cutoff:
@@ -319,17 +367,18 @@ class Store:
                 raise HasChildren(f"branch {name!r} has child branches ({names}): delete them first or pass --force")
             doomed += kids
             i += 1
+        dropped = [i for b in doomed for i in self.catalog.images(b.id)]
         with self.catalog.transaction() as db:
             for b in doomed:
-                for table in ("timelines", "images", "roles"):
+                for table in ("timelines", "images", "roles", "running"):
                     db.execute(f"DELETE FROM {table} WHERE branch_id = ?", (b.id,))
                 db.execute("DELETE FROM branches WHERE id = ?", (b.id,))
-        # Data goes only after the catalog forgot it; unreferenced pages go at the next GC.
+        # Data goes only after the catalog forgot it (a crash in between leaves leftovers the next
+        # open sweeps); unreferenced pages go at the next GC.
+        self._drop_image_files(dropped)
         for b in doomed:
             shutil.rmtree(self.wal_root / str(b.id), ignore_errors=True)
             shutil.rmtree(self.wal_root / f"{b.id}.ckpt", ignore_errors=True)
-            for key in self.objects.list(f"images/{b.id}/"):
-                self.objects.delete(key)
 
     def rename_branch(self, old: str, new: str) -> None:
         row = self._row(old)
@@ -349,11 +398,14 @@ class Store:
         prow = self.catalog.branch_by_id(row.parent_id)
         assert prow is not None
         lsn, kind = self._resolve_target(prow, None, head_lsn)
+        dropped = self.catalog.images(row.id)
         with self.catalog.transaction() as db:
             db.execute("DELETE FROM timelines WHERE branch_id = ?", (row.id,))
             db.execute("DELETE FROM images WHERE branch_id = ?", (row.id,))
+            db.execute("DELETE FROM running WHERE branch_id = ?", (row.id,))
             db.execute("UPDATE branches SET parent_lsn = ?, target_kind = ?, created_at = ? WHERE id = ?",
                        (lsn, kind, time.time(), row.id))
+        self._drop_image_files(dropped)
         shutil.rmtree(self.wal_root / str(row.id), ignore_errors=True)
         shutil.rmtree(self.wal_root / f"{row.id}.ckpt", ignore_errors=True)
         return self.get_branch(name)
@@ -404,43 +456,123 @@ class Store:
             raise MaterializeError(f"cannot image {datadir}: it was not shut down cleanly (state: {state})")
         ckpt = lsnmod.parse(info["Latest checkpoint location"])
         tli = int(info["Latest checkpoint's TimeLineID"])
-        key = f"images/{branch_id}/{ckpt:016X}-{time.time_ns()}.manifest"
-        stats = images.write_image(self.pages, self.objects, datadir, key)
-        self._keep_checkpoint_segment(branch_id, datadir, tli, ckpt)
-        image_id = self.catalog.add_image(branch_id, ckpt, tli, key, stats.logical_bytes)
-        self.catalog.set_running(branch_id, False)
-        log.info("image stored", extra={"branch_id": branch_id, "lsn": lsnmod.fmt(ckpt), "files": stats.files,
-                                         "logical_bytes": stats.logical_bytes, "new_bytes": stats.new_bytes})
-        self._write_source(datadir, branch_id, image_id)
-        return self.catalog.images(branch_id)[-1]
+        seg = self._segment_size()
+        names = sorted({lsnmod.segment_name(tli, lsn, seg) for lsn in (ckpt, ckpt + CHECKPOINT_RECORD_MAX)})
+        if not (datadir / "pg_wal" / names[0]).exists():
+            raise MaterializeError(f"cannot image {datadir}: WAL segment {names[0]} with its checkpoint is missing")
+        # Recovery from an image starts by reading its checkpoint record, and the streamed archive
+        # may not have it (nothing streams initdb's WAL). And a branch made exactly at the image
+        # must replay nothing after it, while the streamed segment goes on with whatever the parent
+        # wrote later: this copy, taken now, ends at the checkpoint.
+        segments = [datadir / "pg_wal" / n for n in names if (datadir / "pg_wal" / n).exists()]
+        image = self._record_image(branch_id, datadir, ckpt, tli, segments, redo_lsn=None)
+        self._write_source(datadir, branch_id, image.id)
+        return image
 
-    def _keep_checkpoint_segment(self, branch_id: int, datadir: Path, tli: int, ckpt: int) -> None:
-        """Recovery from an image starts by reading its checkpoint record, so the segment holding
-        it must be in the archive even when no receiver ever streamed it (the initdb image)."""
-        name = lsnmod.segment_name(tli, ckpt, self._segment_size())
-        src = datadir / "pg_wal" / name
-        dest_dir = self.wal_root / f"{branch_id}.ckpt"
-        streamed = self.wal_root / str(branch_id)
-        if not src.exists() or any(p.exists() for p in (dest_dir / name, streamed / name,
-                                                          streamed / f"{name}.partial")):
-            return
-        dest_dir.mkdir(exist_ok=True)
-        self.user.own(dest_dir, 0o700)
-        tmp = dest_dir / f".{name}.tmp"
-        shutil.copyfile(src, tmp)
-        os.replace(tmp, dest_dir / name)
+    def _record_image(self, branch_id: int, datadir: Path, lsn: int, tli: int, segments: list[Path],
+                      redo_lsn: int | None) -> ImageRow:
+        """Store ``datadir`` as an image at ``lsn``, with its own copy of ``segments`` (the WAL
+        replay from it needs first).
+
+        Pages, manifest and WAL copy are durable before the catalog row that makes the image
+        exist: a crash before it leaves only leftovers, never a half image."""
+        key = f"images/{branch_id}/{lsn:016X}-{time.time_ns()}.manifest"
+        with self._maintenance.shared():
+            stats = images.write_image(self.pages, self.objects, datadir, key)
+            self._keep_wal_copy(segments, self._ckpt_dir(key))
+            image_id = self.catalog.add_image(branch_id, lsn, tli, key, stats.logical_bytes, redo_lsn=redo_lsn)
+        log.info("image stored", extra={"branch_id": branch_id, "lsn": lsnmod.fmt(lsn), "files": stats.files,
+                                         "online": redo_lsn is not None, "logical_bytes": stats.logical_bytes,
+                                         "new_bytes": stats.new_bytes})
+        return next(i for i in self.catalog.images(branch_id) if i.id == image_id)
+
+    def _keep_wal_copy(self, segments: list[Path], dest: Path) -> None:
+        """Copy ``segments``, as they are now, into ``dest`` (atomically: all or nothing)."""
+        tmp = self.ckpt_root / f".{dest.name}.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+        for src in segments:
+            shutil.copyfile(src, tmp / src.name)
+            with open(tmp / src.name, "rb") as f:
+                os.fsync(f.fileno())
+            self.user.own(tmp / src.name, 0o600)
+        self.user.own(tmp, 0o700)
+        fsync_dir(tmp)
+        os.replace(tmp, dest)
+        fsync_dir(self.ckpt_root)
+
+    def _drop_image_files(self, dropped: list[ImageRow]) -> int:
+        """Delete manifests and checkpoint copies of images the catalog no longer has."""
+        freed = 0
+        for image in dropped:
+            if self.objects.exists(image.manifest_key):
+                freed += self.objects.size(image.manifest_key)
+            self.objects.delete(image.manifest_key)
+            ckpt_dir = self._ckpt_dir(image.manifest_key)
+            if ckpt_dir.is_dir():
+                freed += sum(p.stat().st_size for p in ckpt_dir.iterdir())
+            shutil.rmtree(ckpt_dir, ignore_errors=True)
+        return freed
 
     def take_image(self, branch: str, datadir: Path) -> None:
         """Store a cleanly shut down compute's data dir as the branch's newest image."""
         self._image(self._row(branch).id, datadir)
 
+    def take_online_image(self, branch: str, *, host: str, port: int) -> ImageRow:
+        """Image ``branch`` while its compute (listening at ``host``/``port``) runs on.
+
+        A base backup of the running compute (see ``storage.online`` for why this design), stored
+        like any image once the archive holds its WAL through the backup's end. Its catalog row
+        has ``lsn`` = the backup's end (the first LSN it can serve: materialize never picks it for
+        an earlier target) and ``redo_lsn`` = the backup's start. Its WAL copy (what a clean
+        image's checkpoint copy is) holds every segment from the redo point to the end, so the
+        image alone reaches consistency: GC keeps the branch's WAL from ``lsn`` on, as for any
+        image, and may drop what lies before the copy.
+
+        The branch stays marked running: its compute goes on writing past the image."""
+        row = self._row(branch)
+        work = Path(tempfile.mkdtemp(prefix="online-", dir=self.tmp_root))
+        try:
+            self.user.own(work, 0o700)
+            backup = online.base_backup(self.pg, self.user, host=host, port=port, role=ADMIN_ROLE,
+                                        datadir=work / "pgdata")
+            segments = self._streamed_range(row, backup)
+            return self._record_image(row.id, backup.datadir, backup.end_lsn, backup.tli, segments,
+                                      redo_lsn=backup.start_lsn)
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+
+    def _streamed_range(self, row: BranchRow, backup: online.BaseBackup) -> list[Path]:
+        """The archived segments holding ``backup``'s WAL range, once the receiver completed them.
+
+        Ending a backup switches to a new segment, so the one holding the backup's end is
+        completed (renamed from ``.partial``) as soon as the receiver has all of the range."""
+        seg = self._segment_size()
+        names = online.segment_names(backup.tli, backup.start_lsn, backup.end_lsn, seg)
+        deadline = time.monotonic() + STREAMED_TIMEOUT
+        while True:
+            files = wal.segments(self.wal_root / str(row.id))
+            last = files.get(names[-1])
+            if last is not None and not last.name.endswith(".partial"):
+                break
+            if time.monotonic() > deadline:
+                raise online.OnlineImageError(f"WAL through {lsnmod.fmt(backup.end_lsn)} of branch {row.name!r} "
+                                              f"did not reach the store in {STREAMED_TIMEOUT:.0f}s")
+            time.sleep(0.05)
+        missing = [n for n in names if n not in files]
+        if missing:
+            raise online.OnlineImageError(f"WAL segment {missing[0]} of branch {row.name!r} is not in the store")
+        return [files[n] for n in names]
+
     def needs_image(self, branch: str) -> bool:
+        """Whether the branch streamed more WAL than the threshold since its newest image: replay
+        after a crash, and the WAL GC must keep, grow with it until a new image is made."""
         row = self._row(branch)
         latest = self._latest_image(row)
         since = latest.created_at if latest else 0
         wal_dir = self.wal_root / str(row.id)
         grown = sum(p.stat().st_size for p in wal_dir.glob("*") if p.is_file() and p.stat().st_mtime > since)
-        return grown > IMAGE_WAL_THRESHOLD
+        return grown > self.image_wal_threshold
 
     # -- materialize --------------------------------------------------------------------------------
 
@@ -468,31 +600,55 @@ class Store:
         if self._cache_is_current(row, datadir):
             return Materialized(datadir, needs_recovery=False)
         (datadir.parent / SOURCE_FILE).unlink(missing_ok=True)
-        own_timelines = self.catalog.timelines(row.id)
-        settings: dict[str, str] = {}
-        if own_timelines or row.parent_id is None:
-            image = self._image_for(row)
-            target_tli = self._tli_at(row, None)
-        else:
-            assert row.parent_lsn is not None
-            image = self._image_for(row, row.parent_lsn)
-            target_tli = self._tli_at(row, row.parent_lsn)
-            kind = row.target_kind or "before"
-            if kind == "immediate" and image is not None and image.lsn == row.parent_lsn:
-                settings["recovery_target"] = "immediate"
-            else:
-                settings["recovery_target_lsn"] = lsnmod.fmt(row.parent_lsn)
-                settings["recovery_target_inclusive"] = "true" if kind == "through" else "false"
-            settings["recovery_target_action"] = "promote"
-        if image is None:
-            raise MaterializeError(f"no image of branch {branch!r} or its ancestors: the store is incomplete")
+        image, settings, dirs = self._recovery_plan(row)
+        log.info("materialize", extra={"branch": branch, "image_id": image.id, "image_lsn": lsnmod.fmt(image.lsn),
+                                       "online_image": image.online})
         shutil.rmtree(datadir, ignore_errors=True)
-        images.restore_image(self.pages, self.objects, image.manifest_key, datadir)
-        settings["restore_command"] = wal.restore_command(self._dirs(row), self.history_dir)
-        settings["recovery_target_timeline"] = str(target_tli)
+        with self._maintenance.shared():
+            images.restore_image(self.pages, self.objects, image.manifest_key, datadir)
+        settings["restore_command"] = wal.restore_command(dirs, self.history_dir)
         _write_recovery_settings(datadir, settings)
         self.user.own_tree(datadir)
         return Materialized(datadir, needs_recovery=True)
+
+    def _start_image(self, row: BranchRow) -> ImageRow | None:
+        """The image ``materialize`` starts ``row`` from: its nearest image at its end when it has
+        run (or is the root), else the nearest one at or before its branch point."""
+        if self.catalog.timelines(row.id) or row.parent_id is None:
+            return self._image_for(row)
+        return self._image_for(row, row.parent_lsn)
+
+    def _recovery_plan(self, row: BranchRow) -> tuple[ImageRow, dict[str, str], list[Path]]:
+        """(start image, recovery settings, WAL directories for ``restore_command``) for ``row``."""
+        image = self._start_image(row)
+        if image is None:
+            raise MaterializeError(f"no image of branch {row.name!r} or its ancestors: the store is incomplete")
+        own_ckpt = self._ckpt_dir(image.manifest_key)
+        if self.catalog.timelines(row.id) or row.parent_id is None:
+            # It has run: its state is the end of its WAL, so replay all of it (streamed segments
+            # first: the image's own checkpoint copy ends where the streamed one may go on).
+            return image, {"recovery_target_timeline": str(self._tli_at(row, None))}, [*self._dirs(row), own_ckpt]
+        target = row.parent_lsn
+        assert target is not None
+        if image.lsn == target and not image.online:
+            # Exactly at an image (the head of a parent that shut down cleanly): the image is the
+            # state. No recovery target: when the parent has not run since, nothing follows its
+            # shutdown checkpoint, and Postgres would end recovery before "reaching" any target.
+            # Only the image's own checkpoint copy is served, so replay cannot run on into WAL the
+            # parent wrote after the image; recovery reads the checkpoint and promotes.
+            return image, {"recovery_target_timeline": str(image.tli)}, [own_ckpt]
+        # An online image at the target takes the general path: replay through its backup end
+        # makes it consistent, and the record at the target (there is one: targets are records)
+        # stops recovery there.
+        kind = row.target_kind or "before"
+        settings = {
+            "recovery_target_lsn": lsnmod.fmt(target),
+            # "immediate" marks a checkpoint record at the target: replaying through it is the same.
+            "recovery_target_inclusive": "false" if kind == "before" else "true",
+            "recovery_target_action": "promote",
+            "recovery_target_timeline": str(self._tli_at(row, target)),
+        }
+        return image, settings, [*self._dirs(row), own_ckpt]
 
     def note_timeline(self, branch: str, datadir: Path) -> None:
         """After a promotion: keep the new timeline's history file store-wide and record where the
@@ -505,6 +661,30 @@ class Store:
         tli = tlis[-1]
         start = wal.history_switch_lsn(self.history_dir / f"{tli:08X}.history")
         self.catalog.add_timeline(row.id, tli, start)
+        self._seed_timeline_start(branch, datadir, tli, start)
+
+    def _seed_timeline_start(self, branch: str, datadir: Path, tli: int, start: int) -> None:
+        """When the new timeline begins exactly at a segment boundary, put its first segment in the
+        archive as a ``.partial``, before the WAL receiver starts.
+
+        The receiver resumes after the newest segment in the archive, on that segment's timeline.
+        When the archive ends exactly where the new timeline begins (the old WAL ended with a
+        segment switch, as every online image's backup does), that is the switch point on the old
+        timeline, and the server answers such a request with "next timeline" instead of WAL, which
+        pg_receivewal cannot handle: it would never stream. With this file it resumes at the
+        boundary on the new timeline and overwrites the file with what it streams."""
+        seg = self._segment_size()
+        if start % seg:
+            return
+        name = lsnmod.segment_name(tli, start, seg)
+        archive = self.wal_dir(branch)
+        src = datadir / "pg_wal" / name
+        if name in wal.segments(archive) or not src.exists():
+            return
+        tmp = archive / f".{name}.tmp"
+        shutil.copyfile(src, tmp)
+        self.user.own(tmp, 0o600)
+        os.replace(tmp, archive / f"{name}.partial")
 
     def mark_running(self, branch: str) -> None:
         """A compute started on the branch: until its next clean image, WAL may run past it."""
@@ -514,52 +694,108 @@ class Store:
 
     def gc(self) -> GcReport:
         """Drop images and WAL that no branch and no instant inside the retention window can need,
-        then pages no remaining image references."""
+        then pages no remaining image references. The catalog forgets first and files go after,
+        so a crash at any point leaves every surviving branch materializable."""
+        with self._maintenance.exclusive():
+            keep, floors = self._needed()
+            doomed = [i for i in self.catalog.images() if i.id not in keep]
+            with self.catalog.transaction() as db:
+                db.executemany("DELETE FROM images WHERE id = ?", [(i.id,) for i in doomed])
+            freed = self._drop_image_files(doomed)
+            wal_deleted, wal_freed = self._drop_wal_below(floors)
+            live: set[bytes] = set()
+            for image in self.catalog.images():
+                live |= images.image_digests(self.objects, image.manifest_key)
+            freed += wal_freed + self.pages.collect(live)
+        return GcReport(len(doomed), wal_deleted, freed)
+
+    def _needed(self) -> tuple[set[int], dict[int, int]]:
+        """(IDs of images to keep, per branch the lowest LSN of its own WAL still needed).
+
+        A branch needs its images made inside the window plus the newest older one (every instant
+        in the window is at or after it); with no image older than the window, all of its own WAL
+        (instants before its first image replay from its branch point). Each branch also needs
+        the image ``materialize`` starts it from, and from there all WAL up its ancestry: the
+        branches between it and that image, whatever their own images, must keep WAL up to the
+        branch point."""
         cutoff = time.time() - self.retention.total_seconds()
         branches = self.catalog.branches()
-        keep_ids: set[int] = set()
-        wal_floor: dict[int, int] = {}
+        keep: set[int] = set()
+        floors: dict[int, int] = {}
+        whole_history: set[int] = set()
         for row in branches:
             own = self.catalog.images(row.id)
             old = [i for i in own if i.created_at < cutoff]
-            kept = [i for i in own if i.created_at >= cutoff] + old[-1:]
-            keep_ids.update(i.id for i in kept)
-            # Each child that never ran still starts from an image at or before its branch point.
-            for child in self.catalog.children(row.id):
-                needed = self._image_for(child, child.parent_lsn)
-                if needed is not None:
-                    keep_ids.add(needed.id)
-            if kept:
-                wal_floor[row.id] = min(i.lsn for i in kept)
+            keep.update(i.id for i in own if i.created_at >= cutoff)
+            keep.update(i.id for i in old[-1:])
+            floors[row.id] = old[-1].lsn if old else 0
+            if not old:
+                whole_history.add(row.id)
         for row in branches:
-            for child in self.catalog.children(row.id):
-                needed = self._image_for(child, child.parent_lsn)
-                if needed is not None and needed.branch_id == row.id:
-                    wal_floor[row.id] = min(wal_floor.get(row.id, needed.lsn), needed.lsn)
-        doomed = [i for i in self.catalog.images() if i.id not in keep_ids]
-        with self.catalog.transaction() as db:
-            db.executemany("DELETE FROM images WHERE id = ?", [(i.id,) for i in doomed])
-        freed = 0
-        for image in doomed:
-            freed += self.objects.size(image.manifest_key) if self.objects.exists(image.manifest_key) else 0
-            self.objects.delete(image.manifest_key)
-        wal_deleted = 0
+            needed = [self._start_image(row)]
+            if row.parent_id is not None and row.id in whole_history:
+                needed.append(self._image_for(row, row.parent_lsn))
+            for image in needed:
+                if image is not None:
+                    keep.add(image.id)
+                    self._lower_floors(row, image, floors)
+        return keep, floors
+
+    def _lower_floors(self, row: BranchRow, image: ImageRow, floors: dict[int, int]) -> None:
+        for branch, _ in self._ancestry(row):
+            if branch.id == image.branch_id:
+                floors[branch.id] = min(floors[branch.id], image.lsn)
+                return
+            floors[branch.id] = 0
+
+    def _drop_wal_below(self, floors: dict[int, int]) -> tuple[int, int]:
+        """Delete streamed segments wholly below each branch's floor; (files, bytes)."""
         seg_size = self._segment_size()
-        for branch_id, floor in wal_floor.items():
+        deleted = freed = 0
+        for branch_id, floor in floors.items():
             for name, path in wal.segments(self.wal_root / str(branch_id)).items():
                 _, start = lsnmod.segment_start(name, seg_size)
                 if start + seg_size <= floor - seg_size:  # keep one segment of slack before the floor
                     freed += path.stat().st_size
                     path.unlink()
-                    wal_deleted += 1
-        live: set[bytes] = set()
-        for image in self.catalog.images():
-            live |= images.image_digests(self.objects, image.manifest_key)
-        freed += self.pages.collect(live)
-        return GcReport(len(doomed), wal_deleted, freed)
+                    deleted += 1
+        return deleted, freed
 
     def _segment_size(self) -> int:
         return WAL_SEGMENT_MB << 20
+
+
+class SharedExclusiveLock:
+    """Many holders in shared mode (image writes, restores) or one in exclusive mode (GC)."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._shared = 0
+        self._exclusive = False
+
+    @contextmanager
+    def shared(self) -> Iterator[None]:
+        with self._cond:
+            self._cond.wait_for(lambda: not self._exclusive)
+            self._shared += 1
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._shared -= 1
+                self._cond.notify_all()
+
+    @contextmanager
+    def exclusive(self) -> Iterator[None]:
+        with self._cond:
+            self._cond.wait_for(lambda: not self._exclusive and self._shared == 0)
+            self._exclusive = True
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._exclusive = False
+                self._cond.notify_all()
 
 
 RECOVERY_KEYS = ("restore_command", "recovery_target")

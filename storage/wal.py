@@ -83,17 +83,36 @@ class WalRecord:
     commit_time: datetime | None
 
 
-def scan(pg: PgBinaries, user: ServiceUser, files: dict[str, Path], tli: int) -> list[WalRecord]:
+def _contiguous_runs(names: list[str], seg_size: int) -> list[list[str]]:
+    """Split sorted segment names of one timeline into runs without gaps (GC or a receiver that
+    started late can leave holes, and pg_waldump stops at the first missing file)."""
+    runs: list[list[str]] = []
+    for name in names:
+        start = lsnmod.segment_start(name, seg_size)[1]
+        if runs and start == lsnmod.segment_start(runs[-1][-1], seg_size)[1] + seg_size:
+            runs[-1].append(name)
+        else:
+            runs.append([name])
+    return runs
+
+
+def scan(pg: PgBinaries, user: ServiceUser, files: dict[str, Path], tli: int, seg_size: int) -> list[WalRecord]:
     """Every record on timeline ``tli`` in ``files`` (canonical name → file), via pg_waldump."""
     names = sorted(n for n in files if int(n[:8], 16) == tli)
-    if not names:
-        return []
+    out: list[WalRecord] = []
+    for run in _contiguous_runs(names, seg_size):
+        out += _dump(pg, files, run, tli)
+    return out
+
+
+def _dump(pg: PgBinaries, files: dict[str, Path], names: list[str], tli: int) -> list[WalRecord]:
     with tempfile.TemporaryDirectory(prefix="lakelet-waldump-") as tmp:
         os.chmod(tmp, 0o755)
         for n in names:
             os.symlink(files[n], os.path.join(tmp, n))
+        # Both ends: given only a start segment, pg_waldump stops at the end of that one segment.
         proc = subprocess.run(
-            [pg["pg_waldump"], "--path", tmp, "--timeline", str(tli), names[0]],
+            [pg["pg_waldump"], "--path", tmp, "--timeline", str(tli), names[0], names[-1]],
             capture_output=True, text=True, env={"LC_ALL": "C", "PATH": os.environ.get("PATH", "")},
         )
     out: list[WalRecord] = []

@@ -1,0 +1,125 @@
+"""Shared pieces of the storage suites: a store with real computes over it, and small helpers to
+talk to a branch's Postgres through its private socket."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import tempfile
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import asyncpg
+import pytest
+
+from compute import ComputeAddress, EndpointConfig, Endpoints
+from storage import Store
+from storage.postgres import PgBinaries, ServiceUser
+
+ADMIN = "lakelet_admin"
+
+
+@dataclass
+class Lake:
+    """A store and the endpoints that run computes over it, sharing one root directory."""
+
+    root: Path
+    store: Store
+    endpoints: Endpoints
+
+    @property
+    def computes(self) -> Path:
+        return self.root / "computes"
+
+
+def new_root(prefix: str) -> Path:
+    path = Path(tempfile.mkdtemp(prefix=prefix, dir="/tmp"))
+    os.chmod(path, 0o755)
+    return path
+
+
+async def open_lake(root: Path, user: ServiceUser, pg: PgBinaries) -> Lake:
+    store = await asyncio.to_thread(Store.open, root / "store", user=user, pg=pg)
+    await asyncio.to_thread(store.bootstrap)
+    endpoints = Endpoints(store, computes_dir=root / "computes", user=user, pg=pg,
+                          config=EndpointConfig(suspend_timeout=3600), cgroups=False)
+    await endpoints.start()
+    return Lake(root, store, endpoints)
+
+
+async def close_lake(lake: Lake) -> None:
+    await lake.endpoints.close()
+    lake.store.close()
+
+
+@pytest.fixture(scope="module")
+def lake_root(service_user: ServiceUser) -> Iterator[Path]:
+    path = new_root("lakelet-storage-")
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+async def lake(lake_root: Path, service_user: ServiceUser, pg: PgBinaries) -> AsyncIterator[Lake]:
+    """One store per test module: bootstrapping and first starts are the slow part of every test."""
+    opened = await open_lake(lake_root, service_user, pg)
+    yield opened
+    await close_lake(opened)
+
+
+async def connect(addr: ComputeAddress) -> asyncpg.Connection:
+    return await asyncpg.connect(host=addr.socket_dir, port=addr.port, user=ADMIN, database="postgres")
+
+
+async def sql(lake: Lake, branch: str, statement: str, *args: object) -> object:
+    """One statement on ``branch`` (waking its compute); returns the first column of the first row."""
+    conn = await connect(await lake.endpoints.ensure_ready(branch))
+    try:
+        return await conn.fetchval(statement, *args)
+    finally:
+        await conn.close()
+
+
+async def rows(lake: Lake, branch: str, table: str) -> list[int]:
+    """The ``n`` column of ``table`` on ``branch``, sorted; [] when the table does not exist there."""
+    exists = await sql(lake, branch, "SELECT to_regclass($1) IS NOT NULL", table)
+    if not exists:
+        return []
+    values = await sql(lake, branch, f"SELECT coalesce(array_agg(n ORDER BY n), '{{}}') FROM {table}")
+    return list(values)  # type: ignore[call-overload]
+
+
+async def branch_at_head(lake: Lake, name: str, parent: str) -> None:
+    """A child at the parent's durable head, the way the control plane makes one: a restore point
+    in the running parent when it runs, else the end of what the store holds."""
+    node = lake.endpoints.active_node(parent)
+    head = None
+    if node is not None:
+        point = asyncio.create_task(node.branch_point())
+        # branch_point waits for WAL after the restore point to reach the store; an idle server
+        # may write none for a while, so give it some.
+        conn = await node.connect()
+        try:
+            while not point.done():
+                await conn.execute("SELECT pg_current_xact_id()")
+                await asyncio.sleep(0.02)
+        finally:
+            await conn.close()
+        head = await point
+    await asyncio.to_thread(lake.store.create_branch, name, parent, head_lsn=head)
+
+
+async def from_store_only(lake: Lake, *branches: str) -> None:
+    """Suspend ``branches`` and drop their local data dirs: the next start builds everything from
+    the store (image + archived WAL)."""
+    for branch in branches:
+        await lake.endpoints.suspend(branch)
+        shutil.rmtree(lake.computes / branch, ignore_errors=True)
+
+
+async def suspend_all(lake: Lake) -> None:
+    for status in lake.endpoints.status():
+        if status.state in ("active", "starting", "suspending"):
+            await lake.endpoints.suspend(status.branch)
