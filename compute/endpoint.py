@@ -342,6 +342,7 @@ class Endpoint:
         self._policy = decision.state
         if decision.direction != "hold":
             await self._resize(node, decision)
+        self.maybe_background_image(now)
         if now - self._roles_synced >= ROLE_SYNC_EVERY:
             self._roles_synced = now
             await self._sync_roles(node)

@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -91,16 +90,6 @@ class Endpoints:
             for endpoint, result in zip(active, results, strict=True):
                 if isinstance(result, Exception):
                     log.warning("tick failed", extra={"branch": endpoint.branch, "error": repr(result)})
-            self._background_images(active)
-
-    def _background_images(self, active: list[Endpoint]) -> None:
-        """Let each active endpoint start a background image job when one is due (never blocks)."""
-        now = time.monotonic()
-        for endpoint in active:
-            try:
-                endpoint.maybe_background_image(now)
-            except Exception as e:
-                log.warning("background image check failed", extra={"branch": endpoint.branch, "error": repr(e)})
 
     # -- lookups ----------------------------------------------------------------------------------
 

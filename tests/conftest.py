@@ -7,9 +7,11 @@ import os
 import shutil
 import tempfile
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
+from prometheus_client import CollectorRegistry
 
 from storage.postgres import PgBinaries, ServiceUser, find_binaries, resolve_service_user
 
@@ -24,10 +26,30 @@ def service_user() -> ServiceUser:
     return resolve_service_user(os.environ.get("LAKELET_COMPUTE_USER"))
 
 
+@contextmanager
+def scratch_dir(prefix: str) -> Iterator[Path]:
+    """An empty directory under /tmp that the service user can traverse; removed afterwards."""
+    path = Path(tempfile.mkdtemp(prefix=prefix, dir="/tmp"))
+    os.chmod(path, 0o755)
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
 @pytest.fixture
 def workdir(service_user: ServiceUser) -> Iterator[Path]:
-    """An empty directory under /tmp that the service user can traverse; removed afterwards."""
-    path = Path(tempfile.mkdtemp(prefix="lakelet-test-", dir="/tmp"))
-    os.chmod(path, 0o755)
-    yield path
-    shutil.rmtree(path, ignore_errors=True)
+    with scratch_dir("lakelet-test-") as path:
+        yield path
+
+
+@pytest.fixture(scope="module")
+def root(request: pytest.FixtureRequest, service_user: ServiceUser) -> Iterator[Path]:
+    """One scratch directory per test module (stores and computes are slow to set up)."""
+    with scratch_dir(f"lakelet-{request.module.__name__.rsplit('.', 1)[-1]}-") as path:
+        yield path
+
+
+@pytest.fixture(scope="module")
+def registry() -> CollectorRegistry:
+    return CollectorRegistry()

@@ -5,11 +5,9 @@ from __future__ import annotations
 
 import asyncio
 import os
-import shutil
 import signal
-import tempfile
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -20,19 +18,6 @@ from storage import Store
 from storage.postgres import PgBinaries, ServiceUser, run_async
 
 DEADLINE = 90.0  # generous: only a policy that never reacts should reach it
-
-
-@pytest.fixture(scope="module")
-def root(service_user: ServiceUser) -> Iterator[Path]:
-    path = Path(tempfile.mkdtemp(prefix="lakelet-autoscale-", dir="/tmp"))
-    os.chmod(path, 0o755)
-    yield path
-    shutil.rmtree(path, ignore_errors=True)
-
-
-@pytest.fixture(scope="module")
-def registry() -> CollectorRegistry:
-    return CollectorRegistry()
 
 
 @pytest.fixture(scope="module")

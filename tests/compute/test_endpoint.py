@@ -4,11 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import os
-import shutil
 import signal
-import tempfile
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import asyncpg
@@ -20,19 +18,6 @@ from storage import Store
 from storage.postgres import PgBinaries, ServiceUser
 
 DEADLINE = 30.0  # generous: only a hang should ever reach it
-
-
-@pytest.fixture(scope="module")
-def root(service_user: ServiceUser) -> Iterator[Path]:
-    path = Path(tempfile.mkdtemp(prefix="lakelet-endpoint-", dir="/tmp"))
-    os.chmod(path, 0o755)
-    yield path
-    shutil.rmtree(path, ignore_errors=True)
-
-
-@pytest.fixture(scope="module")
-def registry() -> CollectorRegistry:
-    return CollectorRegistry()
 
 
 @pytest.fixture(scope="module")
@@ -64,17 +49,8 @@ async def query(addr: ComputeAddress, sql: str) -> object:
 async def make_branch(eps: Endpoints, name: str) -> None:
     """A child of main at main's durable head (main running: the way the control plane does it)."""
     node = await eps.node("main")
-    point = asyncio.create_task(node.branch_point())
-    # branch_point waits for a WAL record after the restore point to reach the store; on an idle
-    # server the next one may be 15 s away (bgwriter), so write one.
-    conn = await node.connect()
-    try:
-        while not point.done():
-            await conn.execute("SELECT pg_current_xact_id()")
-            await asyncio.sleep(0.05)
-    finally:
-        await conn.close()
-    await asyncio.to_thread(eps.store.create_branch, name, "main", head_lsn=await point)
+    point = await node.branch_point()
+    await asyncio.to_thread(eps.store.create_branch, name, "main", head_lsn=point)
 
 
 async def wait_for_state(eps: Endpoints, branch: str, state: str) -> None:

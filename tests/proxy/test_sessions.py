@@ -11,9 +11,8 @@ import socket
 import struct
 import subprocess
 import sys
-import tempfile
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import asyncpg
@@ -30,14 +29,6 @@ from storage.postgres import PgBinaries, ServiceUser
 
 PASSWORD = "proxy-test-pw"
 PSQL = shutil.which("psql") or "/usr/lib/postgresql/15/bin/psql"
-
-
-@pytest.fixture(scope="module")
-def root(service_user: ServiceUser) -> Iterator[Path]:
-    path = Path(tempfile.mkdtemp(prefix="lakelet-proxy-", dir="/tmp"))
-    os.chmod(path, 0o755)
-    yield path
-    shutil.rmtree(path, ignore_errors=True)
 
 
 class Harness:

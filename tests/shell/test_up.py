@@ -9,7 +9,6 @@ import re
 import shutil
 import stat
 import subprocess
-import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -17,6 +16,7 @@ from pathlib import Path
 import psycopg
 import pytest
 
+from tests.conftest import scratch_dir
 from tests.shell.lakelet_process import Lakelet, cli, cli_json
 
 PSQL = shutil.which("psql") or "/usr/lib/postgresql/15/bin/psql"
@@ -24,10 +24,8 @@ PSQL = shutil.which("psql") or "/usr/lib/postgresql/15/bin/psql"
 
 @pytest.fixture(scope="module")
 def data_root() -> Iterator[Path]:
-    path = Path(tempfile.mkdtemp(prefix="lakelet-up-", dir="/tmp"))
-    os.chmod(path, 0o755)
-    yield path
-    shutil.rmtree(path, ignore_errors=True)
+    with scratch_dir("lakelet-up-") as path:
+        yield path
 
 
 @pytest.fixture(scope="module")

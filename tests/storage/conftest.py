@@ -4,9 +4,7 @@ talk to a branch's Postgres through its private socket."""
 from __future__ import annotations
 
 import asyncio
-import os
 import shutil
-import tempfile
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,6 +15,7 @@ import pytest
 from compute import ComputeAddress, EndpointConfig, Endpoints
 from storage import Store
 from storage.postgres import PgBinaries, ServiceUser
+from tests.conftest import scratch_dir
 
 ADMIN = "lakelet_admin"
 
@@ -32,12 +31,6 @@ class Lake:
     @property
     def computes(self) -> Path:
         return self.root / "computes"
-
-
-def new_root(prefix: str) -> Path:
-    path = Path(tempfile.mkdtemp(prefix=prefix, dir="/tmp"))
-    os.chmod(path, 0o755)
-    return path
 
 
 async def open_lake(root: Path, user: ServiceUser, pg: PgBinaries) -> Lake:
@@ -56,9 +49,8 @@ async def close_lake(lake: Lake) -> None:
 
 @pytest.fixture(scope="module")
 def lake_root(service_user: ServiceUser) -> Iterator[Path]:
-    path = new_root("lakelet-storage-")
-    yield path
-    shutil.rmtree(path, ignore_errors=True)
+    with scratch_dir("lakelet-storage-") as path:
+        yield path
 
 
 @pytest.fixture(scope="module")
@@ -97,17 +89,7 @@ async def branch_at_head(lake: Lake, name: str, parent: str) -> None:
     node = lake.endpoints.active_node(parent)
     head = None
     if node is not None:
-        point = asyncio.create_task(node.branch_point())
-        # branch_point waits for WAL after the restore point to reach the store; an idle server
-        # may write none for a while, so give it some.
-        conn = await node.connect()
-        try:
-            while not point.done():
-                await conn.execute("SELECT pg_current_xact_id()")
-                await asyncio.sleep(0.02)
-        finally:
-            await conn.close()
-        head = await point
+        head = await node.branch_point()
     await asyncio.to_thread(lake.store.create_branch, name, parent, head_lsn=head)
 
 

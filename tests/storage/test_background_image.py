@@ -41,11 +41,6 @@ class Imaged:
 
 
 @pytest.fixture(scope="module")
-def registry() -> CollectorRegistry:
-    return CollectorRegistry()
-
-
-@pytest.fixture(scope="module")
 async def lake(lake_root: Path, service_user: ServiceUser, pg: PgBinaries,
                registry: CollectorRegistry) -> AsyncIterator[Lake]:
     """A store with a small image threshold, and endpoints that check for it twice a second."""
