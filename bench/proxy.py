@@ -9,7 +9,10 @@ plane that shares its event loop) can be read from ``/proc`` around each run and
 transactions it relayed. "direct" is the compute's own Unix socket, i.e. what a client on the
 compute's machine would get without any proxy. PgBouncer (``scripts/setup.sh --bench`` installs
 it; skipped when missing) runs in session mode with the role's SCRAM verifier, listening on TCP
-like the proxy, and pointing at the same compute socket.
+like the proxy, and pointing at the same compute socket. "bare-relay" (``bench/bare_relay.py``) is
+the floor for a relay written in Python on uvloop: TCP in, the compute's socket out, a write per
+chunk and nothing else — the proxy's cost above it is the proxy's; its cost above PgBouncer is
+the runtime's.
 
 Goals: proxy TPS ≥ 0.9 × direct; proxy CPU per transaction no worse than PgBouncer's.
 
@@ -281,6 +284,28 @@ class PgBouncer:
         raise SetupError("pgbouncer did not start listening within 20 s")
 
 
+@dataclass
+class BareRelay:
+    port: int = field(default_factory=free_port)
+    proc: subprocess.Popen[bytes] | None = None
+
+
+def start_bare_relay(socket_path: str, cleanup: Cleanup) -> BareRelay:
+    relay = BareRelay()
+    relay.proc = subprocess.Popen(
+        [sys.executable, str(REPO / "bench" / "bare_relay.py"), "--listen", str(relay.port), "--socket", socket_path],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    cleanup.push("bare relay", lambda: stop_process(relay.proc, signal.SIGTERM, timeout=10))  # type: ignore[arg-type]
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        if relay.proc.poll() is not None:
+            raise SetupError(f"bench/bare_relay.py exited {relay.proc.returncode}")
+        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", relay.port), timeout=1):
+            return relay
+        time.sleep(0.1)
+    raise SetupError("bench/bare_relay.py did not start listening within 20 s")
+
+
 # -- pgbench --------------------------------------------------------------------------------------
 
 
@@ -535,10 +560,10 @@ def report(s: Settings, select: dict[str, list[Run]], connect: dict[str, list[Ru
         print(f"{name:<11}{tps:12.0f}{tps / direct_tps:8.2f}{fmt(median_cpu(select[name]), '12.1f')}"
               f"{fmt(median_sys(select[name]), '6.0%')}{conn:10.0f}{conn / direct_conn:8.2f}"
               f"{fmt(median_cpu(connect[name]), '13.0f')}{fmt(median_sys(connect[name]), '6.0%')}")
-    print(f"CPU: the Lakelet process (proxy + control plane; idle background {idle_cpu * 100:.1f}% of a core) "
-          "and the pgbouncer process; sys = kernel share.")
-    print("direct logs in with trust on the compute's socket (no SCRAM); pgbouncer keeps server connections "
-          "across clients in session mode, the proxy opens a backend per client.")
+    print(f"CPU: the Lakelet process (proxy + control plane; idle background {idle_cpu * 100:.1f}% of a core), "
+          "the bare relay's and the pgbouncer process; sys = kernel share.")
+    print("direct and bare-relay log in with trust on the compute's socket (no SCRAM); pgbouncer keeps server "
+          "connections across clients in session mode, the proxy opens a backend per client.")
     if idle:
         print(f"{'idle clients':<26}{'clients':>9}{'RSS before':>12}{'RSS after':>11}{'KiB/client':>12}")
         for r in idle:
@@ -551,6 +576,9 @@ def report(s: Settings, select: dict[str, list[Run]], connect: dict[str, list[Ru
         p, b = median_cpu(select["proxy"]), median_cpu(select["pgbouncer"])
         if p is not None and b is not None:
             print(f"; CPU/txn proxy/pgbouncer: {p / b:.2f} (goal ≤ 1)", end="")
+    p, floor = median_cpu(select["proxy"]), median_cpu(select["bare-relay"])
+    if p is not None and floor is not None:
+        print(f"; CPU/txn proxy/bare-relay: {p / floor:.2f}", end="")
     print()
 
 
@@ -583,6 +611,9 @@ def run(args: argparse.Namespace, cleanup: Cleanup) -> None:
     verifier, max_conn = asyncio.run(fetch_verifier(socket_dir, compute_port))
 
     targets = [Target("proxy", "127.0.0.1", lake.port, proxy_pid), Target("direct", socket_dir, compute_port, None)]
+    relay = start_bare_relay(f"{socket_dir}/.s.PGSQL.{compute_port}", cleanup)
+    assert relay.proc is not None
+    targets.append(Target("bare-relay", "127.0.0.1", relay.port, relay.proc.pid))
     bouncer_bin = shutil.which("pgbouncer") or shutil.which("pgbouncer", path="/usr/sbin:/usr/local/sbin")
     bouncer: PgBouncer | None = None
     if bouncer_bin and not args.no_pgbouncer:

@@ -8,6 +8,7 @@ nothing else: the proxy turns that into a FATAL ErrorResponse and closes.
 from __future__ import annotations
 
 import struct
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 MAX_STARTUP_PACKET = 10_000
@@ -167,17 +168,42 @@ class MessageReader:
         return msg
 
 
+def message_end(buf: bytes | bytearray, start: int, max_size: int) -> int | None:
+    """Where the typed message starting at ``buf[start]`` ends, if all of it is there."""
+    if len(buf) < start + 5:
+        return None
+    length = _HEADER.unpack_from(buf, start)[1]
+    if length < 4 or length > max_size:
+        raise ProtocolError(f"invalid message length {length}")
+    end = start + 1 + length
+    return end if len(buf) >= end else None
+
+
 def split_message(buf: bytes | bytearray, max_size: int) -> Message | None:
     """The typed message at the start of ``buf`` if it is complete (it occupies
     ``5 + len(payload)`` bytes), else None; the caller consumes it, so nothing is copied twice."""
-    if len(buf) < 5:
+    end = message_end(buf, 0, max_size)
+    if end is None:
         return None
-    kind, length = _HEADER.unpack_from(buf)
-    if length < 4 or length > max_size:
-        raise ProtocolError(f"invalid message length {length}")
-    if len(buf) < 1 + length:
-        return None
-    return Message(kind, bytes(buf[5:1 + length]))
+    return Message(_HEADER.unpack_from(buf)[0], bytes(buf[5:end]))
+
+
+def complete_messages(buf: bytes | bytearray, max_size: int) -> int:
+    """How many leading bytes of ``buf`` are whole messages."""
+    pos = 0
+    while (end := message_end(buf, pos, max_size)) is not None:
+        pos = end
+    return pos
+
+
+def iter_messages(data: bytes) -> Iterator[tuple[bytes, int, int]]:
+    """(type, start, end) of each message in ``data``, which holds whole messages only (as
+    ``complete_messages`` measured): lets a reader keep the ones it passes on as raw slices."""
+    pos = 0
+    while pos < len(data):
+        end = pos + 1 + _I32.unpack_from(data, pos + 1)[0]
+        yield data[pos:pos + 1], pos, end
+        pos = end
 
 
 def encode_message(kind: bytes, payload: bytes = b"") -> bytes:

@@ -13,6 +13,9 @@ from proxy.cancel import BackendKey
 from proxy.errors import ConnectError, SessionError
 from proxy.pipe import Side
 
+# What the proxy reads of the greeting: authentication, cancel key, error, ReadyForQuery.
+TAKEN = (b"R", b"K", b"E", b"Z")
+
 
 @dataclass
 class ServerSession:
@@ -36,24 +39,29 @@ async def open_session(address: ComputeAddress, params: dict[str, str], branch: 
     server.write(codec.encode_startup(params))
     key: BackendKey | None = None
     greeting = bytearray()
+    ready: bytes | None = None
     try:
-        while True:
-            msg = await server.read_message(codec.MAX_BACKEND_STARTUP_MESSAGE)
-            if msg.type == b"R":
-                kind, _ = codec.parse_auth(msg)
-                if kind != codec.AUTH_OK:
-                    raise ConnectError(f"the compute of branch {branch!r} asked for authentication type {kind}")
-            elif msg.type == b"K":
-                pid, secret = codec.parse_backend_key_data(msg)
-                key = BackendKey(path, pid, secret)
-            elif msg.type == b"E":
-                err = codec.parse_error_response(msg)
-                raise SessionError(err.message, err.code, hint=err.hint)
-            elif msg.type == b"Z":
-                ready = codec.encode_message(msg.type, msg.payload)
-                break
-            else:  # ParameterStatus, NoticeResponse, NegotiateProtocolVersion: the client's business
-                greeting += codec.encode_message(msg.type, msg.payload)
+        while ready is None:
+            data = await server.read_messages(codec.MAX_BACKEND_STARTUP_MESSAGE)
+            for kind, start, end in codec.iter_messages(data):
+                if kind not in TAKEN:  # ParameterStatus, NoticeResponse, …: the client's, passed on as sent
+                    greeting += data[start:end]
+                    continue
+                msg = codec.Message(kind, data[start + 5:end])
+                if kind == b"R":
+                    auth, _ = codec.parse_auth(msg)
+                    if auth != codec.AUTH_OK:
+                        raise ConnectError(f"the compute of branch {branch!r} asked for authentication type {auth}")
+                elif kind == b"K":
+                    pid, secret = codec.parse_backend_key_data(msg)
+                    key = BackendKey(path, pid, secret)
+                elif kind == b"E":
+                    err = codec.parse_error_response(msg)
+                    raise SessionError(err.message, err.code, hint=err.hint)
+                else:  # ReadyForQuery; what came after it stays buffered for the relay
+                    ready = data[start:end]
+                    server.buf[:0] = data[end:]
+                    break
     except (ConnectionError, codec.ProtocolError) as e:
         server.close()
         raise ConnectError(f"the compute of branch {branch!r} closed the session during startup: {e}") from None

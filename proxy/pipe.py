@@ -9,11 +9,10 @@ other side's* reading: a slow reader slows its writer down instead of growing ou
 from __future__ import annotations
 
 import asyncio
-import socket
 from collections.abc import Callable
 
 from compute import LoadSignals
-from proxy.codec import Message, split_message
+from proxy.codec import Message, complete_messages, split_message
 
 HANDSHAKE_BUFFER_LIMIT = 256 * 1024
 
@@ -30,18 +29,14 @@ class Side(asyncio.Protocol):
         self.closed = False
         self._waiter: asyncio.Future[None] | None = None
         self._paused_peer = False
-        self.lost: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        # Kept: asyncio.get_running_loop() costs a getpid() system call on every call.
+        self._loop = asyncio.get_running_loop()
+        self.lost: asyncio.Future[None] = self._loop.create_future()
 
     # -- asyncio.Protocol -------------------------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
-        sock = transport.get_extra_info("socket")
-        if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
-            try:
-                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            except OSError:
-                pass
 
     def data_received(self, data: bytes) -> None:
         # The relay path runs once per chunk of every session: keep it to a write and a count.
@@ -94,7 +89,7 @@ class Side(asyncio.Protocol):
             raise ConnectionResetError(f"{self.name} closed the connection")
         if self.transport is not None and len(self.buf) <= HANDSHAKE_BUFFER_LIMIT:
             self.transport.resume_reading()
-        self._waiter = asyncio.get_running_loop().create_future()
+        self._waiter = self._loop.create_future()
         try:
             await self._waiter
         finally:
@@ -114,6 +109,17 @@ class Side(asyncio.Protocol):
             if msg is not None:
                 del self.buf[:5 + len(msg.payload)]
                 return msg
+            await self._wait()
+
+    async def read_messages(self, max_size: int) -> bytes:
+        """Every whole message buffered (at least one), in one piece: a burst such as a server's
+        greeting is then taken in one step instead of one wait and one copy per message."""
+        while True:
+            n = complete_messages(self.buf, max_size)
+            if n:
+                data = bytes(self.buf[:n])
+                del self.buf[:n]
+                return data
             await self._wait()
 
     def write(self, data: bytes) -> None:

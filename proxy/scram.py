@@ -145,7 +145,7 @@ class ScramServer:
         signature = hmac.digest(self.verifier.stored_key, auth_message, "sha256")
         if len(proof) != len(signature):
             raise ScramError("password authentication failed")
-        client_key = bytes(a ^ b for a, b in zip(proof, signature, strict=True))
+        client_key = (int.from_bytes(proof) ^ int.from_bytes(signature)).to_bytes(len(signature))
         if not hmac.compare_digest(hashlib.sha256(client_key).digest(), self.verifier.stored_key):
             raise ScramError("password authentication failed")
         server_signature = hmac.digest(self.verifier.server_key, auth_message, "sha256")

@@ -133,6 +133,8 @@ class Proxy:
         key: tuple[int, int] | None = None
         signals: LoadSignals | None = None
         try:
+            # Small messages both ways (a query, its answer) must not wait for Nagle's timer.
+            conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             direct = await self._peek_direct_tls(conn)
             loop = asyncio.get_running_loop()
             _, client = await loop.connect_accepted_socket(
@@ -199,20 +201,24 @@ class Proxy:
             self.metrics.connections.labels(branch, outcome).inc()
 
     async def _peek_direct_tls(self, conn: socket.socket) -> bool:
-        """Wait for the first byte without consuming it; 0x16 starts a TLS ClientHello."""
-        loop = asyncio.get_running_loop()
-        ready = loop.create_future()
-        loop.add_reader(conn.fileno(), lambda: ready.done() or ready.set_result(None))
-        try:
-            await asyncio.wait_for(ready, PEEK_TIMEOUT)
-        except TimeoutError:
-            raise ConnectionError("client sent nothing") from None
-        finally:
-            loop.remove_reader(conn.fileno())
+        """Look at the first byte without consuming it; 0x16 starts a TLS ClientHello. It has
+        usually arrived by the time the socket is accepted, so only wait when it has not."""
         try:
             first = conn.recv(1, socket.MSG_PEEK)
         except BlockingIOError:
-            return False
+            loop = asyncio.get_running_loop()
+            ready = loop.create_future()
+            loop.add_reader(conn.fileno(), lambda: ready.done() or ready.set_result(None))
+            try:
+                await asyncio.wait_for(ready, PEEK_TIMEOUT)
+            except TimeoutError:
+                raise ConnectionError("client sent nothing") from None
+            finally:
+                loop.remove_reader(conn.fileno())
+            try:
+                first = conn.recv(1, socket.MSG_PEEK)
+            except BlockingIOError:
+                return False
         if not first:
             raise ConnectionError("client closed before sending anything")
         return first[0] == TLS_HANDSHAKE_BYTE and self._direct_ssl is not None

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import shutil
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Protocol
 
@@ -21,7 +22,7 @@ class ObjectNotFound(KeyError):
 
 class ObjectStore(Protocol):
     def put(self, key: str, data: bytes) -> None: ...
-    def put_file(self, key: str, path: Path) -> None: ...
+    def put_chunks(self, key: str, chunks: Iterable[bytes]) -> None: ...
     def get(self, key: str) -> bytes: ...
     def get_range(self, key: str, start: int, length: int) -> bytes: ...
     def get_to_file(self, key: str, path: Path) -> None: ...
@@ -66,22 +67,23 @@ class LocalObjectStore:
         fsync_dir(path.parent)
 
     def put(self, key: str, data: bytes) -> None:
+        self.put_chunks(key, (data,))
+
+    def put_chunks(self, key: str, chunks: Iterable[bytes]) -> None:
+        """One object from a stream of pieces (a multipart upload, in S3 terms), written next to
+        its final name so a crash leaves only a temp file that ``cleanup_temp`` removes."""
         path = self._path(key)
         tmp = self._temp_for(path)
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
+        try:
+            with open(tmp, "wb") as f:
+                for chunk in chunks:
+                    f.write(chunk)
+                f.flush()
+                os.fsync(f.fileno())
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
         self._commit(tmp, path)
-
-    def put_file(self, key: str, path: Path) -> None:
-        dest = self._path(key)
-        tmp = self._temp_for(dest)
-        with open(path, "rb") as src, open(tmp, "wb") as f:
-            shutil.copyfileobj(src, f, 1 << 20)
-            f.flush()
-            os.fsync(f.fileno())
-        self._commit(tmp, dest)
 
     def get(self, key: str) -> bytes:
         try:

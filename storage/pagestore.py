@@ -12,11 +12,10 @@ from __future__ import annotations
 
 import hashlib
 import sqlite3
-import tempfile
 import threading
 import uuid
 import zlib
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
 from storage.objectstore import ObjectStore
@@ -90,16 +89,18 @@ class PageStore:
         pack = f"{PACK_PREFIX}{uuid.uuid4().hex}.pack"
         rows = []
         offset = 0
-        with tempfile.NamedTemporaryFile(prefix="lakelet-pack-") as tmp:
+
+        def blobs() -> Iterator[bytes]:
+            nonlocal offset
             for d, raw in pages.items():
                 packed = zlib.compress(raw, 1)
                 compressed = len(packed) < len(raw)
                 blob = packed if compressed else raw
-                tmp.write(blob)
                 rows.append((d, pack, offset, len(blob), int(compressed)))
                 offset += len(blob)
-            tmp.flush()
-            self.objects.put_file(pack, Path(tmp.name))
+                yield blob
+
+        self.objects.put_chunks(pack, blobs())
         return rows, offset
 
     def get_page(self, digest: bytes) -> bytes:

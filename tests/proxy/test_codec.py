@@ -74,6 +74,20 @@ def test_message_reader_splits_across_feeds(blob: bytes) -> None:
     assert got == [codec.Message(b"Q", blob), codec.Message(b"Z", b"T")]
 
 
+@given(st.lists(st.tuples(st.sampled_from([b"S", b"K", b"R", b"N", b"Z"]), st.binary(max_size=40)), max_size=8),
+       st.data())
+def test_complete_messages_and_iter_messages_agree_with_the_encoding(
+        msgs: list[tuple[bytes, bytes]], data: st.DataObject) -> None:
+    encoded = [codec.encode_message(kind, payload) for kind, payload in msgs]
+    whole = b"".join(encoded)
+    cut = data.draw(st.integers(0, len(whole)))
+    boundaries = [sum(len(e) for e in encoded[:i]) for i in range(len(encoded) + 1)]
+    # Only whole messages count: the largest message boundary at or before the cut.
+    assert codec.complete_messages(whole[:cut], 1 << 20) == max(b for b in boundaries if b <= cut)
+    got = [(kind, whole[start + 5:end]) for kind, start, end in codec.iter_messages(whole)]
+    assert got == msgs
+
+
 @given(st.binary(max_size=300))
 def test_arbitrary_first_packets_raise_only_protocol_errors(data: bytes) -> None:
     try:
