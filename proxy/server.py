@@ -77,6 +77,11 @@ class Proxy:
         assert self._sock is not None
         return int(self._sock.getsockname()[1])
 
+    @property
+    def open_clients(self) -> int:
+        """Client connections the proxy holds now, in any stage."""
+        return self._clients
+
     def connections(self, branch: str) -> int:
         s = self._branches.get(branch)
         return s.sessions if s else 0

@@ -222,9 +222,16 @@ async def test_hostile_startup_packets_then_a_normal_session(harness: Harness) -
     rng = random.Random(5432)
     payloads = [rng.randbytes(rng.randint(1, 200)) for _ in range(40)]
     payloads += [struct.pack("!i", len(p) + 4) + p for p in payloads[:20]]  # plausible lengths
+    clients, cancel_keys = harness.proxy.open_clients, len(harness.proxy.cancels)
     replies = await asyncio.gather(*(_raw_async(harness.proxy.port, junk) for junk in payloads))
     for reply in replies:
         assert reply == b"" or reply[:1] in (b"E", b"N", b"S", b"R"), reply
+    # Nothing is left behind by them: no connection still counted, no cancel key kept.
+    for _ in range(50):
+        if harness.proxy.open_clients == clients:
+            break
+        await asyncio.sleep(0.1)
+    assert (harness.proxy.open_clients, len(harness.proxy.cancels)) == (clients, cancel_keys)
     conn = await harness.apg()
     assert await conn.fetchval("SELECT 1") == 1
     await conn.close()
