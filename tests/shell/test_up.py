@@ -19,6 +19,8 @@ import pytest
 from tests.conftest import scratch_dir
 from tests.shell.lakelet_process import Lakelet, cli, cli_json
 
+REPO = Path(__file__).resolve().parents[2]
+
 PSQL = shutil.which("psql") or "/usr/lib/postgresql/15/bin/psql"
 
 
@@ -175,6 +177,19 @@ def test_metrics_and_health(lakelet: Lakelet) -> None:
         assert name in body, name
     status, body = lakelet.http("/api/v1/endpoints")
     assert status == 401 and "token" in json.loads(body)["error"]
+
+
+def test_grafana_dashboard_queries_metrics_that_exist(lakelet: Lakelet) -> None:
+    """configs/grafana-dashboard.json must not chart a name Lakelet does not export (a renamed
+    metric would otherwise leave an empty panel nobody notices)."""
+    dashboard = json.loads((REPO / "configs" / "grafana-dashboard.json").read_text())
+    exprs = [t["expr"] for p in dashboard["panels"] for t in p.get("targets", [])]
+    queried = {re.sub(r"_(bucket|sum|count)$", "", m) for e in exprs for m in re.findall(r"lakelet_[a-z_]+", e)}
+    _, body = lakelet.http("/metrics")
+    families = set(re.findall(r"^# TYPE (lakelet_[a-z_]+) ", body, re.M))
+    # Counters are declared without their _total suffix in the TYPE line.
+    exported = families | {f + "_total" for f in families}
+    assert queried and queried <= exported, queried - exported
 
 
 def test_second_up_on_the_same_data_dir_refuses(lakelet: Lakelet) -> None:
