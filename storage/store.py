@@ -296,8 +296,8 @@ class Store:
         return records[-1].lsn, "through"
 
     def _resolve_at(self, prow: BranchRow, at: str) -> tuple[int, str]:
-        records = self._records(prow)
         if lsnmod.looks_like(at):
+            records = self._records(prow)
             target = lsnmod.parse(at)
             if not records or target > records[-1].lsn:
                 end = lsnmod.fmt(records[-1].lsn) if records else "none yet"
@@ -313,14 +313,15 @@ class Store:
             raise InvalidTarget(f"--at {at} is in the future: choose a moment before {now.isoformat()}")
         if when < now - self.retention:
             raise InvalidTarget(f"--at {at} is outside the retention window of {self.retention.days} days")
-        commits = [r for r in records if r.commit_time is not None]
+        commits = [r for r in self._records(prow, transactions_only=True) if r.commit_time is not None]
         if not commits or when < commits[0].commit_time:  # type: ignore[operator]
             raise InvalidTarget(f"--at {at} is before the oldest commit kept for branch {prow.name!r}")
         last = [r for r in commits if r.commit_time <= when][-1]  # type: ignore[operator]
         return last.lsn, "through"
 
-    def _records(self, row: BranchRow) -> list[wal.WalRecord]:
-        """Every WAL record on ``row``'s history (each ancestor up to its branch point), by LSN."""
+    def _records(self, row: BranchRow, *, transactions_only: bool = False) -> list[wal.WalRecord]:
+        """Every WAL record on ``row``'s history (each ancestor up to its branch point), by LSN;
+        only commits and aborts with ``transactions_only``."""
         out: list[wal.WalRecord] = []
         for branch, cutoff in self._ancestry(row):
             files = wal.segments(self.wal_root / str(branch.id))
@@ -330,7 +331,8 @@ class Store:
             ends: list[int | None] = [start for _, start in tls[1:]]
             ends.append(None)
             for (tli, start), end in zip(tls, ends, strict=True):
-                for rec in wal.scan(self.pg, self.user, files, tli, self._segment_size()):
+                for rec in wal.scan(self.pg, self.user, files, tli, self._segment_size(),
+                                    transactions_only=transactions_only):
                     if rec.lsn < start or (end is not None and rec.lsn >= end):
                         continue
                     if cutoff is not None and rec.lsn > cutoff:
