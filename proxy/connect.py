@@ -5,6 +5,7 @@ proxy-issued cancel key."""
 from __future__ import annotations
 
 import asyncio
+import sys
 from dataclasses import dataclass
 
 from compute import ComputeAddress
@@ -26,7 +27,8 @@ class ServerSession:
 
 
 def socket_path(address: ComputeAddress) -> str:
-    return f"{address.socket_dir}/.s.PGSQL.{address.port}"
+    # Interned: every session's cancel key holds it, and a branch has one.
+    return sys.intern(f"{address.socket_dir}/.s.PGSQL.{address.port}")
 
 
 async def open_session(address: ComputeAddress, params: dict[str, str], branch: str) -> ServerSession:

@@ -18,6 +18,10 @@ HANDSHAKE_BUFFER_LIMIT = 256 * 1024
 
 
 class Side(asyncio.Protocol):
+    # Slots: two of these live as long as each session, idle ones included.
+    __slots__ = ("name", "transport", "buf", "peer", "_forward", "signals", "inbound", "closed", "_waiter",
+                 "_paused_peer", "_loop", "_ended")
+
     def __init__(self, name: str) -> None:
         self.name = name
         self.transport: asyncio.Transport | None = None
@@ -31,7 +35,7 @@ class Side(asyncio.Protocol):
         self._paused_peer = False
         # Kept: asyncio.get_running_loop() costs a getpid() system call on every call.
         self._loop = asyncio.get_running_loop()
-        self.lost: asyncio.Future[None] = self._loop.create_future()
+        self._ended: asyncio.Future[None] | None = None  # shared by both sides while relaying
 
     # -- asyncio.Protocol -------------------------------------------------------------------------
 
@@ -63,8 +67,8 @@ class Side(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
         self._wake()
-        if not self.lost.done():
-            self.lost.set_result(None)
+        if self._ended is not None and not self._ended.done():
+            self._ended.set_result(None)
         if self.peer is not None and self.peer.transport is not None:
             self.peer.transport.close()
 
@@ -132,8 +136,10 @@ class Side(asyncio.Protocol):
 
     # -- relay --------------------------------------------------------------------------------------
 
-    def relay_to(self, peer: Side, signals: LoadSignals, *, inbound: bool) -> None:
-        """From now on, bytes go straight to ``peer``; what was read ahead goes first."""
+    def relay_to(self, peer: Side, signals: LoadSignals, *, inbound: bool, ended: asyncio.Future[None]) -> None:
+        """From now on, bytes go straight to ``peer``; what was read ahead goes first. ``ended``
+        (one future for both sides) completes when either side's connection is lost."""
+        self._ended = ended
         self.signals = signals
         self.inbound = inbound
         self.peer = peer
@@ -145,5 +151,8 @@ class Side(asyncio.Protocol):
             self.data_received(pending)
         if self.transport is not None:
             self.transport.resume_reading()
-        if self.closed and peer.transport is not None:
-            peer.transport.close()
+        if self.closed:
+            if not ended.done():
+                ended.set_result(None)
+            if peer.transport is not None:
+                peer.transport.close()

@@ -50,6 +50,16 @@ class ProxyConfig:
     default_branch: str = "main"
 
 
+@dataclass(slots=True)
+class _Session:
+    """What a session's bookkeeping needs when it ends, however it ends."""
+
+    branch: str = "-"
+    outcome: str = "error"
+    key: tuple[int, int] | None = None
+    signals: LoadSignals | None = None
+
+
 class Proxy:
     def __init__(self, provider: ComputeProvider, config: ProxyConfig,
                  registry: CollectorRegistry | None = None) -> None:
@@ -133,10 +143,7 @@ class Proxy:
     async def _session(self, conn: socket.socket, addr: tuple) -> None:
         self._clients += 1
         client: Side | None = None
-        branch = "-"
-        outcome = "error"
-        key: tuple[int, int] | None = None
-        signals: LoadSignals | None = None
+        s = _Session()
         try:
             # Small messages both ways (a query, its answer) must not wait for Nagle's timer.
             conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -150,60 +157,68 @@ class Proxy:
                     raise HandshakeError("direct TLS connections must use ALPN protocol postgresql")
             if self._clients > self.config.max_client_connections:
                 raise TooManyConnections("sorry, too many clients already")
-            async with asyncio.timeout(self.config.auth_timeout):
-                startup = await negotiate(client, self._ssl, direct_tls=direct, require_tls=self.config.require_tls)
-                if isinstance(startup, Cancel):
-                    outcome = "cancel"
-                    await self.cancels.forward(startup.pid, startup.secret)
-                    return
-                branch = route(startup, self.provider.has_branch, self.config.default_branch)
-                role = startup.params["user"]
-                startup.params.setdefault("database", role)
-                cert_hash = self.material.cert_hash if (self.material and startup.tls) else None
-                if startup.minor > 0 or startup.unknown_options:  # before authentication, as Postgres does
-                    client.write(codec.negotiate_protocol_version(0, startup.unknown_options))
-                accepted = await authenticate(
-                    client, role=role, verifier_text=self.provider.role_verifier(branch, role), cert_hash=cert_hash,
-                    throttle=self.throttle, address=str(addr[0]), on_failure=self.metrics.auth_failures.inc)
-            address = await self._wake(branch)
-            server = await open_session(address, startup.params, branch)
-            signals = self._signals(branch)
-            key = self.cancels.issue(server.key)
-            client.write(accepted + server.greeting + codec.backend_key_data(*key) + server.ready)
-            signals.sessions += 1
-            signals.sessions_opened += 1
-            signals.last_activity = time.monotonic()
-            outcome = "ok"
-            await self._passthrough(client, server.side, signals)
+            server = await self._open(client, str(addr[0]), direct, s)
+            if server is not None:
+                s.outcome = "ok"
+                await self._passthrough(client, server, s.signals, loop)  # type: ignore[arg-type]
         except SessionError as e:
-            outcome = e.outcome
+            s.outcome = e.outcome
             if isinstance(e, HandshakeError):
                 self.metrics.protocol_errors.inc()
             if client is not None:
                 client.write(codec.fatal(e.sqlstate, str(e), hint=e.hint))
         except TimeoutError:
-            outcome = "timeout"
+            s.outcome = "timeout"
             if client is not None:
                 client.write(codec.fatal("08006", "authentication timed out: the handshake took longer than "
                                                   f"auth_timeout ({self.config.auth_timeout:g}s)"))
         except (ConnectionError, ssl.SSLError, OSError) as e:
-            outcome = "disconnected"
+            s.outcome = "disconnected"
             log.debug("client connection failed", extra={"error": str(e)})
         except asyncio.CancelledError:
-            outcome = "shutdown"
+            s.outcome = "shutdown"
             if client is not None:
                 client.write(codec.fatal("57P01", "terminating connection because the proxy is shutting down"))
         finally:
             self._clients -= 1
-            self.cancels.drop(key)
-            if signals is not None:
-                signals.sessions -= 1
-                signals.last_activity = time.monotonic()
+            self.cancels.drop(s.key)
+            if s.signals is not None:
+                s.signals.sessions -= 1
+                s.signals.last_activity = time.monotonic()
             if client is not None:
                 client.close()
             else:
                 conn.close()
-            self.metrics.connections.labels(branch, outcome).inc()
+            self.metrics.connections.labels(s.branch, s.outcome).inc()
+
+    async def _open(self, client: Side, address: str, direct: bool, s: _Session) -> Side | None:
+        """Handshake, auth, wake and connect: the compute's side of a session ready to relay, or
+        None for a cancel request. The startup packet, the greeting and the rest end with this
+        call, so an idle session keeps only its two protocols."""
+        async with asyncio.timeout(self.config.auth_timeout):
+            startup = await negotiate(client, self._ssl, direct_tls=direct, require_tls=self.config.require_tls)
+            if isinstance(startup, Cancel):
+                s.outcome = "cancel"
+                await self.cancels.forward(startup.pid, startup.secret)
+                return None
+            s.branch = branch = route(startup, self.provider.has_branch, self.config.default_branch)
+            role = startup.params["user"]
+            startup.params.setdefault("database", role)
+            cert_hash = self.material.cert_hash if (self.material and startup.tls) else None
+            if startup.minor > 0 or startup.unknown_options:  # before authentication, as Postgres does
+                client.write(codec.negotiate_protocol_version(0, startup.unknown_options))
+            accepted = await authenticate(
+                client, role=role, verifier_text=self.provider.role_verifier(branch, role), cert_hash=cert_hash,
+                throttle=self.throttle, address=address, on_failure=self.metrics.auth_failures.inc)
+        compute = await self._wake(branch)
+        server = await open_session(compute, startup.params, branch)
+        s.signals = signals = self._signals(branch)
+        s.key = self.cancels.issue(server.key)
+        client.write(accepted + server.greeting + codec.backend_key_data(*s.key) + server.ready)
+        signals.sessions += 1
+        signals.sessions_opened += 1
+        signals.last_activity = time.monotonic()
+        return server.side
 
     async def _peek_direct_tls(self, conn: socket.socket) -> bool:
         """Look at the first byte without consuming it; 0x16 starts a TLS ClientHello. It has
@@ -249,12 +264,14 @@ class Proxy:
         finally:
             self.metrics.wake_wait.observe(time.monotonic() - started)
 
-    async def _passthrough(self, client: Side, server: Side, signals: LoadSignals) -> None:
+    async def _passthrough(self, client: Side, server: Side, signals: LoadSignals,
+                           loop: asyncio.AbstractEventLoop) -> None:
         """Relay until either side closes; both protocols then close the other."""
-        client.relay_to(server, signals, inbound=True)
-        server.relay_to(client, signals, inbound=False)
+        ended: asyncio.Future[None] = loop.create_future()
+        client.relay_to(server, signals, inbound=True, ended=ended)
+        server.relay_to(client, signals, inbound=False, ended=ended)
         try:
-            await asyncio.wait([client.lost, server.lost], return_when=asyncio.FIRST_COMPLETED)
+            await ended
         finally:
             client.close()
             server.close()
