@@ -11,6 +11,7 @@ import json
 import os
 import zlib
 from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -98,13 +99,22 @@ def restore_image(pages: PageStore, objects: ObjectStore, manifest_key: str, tar
     os.chmod(target, 0o700)
     for d in manifest["dirs"]:  # type: ignore[attr-defined]
         (target / d).mkdir(mode=0o700, parents=True, exist_ok=True)
-    for entry in manifest["files"]:  # type: ignore[attr-defined]
-        path = target / entry["p"]
-        digests = _digests(entry)
-        with open(path, "wb") as f:
-            for i in range(0, len(digests), 1024):
-                f.write(b"".join(pages.get_pages(digests[i:i + 1024])))
-        os.chmod(path, entry["m"])
+    # Writing into the page cache and decompressing the next batch both run without the GIL:
+    # one writer thread overlaps them.
+    with ThreadPoolExecutor(1, thread_name_prefix="lakelet-restore") as writer:
+        for entry in manifest["files"]:  # type: ignore[attr-defined]
+            path = target / entry["p"]
+            digests = _digests(entry)
+            with open(path, "wb") as f:
+                pending: Future[int] | None = None
+                for i in range(0, len(digests), 1024):
+                    data = b"".join(pages.get_pages(digests[i:i + 1024]))
+                    if pending is not None:
+                        pending.result()
+                    pending = writer.submit(f.write, data)
+                if pending is not None:
+                    pending.result()
+            os.chmod(path, entry["m"])
 
 
 def image_digests(objects: ObjectStore, manifest_key: str) -> set[bytes]:

@@ -2,7 +2,10 @@
 
 Every image of every branch stores its files as lists of page digests; a page that did not change
 is stored once, however many images and branches share it. Pages are compressed and appended to
-pack objects (not one object per page); a SQLite index maps digest → (pack, offset, length).
+pack objects (not one object per page); a SQLite index maps digest → (pack, offset, length, codec).
+New pages use zstd (level 1): it decompresses about 3.5× faster than zlib at a smaller size, and
+decompression is most of what materializing a data directory costs. Pages written with zlib stay
+readable.
 
 Crash safety: a pack is durable in the object store before the index rows that point into it
 commit, so a crash leaves at worst an unreferenced pack, which ``collect`` removes.
@@ -18,11 +21,15 @@ import zlib
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
+import zstandard
+
 from storage.objectstore import ObjectStore
 
 PAGE_SIZE = 8192
 PACK_TARGET_BYTES = 64 << 20
 PACK_PREFIX = "packs/"
+# The index's "compressed" column: how a page's bytes in its pack are encoded.
+RAW, ZLIB, ZSTD = 0, 1, 2
 
 
 def digest_of(page: bytes) -> bytes:
@@ -90,13 +97,15 @@ class PageStore:
         rows = []
         offset = 0
 
+        compressor = zstandard.ZstdCompressor(level=1)  # one per pack: not safe to share across threads
+
         def blobs() -> Iterator[bytes]:
             nonlocal offset
             for d, raw in pages.items():
-                packed = zlib.compress(raw, 1)
-                compressed = len(packed) < len(raw)
-                blob = packed if compressed else raw
-                rows.append((d, pack, offset, len(blob), int(compressed)))
+                packed = compressor.compress(raw)
+                codec = ZSTD if len(packed) < len(raw) else RAW
+                blob = packed if codec else raw
+                rows.append((d, pack, offset, len(blob), codec))
                 offset += len(blob)
                 yield blob
 
@@ -124,6 +133,7 @@ class PageStore:
         for d in unique:
             by_pack.setdefault(where[d][0], []).append(d)
         found: dict[bytes, bytes] = {}
+        zstd = zstandard.ZstdDecompressor().decompress
         for pack, ds in by_pack.items():
             ds.sort(key=lambda d: where[d][1])
             run: list[bytes] = []
@@ -135,7 +145,7 @@ class PageStore:
                     for r in run:
                         _, off, length, comp = where[r]
                         part = blob[off - start:off - start + length]
-                        found[r] = zlib.decompress(part) if comp else part
+                        found[r] = zstd(part) if comp == ZSTD else zlib.decompress(part) if comp == ZLIB else part
                     run = []
                 if d:
                     run.append(d)
