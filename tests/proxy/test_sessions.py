@@ -102,6 +102,27 @@ async def test_asyncpg_extended_protocol_copy_and_large_result(harness: Harness)
         await conn.close()
 
 
+async def test_startup_parameters_reach_the_compute_and_its_greeting_reaches_the_client(harness: Harness) -> None:
+    conn = await asyncpg.connect(host="127.0.0.1", port=harness.proxy.port, user="app", password=PASSWORD,
+                                 database="postgres", ssl=False,
+                                 server_settings={"application_name": "greeter", "search_path": "pg_catalog"})
+    try:
+        settings = conn.get_settings()  # ParameterStatus messages of the compute's greeting
+        assert settings.application_name == "greeter"
+        assert settings.server_version.startswith(str(conn.get_server_version().major))
+        assert await conn.fetchval("SHOW search_path") == "pg_catalog"
+        assert await conn.fetchval("SELECT application_name FROM pg_stat_activity WHERE pid = pg_backend_pid()") \
+            == "greeter"
+    finally:
+        await conn.close()
+
+
+async def test_an_error_from_the_compute_during_startup_reaches_the_client(harness: Harness) -> None:
+    with pytest.raises(asyncpg.InvalidCatalogNameError, match='database "no_such_db" does not exist'):
+        await asyncpg.connect(host="127.0.0.1", port=harness.proxy.port, user="app", password=PASSWORD,
+                              database="no_such_db", ssl=False)
+
+
 async def test_psycopg_sync_and_async_with_listen_notify(harness: Harness) -> None:
     def sync_part() -> list[str]:
         with psycopg.connect(harness.dsn(), autocommit=True) as listener:
