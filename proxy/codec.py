@@ -362,5 +362,5 @@ def parse_error_response(msg: Message) -> ErrorFields:
                        fields.get("D"), fields.get("H"))
 
 
-def fatal(code: str, message: str, **kw: str | None) -> bytes:
-    return error_response("FATAL", code, message, **kw)  # type: ignore[arg-type]
+def fatal(code: str, message: str, *, detail: str | None = None, hint: str | None = None) -> bytes:
+    return error_response("FATAL", code, message, detail=detail, hint=hint)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import shlex
 import ssl
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from proxy import codec
@@ -101,9 +102,8 @@ def split_options(options: str) -> tuple[str | None, str]:
     return endpoint, " ".join(keep)
 
 
-def route(startup: Startup, known: object, default: str) -> str:
+def route(startup: Startup, has: Callable[[str], bool], default: str) -> str:
     """The branch: SNI's first label when it names one, else options' endpoint, else default."""
-    has = known  # callable(branch) -> bool
     endpoint, rest = split_options(startup.params.get("options", ""))
     if "options" in startup.params:
         if rest:
@@ -112,10 +112,10 @@ def route(startup: Startup, known: object, default: str) -> str:
             del startup.params["options"]
     if startup.sni:
         label = startup.sni.split(".", 1)[0]
-        if "." in startup.sni and has(label):  # type: ignore[operator]
+        if "." in startup.sni and has(label):
             return label
     branch = endpoint or default
-    if not has(branch):  # type: ignore[operator]
+    if not has(branch):
         raise RoutingError(f'endpoint "{branch}" does not exist',
                            hint="choose a branch with options=endpoint=<branch> in the connection string "
                                 "(lakelet branch list shows them)")

@@ -157,10 +157,10 @@ class Proxy:
                     raise HandshakeError("direct TLS connections must use ALPN protocol postgresql")
             if self._clients > self.config.max_client_connections:
                 raise TooManyConnections("sorry, too many clients already")
-            server = await self._open(client, str(addr[0]), direct, s)
-            if server is not None:
+            opened = await self._open(client, str(addr[0]), direct, s)
+            if opened is not None:
                 s.outcome = "ok"
-                await self._passthrough(client, server, s.signals, loop)  # type: ignore[arg-type]
+                await self._passthrough(client, *opened, loop)
         except SessionError as e:
             s.outcome = e.outcome
             if isinstance(e, HandshakeError):
@@ -191,9 +191,10 @@ class Proxy:
                 conn.close()
             self.metrics.connections.labels(s.branch, s.outcome).inc()
 
-    async def _open(self, client: Side, address: str, direct: bool, s: _Session) -> Side | None:
-        """Handshake, auth, wake and connect: the compute's side of a session ready to relay, or
-        None for a cancel request. The startup packet, the greeting and the rest end with this
+    async def _open(self, client: Side, address: str, direct: bool,
+                    s: _Session) -> tuple[Side, LoadSignals] | None:
+        """Handshake, auth, wake and connect: the compute's side of a session ready to relay and
+        its branch's signals, or None for a cancel request. The startup packet, the greeting and the rest end with this
         call, so an idle session keeps only its two protocols."""
         async with asyncio.timeout(self.config.auth_timeout):
             startup = await negotiate(client, self._ssl, direct_tls=direct, require_tls=self.config.require_tls)
@@ -218,7 +219,7 @@ class Proxy:
         signals.sessions += 1
         signals.sessions_opened += 1
         signals.last_activity = time.monotonic()
-        return server.side
+        return server.side, signals
 
     async def _peek_direct_tls(self, conn: socket.socket) -> bool:
         """Look at the first byte without consuming it; 0x16 starts a TLS ClientHello. It has
