@@ -194,8 +194,8 @@ class Proxy:
     async def _open(self, client: Side, address: str, direct: bool,
                     s: _Session) -> tuple[Side, LoadSignals] | None:
         """Handshake, auth, wake and connect: the compute's side of a session ready to relay and
-        its branch's signals, or None for a cancel request. The startup packet, the greeting and the rest end with this
-        call, so an idle session keeps only its two protocols."""
+        its branch's signals, or None for a cancel request. The startup packet, the greeting and
+        the rest end with this call, so an idle session keeps only its two protocols."""
         async with asyncio.timeout(self.config.auth_timeout):
             startup = await negotiate(client, self._ssl, direct_tls=direct, require_tls=self.config.require_tls)
             if isinstance(startup, Cancel):
@@ -213,12 +213,13 @@ class Proxy:
                 throttle=self.throttle, address=address, on_failure=self.metrics.auth_failures.inc)
         compute = await self._wake(branch)
         server = await open_session(compute, startup.params, branch)
-        s.signals = signals = self._signals(branch)
         s.key = self.cancels.issue(server.key)
         client.write(accepted + server.greeting + codec.backend_key_data(*s.key) + server.ready)
+        signals = self._signals(branch)
         signals.sessions += 1
         signals.sessions_opened += 1
         signals.last_activity = time.monotonic()
+        s.signals = signals  # from here on, the session's end undoes the count
         return server.side, signals
 
     async def _peek_direct_tls(self, conn: socket.socket) -> bool:
