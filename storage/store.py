@@ -34,6 +34,7 @@ from pathlib import Path
 from storage import images, online, wal
 from storage import lsn as lsnmod
 from storage.catalog import BranchRow, Catalog, ImageRow
+from storage.commits import CommitIndex, HistoryPiece
 from storage.errors import (
     BranchExists,
     BranchNotFound,
@@ -122,6 +123,7 @@ class Store:
         self.objects = LocalObjectStore(root / "objects")
         self.objects.cleanup_temp()
         self.pages = PageStore(self.objects, root / "pages.db")
+        self.commits = CommitIndex(pg, user, self._segment_size())
         self.wal_root = root / "wal"
         self.history_dir = self.wal_root / "history"
         self.ckpt_root = self.wal_root / "ckpt"
@@ -313,16 +315,14 @@ class Store:
             raise InvalidTarget(f"--at {at} is in the future: choose a moment before {now.isoformat()}")
         if when < now - self.retention:
             raise InvalidTarget(f"--at {at} is outside the retention window of {self.retention.days} days")
-        commits = [r for r in self._records(prow, transactions_only=True) if r.commit_time is not None]
-        if not commits or when < commits[0].commit_time:  # type: ignore[operator]
+        last = self.commits.last_commit(self._pieces(prow), when)
+        if last is None:
             raise InvalidTarget(f"--at {at} is before the oldest commit kept for branch {prow.name!r}")
-        last = [r for r in commits if r.commit_time <= when][-1]  # type: ignore[operator]
-        return last.lsn, "through"
+        return last, "through"
 
-    def _records(self, row: BranchRow, *, transactions_only: bool = False) -> list[wal.WalRecord]:
-        """Every WAL record on ``row``'s history (each ancestor up to its branch point), by LSN;
-        only commits and aborts with ``transactions_only``."""
-        out: list[wal.WalRecord] = []
+    def _pieces(self, row: BranchRow) -> Iterator[HistoryPiece]:
+        """Where ``row``'s history lies: per ancestor and timeline, the streamed segments and
+        which LSNs of them belong to it."""
         for branch, cutoff in self._ancestry(row):
             files = wal.segments(self.wal_root / str(branch.id))
             tls = self.catalog.timelines(branch.id)
@@ -331,13 +331,14 @@ class Store:
             ends: list[int | None] = [start for _, start in tls[1:]]
             ends.append(None)
             for (tli, start), end in zip(tls, ends, strict=True):
-                for rec in wal.scan(self.pg, self.user, files, tli, self._segment_size(),
-                                    transactions_only=transactions_only):
-                    if rec.lsn < start or (end is not None and rec.lsn >= end):
-                        continue
-                    if cutoff is not None and rec.lsn > cutoff:
-                        continue
-                    out.append(rec)
+                yield HistoryPiece(files, tli, start, end, cutoff)
+
+    def _records(self, row: BranchRow) -> list[wal.WalRecord]:
+        """Every WAL record on ``row``'s history (each ancestor up to its branch point), by LSN."""
+        out: list[wal.WalRecord] = []
+        for piece in self._pieces(row):
+            out += [r for r in wal.scan(self.pg, self.user, piece.files, piece.tli, self._segment_size())
+                    if piece.holds(r.lsn)]
         out.sort(key=lambda r: r.lsn)
         return out
 
@@ -705,6 +706,7 @@ class Store:
                 db.executemany("DELETE FROM images WHERE id = ?", [(i.id,) for i in doomed])
             freed = self._drop_image_files(doomed)
             wal_deleted, wal_freed = self._drop_wal_below(floors)
+            self.commits.forget_missing()
             live: set[bytes] = set()
             for image in self.catalog.images():
                 live |= images.image_digests(self.objects, image.manifest_key)

@@ -83,7 +83,7 @@ class WalRecord:
     commit_time: datetime | None
 
 
-def _contiguous_runs(names: list[str], seg_size: int) -> list[list[str]]:
+def contiguous_runs(names: list[str], seg_size: int) -> list[list[str]]:
     """Split sorted segment names of one timeline into runs without gaps (GC or a receiver that
     started late can leave holes, and pg_waldump stops at the first missing file)."""
     runs: list[list[str]] = []
@@ -103,7 +103,7 @@ def scan(pg: PgBinaries, user: ServiceUser, files: dict[str, Path], tli: int, se
     then skips the rest itself, and there are far fewer lines to parse)."""
     names = sorted(n for n in files if int(n[:8], 16) == tli)
     out: list[WalRecord] = []
-    for run in _contiguous_runs(names, seg_size):
+    for run in contiguous_runs(names, seg_size):
         out += _dump(pg, files, run, tli, transactions_only)
     return out
 

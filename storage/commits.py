@@ -1,0 +1,132 @@
+"""The last commit at or before a moment, without reading all of a branch's WAL every time.
+
+A branch at a timestamp needs the LSN of the last commit at or before it. Reading every archived
+segment with ``pg_waldump`` makes that cost grow with the WAL kept (days of it, in the retention
+window). Instead the index remembers, per finished segment file, the earliest commit time in it:
+a query reads in full only the segments nobody has read yet, and otherwise only those whose
+earliest commit is not after the moment, newest first, stopping at the first that answers.
+
+Exactness: a segment "holds" the records that *start* in it. A run of segments is read from a
+segment boundary (``pg_waldump`` skips the tail of a record begun in the segment before), and a
+segment's earliest commit is remembered only when the read went on for two more segments, so a
+commit record crossing into the next segment was read whole. Candidates come off a heap ordered
+by the highest LSN they can hold, so the first commit popped is the latest one on the history.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import os
+import threading
+from collections.abc import Iterable
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+
+from storage import lsn as lsnmod
+from storage import wal
+from storage.postgres import PgBinaries, ServiceUser
+
+_UNREAD = object()
+
+
+@dataclass(frozen=True)
+class HistoryPiece:
+    """Part of a branch's history: one timeline of one branch's streamed WAL, the LSNs of it that
+    belong to the history (from ``start``, before ``end``, at most ``cutoff``)."""
+
+    files: dict[str, Path]
+    tli: int
+    start: int
+    end: int | None
+    cutoff: int | None
+
+    def holds(self, lsn: int) -> bool:
+        return (lsn >= self.start and (self.end is None or lsn < self.end)
+                and (self.cutoff is None or lsn <= self.cutoff))
+
+
+class CommitIndex:
+    def __init__(self, pg: PgBinaries, user: ServiceUser, seg_size: int) -> None:
+        self.pg = pg
+        self.user = user
+        self.seg_size = seg_size
+        # (path, inode, mtime) → earliest commit time in that finished segment (None: no commit).
+        # The inode and mtime make a file rewritten under the same name (a reset branch) new.
+        self._earliest: dict[tuple[str, int, int], datetime | None] = {}
+        self._lock = threading.Lock()
+
+    def last_commit(self, pieces: Iterable[HistoryPiece], when: datetime) -> int | None:
+        """LSN of the last commit (in LSN order) at or before ``when`` on the history, or None."""
+        heap: list[tuple[int, int, object]] = []
+        order = itertools.count()  # ties: never compare the payloads
+        for piece in pieces:
+            names = sorted(n for n in piece.files if int(n[:8], 16) == piece.tli)
+            for run in wal.contiguous_runs(names, self.seg_size):
+                known = [self._known(piece.files[n]) for n in run]
+                unread = next((i for i, k in enumerate(known) if k is _UNREAD), len(run))
+                for i in range(unread):
+                    earliest = known[i]
+                    if earliest is not None and earliest <= when:  # type: ignore[operator]
+                        last_lsn = self._start(run[i]) + self.seg_size - 1
+                        heapq.heappush(heap, (-last_lsn, next(order), (piece, run, i)))
+                if unread < len(run):
+                    for r in self._read(piece, run[unread:]):
+                        if r.commit_time is not None and r.commit_time <= when and piece.holds(r.lsn):
+                            heapq.heappush(heap, (-r.lsn, next(order), r))
+        while heap:
+            _, _, item = heapq.heappop(heap)
+            if isinstance(item, wal.WalRecord):
+                return item.lsn  # nothing left on the heap can hold a later LSN
+            piece, run, i = item  # type: ignore[misc]
+            start = self._start(run[i])
+            for r in self._scan(piece, run[i:i + 2]):  # the next segment completes a record crossing into it
+                if start <= r.lsn < start + self.seg_size and r.commit_time is not None \
+                        and r.commit_time <= when and piece.holds(r.lsn):
+                    heapq.heappush(heap, (-r.lsn, next(order), r))
+        return None
+
+    def forget_missing(self) -> None:
+        """Drop what is remembered of segments that are gone (after GC)."""
+        with self._lock:
+            for key in [k for k in self._earliest if not os.path.exists(k[0])]:
+                del self._earliest[key]
+
+    # -- internals -------------------------------------------------------------------------------
+
+    def _start(self, name: str) -> int:
+        return lsnmod.segment_start(name, self.seg_size)[1]
+
+    def _key(self, path: Path) -> tuple[str, int, int] | None:
+        if path.name.endswith(".partial"):
+            return None  # still growing
+        try:
+            st = path.stat()
+        except FileNotFoundError:
+            return None
+        return str(path), st.st_ino, st.st_mtime_ns
+
+    def _known(self, path: Path) -> object:
+        key = self._key(path)
+        return self._earliest.get(key, _UNREAD) if key is not None else _UNREAD
+
+    def _scan(self, piece: HistoryPiece, names: list[str]) -> list[wal.WalRecord]:
+        files = {n: piece.files[n] for n in names}
+        return wal.scan(self.pg, self.user, files, piece.tli, self.seg_size, transactions_only=True)
+
+    def _read(self, piece: HistoryPiece, names: list[str]) -> list[wal.WalRecord]:
+        """Read ``names`` (a contiguous run's tail) in full and remember their earliest commits."""
+        records = self._scan(piece, names)
+        earliest: dict[int, datetime] = {}
+        for r in records:
+            if r.commit_time is not None:
+                seg = r.lsn - r.lsn % self.seg_size
+                if seg not in earliest or r.commit_time < earliest[seg]:
+                    earliest[seg] = r.commit_time
+        with self._lock:
+            for name in names[:-2]:
+                key = self._key(piece.files[name])
+                if key is not None:
+                    self._earliest[key] = earliest.get(self._start(name))
+        return records
