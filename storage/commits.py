@@ -6,6 +6,9 @@ window). Instead the index remembers, per finished segment file, the earliest co
 a query reads in full only the segments nobody has read yet, and otherwise only those whose
 earliest commit is not after the moment, newest first, stopping at the first that answers.
 
+The index is a cache (``commits.db`` in the store; losing it only costs a full read), kept across
+restarts so the first lookup after one does not read everything again.
+
 Exactness: a segment "holds" the records that *start* in it. A run of segments is read from a
 segment boundary (``pg_waldump`` skips the tail of a record begun in the segment before), and a
 segment's earliest commit is remembered only when the read went on for two more segments, so a
@@ -18,10 +21,11 @@ from __future__ import annotations
 import heapq
 import itertools
 import os
+import sqlite3
 import threading
 from collections.abc import Iterable
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 from storage import lsn as lsnmod
@@ -29,6 +33,15 @@ from storage import wal
 from storage.postgres import PgBinaries, ServiceUser
 
 _UNREAD = object()
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+
+
+def _to_us(t: datetime | None) -> int | None:
+    return None if t is None else (t - _EPOCH) // timedelta(microseconds=1)
+
+
+def _from_us(us: int | None) -> datetime | None:
+    return None if us is None else _EPOCH + timedelta(microseconds=us)
 
 
 @dataclass(frozen=True)
@@ -48,14 +61,32 @@ class HistoryPiece:
 
 
 class CommitIndex:
-    def __init__(self, pg: PgBinaries, user: ServiceUser, seg_size: int) -> None:
+    def __init__(self, pg: PgBinaries, user: ServiceUser, seg_size: int, path: Path) -> None:
         self.pg = pg
         self.user = user
         self.seg_size = seg_size
+        self._lock = threading.Lock()
+        # A cache: no fsync, and a damaged file is simply started over.
+        try:
+            self.db = self._open(path)
+        except sqlite3.DatabaseError:
+            path.unlink(missing_ok=True)
+            self.db = self._open(path)
         # (path, inode, mtime) → earliest commit time in that finished segment (None: no commit).
         # The inode and mtime make a file rewritten under the same name (a reset branch) new.
-        self._earliest: dict[tuple[str, int, int], datetime | None] = {}
-        self._lock = threading.Lock()
+        self._earliest: dict[tuple[str, int, int], datetime | None] = {
+            (p, ino, mtime): _from_us(us) for p, ino, mtime, us in self.db.execute("SELECT * FROM earliest")}
+
+    @staticmethod
+    def _open(path: Path) -> sqlite3.Connection:
+        db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
+        db.execute("PRAGMA synchronous=OFF")
+        db.execute("CREATE TABLE IF NOT EXISTS earliest (path TEXT NOT NULL, ino INTEGER NOT NULL,"
+                   " mtime_ns INTEGER NOT NULL, commit_us INTEGER, PRIMARY KEY (path, ino, mtime_ns))")
+        return db
+
+    def close(self) -> None:
+        self.db.close()
 
     def last_commit(self, pieces: Iterable[HistoryPiece], when: datetime) -> int | None:
         """LSN of the last commit (in LSN order) at or before ``when`` on the history, or None."""
@@ -90,8 +121,10 @@ class CommitIndex:
     def forget_missing(self) -> None:
         """Drop what is remembered of segments that are gone (after GC)."""
         with self._lock:
-            for key in [k for k in self._earliest if not os.path.exists(k[0])]:
+            gone = [k for k in self._earliest if not os.path.exists(k[0])]
+            for key in gone:
                 del self._earliest[key]
+            self.db.executemany("DELETE FROM earliest WHERE path = ? AND ino = ? AND mtime_ns = ?", gone)
 
     # -- internals -------------------------------------------------------------------------------
 
@@ -124,9 +157,13 @@ class CommitIndex:
                 seg = r.lsn - r.lsn % self.seg_size
                 if seg not in earliest or r.commit_time < earliest[seg]:
                     earliest[seg] = r.commit_time
+        learned: dict[tuple[str, int, int], datetime | None] = {}
+        for name in names[:-2]:
+            key = self._key(piece.files[name])
+            if key is not None:
+                learned[key] = earliest.get(self._start(name))
         with self._lock:
-            for name in names[:-2]:
-                key = self._key(piece.files[name])
-                if key is not None:
-                    self._earliest[key] = earliest.get(self._start(name))
+            self._earliest.update(learned)
+            self.db.executemany("INSERT OR REPLACE INTO earliest VALUES (?, ?, ?, ?)",
+                                [(*key, _to_us(t)) for key, t in learned.items()])
         return records

@@ -123,7 +123,7 @@ class Store:
         self.objects = LocalObjectStore(root / "objects")
         self.objects.cleanup_temp()
         self.pages = PageStore(self.objects, root / "pages.db")
-        self.commits = CommitIndex(pg, user, self._segment_size())
+        self.commits = CommitIndex(pg, user, self._segment_size(), root / "commits.db")
         self.wal_root = root / "wal"
         self.history_dir = self.wal_root / "history"
         self.ckpt_root = self.wal_root / "ckpt"
@@ -148,6 +148,7 @@ class Store:
         return cls(root, user=user, pg=pg, retention_days=retention_days, image_wal_threshold=image_wal_threshold)
 
     def close(self) -> None:
+        self.commits.close()
         self.pages.close()
         self.catalog.close()
 

@@ -10,6 +10,7 @@ from datetime import datetime, timedelta
 import pytest
 
 from storage import wal
+from storage.commits import CommitIndex
 from tests.storage.conftest import Lake, branch_at_head, sql, suspend_all
 
 # ~48 KB of incompressible text per commit, so commits spread over the store's 1 MB segments.
@@ -57,8 +58,11 @@ async def test_commit_index_agrees_with_a_full_read(lake: Lake, monkeypatch: pyt
     assert cold == [_reference(lake, "main", t) for t in moments]
     assert sum(lsn is not None for lsn in cold) > 40
 
-    # Warm: the same answer, reading a few segments (the unfinished tail and one candidate)
-    # instead of all of them.
+    # Warm, and as after a restart (a new index over the same file): the same answer, reading a
+    # few segments (the unfinished tail and one candidate) instead of all of them.
+    store = lake.store
+    reopened = CommitIndex(store.pg, store.user, store.commits.seg_size, store.root / "commits.db")
+    monkeypatch.setattr(store, "commits", reopened)
     reads: list[int] = []
     real_scan = wal.scan
 
@@ -72,6 +76,7 @@ async def test_commit_index_agrees_with_a_full_read(lake: Lake, monkeypatch: pyt
     segments = len(wal.segments(lake.store.wal_root / "1"))
     assert segments >= 12 and sum(reads) <= 6, (reads, segments)
     monkeypatch.undo()
+    reopened.close()
 
     # More WAL after the index was built, then a child branch that carries on from main's head.
     await _commit_some(lake, "main", 100, 8)
