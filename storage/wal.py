@@ -21,7 +21,8 @@ from datetime import datetime
 from pathlib import Path
 
 from storage import lsn as lsnmod
-from storage.postgres import PgBinaries, ServiceUser
+from storage.errors import StorageError
+from storage.postgres import PgBinaries, ServiceUser, last_error_line
 
 SEGMENT = re.compile(r"^([0-9A-F]{24})(\.partial)?$")
 HISTORY = re.compile(r"^([0-9A-F]{8})\.history$")
@@ -108,20 +109,41 @@ def scan(pg: PgBinaries, user: ServiceUser, files: dict[str, Path], tli: int, se
     return out
 
 
+# What pg_waldump says when a file it was given is not there (rather than at the end of the WAL).
+MISSING_FILE = ("could not locate WAL file", "could not open file", "could not find file")
+
+
+def _now_at(path: Path) -> Path:
+    """Where a streamed segment is now: the receiver renames ``X.partial`` to ``X`` when the
+    segment is finished, possibly between listing the directory and reading it."""
+    if path.name.endswith(".partial") and not path.exists():
+        done = path.with_name(path.name[:-len(".partial")])
+        if done.exists():
+            return done
+    return path
+
+
 def _dump(pg: PgBinaries, files: dict[str, Path], names: list[str], tli: int,
           transactions_only: bool) -> list[WalRecord]:
-    with tempfile.TemporaryDirectory(prefix="lakelet-waldump-") as tmp:
-        os.chmod(tmp, 0o755)
-        for n in names:
-            os.symlink(files[n], os.path.join(tmp, n))
-        # Both ends: given only a start segment, pg_waldump stops at the end of that one segment.
-        only = ["--rmgr=Transaction"] if transactions_only else []
-        proc = subprocess.run(
-            [pg["pg_waldump"], "--path", tmp, "--timeline", str(tli), *only, names[0], names[-1]],
-            capture_output=True, text=True,
-            # Commit times in UTC whatever this machine's zone is (the parser reads whole hours only).
-            env={"LC_ALL": "C", "TZ": "UTC", "PATH": os.environ.get("PATH", "")},
-        )
+    only = ["--rmgr=Transaction"] if transactions_only else []
+    for _ in range(3):  # a segment finished (and renamed) under pg_waldump: look again
+        with tempfile.TemporaryDirectory(prefix="lakelet-waldump-") as tmp:
+            os.chmod(tmp, 0o755)
+            for n in names:
+                os.symlink(_now_at(files[n]), os.path.join(tmp, n))
+            # Both ends: given only a start segment, pg_waldump stops at the end of that one segment.
+            proc = subprocess.run(
+                [pg["pg_waldump"], "--path", tmp, "--timeline", str(tli), *only, names[0], names[-1]],
+                capture_output=True, text=True,
+                # Commit times in UTC whatever this machine's zone is (the parser reads whole hours only).
+                env={"LC_ALL": "C", "TZ": "UTC", "PATH": os.environ.get("PATH", "")},
+            )
+        # pg_waldump also exits non-zero at the end of the WAL written so far: only a file it could
+        # not open means the read is incomplete.
+        if not any(m in proc.stderr for m in MISSING_FILE):
+            break
+    else:
+        raise StorageError(f"pg_waldump could not read the archived WAL: {last_error_line(proc.stderr)}")
     out: list[WalRecord] = []
     for line in proc.stdout.splitlines():
         m = WALDUMP_LINE.search(line)
