@@ -25,6 +25,7 @@ import sqlite3
 import threading
 from collections.abc import Iterable
 from dataclasses import dataclass
+from enum import Enum
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -32,7 +33,13 @@ from storage import lsn as lsnmod
 from storage import wal
 from storage.postgres import PgBinaries, ServiceUser
 
-_UNREAD = object()
+class _Unread(Enum):
+    """What the index says of a segment it has not read (None already means "no commit")."""
+
+    UNREAD = 0
+
+
+_UNREAD = _Unread.UNREAD
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
 
@@ -58,6 +65,15 @@ class HistoryPiece:
     def holds(self, lsn: int) -> bool:
         return (lsn >= self.start and (self.end is None or lsn < self.end)
                 and (self.cutoff is None or lsn <= self.cutoff))
+
+
+@dataclass(frozen=True)
+class _Candidate:
+    """A remembered segment whose earliest commit is not after the moment: read only if needed."""
+
+    piece: HistoryPiece
+    run: list[str]
+    index: int
 
 
 class CommitIndex:
@@ -90,7 +106,7 @@ class CommitIndex:
 
     def last_commit(self, pieces: Iterable[HistoryPiece], when: datetime) -> int | None:
         """LSN of the last commit (in LSN order) at or before ``when`` on the history, or None."""
-        heap: list[tuple[int, int, object]] = []
+        heap: list[tuple[int, int, wal.WalRecord | _Candidate]] = []
         order = itertools.count()  # ties: never compare the payloads
         for piece in pieces:
             names = sorted(n for n in piece.files if int(n[:8], 16) == piece.tli)
@@ -99,9 +115,9 @@ class CommitIndex:
                 unread = next((i for i, k in enumerate(known) if k is _UNREAD), len(run))
                 for i in range(unread):
                     earliest = known[i]
-                    if earliest is not None and earliest <= when:  # type: ignore[operator]
+                    if isinstance(earliest, datetime) and earliest <= when:
                         last_lsn = self._start(run[i]) + self.seg_size - 1
-                        heapq.heappush(heap, (-last_lsn, next(order), (piece, run, i)))
+                        heapq.heappush(heap, (-last_lsn, next(order), _Candidate(piece, run, i)))
                 if unread < len(run):
                     for r in self._read(piece, run[unread:]):
                         if r.commit_time is not None and r.commit_time <= when and piece.holds(r.lsn):
@@ -110,7 +126,7 @@ class CommitIndex:
             _, _, item = heapq.heappop(heap)
             if isinstance(item, wal.WalRecord):
                 return item.lsn  # nothing left on the heap can hold a later LSN
-            piece, run, i = item  # type: ignore[misc]
+            piece, run, i = item.piece, item.run, item.index
             start = self._start(run[i])
             for r in self._scan(piece, run[i:i + 2]):  # the next segment completes a record crossing into it
                 if start <= r.lsn < start + self.seg_size and r.commit_time is not None \
@@ -140,7 +156,7 @@ class CommitIndex:
             return None
         return str(path), st.st_ino, st.st_mtime_ns
 
-    def _known(self, path: Path) -> object:
+    def _known(self, path: Path) -> datetime | None | _Unread:
         key = self._key(path)
         return self._earliest.get(key, _UNREAD) if key is not None else _UNREAD
 
