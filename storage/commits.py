@@ -25,13 +25,14 @@ import sqlite3
 import threading
 from collections.abc import Iterable
 from dataclasses import dataclass
-from enum import Enum
 from datetime import UTC, datetime, timedelta
+from enum import Enum
 from pathlib import Path
 
 from storage import lsn as lsnmod
 from storage import wal
 from storage.postgres import PgBinaries, ServiceUser
+
 
 class _Unread(Enum):
     """What the index says of a segment it has not read (None already means "no commit")."""
