@@ -40,7 +40,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -50,7 +49,7 @@ import asyncpg
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from lakelet.client import ControlClient  # noqa: E402
+from lakelet.client import ControlClient, wait_healthy  # noqa: E402
 from storage import ADMIN_ROLE  # noqa: E402
 from storage.postgres import PgBinaries, ServiceUser, find_binaries, resolve_service_user  # noqa: E402
 
@@ -192,17 +191,11 @@ class Lakelet:
         if not self._registered:
             cleanup.push("lakelet up", self.stop)
             self._registered = True
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise SetupError(f"lakelet up exited {self.proc.returncode}:\n{self.log_tail()}")
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{self.http_port}/healthz", timeout=2) as r:
-                    if r.status == 200:
-                        return
-            except OSError:
-                pass
-            time.sleep(0.2)
+        proc = self.proc
+        if wait_healthy(self.http_port, lambda: proc.poll() is None, timeout):
+            return
+        if proc.poll() is not None:
+            raise SetupError(f"lakelet up exited {proc.returncode}:\n{self.log_tail()}")
         raise SetupError(f"lakelet up not healthy after {timeout:.0f}s:\n{self.log_tail()}")
 
     def log_tail(self, lines: int = 30) -> str:

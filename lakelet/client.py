@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote, urlencode
@@ -54,3 +56,18 @@ class ControlClient:
     @staticmethod
     def path(*parts: str) -> str:
         return "/" + "/".join(quote(p, safe="") for p in parts)
+
+
+def wait_healthy(http_port: int, running: Callable[[], bool], timeout: float) -> bool:
+    """Poll ``GET /healthz`` of a starting ``lakelet up`` on this machine: True once it answers
+    200, False when the process stops (``running`` turns false) or ``timeout`` passes."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and running():
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{http_port}/healthz", timeout=2) as r:
+                if r.status == 200:
+                    return True
+        except OSError:
+            pass
+        time.sleep(0.2)
+    return False

@@ -142,32 +142,6 @@ class Message:
     payload: bytes
 
 
-class MessageReader:
-    """Splits a byte stream into typed messages (1 type byte + int32 length + payload)."""
-
-    def __init__(self, max_size: int = MAX_AUTH_MESSAGE) -> None:
-        self._buf = bytearray()
-        self.max_size = max_size
-
-    def feed(self, data: bytes) -> None:
-        self._buf += data
-
-    @property
-    def buffered(self) -> int:
-        return len(self._buf)
-
-    def take_rest(self) -> bytes:
-        rest = bytes(self._buf)
-        self._buf.clear()
-        return rest
-
-    def next_message(self) -> Message | None:
-        msg = split_message(self._buf, self.max_size)
-        if msg is not None:
-            del self._buf[:5 + len(msg.payload)]
-        return msg
-
-
 def message_end(buf: bytes | bytearray, start: int, max_size: int) -> int | None:
     """Where the typed message starting at ``buf[start]`` ends, if all of it is there."""
     if len(buf) < start + 5:

@@ -3,10 +3,12 @@ scratch directory that user can reach (pytest's own tmp dirs live under a 0700 r
 
 from __future__ import annotations
 
+import asyncio
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -53,3 +55,13 @@ def root(request: pytest.FixtureRequest, service_user: ServiceUser) -> Iterator[
 @pytest.fixture(scope="module")
 def registry() -> CollectorRegistry:
     return CollectorRegistry()
+
+
+async def poll_until(predicate: Callable[[], object], what: str, *, timeout: float, every: float) -> None:
+    """Poll ``predicate`` every ``every`` seconds; fail naming ``what`` after ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        await asyncio.sleep(every)
+    raise AssertionError(f"{what} did not happen in {timeout:.0f}s")

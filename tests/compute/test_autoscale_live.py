@@ -6,8 +6,7 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import pytest
@@ -16,6 +15,7 @@ from prometheus_client import CollectorRegistry
 from compute import EndpointConfig, Endpoints, sizes
 from storage import Store
 from storage.postgres import PgBinaries, ServiceUser, run_async
+from tests.conftest import poll_until
 
 DEADLINE = 90.0  # generous: only a policy that never reacts should reach it
 
@@ -47,13 +47,8 @@ async def show(eps: Endpoints, name: str) -> str:
         await conn.close()
 
 
-async def wait_until(predicate: object, what: str) -> None:
-    deadline = time.monotonic() + DEADLINE
-    while time.monotonic() < deadline:
-        if predicate():  # type: ignore[operator]
-            return
-        await asyncio.sleep(0.25)
-    raise AssertionError(f"{what} did not happen in {DEADLINE:.0f}s")
+async def wait_until(predicate: Callable[[], object], what: str) -> None:
+    await poll_until(predicate, what, timeout=DEADLINE, every=0.25)
 
 
 async def test_size_follows_pgbench_load(endpoints: Endpoints, pg: PgBinaries, service_user: ServiceUser,

@@ -32,44 +32,49 @@ def test_startup_round_trip(params: dict[str, str], user: str) -> None:
 @given(st.integers(-(2**31), 2**31 - 1), st.integers(-(2**31), 2**31 - 1))
 def test_cancel_and_key_round_trip(pid: int, secret: int) -> None:
     assert codec.parse_first_packet(codec.encode_cancel(pid, secret)) == codec.CancelRequest(pid, secret)
-    reader = codec.MessageReader()
-    reader.feed(codec.backend_key_data(pid, secret))
-    assert codec.parse_backend_key_data(reader.next_message()) == (pid, secret)  # type: ignore[arg-type]
+    msg = codec.split_message(codec.backend_key_data(pid, secret), codec.MAX_AUTH_MESSAGE)
+    assert codec.parse_backend_key_data(msg) == (pid, secret)  # type: ignore[arg-type]
 
 
 @given(st.sampled_from(["FATAL", "ERROR", "WARNING"]), st.text("0123456789ABCDEFP", min_size=5, max_size=5),
        values, st.none() | values, st.none() | values)
 def test_error_response_round_trip(severity: str, code: str, message: str, detail: str | None,
                                    hint: str | None) -> None:
-    reader = codec.MessageReader()
-    reader.feed(codec.error_response(severity, code, message, detail=detail, hint=hint))
-    fields = codec.parse_error_response(reader.next_message())  # type: ignore[arg-type]
+    msg = codec.split_message(codec.error_response(severity, code, message, detail=detail, hint=hint),
+                              codec.MAX_AUTH_MESSAGE)
+    fields = codec.parse_error_response(msg)  # type: ignore[arg-type]
     assert (fields.severity, fields.code, fields.message) == (severity, code, message)
     assert fields.detail == (detail or None) and fields.hint == (hint or None)
 
 
 @given(names, values)
 def test_parameter_status_round_trip(name: str, value: str) -> None:
-    reader = codec.MessageReader()
-    reader.feed(codec.parameter_status(name, value))
-    assert codec.parse_parameter_status(reader.next_message()) == (name, value)  # type: ignore[arg-type]
+    msg = codec.split_message(codec.parameter_status(name, value), codec.MAX_AUTH_MESSAGE)
+    assert codec.parse_parameter_status(msg) == (name, value)  # type: ignore[arg-type]
 
 
 @given(st.integers(0, 5), st.lists(names.map(lambda n: "_pq_." + n), max_size=4))
 def test_negotiate_round_trip(minor: int, options: list[str]) -> None:
-    reader = codec.MessageReader()
-    reader.feed(codec.negotiate_protocol_version(minor, options))
-    assert codec.parse_negotiate_protocol_version(reader.next_message()) == (minor, options)  # type: ignore
+    msg = codec.split_message(codec.negotiate_protocol_version(minor, options), codec.MAX_AUTH_MESSAGE)
+    assert codec.parse_negotiate_protocol_version(msg) == (minor, options)  # type: ignore
+
+
+def _take(buf: bytearray) -> codec.Message | None:
+    """The next whole message, consumed from ``buf`` (as the proxy's reader does)."""
+    msg = codec.split_message(buf, codec.MAX_AUTH_MESSAGE)
+    if msg is not None:
+        del buf[:5 + len(msg.payload)]
+    return msg
 
 
 @given(st.binary(max_size=64).map(lambda b: b))
 def test_message_reader_splits_across_feeds(blob: bytes) -> None:
     whole = codec.encode_message(b"Q", blob) + codec.ready_for_query(b"T")
-    reader = codec.MessageReader()
+    buf = bytearray()
     got = []
     for i in range(len(whole)):
-        reader.feed(whole[i:i + 1])
-        while (m := reader.next_message()) is not None:
+        buf += whole[i:i + 1]
+        while (m := _take(buf)) is not None:
             got.append(m)
     assert got == [codec.Message(b"Q", blob), codec.Message(b"Z", b"T")]
 
@@ -98,10 +103,9 @@ def test_arbitrary_first_packets_raise_only_protocol_errors(data: bytes) -> None
 
 @given(st.binary(max_size=300))
 def test_arbitrary_messages_raise_only_protocol_errors(data: bytes) -> None:
-    reader = codec.MessageReader()
-    reader.feed(data)
+    buf = bytearray(data)
     try:
-        while (msg := reader.next_message()) is not None:
+        while (msg := _take(buf)) is not None:
             for parse in (codec.parse_sasl_initial, codec.parse_parameter_status, codec.parse_error_response,
                           codec.parse_backend_key_data, codec.parse_negotiate_protocol_version, codec.parse_auth):
                 try:

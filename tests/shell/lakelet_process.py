@@ -13,6 +13,8 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from lakelet.client import wait_healthy
+
 
 def free_port() -> int:
     with socket.socket() as s:
@@ -52,17 +54,11 @@ class Lakelet:
              "--listen", f"127.0.0.1:{self.port}", "--http", f"127.0.0.1:{self.http_port}", *self.extra_args],
             stdout=log, stderr=subprocess.STDOUT, text=True, env={**os.environ, **self.env},
         )
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise AssertionError(f"lakelet up exited {self.proc.returncode}:\n{self.output()}")
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{self.http_port}/healthz", timeout=2) as r:
-                    if r.status == 200:
-                        return
-            except OSError:
-                pass
-            time.sleep(0.2)
+        proc = self.proc
+        if wait_healthy(self.http_port, lambda: proc.poll() is None, timeout):
+            return
+        if proc.poll() is not None:
+            raise AssertionError(f"lakelet up exited {proc.returncode}:\n{self.output()}")
         raise AssertionError(f"lakelet up not healthy after {timeout}s:\n{self.output()}")
 
     def output(self) -> str:

@@ -9,9 +9,11 @@ import os
 import shutil
 import signal
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from compute import ComputeNode
+from tests.conftest import poll_until
 from tests.storage.conftest import Lake, connect, rows, sql
 
 WRITERS = 4
@@ -34,13 +36,8 @@ async def writer(lake: Lake, first: int, acked: list[int], stop: asyncio.Event) 
         conn.terminate()
 
 
-async def wait_until(predicate: object, what: str) -> None:
-    deadline = time.monotonic() + DEADLINE
-    while time.monotonic() < deadline:
-        if predicate():  # type: ignore[operator]
-            return
-        await asyncio.sleep(0.01)
-    raise AssertionError(f"timed out waiting for {what}")
+async def wait_until(predicate: Callable[[], object], what: str) -> None:
+    await poll_until(predicate, what, timeout=DEADLINE, every=0.01)
 
 
 async def wait_state(lake: Lake, branch: str, state: str) -> None:
