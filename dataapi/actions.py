@@ -317,13 +317,15 @@ async def call(conn: asyncpg.Connection, ctx: Context, fn: FunctionInfo, args: d
         return result
     b.check_paths()
     if fn.retset:
+        limit, offset = _page_bounds(ctx)
+        page = (f" LIMIT {int(limit)}" if limit is not None else "") + (f" OFFSET {int(offset)}" if offset else "")
         sql = (f"SELECT NULL::bigint AS total, count(*) AS page, "
-               f"coalesce(json_agg(pgrst_call), '[]')::text AS body, "
+               f"coalesce(json_agg(pgrst_s.pgrst_call), '[]')::text AS body, "
                f"nullif(current_setting('response.headers', true), '') AS response_headers, "
                f"nullif(current_setting('response.status', true), '') AS response_status "
-               f"FROM (SELECT pgrst_call FROM {source} AS pgrst_call) AS pgrst_s")
+               f"FROM (SELECT pgrst_call FROM {source} AS pgrst_call{page}) AS pgrst_s")
         row = await _fetch(conn, Statement(sql, b.params.values))
-        return _result_from_row(row, 200)
+        return _result_from_row(row, 200, offset)
     sql = (f"SELECT NULL::bigint AS total, 1 AS page, to_json(pgrst_call)::text AS body, "
            f"nullif(current_setting('response.headers', true), '') AS response_headers, "
            f"nullif(current_setting('response.status', true), '') AS response_status "

@@ -95,10 +95,6 @@ class Database:
                     min_size=0, max_size=self.settings.size, reset=_no_reset,
                     max_inactive_connection_lifetime=self.settings.idle_timeout,
                     timeout=self.settings.connect_timeout, server_settings={"application_name": "lakelet-data-api"})
-            except asyncpg.InvalidCatalogNameError:
-                raise ApiError(404, "3D000", f'database "{self.name}" does not exist', None,
-                               f"Create it on branch {self.branch!r} first (CREATE DATABASE), or use an existing "
-                               "database name in the URL") from None
             except (TimeoutError, OSError, asyncpg.PostgresError) as e:
                 raise ApiError(503, "PGRST000", "Could not connect with the database", str(e),
                                "The branch's compute may be restarting; retry the request") from None
@@ -112,6 +108,11 @@ class Database:
                     timeout=self.settings.connect_timeout,
                     server_settings={"application_name": "lakelet-data-api-listener"})
                 await self._listener.add_listener(schema.NOTIFY_CHANNEL, self._notified)
+            except asyncpg.InvalidCatalogNameError:
+                await self.close()
+                raise ApiError(404, "3D000", f'database "{self.name}" does not exist', None,
+                               f"Create it on branch {self.branch!r} first (CREATE DATABASE), or use an existing "
+                               "database name in the URL") from None
             except (TimeoutError, OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as e:
                 await self.close()
                 raise ApiError(503, "PGRST002", "Could not query the database for the schema cache", str(e),
@@ -192,37 +193,32 @@ class Databases:
 
     @contextlib.asynccontextmanager
     async def use(self, branch: str, database: str, body_bytes: int = 0) -> AsyncIterator[Database]:
-        """Wake the branch if needed and hold one unit of load on it for the request's duration."""
+        """Wake the branch if needed and hold one unit of load on it for the request's duration
+        (a session in its ``LoadSignals``: the autoscaler counts it, scale-to-zero waits for it)."""
         try:
-            signals = self.computes.signals(branch)
-            signals.sessions += 1
-        except Exception:
-            signals = None
+            address = await self.computes.ensure_ready(branch)
+        except UnknownBranch:
+            raise ApiError(404, "PGRST125", f"Invalid path specified in request URL: branch {branch!r} "
+                           "does not exist", None, "lakelet branch list shows the branches") from None
+        except WakeError as e:
+            raise ApiError(503, "PGRST000", "Could not connect with the database", str(e),
+                           "The branch's compute failed to start; retry, or see lakelet status") from None
+        signals = self.computes.signals(branch)
+        signals.sessions += 1
+        signals.bytes_in += body_bytes
+        signals.last_activity = time.monotonic()
         db = self._dbs.get((branch, database))
         if db is None:
             db = self._dbs[(branch, database)] = Database(branch, database, self.schemas, self.settings)
         db.in_flight += 1
         try:
-            if signals is not None:
-                signals.bytes_in += body_bytes
-                signals.last_activity = time.monotonic()
-            try:
-                address = await self.computes.ensure_ready(branch)
-            except UnknownBranch:
-                self._dbs.pop((branch, database), None)
-                raise ApiError(404, "PGRST125", f"Invalid path specified in request URL: branch {branch!r} "
-                               "does not exist", None, "lakelet branch list shows the branches") from None
-            except WakeError as e:
-                raise ApiError(503, "PGRST000", "Could not connect with the database", str(e),
-                               "The branch's compute failed to start; retry, or see lakelet status") from None
             await db.ready(address)
             yield db
         finally:
             db.in_flight -= 1
             db.last_used = time.monotonic()
-            if signals is not None:
-                signals.sessions -= 1
-                signals.last_activity = time.monotonic()
+            signals.sessions -= 1
+            signals.last_activity = time.monotonic()
 
     def note_response(self, branch: str, nbytes: int) -> None:
         with contextlib.suppress(Exception):

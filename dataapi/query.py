@@ -197,7 +197,7 @@ class Builder:
                     grouped.append(len(cols))
         for cond in self.query.conditions.get(path, []):
             wheres.append(self.condition(a, table, cond, embeds))
-        sql = f"SELECT {', '.join(cols) if not for_count else '1'} FROM {source} AS {a}"
+        sql = f"SELECT {', '.join(cols) or 'NULL AS pgrst_none' if not for_count else '1'} FROM {source} AS {a}"
         if joins:
             sql += " " + " ".join(joins)
         if wheres:
@@ -249,7 +249,7 @@ class Builder:
             on += [f"{j}.{ident(jc)} = {parent_alias}.{ident(sc)}" for jc, sc in rel.source_pairs]
             link = (f"EXISTS (SELECT 1 FROM {qualified(rel.junction.schema, rel.junction.name)} AS {j} "
                     f"WHERE {' AND '.join(on)})")
-        items = e.select or [Star()]
+        items = e.select  # empty: an embedding used only to filter (select=a,b()) outputs nothing
         limit = self.query.limit.get(child_path)
         offset = self.query.offset.get(child_path, 0)
         if rel.to_one and (limit is not None or offset):
@@ -271,7 +271,7 @@ class Builder:
         else:
             join = f"LEFT JOIN LATERAL (SELECT json_agg({row}.*) AS body FROM ({sub}) AS {row}) AS {lat} ON TRUE"
             col = f"COALESCE({lat}.body, '[]'::json) AS {ident(e.key)}"
-        return (None if for_count else col), join, f"{lat}.body"
+        return (None if for_count or not e.select else col), join, f"{lat}.body"
 
     def _order(self, a: str, table: TableInfo, t: OrderTerm) -> str:
         if t.relation is not None:

@@ -221,8 +221,9 @@ def _by_column(r: Relationship, name: str) -> bool:
 def _matches_hint(r: Relationship, hint: str) -> bool:
     if r.constraint == hint or (r.junction is not None and r.junction.name == hint):
         return True
-    cols = {c for pair in r.pairs for c in pair} if r.junction is None else set()
-    return hint in cols
+    # A column hint names a column on the embedding (source) side, as PostgREST reads it: for a
+    # self-reference, !manager_id is the many-to-one, not the one-to-many.
+    return r.junction is None and any(src == hint for src, _ in r.pairs)
 
 
 # -- loading --------------------------------------------------------------------------------------

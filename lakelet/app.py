@@ -20,7 +20,7 @@ from prometheus_client import CollectorRegistry
 
 import storage
 from compute import EndpointConfig, Endpoints
-from lakelet import project
+from lakelet import dataapi_wiring, project
 from lakelet.api import ControlAPI
 from lakelet.config import Config
 from lakelet.rundir import DataDirLock, remove_run_info, write_run_info
@@ -77,6 +77,7 @@ async def _serve_locked(config: Config, data_dir: Path) -> int:
     ), registry=registry)
 
     runner: web.AppRunner | None = None
+    data_api = None
     collector: asyncio.Task[None] | None = None
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -96,6 +97,7 @@ async def _serve_locked(config: Config, data_dir: Path) -> int:
         http_host, http_port = config.http_addr
         await web.TCPSite(runner, http_host, http_port).start()
         await proxy.start()
+        data_api = await dataapi_wiring.start(config, endpoints)
         collector = asyncio.create_task(_collect_garbage(store, config.gc_interval), name="store-gc")
         api.ready = True
         log.info("lakelet is up", extra={"postgres": f"{host}:{proxy.port}", "http": config.http,
@@ -107,6 +109,8 @@ async def _serve_locked(config: Config, data_dir: Path) -> int:
             collector.cancel()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.remove_signal_handler(sig)
+        if data_api is not None:
+            await data_api.close()
         await _shutdown(proxy, endpoints, runner, store)
     return 0
 

@@ -39,6 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--min-cu", type=float, help="smallest compute size")
     up.add_argument("--max-cu", type=float, help="largest compute size")
     up.add_argument("--log-format", choices=["text", "json"], help="log line format")
+    up.add_argument("--data-api", help="HOST:PORT of the PostgREST-compatible Data API (empty = off)")
 
     _common(sub.add_parser("status", help="state of every endpoint"))
 
@@ -80,6 +81,12 @@ def build_parser() -> argparse.ArgumentParser:
     rlist = rsub.add_parser("list", help="list roles")
     rlist.add_argument("--branch", default="main")
     _common(rlist)
+    data_api = sub.add_parser("data-api", help="the PostgREST-compatible Data API")
+    dsub = data_api.add_subparsers(dest="action", required=True, metavar="ACTION")
+    durl = dsub.add_parser("url", help="print a branch's Data API base URL")
+    durl.add_argument("branch", nargs="?", default="main")
+    durl.add_argument("--database", default="postgres")
+    _common(durl)
     return parser
 
 
@@ -147,8 +154,14 @@ def _role(c: ControlClient, a: argparse.Namespace) -> tuple[Output, str]:
     return out, _table(out["roles"], ["name", "login"])
 
 
+def _data_api(c: ControlClient, a: argparse.Namespace) -> tuple[Output, str]:
+    out = c.call("GET", "/api/v1/data-api/url", query={"branch": a.branch, "database": a.database})
+    return out, out["url"]
+
+
 COMMANDS: dict[str, Callable[[ControlClient, argparse.Namespace], tuple[Output, str]]] = {
     "status": _status, "branch": _branch, "suspend": _suspend, "connstr": _connstr, "role": _role,
+    "data-api": _data_api,
 }
 
 
@@ -163,7 +176,8 @@ def _up(a: argparse.Namespace) -> int:
     from storage.postgres import PostgresNotFound, find_binaries
 
     overrides = {"data_dir": a.data_dir, "listen": a.listen, "http": a.http, "suspend_timeout": a.suspend_timeout,
-                 "min_cu": a.min_cu, "max_cu": a.max_cu, "log_format": a.log_format}
+                 "min_cu": a.min_cu, "max_cu": a.max_cu, "log_format": a.log_format,
+                 "data_api": a.data_api}
     conf = configuration.load(a.config, overrides)
     logs.setup(conf.log_format, conf.log_level)
     try:

@@ -19,6 +19,8 @@ from storage import Store
 from storage.postgres import PgBinaries, ServiceUser
 
 SECRET = "a-test-secret-that-is-long-enough-for-hs256"
+IDLE_TIMEOUT = 4.0
+MAX_BODY = 256 * 1024
 FIXTURE_SQL = (Path(__file__).parent / "fixture.sql").read_text()
 
 
@@ -75,7 +77,7 @@ async def api(root: Path, service_user: ServiceUser, pg: PgBinaries) -> AsyncIte
                     config=EndpointConfig(suspend_timeout=300), registry=CollectorRegistry())
     await eps.start()
     data_api = DataAPI(eps, DataAPIConfig(anon_role="web_anon", jwt_secret=SECRET, max_rows=1000,
-                                          idle_timeout=30))
+                                          idle_timeout=IDLE_TIMEOUT, max_body_bytes=MAX_BODY))
     session = aiohttp.ClientSession()
     try:
         addr = await eps.ensure_ready("main")

@@ -72,3 +72,6 @@ GRANT USAGE ON SCHEMA public TO web_anon, web_user;
 GRANT SELECT ON authors, publishers, books, tags, book_tags, author_profiles, employees, kv TO web_anon;
 GRANT ALL ON ALL TABLES IN SCHEMA public TO web_user;
 GRANT USAGE ON ALL SEQUENCES IN SCHEMA public TO web_user;
+CREATE FUNCTION slow(seconds float) RETURNS int LANGUAGE sql STABLE AS 'SELECT 1 FROM pg_sleep(seconds)';
+CREATE FUNCTION bump_volatile() RETURNS int LANGUAGE sql VOLATILE AS $$ INSERT INTO kv (k) VALUES ('volatile') RETURNING v $$;
+GRANT EXECUTE ON ALL FUNCTIONS IN SCHEMA public TO web_anon, web_user;
