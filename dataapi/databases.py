@@ -212,7 +212,12 @@ class Databases:
             db = self._dbs[(branch, database)] = Database(branch, database, self.schemas, self.settings)
         db.in_flight += 1
         try:
-            await db.ready(address)
+            try:
+                await db.ready(address)
+            except ApiError:
+                if db.pool is None and db.in_flight == 1:
+                    self._dbs.pop((branch, database), None)  # a wrong database name leaves nothing behind
+                raise
             yield db
         finally:
             db.in_flight -= 1

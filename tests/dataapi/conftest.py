@@ -64,6 +64,9 @@ class Api:
         conn = await asyncpg.connect(host=addr.socket_dir, port=addr.port, user="lakelet_admin",
                                      database="postgres")
         try:
+            if ";" in sql:
+                await conn.execute(sql)
+                return []
             return await conn.fetch(sql)
         finally:
             await conn.close()
