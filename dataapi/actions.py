@@ -346,7 +346,7 @@ def rpc_args_from_body(raw: bytes) -> dict[str, Any]:
         return {}
     try:
         data = json.loads(raw)
-    except (ValueError, UnicodeDecodeError) as e:
+    except (ValueError, UnicodeDecodeError, RecursionError) as e:
         raise body_error("Empty or invalid json", f"The request body is not valid JSON: {e}") from None
     if not isinstance(data, dict):
         raise body_error("Empty or invalid json", "A function call takes a JSON object of named arguments")

@@ -331,7 +331,7 @@ def parse_body(raw: bytes) -> list[dict[str, Any]] | dict[str, Any]:
         raise body_error("Empty or invalid json", "The request body is empty; send a JSON object or array")
     try:
         data = json.loads(raw)
-    except (ValueError, UnicodeDecodeError) as e:
+    except (ValueError, UnicodeDecodeError, RecursionError) as e:
         raise body_error("Empty or invalid json", f"The request body is not valid JSON: {e}") from None
     if isinstance(data, dict):
         return data

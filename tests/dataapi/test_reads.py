@@ -353,3 +353,74 @@ async def test_bad_tokens_are_401_with_www_authenticate(api: Api) -> None:
     status, _, body = await api.get("rpc/whoami", token=token({"sub": "x"}))
     assert status == 200 and body == "web_anon:x"
     assert SECRET
+
+
+# -- hostile input: PostgREST's 4xx, never a 500, never SQL from raw text ----------------------------
+
+async def test_injection_attempts_are_values_or_unknown_names(api: Api) -> None:
+    before = await api.admin("SELECT count(*) AS n FROM books")
+    hostile = [
+        ("books?title=eq.'; DROP TABLE books; --", 200, None),
+        ("books?title=in.(\"x'); DROP TABLE books; --\",y)", 200, None),
+        ("books?title=like.%'; DELETE FROM books; --", 200, None),
+        ("books?select=id,title;DROP TABLE books", 400, "PGRST100"),
+        ("books?select=id,title;DROP", 400, "42703"),
+        ('books?select="title"" FROM books; DROP TABLE books; --"', 400, "42703"),
+        ("books?select=id::text);DROP TABLE books;--", 400, "PGRST100"),
+        ("books?order=id;DROP TABLE books", 400, "PGRST100"),
+        ("books?id);DROP TABLE books;--=eq.1", 400, None),
+        ("authors?meta->>x');DROP TABLE books;--=eq.1", 200, None),
+        ("books?search=fts(english'); DROP TABLE books;--).x", 400, "PGRST100"),
+        ("books%22;DROP TABLE books", 404, "PGRST205"),
+        ("books?title=eq.%00", 400, None),
+        ("books?select=author_id,n:count()&author_id=eq.1;select 1", 400, "22P02"),
+    ]
+    for path, status_, code in hostile:
+        status, _, body = await api.get(path)
+        assert status == status_, (path, status, body)
+        if status == 200:
+            assert body == []
+        else:
+            assert set(body) == {"code", "details", "hint", "message"}
+            if code:
+                assert body["code"] == code, (path, body)
+    status, _, body = await api.get("books?select=id&limit=99999999999999999999999")  # capped by max_rows
+    assert status == 200 and len(body) == before[0]["n"]
+    after = await api.admin("SELECT count(*) AS n FROM books")
+    assert before[0]["n"] == after[0]["n"]
+
+
+async def test_huge_in_list_is_one_bound_array(api: Api) -> None:
+    ids = ",".join(str(n) for n in range(5000))
+    status, _, body = await api.get(f"books?select=id&id=in.({ids})&order=id")
+    assert status == 200 and [r["id"] for r in body] == [1, 2, 3, 4, 5, 6]
+    many = ",".join(f"id.eq.{n}" for n in range(2000))
+    status, _, body = await api.get(f"books?select=id&or=({many})&limit=2&order=id")
+    assert status == 200 and [r["id"] for r in body] == [1, 2]
+
+
+async def test_deep_nesting_is_refused_not_crashed(api: Api) -> None:
+    deep = "or=" + "(and(" * 200 + "id.eq.1" + "))" * 200
+    status, _, body = await api.get(f"books?{deep}")
+    assert status == 400 and body["code"] == "PGRST100"
+    deep_select = "select=" + "authors(" * 40 + "id" + ")" * 40
+    status, _, body = await api.get(f"books?{deep_select}")
+    assert status == 400 and body["code"] in ("PGRST100", "PGRST200")
+    status, _, body = await api.get("books?or=" + "(" * 5000)
+    assert status == 400 and body["code"] == "PGRST100"
+
+
+async def test_bad_and_oversized_bodies(api: Api) -> None:
+    from tests.dataapi.conftest import MAX_BODY
+    tok = token({"role": "web_user", "sub": "z"})
+    status, _, body = await api.request("POST", "kv", token=tok, data=b"[" * 100_000,
+                                        headers={"Content-Type": "application/json"})
+    assert status == 400 and body["code"] == "PGRST102"
+    big = b'{"k": "big", "note": "' + b"x" * (MAX_BODY + 10) + b'"}'
+    status, _, body = await api.request("POST", "kv", token=tok, data=big, headers={"Content-Type": "application/json"})
+    assert status == 413 and body["code"] == "PGRST102"
+    status, _, body = await api.request("POST", "kv", token=tok, data=b'{"k": 1, "k": {"a": [}',
+                                        headers={"Content-Type": "application/json"})
+    assert status == 400 and body["code"] == "PGRST102"
+    status, _, body = await api.request("TRACE", "kv", token=tok)
+    assert status == 405 and body["code"] == "PGRST117"
