@@ -147,7 +147,8 @@ class Query:
 # -- small parsers --------------------------------------------------------------------------------
 
 def split_top(text: str, sep: str = ",") -> list[str]:
-    """Split on ``sep`` outside parentheses and double quotes (PostgREST's list syntax)."""
+    """Split on ``sep`` outside parentheses, braces (array literals) and double quotes (PostgREST's
+    list syntax)."""
     parts: list[str] = []
     depth = 0
     quoted = False
@@ -162,9 +163,9 @@ def split_top(text: str, sep: str = ",") -> list[str]:
                 quoted = False
         elif ch == '"':
             quoted = True
-        elif ch == "(":
+        elif ch in "({":
             depth += 1
-        elif ch == ")":
+        elif ch in ")}":
             depth -= 1
             if depth < 0:
                 raise parse_error(f'"failed to parse" ({text})', "unexpected \")\"")
