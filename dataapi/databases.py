@@ -130,6 +130,7 @@ class Database:
             return
         try:
             async with pool.acquire() as conn:
+                await _install_trigger(conn, self.branch, self.name)
                 fresh = await schema.load(conn, self.schemas)
         except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as e:
             log.warning("schema cache reload failed; it loads again on the next request",
@@ -164,7 +165,9 @@ class Database:
 
 async def _install_trigger(conn: asyncpg.Connection, branch: str, database: str) -> None:
     try:
-        await conn.execute(schema.EVENT_TRIGGER_SQL)
+        if await conn.fetchval(schema.INSTALLED_SQL):
+            return  # installing is DDL, which would notify, which would reload: only when missing
+        await conn.execute(schema.INSTALL_SQL)
     except asyncpg.PostgresError as e:
         log.warning("could not install the schema reload trigger; send NOTIFY pgrst, 'reload schema' after DDL",
                     extra={"branch": branch, "database": database, "error": str(e)})

@@ -19,12 +19,24 @@ from dataapi.errors import ApiError
 
 NOTIFY_CHANNEL = "pgrst"
 
-# Installed once per database (idempotent): every DDL command ends with NOTIFY pgrst.
-EVENT_TRIGGER_SQL = """
+# Installed once per database when missing: every DDL command ends with NOTIFY pgrst; and the check,
+# made as the admin role at the start of every request, that the token's role is no superuser.
+INSTALLED_SQL = """
+SELECT to_regprocedure('lakelet_dataapi.check_role(text)') IS NOT NULL
+   AND (SELECT count(*) FROM pg_event_trigger WHERE evtname LIKE 'lakelet_dataapi_%') = 2
+"""
+INSTALL_SQL = """
 CREATE SCHEMA IF NOT EXISTS lakelet_dataapi;
 REVOKE ALL ON SCHEMA lakelet_dataapi FROM PUBLIC;
 CREATE OR REPLACE FUNCTION lakelet_dataapi.notify_ddl() RETURNS event_trigger
 LANGUAGE plpgsql AS $$ BEGIN PERFORM pg_notify('pgrst', 'reload schema'); END $$;
+CREATE OR REPLACE FUNCTION lakelet_dataapi.check_role(wanted text) RETURNS void
+LANGUAGE plpgsql AS $$ BEGIN
+  IF EXISTS (SELECT 1 FROM pg_catalog.pg_roles WHERE rolname = wanted AND rolsuper) THEN
+    RAISE EXCEPTION 'permission denied to set role "%"', wanted USING ERRCODE = '42501',
+      HINT = 'The Data API does not run requests as a superuser role';
+  END IF;
+END $$;
 DO $$ BEGIN
   IF NOT EXISTS (SELECT 1 FROM pg_event_trigger WHERE evtname = 'lakelet_dataapi_ddl') THEN
     CREATE EVENT TRIGGER lakelet_dataapi_ddl ON ddl_command_end

@@ -39,13 +39,25 @@ from dataapi.request import (
 
 log = logging.getLogger("lakelet.dataapi")
 
-SETTINGS_SQL = (
-    "SELECT set_config('search_path', $1, true), set_config('role', $2, true), "
-    "set_config('request.jwt.claims', $3, true), set_config('request.method', $4, true), "
-    "set_config('request.path', $5, true), set_config('request.headers', $6, true), "
-    "set_config('request.cookies', $7, true), "
-    "coalesce((SELECT rolsuper FROM pg_catalog.pg_roles WHERE rolname = $2), false)"
-)
+
+
+def sql_text(value: str) -> str:
+    """A value as a SQL expression over a closed alphabet (hex digits): ``convert_from(decode('6869',
+    'hex'), 'UTF8')``. Used only where a bound parameter cannot be: the one simple-protocol round trip
+    that opens a request's transaction and sets its settings. Nothing the client sends can change
+    the statement's shape, whatever standard_conforming_strings says."""
+    return f"convert_from(decode('{value.encode().hex()}', 'hex'), 'UTF8')"
+
+
+def begin_script(readonly: bool, role: str, settings: dict[str, str]) -> str:
+    """``BEGIN`` plus PostgREST's request settings and ``SET LOCAL ROLE`` in one round trip; the
+    superuser check runs (as the admin role) before the switch."""
+    sets = ", ".join(f"set_config('{name}', {sql_text(value)}, true)" for name, value in settings.items())
+    return (f"BEGIN ISOLATION LEVEL READ COMMITTED{' READ ONLY' if readonly else ''}; "
+            f"SELECT lakelet_dataapi.check_role({sql_text(role)}), {sets}, "
+            f"set_config('role', {sql_text(role)}, true)")
+
+
 ALLOW_TABLE = "OPTIONS,GET,HEAD,POST,PUT,PATCH,DELETE"
 
 
@@ -234,17 +246,13 @@ class DataAPI:
     async def _run(self, conn: asyncpg.Connection, request: web.Request, identity: Identity, schema: str,
                    readonly: bool, ctx: actions.Context, route: Route, method: str, table: Any, fn: Any,
                    args: dict[str, Any], raw: bytes) -> actions.Result:
-        tx = conn.transaction(readonly=readonly)
-        await tx.start()
+        headers = {k.lower(): v for k, v in request.headers.items()}
+        settings = {"search_path": f"{ident(schema)}, public", "request.jwt.claims": json.dumps(identity.claims),
+                    "request.method": method,
+                    "request.path": ("/" if route.kind == "table" else "/rpc/") + route.name,
+                    "request.headers": json.dumps(headers), "request.cookies": json.dumps(dict(request.cookies))}
         try:
-            headers = {k.lower(): v for k, v in request.headers.items()}
-            cookies = dict(request.cookies)
-            row = await conn.fetchrow(SETTINGS_SQL, f"{ident(schema)}, public", identity.role,
-                                      json.dumps(identity.claims), method, "/" + route.name if route.kind == "table"
-                                      else "/rpc/" + route.name, json.dumps(headers), json.dumps(cookies))
-            if row[7]:
-                raise ApiError(403, "42501", f'permission denied to set role "{identity.role}"', None,
-                               "The Data API does not run requests as a superuser role")
+            await conn.execute(begin_script(readonly, identity.role, settings))
             if self.config.pre_request:
                 await conn.execute(f"SELECT {'.'.join(ident(p) for p in self.config.pre_request.split('.'))}()")
             if fn is not None:
@@ -262,14 +270,11 @@ class DataAPI:
             if ctx.singular and not result.scalar and result.page != 1:
                 raise ApiError(406, "PGRST116", "JSON object requested, multiple (or no) rows returned",
                                f"The result contains {result.page} rows", None)
-            if ctx.prefs.tx == "rollback":
-                await tx.rollback()
-            else:
-                await tx.commit()
+            await conn.execute("ROLLBACK" if ctx.prefs.tx == "rollback" else "COMMIT")
             return result
-        except BaseException:
-            await tx.rollback()
-            raise
+        finally:
+            if conn.is_in_transaction() and not conn.is_closed():
+                await conn.execute("ROLLBACK")
 
     def _respond(self, request: web.Request, method: str, media: str, prefs: Any, ctx: actions.Context,
                  result: actions.Result, route: Route) -> web.Response:
