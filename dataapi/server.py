@@ -102,12 +102,15 @@ def error_response(e: ApiError) -> web.Response:
     return web.Response(status=e.status, body=e.body(), headers=headers)
 
 
-def to_csv(body: str) -> str:
+def to_csv(body: str, scalar_name: str) -> str:
+    """Rows as CSV with a header line; a function's set of scalars is one column named after it."""
     rows = json.loads(body)
     if not rows:
         return ""
     out = io.StringIO()
     writer = csv.writer(out, lineterminator="\n")
+    if not isinstance(rows[0], dict):
+        rows = [{scalar_name: r} for r in rows]
     keys = list(rows[0].keys())
     writer.writerow(keys)
     for r in rows:
@@ -327,7 +330,7 @@ class DataAPI:
             rows = json.loads(body)
             body = json.dumps(rows[0]) if rows else "null"
         if media == MEDIA_CSV and not result.scalar:
-            text = to_csv(body)
+            text = to_csv(body, route.name)
             ctype = "text/csv"
         else:
             text = body

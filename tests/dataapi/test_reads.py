@@ -424,3 +424,16 @@ async def test_bad_and_oversized_bodies(api: Api) -> None:
     assert status == 400 and body["code"] == "PGRST102"
     status, _, body = await api.request("TRACE", "kv", token=tok)
     assert status == 405 and body["code"] == "PGRST117"
+
+
+async def test_head_csv_functions_and_embedding_on_function_results(api: Api) -> None:
+    status, headers, body = await api.request("HEAD", "books?select=id", headers={"Prefer": "count=exact"})
+    assert status == 200 and headers["Content-Range"] == "0-5/6" and body == ""
+    status, headers, body = await api.get("rpc/years?limit=3", headers={"Accept": "text/csv"})
+    assert status == 200 and body == "years\n1813\n1815\n1961\n"
+    _, _, body = await api.get("rpc/books_after?y=1970&select=title,authors(name)")
+    assert body == [{"title": "The Dispossessed", "authors": {"name": "Ursula K. Le Guin"}}]
+    _, _, body = await api.get("authors?select=name,books(n:count())&id=eq.1")
+    assert body == [{"name": "Ursula K. Le Guin", "books": [{"n": 2}]}]
+    _, _, body = await api.get("books?select=title,...authors!inner(name)&authors.country=eq.PL&order=id")
+    assert body == [{"title": "Solaris", "name": "Stanislaw Lem"}, {"title": "The Cyberiad", "name": "Stanislaw Lem"}]
