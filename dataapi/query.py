@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from typing import Any
+from urllib.parse import parse_qsl
 
 from dataapi.errors import ApiError, body_error
 from dataapi.request import (
@@ -326,18 +327,27 @@ def _array_of(typ: str) -> str:
 
 # -- writes ---------------------------------------------------------------------------------------
 
-def parse_body(raw: bytes) -> list[dict[str, Any]] | dict[str, Any]:
+def parse_body(raw: bytes, content_type: str = "application/json") -> list[dict[str, Any]] | dict[str, Any]:
+    """A write's payload: a JSON object or array of objects, or an HTML form (one object of
+    strings), as PostgREST takes them. Anything else is PGRST102 "Empty or invalid json"."""
+    if content_type == "application/x-www-form-urlencoded":
+        try:
+            return dict(parse_qsl(raw.decode(), keep_blank_values=True, strict_parsing=bool(raw.strip())))
+        except (UnicodeDecodeError, ValueError):
+            raise body_error("Empty or invalid form body") from None
     if not raw.strip():
-        raise body_error("Empty or invalid json", "The request body is empty; send a JSON object or array")
+        raise body_error("Empty or invalid json")
     try:
         data = json.loads(raw)
-    except (ValueError, UnicodeDecodeError, RecursionError) as e:
-        raise body_error("Empty or invalid json", f"The request body is not valid JSON: {e}") from None
+    except (ValueError, UnicodeDecodeError, RecursionError):
+        raise body_error("Empty or invalid json") from None
     if isinstance(data, dict):
         return data
     if isinstance(data, list) and all(isinstance(x, dict) for x in data):
         return data
-    raise body_error("Empty or invalid json", "The request body must be a JSON object or an array of objects")
+    if isinstance(data, list):
+        raise body_error("All object keys must match")
+    raise body_error("Empty or invalid json")
 
 
 def payload_columns(table: TableInfo, rows: list[dict[str, Any]], columns: list[str] | None) -> list[str]:
@@ -364,7 +374,8 @@ def insert_cte(b: Builder, table: TableInfo, rows: list[dict[str, Any]], columns
     target = qualified(table.schema, table.name)
     body = b.params.add(json.dumps(rows))
     if not columns:
-        sql = f"INSERT INTO {target} AS pgrst_w DEFAULT VALUES"
+        # No column in the payload ({} or [{}, {}]): one all-default row per object.
+        sql = f"INSERT INTO {target} AS pgrst_w SELECT FROM jsonb_array_elements(({body})::jsonb)"
     else:
         exprs = []
         for c in columns:

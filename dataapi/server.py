@@ -192,12 +192,12 @@ class DataAPI:
             raise ApiError(405, "PGRST117", f"Unsupported HTTP method: {method}")
         query = parse_query(params) if route.kind == "table" or method == "POST" else None
         raw = await request.read() if method in ("POST", "PUT", "PATCH") else b""
-        if raw and method in ("POST", "PUT", "PATCH"):
-            ctype = (request.content_type or "application/json").lower()
-            if ctype not in ("application/json", "application/vnd.pgrst.object+json", "text/plain",
-                             "application/octet-stream"):
-                raise ApiError(415, "PGRST107", f"Content-Type not acceptable: {ctype}", None,
-                               "Send the body as application/json")
+        ctype = (request.content_type or "application/json").lower()
+        if raw and ctype not in ("application/json", "application/vnd.pgrst.object+json", "text/plain",
+                                 "application/octet-stream", "application/x-www-form-urlencoded"):
+            raise ApiError(415, "PGRST107", f"Content-Type not acceptable: {ctype}", None,
+                           "Send the body as application/json")
+        body_type = ctype if ctype == "application/x-www-form-urlencoded" else "application/json"
         async with self.databases.use(route.branch, route.database, len(raw)) as db:
             cache = db.cache
             assert cache is not None and db.pool is not None
@@ -224,7 +224,7 @@ class DataAPI:
             try:
                 async with db.pool.acquire() as conn:
                     result = await self._run(conn, request, identity, schema, readonly, ctx, route, method,
-                                             table, fn, args, raw)
+                                             table, fn, args, raw, body_type)
             except asyncpg.PostgresError as e:
                 raise from_postgres(e, authenticated=identity.authenticated) from None
             except (asyncpg.InterfaceError, asyncpg.DataError, ValueError, OverflowError) as e:
@@ -248,7 +248,7 @@ class DataAPI:
 
     async def _run(self, conn: asyncpg.Connection, request: web.Request, identity: Identity, schema: str,
                    readonly: bool, ctx: actions.Context, route: Route, method: str, table: Any, fn: Any,
-                   args: dict[str, Any], raw: bytes) -> actions.Result:
+                   args: dict[str, Any], raw: bytes, body_type: str) -> actions.Result:
         headers = {k.lower(): v for k, v in request.headers.items()}
         settings = {"search_path": f"{ident(schema)}, public", "request.jwt.claims": json.dumps(identity.claims),
                     "request.method": method,
@@ -263,11 +263,11 @@ class DataAPI:
             elif method in ("GET", "HEAD"):
                 result = await actions.read(conn, ctx, table)
             elif method == "POST":
-                result = await actions.insert(conn, ctx, table, raw)
+                result = await actions.insert(conn, ctx, table, raw, body_type)
             elif method == "PUT":
-                result = await actions.upsert_put(conn, ctx, table, raw)
+                result = await actions.upsert_put(conn, ctx, table, raw, body_type)
             elif method == "PATCH":
-                result = await actions.update(conn, ctx, table, raw)
+                result = await actions.update(conn, ctx, table, raw, body_type)
             else:
                 result = await actions.delete(conn, ctx, table)
             if ctx.singular and not result.scalar and result.page != 1:
@@ -304,7 +304,7 @@ class DataAPI:
                     and (result.offset > 0 or result.offset + result.page < result.total)):
                 status = 206
         elif method == "POST" and route.kind == "table":
-            headers["Content-Range"] = "*/*"
+            headers["Content-Range"] = f"*/{'*' if result.total is None else result.total}"
         if result.response_headers:
             try:
                 extra = json.loads(result.response_headers)

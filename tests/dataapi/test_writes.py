@@ -136,6 +136,26 @@ async def test_tx_rollback_and_strict_handling(api: Api) -> None:
     assert "f" in await kv(api)
 
 
+async def test_form_bodies_empty_objects_and_counts(api: Api) -> None:
+    tok = user_token()
+    status, headers, body = await api.request("POST", "kv?select=k,v", token=tok, data=b"k=form&v=12",
+                                              headers={"Content-Type": "application/x-www-form-urlencoded",
+                                                       "Prefer": "return=representation, count=exact"})
+    assert status == 201 and body == [{"k": "form", "v": 12}] and headers["Content-Range"] == "*/1"
+    status, headers, body = await api.request("POST", "publishers?select=name", token=tok, json=[{}, {}],
+                                              headers=REPR)
+    assert status == 400 and body["code"] == "23502"  # name is NOT NULL: the two default rows are refused
+    status, headers, body = await api.request("POST", "tags", token=tok, json=[])
+    assert status == 201 and "Content-Type" not in headers
+    for payload in ({}, [], [{}]):
+        status, headers, body = await api.request("PATCH", "kv", token=tok, json=payload)
+        assert status == 204 and headers["Content-Range"] == "*/*" and body == ""
+    status, headers, body = await api.request("PATCH", "kv?k=eq.zzz", token=tok, json={"v": 1}, headers=REPR)
+    assert status == 200 and body == []
+    status, headers, _ = await api.request("PATCH", "kv?k=in.(form,f)", token=tok, json={"note": "two"})
+    assert status == 204 and headers["Content-Range"] == "0-1/*" and "Content-Type" not in headers
+
+
 async def test_rls_on_writes(api: Api) -> None:
     status, _, body = await api.request("POST", "notes?select=owner,body", token=user_token("bob"), headers=REPR,
                                         json={"body": "from bob"})
@@ -164,9 +184,12 @@ async def test_bad_bodies(api: Api) -> None:
         status, _, body = await api.request("POST", "kv", token=tok, data=raw,
                                             headers={"Content-Type": "application/json"})
         assert status == 400 and body["code"] == "PGRST102", (raw, body)
-    status, _, body = await api.request("POST", "kv", token=tok, data=b"k=v",
-                                        headers={"Content-Type": "application/x-www-form-urlencoded"})
+    status, _, body = await api.request("POST", "kv", token=tok, data=b"<k>v</k>",
+                                        headers={"Content-Type": "application/xml"})
     assert status == 415 and body["code"] == "PGRST107"
+    status, _, body = await api.request("POST", "kv", token=tok, json=[{"k": "m"}, 5])
+    assert (status, body) == (400, {"code": "PGRST102", "details": None, "hint": None,
+                                    "message": "All object keys must match"})
     status, _, body = await api.request("POST", "kv", token=tok, json={"k": "t", "v": "not a number"})
     assert status == 400 and body["code"] == "22P02"
     status, _, body = await api.request("POST", "rpc/add", json=[1, 2])
