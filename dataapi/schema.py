@@ -166,12 +166,15 @@ class SchemaCache:
                            None, "Try renaming the parameters or the function itself in the database so "
                                  "function overloading can be resolved")
         args = ", ".join(sorted(given))
-        raise ApiError(404, "PGRST202",
-                       f"Could not find the function {schema}.{name}({args}) in the schema cache",
-                       f"Searched for the function {schema}.{name} with parameters {args or 'none'}, but no "
-                       "matches were found in the schema cache.",
-                       "If a new function was created in the database with this name and parameters, "
-                       "try reloading the schema cache.")
+        signature = f"{schema}.{name}({args})" if given else f"{schema}.{name} without parameters"
+        searched = (f"with parameter{'s' if len(given) > 1 else ''} {args}" if given else "without parameters")
+        hint = None
+        if overloads:
+            best = overloads[0]
+            hint = f"Perhaps you meant to call the function {schema}.{name}({', '.join(a.name for a in best.args)})"
+        raise ApiError(404, "PGRST202", f"Could not find the function {signature} in the schema cache",
+                       f"Searched for the function {schema}.{name} {searched}, but no matches were found in the "
+                       "schema cache.", hint)
 
     def relationship(self, source: TableInfo, name: str, hint: str | None) -> Relationship:
         candidates = [r for r in self._relationships(source) if r.target.name == name or _by_column(r, name)]

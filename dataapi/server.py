@@ -31,6 +31,8 @@ from dataapi.request import (
     MEDIA_CSV,
     MEDIA_OBJECT,
     MEDIA_OPENAPI,
+    RESERVED,
+    looks_like_filter,
     negotiate,
     parse_prefer,
     parse_query,
@@ -209,12 +211,13 @@ class DataAPI:
                     args = actions.rpc_args_from_body(raw)
                     fn = cache.function(schema, route.name, frozenset(args))
                 else:
-                    names = {k for k, _ in params}
                     overloads = cache.functions.get((schema, route.name), ())
-                    arg_names = frozenset(a.name for f in overloads for a in f.args)
+                    known = {a.name for f in overloads for a in f.args}
+                    arg_names = frozenset(k for k, v in params if k in known or (
+                        k not in RESERVED and "." not in k and not looks_like_filter(v)))
                     query = parse_query(params, arg_names)
                     args = dict(query.rpc_args)
-                    fn = cache.function(schema, route.name, frozenset(args) & frozenset(names))
+                    fn = cache.function(schema, route.name, frozenset(args))
             else:
                 table = cache.table(schema, route.name)
             assert query is not None
@@ -290,9 +293,14 @@ class DataAPI:
                 applied.append(f"{name}={value}")
         if applied:
             headers["Preference-Applied"] = ", ".join(applied)
-        if not result.scalar and method in ("GET", "HEAD") or (route.kind == "table" and method != "POST"):
-            total = "*" if result.total is None else str(result.total)
-            if result.total is not None and result.offset > 0 and result.offset >= result.total:
+        total = "*" if result.total is None else str(result.total)
+        if route.kind == "table" and method == "POST":
+            headers["Content-Range"] = f"*/{total}"
+        elif result.scalar:
+            headers["Content-Range"] = "0-0/1" if prefs.count == "exact" else "0-0/*"
+        else:
+            if (method in ("GET", "HEAD") and result.total is not None and result.offset > 0
+                    and result.offset >= result.total):
                 raise ApiError(416, "PGRST103", "Requested range not satisfiable",
                                f"An offset of {result.offset} was requested, but there are only "
                                f"{result.total} rows.", None, {"Content-Range": f"*/{total}"})
@@ -300,11 +308,10 @@ class DataAPI:
                 headers["Content-Range"] = f"{result.offset}-{result.offset + result.page - 1}/{total}"
             else:
                 headers["Content-Range"] = f"*/{total}"
-            if (method in ("GET", "HEAD") and result.total is not None
-                    and (result.offset > 0 or result.offset + result.page < result.total)):
+            reading = method in ("GET", "HEAD") or route.kind == "rpc"
+            if reading and result.total is not None and (result.offset > 0
+                                                         or result.offset + result.page < result.total):
                 status = 206
-        elif method == "POST" and route.kind == "table":
-            headers["Content-Range"] = f"*/{'*' if result.total is None else result.total}"
         if result.response_headers:
             try:
                 extra = json.loads(result.response_headers)

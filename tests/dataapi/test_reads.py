@@ -437,3 +437,21 @@ async def test_head_csv_functions_and_embedding_on_function_results(api: Api) ->
     assert body == [{"name": "Ursula K. Le Guin", "books": [{"n": 2}]}]
     _, _, body = await api.get("books?select=title,...authors!inner(name)&authors.country=eq.PL&order=id")
     assert body == [{"title": "Solaris", "name": "Stanislaw Lem"}, {"title": "The Cyberiad", "name": "Stanislaw Lem"}]
+
+
+async def test_rpc_arguments_filters_and_pagination_as_postgrest_reads_them(api: Api) -> None:
+    status, _, body = await api.get("rpc/add?a=1&b=2&smthelse=blabla")
+    assert status == 404 and body == {
+        "code": "PGRST202", "message": "Could not find the function public.add(a, b, smthelse) in the schema cache",
+        "details": "Searched for the function public.add with parameters a, b, smthelse, but no matches were "
+                   "found in the schema cache.",
+        "hint": "Perhaps you meant to call the function public.add(a, b)"}
+    status, _, body = await api.get("rpc/whoami?nam=x")
+    assert status == 404 and body["message"] == "Could not find the function public.whoami(nam) in the schema cache"
+    status, headers, body = await api.get("rpc/add?a=3&b=4", headers={"Prefer": "count=exact"})
+    assert (status, body, headers["Content-Range"]) == (200, 7, "0-0/1")
+    status, headers, body = await api.request("POST", "rpc/books_after?select=id&limit=1&offset=1&order=id",
+                                              json={"y": 1900}, headers={"Prefer": "count=exact"})
+    assert status == 206 and body == [{"id": 2}] and headers["Content-Range"] == "1-1/4"
+    status, headers, body = await api.get("rpc/books_after?y=1900&id=gt.3&select=id")
+    assert status == 200 and body == [{"id": 4}]
