@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from lakelet import config as configuration
+from lakelet import synced_cli
 from lakelet.client import ClientError, ControlClient
 
 Output = dict[str, Any]
@@ -80,6 +81,7 @@ def build_parser() -> argparse.ArgumentParser:
     rlist = rsub.add_parser("list", help="list roles")
     rlist.add_argument("--branch", default="main")
     _common(rlist)
+    synced_cli.add_parser(sub, _common)
     return parser
 
 
@@ -149,6 +151,7 @@ def _role(c: ControlClient, a: argparse.Namespace) -> tuple[Output, str]:
 
 COMMANDS: dict[str, Callable[[ControlClient, argparse.Namespace], tuple[Output, str]]] = {
     "status": _status, "branch": _branch, "suspend": _suspend, "connstr": _connstr, "role": _role,
+    "synced-table": synced_cli.run,
 }
 
 

@@ -63,6 +63,8 @@ async def sync_once(conn: asyncpg.Connection, spec: SyncedTableSpec, *, full: bo
             raise tgt.TargetError(f"table {spec.name} already exists and is not a synced table: choose another "
                                   "--target, or drop that table first")
         return await _snapshot(conn, spec, dt, latest, types, None)
+    if applied.source != spec.source:
+        return await _snapshot(conn, spec, dt, latest, types, f"the table was synced from {applied.source} before")
     if spec.mode is Mode.SNAPSHOT or full:
         if applied.version == latest.version and not full:
             return RunResult("none", applied.version, applied.commit_time, applied.rows, null_keys=applied.null_keys)
