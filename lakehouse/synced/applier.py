@@ -160,7 +160,7 @@ async def _snapshot(conn: asyncpg.Connection, spec: SyncedTableSpec, dt: DeltaTa
                 raise tgt.TargetError(f"table {spec.name} already exists and is not a synced table: choose "
                                       "another --target, or drop that table first")
             load = await tgt.create_load_table(conn, spec.schema, spec.table, list(types.items()))
-            rows = await tgt.copy_csv(conn, spec.schema, load, columns, _chunks(stream))
+            rows = await tgt.copy_csv(conn, spec.schema, load, columns, _chunks(stream), freeze=True)
             if spec.timeseries_key is not None:
                 rows -= await tgt.keep_newest(conn, spec.schema, load, spec.primary_key, spec.timeseries_key)
             await tgt.add_primary_key(conn, spec.schema, load, spec.primary_key, latest.version)
