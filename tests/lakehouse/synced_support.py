@@ -31,8 +31,9 @@ def write(uri: Path | str, table: pa.Table, mode: str = "append", **kw: Any) -> 
 
 
 def _normal(value: Any) -> Any:
-    if isinstance(value, dict):
-        return json.dumps(value, sort_keys=True, default=str)
+    """Delta's Python values as the synced table's: a map (a list of pairs) is a JSON object."""
+    if isinstance(value, list) and value and all(isinstance(v, tuple) and len(v) == 2 for v in value):
+        return dict(value)
     return value
 
 
@@ -46,12 +47,12 @@ def delta_rows(uri: Path | str, version: int, columns: list[str], keys: tuple[st
 async def pg_rows(conn: asyncpg.Connection, spec: SyncedTableSpec, columns: list[str]) -> list[tuple]:
     cols = ", ".join(target.quote_ident(c) for c in columns)
     order = ", ".join(target.quote_ident(k) for k in spec.primary_key)
-    records = await conn.fetch(f"SELECT {cols} FROM {target.qualified(spec.schema, spec.table)} ORDER BY {order}")
-    out = []
-    for r in records:
-        out.append(tuple(json.dumps(json.loads(v), sort_keys=True) if isinstance(v, str) and v[:1] == "{" and
-                         columns[i] not in spec.primary_key else v for i, v in enumerate(r)))
-    return out
+    await conn.set_type_codec("jsonb", encoder=json.dumps, decoder=json.loads, schema="pg_catalog")
+    try:
+        records = await conn.fetch(f"SELECT {cols} FROM {target.qualified(spec.schema, spec.table)} ORDER BY {order}")
+    finally:
+        await conn.reset_type_codec("jsonb", schema="pg_catalog")
+    return [tuple(r) for r in records]
 
 
 async def assert_equal_at_recorded_version(conn: asyncpg.Connection, spec: SyncedTableSpec,

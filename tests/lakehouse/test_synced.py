@@ -134,7 +134,17 @@ ALL_TYPES = pa.table({
                      pa.timestamp("us", tz="UTC")),
     "ints": pa.array([[1, None, 3], [], None], pa.list_(pa.int64())),
     "texts": pa.array([["a", "b,c", 'd"e', None, "NULL", "\\"], [""], None], pa.list_(pa.string())),
-    "rec": pa.array([{"x": 1, "y": "z"}, None, None], pa.struct([("x", pa.int64()), ("y", pa.string())])),
+    "rec": pa.array([{"x": 1, "y": "z"}, None, {"x": None, "y": 'q"\\'}],
+                    pa.struct([("x", pa.int64()), ("y", pa.string())])),
+    "map": pa.array([[("a", 1), ("b", None)], None, []], pa.map_(pa.string(), pa.int64())),
+    "nested": pa.array([[[1, 2], [3]], None, [[]]], pa.list_(pa.list_(pa.int64()))),
+    "bools": pa.array([[True, None, False], None, []], pa.list_(pa.bool_())),
+    "floats": pa.array([[1.25, -0.5], None, [None]], pa.list_(pa.float64())),
+    "dates": pa.array([[dt.date(2020, 2, 29)], None, [None, dt.date(1, 1, 1)]], pa.list_(pa.date32())),
+    "stamps": pa.array([[dt.datetime(2021, 1, 1, 12, tzinfo=dt.UTC)], None, []],
+                       pa.list_(pa.timestamp("us", tz="UTC"))),
+    "decs": pa.array([[decimal.Decimal("1.50"), None], None, []], pa.list_(pa.decimal128(5, 2))),
+    "blobs": pa.array([[b"\x00\\", b""], None, [None]], pa.list_(pa.binary())),
 })
 
 
