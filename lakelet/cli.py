@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from lakelet import config as configuration
+from lakelet import synced_cli
 from lakelet.client import ClientError, ControlClient
 
 Output = dict[str, Any]
@@ -87,6 +88,7 @@ def build_parser() -> argparse.ArgumentParser:
     durl.add_argument("branch", nargs="?", default="main")
     durl.add_argument("--database", default="postgres")
     _common(durl)
+    synced_cli.add_parser(sub, _common)
     return parser
 
 
@@ -162,6 +164,7 @@ def _data_api(c: ControlClient, a: argparse.Namespace) -> tuple[Output, str]:
 COMMANDS: dict[str, Callable[[ControlClient, argparse.Namespace], tuple[Output, str]]] = {
     "status": _status, "branch": _branch, "suspend": _suspend, "connstr": _connstr, "role": _role,
     "data-api": _data_api,
+    "synced-table": synced_cli.run,
 }
 
 
