@@ -75,7 +75,8 @@ class ComputeNode:
             "unix_socket_directories": str(self.socket_dir),
             "unix_socket_permissions": "0700",
             "port": str(self.port),
-            "wal_level": "replica",
+            # Logical: a lakehouse sync may run on any branch (restart-only, so always on).
+            "wal_level": "logical",
             "max_wal_senders": "10",
             "max_replication_slots": "10",
             # Replay runs without hot standby, so a compute may restart at a smaller size than the
