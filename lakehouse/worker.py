@@ -45,7 +45,7 @@ def main(argv: list[str]) -> int:
         syncer.status.state, syncer.status.error = "error", str(e)
         syncer.write_status(force=True)
         return 2
-    except psycopg2.OperationalError as e:
+    except (psycopg2.OperationalError, psycopg2.InterfaceError) as e:
         reason = (str(e).strip().splitlines() or ["connection lost"])[0]
         syncer.status.state, syncer.status.error = "disconnected", reason
         syncer.write_status(force=True)

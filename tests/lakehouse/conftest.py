@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import random
 import signal
 import subprocess
 import sys
@@ -136,3 +137,43 @@ async def wait_lsn(worker: Worker, conn: asyncpg.Connection, timeout: float = 90
 def _lsn(text: str) -> int:
     hi, lo = text.split("/")
     return (int(hi, 16) << 32) | int(lo, 16)
+
+
+class Writer:
+    """Small random transactions on one table; ``expected`` is the history they must produce."""
+
+    def __init__(self, conn: asyncpg.Connection, table: str, seed: int) -> None:
+        self.conn = conn
+        self.table = table
+        self.rng = random.Random(seed)
+        self.live: dict[int, str] = {}
+        self.next_id = 1
+        self.expected: list[tuple[str, int, str]] = []
+
+    async def transaction(self) -> None:
+        out: list[tuple[str, int, str]] = []
+        async with self.conn.transaction():
+            for _ in range(self.rng.randint(1, 4)):
+                op = self.rng.random()
+                if op < 0.5 or not self.live:
+                    i, v = self.next_id, f"v{self.next_id}"
+                    self.next_id += 1
+                    await self.conn.execute(f"INSERT INTO {self.table} VALUES ($1, $2)", i, v)
+                    self.live[i] = v
+                    out.append(("insert", i, v))
+                elif op < 0.8:
+                    i = self.rng.choice(sorted(self.live))
+                    old, new = self.live[i], self.live[i] + "+"
+                    await self.conn.execute(f"UPDATE {self.table} SET v = $2 WHERE id = $1", i, new)
+                    self.live[i] = new
+                    out += [("update_preimage", i, old), ("update_postimage", i, new)]
+                else:
+                    i = self.rng.choice(sorted(self.live))
+                    await self.conn.execute(f"DELETE FROM {self.table} WHERE id = $1", i)
+                    out.append(("delete", i, self.live.pop(i)))
+        self.expected += out
+
+    async def run(self, stop: asyncio.Event) -> None:
+        while not stop.is_set():
+            await self.transaction()
+            await asyncio.sleep(self.rng.uniform(0, 0.01))
