@@ -43,6 +43,9 @@ class Config:
     retention_days: float = 7.0
     gc_interval: float = 600.0
     superuser: bool = False
+    # Where lakehouse sync writes Delta tables: a path or s3://bucket/prefix (AWS_* settings from
+    # the environment); empty = <data_dir>/lakehouse.
+    lakehouse_uri: str = ""
 
     @property
     def store_dir(self) -> Path:
@@ -51,6 +54,10 @@ class Config:
     @property
     def computes_dir(self) -> Path:
         return self.data_dir / "computes"
+
+    @property
+    def lakehouse(self) -> str:
+        return self.lakehouse_uri or str(self.data_dir / "lakehouse")
 
     @property
     def listen_addr(self) -> tuple[str, int]:
@@ -67,6 +74,7 @@ SECTIONS: dict[str, str] = {
     "auth_timeout": "proxy", "wake_timeout": "proxy", "max_client_connections": "proxy",
     "suspend_timeout": "compute", "min_cu": "compute", "max_cu": "compute", "durability": "compute",
     "user": "compute", "retention_days": "storage", "gc_interval": "storage", "superuser": "project",
+    "lakehouse_uri": "lakehouse",
 }
 ENV_NAMES = {name: "LAKELET_" + name.upper() for name in SECTIONS} | {"user": "LAKELET_COMPUTE_USER"}
 
