@@ -47,6 +47,33 @@ log = logging.getLogger("lakelet.lakehouse")
 # Every value crosses in its text form under these settings (lakehouse.values relies on them).
 SESSION_OPTIONS = "-c DateStyle=ISO -c TimeZone=UTC -c bytea_output=hex -c IntervalStyle=postgres"
 SNAPSHOT_BATCH = 50_000
+
+# A schema-wide sync picks up tables created later; this event trigger gives each of them REPLICA
+# IDENTITY FULL in the same transaction that creates it (a table in a schema some lakelet_sync
+# publication covers), so not even its first update lacks the old row.
+IDENTITY_TRIGGER = """
+CREATE SCHEMA IF NOT EXISTS lakelet_sync;
+CREATE OR REPLACE FUNCTION lakelet_sync.replica_identity_full() RETURNS event_trigger
+LANGUAGE plpgsql AS $$
+DECLARE r record;
+BEGIN
+  FOR r IN SELECT objid FROM pg_event_trigger_ddl_commands()
+           WHERE command_tag = 'CREATE TABLE' AND object_type = 'table' LOOP
+    IF EXISTS (SELECT 1 FROM pg_class c
+               JOIN pg_publication_namespace pn ON pn.pnnspid = c.relnamespace
+               JOIN pg_publication p ON p.oid = pn.pnpubid
+               WHERE c.oid = r.objid AND c.relkind = 'r' AND p.pubname LIKE 'lakelet\\_sync\\_%') THEN
+      EXECUTE format('ALTER TABLE %s REPLICA IDENTITY FULL', r.objid::regclass);
+    END IF;
+  END LOOP;
+END $$;
+DO $$ BEGIN
+  IF NOT EXISTS (SELECT 1 FROM pg_event_trigger WHERE evtname = 'lakelet_sync_replica_identity') THEN
+    CREATE EVENT TRIGGER lakelet_sync_replica_identity ON ddl_command_end WHEN TAG IN ('CREATE TABLE')
+      EXECUTE FUNCTION lakelet_sync.replica_identity_full();
+  END IF;
+END $$;
+"""
 STATUS_EVERY = 0.5
 
 
@@ -243,6 +270,8 @@ class Syncer:
                     self._table_status(name).note = "REPLICA IDENTITY set to FULL (update and delete history " \
                                                     "needs the whole old row)"
                     log.info(f"lakehouse sync: set REPLICA IDENTITY FULL on {spec.schema}.{name}")
+            if spec.tables is None:
+                cur.execute(IDENTITY_TRIGGER)
             cur.execute("SELECT 1 FROM pg_publication WHERE pubname = %s", (spec.slot,))
             if cur.fetchone() is None:
                 if spec.tables is None:

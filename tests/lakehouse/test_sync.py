@@ -92,3 +92,76 @@ async def test_mapped_types_round_trip(lake: Lake) -> None:
             worker.stop()
     finally:
         await conn.close()
+
+
+async def test_schema_changes_new_tables_and_refusals(lake: Lake) -> None:
+    conn = await connect(lake)
+    try:
+        await conn.execute("""
+            CREATE SCHEMA evolve;
+            CREATE TABLE evolve.t (id int PRIMARY KEY, a int);
+            CREATE TABLE evolve.other (id int PRIMARY KEY);
+            CREATE TABLE evolve.parted (id int, at date) PARTITION BY RANGE (at);
+            INSERT INTO evolve.t VALUES (1, 10);
+        """)
+        spec = make_spec(lake, "evolve")
+        worker = Worker(spec)
+        try:
+            await wait_for(lambda: worker.status().get("state") == "streaming", "streaming")
+            status = worker.status()["tables"]
+            assert status["parted"]["state"] == "error" and "partitioned" in status["parted"]["error"]
+            await conn.execute("ALTER TABLE evolve.t ADD COLUMN b text")
+            await conn.execute("INSERT INTO evolve.t VALUES (2, 20, 'x')")
+            await conn.execute("ALTER TABLE evolve.t DROP COLUMN a")
+            await conn.execute("INSERT INTO evolve.t VALUES (3, 'y')")
+            # A table created after enabling: picked up, and REPLICA IDENTITY FULL from its first change.
+            await conn.execute("CREATE TABLE evolve.later (id int PRIMARY KEY, v text);"
+                               "INSERT INTO evolve.later VALUES (1, 'new')")
+            await conn.execute("UPDATE evolve.later SET id = 2 WHERE id = 1")
+            await conn.execute("UPDATE evolve.later SET v = 'newer'")
+            await wait_lsn(worker, conn)
+            assert _rows(spec, "t", "id", "a", "b") == [
+                ("insert", 1, 10, None), ("insert", 2, 20, "x"), ("insert", 3, None, "y")]
+            assert _rows(spec, "later", "id", "v") == [
+                ("insert", 1, "new"), ("update_preimage", 1, "new"), ("update_postimage", 2, "new"),
+                ("update_preimage", 2, "new"), ("update_postimage", 2, "newer")]
+
+            # A type change stops that table with a reason; the others keep flowing.
+            await conn.execute("ALTER TABLE evolve.t ALTER COLUMN b TYPE int USING length(b)")
+            await conn.execute("INSERT INTO evolve.t VALUES (4, 4)")
+            await conn.execute("INSERT INTO evolve.other VALUES (1)")
+            await wait_lsn(worker, conn)
+            status = worker.status()["tables"]
+            assert status["t"]["state"] == "error"
+            assert "column 'b' changed type" in status["t"]["error"] and "re-enable" in status["t"]["error"]
+            assert _rows(spec, "other", "id") == [("insert", 1)]
+            assert len(history(spec, "t")) == 3
+        finally:
+            worker.stop()
+    finally:
+        await conn.close()
+
+
+async def test_one_transaction_of_100k_rows(lake: Lake) -> None:
+    conn = await connect(lake)
+    try:
+        await conn.execute("CREATE SCHEMA bulk; CREATE TABLE bulk.t (id int PRIMARY KEY, v text)")
+        spec = make_spec(lake, "bulk")
+        worker = Worker(spec)
+        try:
+            await wait_for(lambda: worker.status().get("state") == "streaming", "streaming")
+            await conn.execute("INSERT INTO bulk.t SELECT g, 'row ' || g FROM generate_series(1, 100000) g")
+            await wait_lsn(worker, conn, timeout=180)
+            rows = history(spec, "t")
+            assert [r["id"] for r in rows] == list(range(1, 100001))
+            assert all(r["v"] == f"row {r['id']}" and r["_pg_change_type"] == "insert" for r in rows)
+            assert len({r["_pg_xid"] for r in rows}) == 1
+            from deltalake import DeltaTable
+
+            # One transaction is never split: it lands as one Delta commit.
+            dt = DeltaTable(f"{spec.base_uri}/lb_t_history")
+            assert [h["operation"] for h in dt.history()].count("WRITE") == 2  # the (empty) snapshot + this
+        finally:
+            worker.stop()
+    finally:
+        await conn.close()
