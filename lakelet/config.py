@@ -52,6 +52,9 @@ class Config:
     data_api_pre_request: str = ""
     data_api_pool_size: int = 10
     data_api_idle_timeout: float = 60.0
+    # Where lakehouse sync writes Delta tables: a path or s3://bucket/prefix (AWS_* settings from
+    # the environment); empty = <data_dir>/lakehouse.
+    lakehouse_uri: str = ""
 
     @property
     def store_dir(self) -> Path:
@@ -60,6 +63,10 @@ class Config:
     @property
     def computes_dir(self) -> Path:
         return self.data_dir / "computes"
+
+    @property
+    def lakehouse(self) -> str:
+        return self.lakehouse_uri or str(self.data_dir / "lakehouse")
 
     @property
     def listen_addr(self) -> tuple[str, int]:
@@ -79,6 +86,7 @@ SECTIONS: dict[str, str] = {
     **{name: "data_api" for name in ("data_api", "data_api_schemas", "data_api_anon_role", "data_api_jwt_secret",
                                      "data_api_jwt_role_claim", "data_api_max_rows", "data_api_pre_request",
                                      "data_api_pool_size", "data_api_idle_timeout")},
+    "lakehouse_uri": "lakehouse",
 }
 ENV_NAMES = {name: "LAKELET_" + name.upper() for name in SECTIONS} | {"user": "LAKELET_COMPUTE_USER"}
 
