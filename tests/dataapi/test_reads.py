@@ -455,3 +455,10 @@ async def test_rpc_arguments_filters_and_pagination_as_postgrest_reads_them(api:
     assert status == 206 and body == [{"id": 2}] and headers["Content-Range"] == "1-1/4"
     status, headers, body = await api.get("rpc/books_after?y=1900&id=gt.3&select=id")
     assert status == 200 and body == [{"id": 4}]
+
+
+async def test_pre_request_function(api: Api) -> None:
+    status, _, body = await api.get("books?id=eq.1", headers={"X-Block": "yes"})
+    assert status == 403 and body["message"] == "Blocked by the pre-request function"
+    status, headers, body = await api.get("books?select=id&id=eq.1", headers={"X-Mark": "1"})
+    assert status == 200 and headers["X-Pre-Request"] == "web_anon" and body == [{"id": 1}]
