@@ -20,7 +20,8 @@ from dataapi.errors import ApiError
 NOTIFY_CHANNEL = "pgrst"
 
 # Installed once per database when missing: every DDL command ends with NOTIFY pgrst; and the check,
-# made as the admin role at the start of every request, that the token's role is no superuser.
+# made as the admin role at the start of every request, that the token's role is no superuser and no
+# predefined pg_ role (pg_read_server_files, pg_execute_server_program, … would reach the OS).
 INSTALLED_SQL = """
 SELECT to_regprocedure('lakelet_dataapi.check_role(text)') IS NOT NULL
    AND (SELECT count(*) FROM pg_event_trigger WHERE evtname LIKE 'lakelet_dataapi_%') = 2
@@ -32,9 +33,9 @@ CREATE OR REPLACE FUNCTION lakelet_dataapi.notify_ddl() RETURNS event_trigger
 LANGUAGE plpgsql AS $$ BEGIN PERFORM pg_notify('pgrst', 'reload schema'); END $$;
 CREATE OR REPLACE FUNCTION lakelet_dataapi.check_role(wanted text) RETURNS void
 LANGUAGE plpgsql AS $$ BEGIN
-  IF EXISTS (SELECT 1 FROM pg_catalog.pg_roles WHERE rolname = wanted AND rolsuper) THEN
+  IF wanted LIKE 'pg\\_%' OR EXISTS (SELECT 1 FROM pg_catalog.pg_roles WHERE rolname = wanted AND rolsuper) THEN
     RAISE EXCEPTION 'permission denied to set role "%"', wanted USING ERRCODE = '42501',
-      HINT = 'The Data API does not run requests as a superuser role';
+      HINT = 'The Data API runs requests neither as a superuser nor as a predefined pg_ role';
   END IF;
 END $$;
 DO $$ BEGIN

@@ -347,6 +347,8 @@ async def test_bad_tokens_are_401_with_www_authenticate(api: Api) -> None:
     assert status == 403 and body["code"] == "42501"
     status, _, body = await api.get("books", token=token({"role": "lakelet_admin"}))
     assert status == 403
+    status, _, body = await api.get("books", token=token({"role": "pg_read_server_files"}))
+    assert status == 403 and body["code"] == "42501"
     status, _, body = await api.get("books", token=token({"role": "nobody_at_all"}))
     assert status == 400 and body["code"] == "22023"
     # No role claim: the anonymous role; a role claim path of another shape is honoured elsewhere.
