@@ -15,16 +15,19 @@ import csv
 import io
 import json
 import logging
+import time
 from dataclasses import dataclass
 from typing import Any
 
 import asyncpg
 from aiohttp import web
+from prometheus_client import CollectorRegistry
 
 from dataapi import actions
 from dataapi.auth import Authenticator, Identity
 from dataapi.databases import Computes, Databases, PoolSettings
 from dataapi.errors import ApiError, from_postgres
+from dataapi.metrics import UNKNOWN, DataAPIMetrics
 from dataapi.openapi import describe
 from dataapi.query import ident
 from dataapi.request import (
@@ -60,6 +63,7 @@ def begin_script(readonly: bool, role: str, settings: dict[str, str]) -> str:
             f"set_config('role', {sql_text(role)}, true)")
 
 
+BRANCH_KEY = web.RequestKey("lakelet_branch", str)  # the metrics label, set once the branch exists
 ALLOW_TABLE = "OPTIONS,GET,HEAD,POST,PUT,PATCH,DELETE"
 
 
@@ -122,8 +126,9 @@ def to_csv(body: str, scalar_name: str) -> str:
 
 
 class DataAPI:
-    def __init__(self, computes: Computes, config: DataAPIConfig) -> None:
+    def __init__(self, computes: Computes, config: DataAPIConfig, registry: CollectorRegistry | None = None) -> None:
         self.config = config
+        self.metrics = DataAPIMetrics(registry)
         self.auth = Authenticator(config.jwt_secret, config.anon_role or None, config.jwt_role_claim)
         self.databases = Databases(computes, config.schemas,
                                    PoolSettings(size=config.pool_size, idle_timeout=config.idle_timeout))
@@ -155,17 +160,21 @@ class DataAPI:
     # -- the handler ----------------------------------------------------------------------------
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
+        started = time.perf_counter()
+        request[BRANCH_KEY] = UNKNOWN
         try:
-            return await self._handle(request)
+            response: web.StreamResponse = await self._handle(request)
         except ApiError as e:
-            return error_response(e)
+            response = error_response(e)
         except web.HTTPRequestEntityTooLarge:
-            return error_response(ApiError(413, "PGRST102", "Request body too large", None,
-                                           f"Send at most {self.config.max_body_bytes} bytes per request"))
+            response = error_response(ApiError(413, "PGRST102", "Request body too large", None,
+                                               f"Send at most {self.config.max_body_bytes} bytes per request"))
         except Exception:
             log.exception("data API request failed", extra={"path": request.path})
-            return error_response(ApiError(500, "PGRSTX00", "Internal error in the Data API", None,
-                                           "See the lakelet log for the cause"))
+            response = error_response(ApiError(500, "PGRSTX00", "Internal error in the Data API", None,
+                                               "See the lakelet log for the cause"))
+        self.metrics.observe(request[BRANCH_KEY], request.method, response.status, time.perf_counter() - started)
+        return response
 
     async def _handle(self, request: web.Request) -> web.StreamResponse:
         route = parse_route(request.path)
@@ -201,6 +210,7 @@ class DataAPI:
                            "Send the body as application/json")
         body_type = ctype if ctype == "application/x-www-form-urlencoded" else "application/json"
         async with self.databases.use(route.branch, route.database, len(raw)) as db:
+            request[BRANCH_KEY] = route.branch
             cache = db.cache
             assert cache is not None and db.pool is not None
             fn = None

@@ -464,3 +464,13 @@ async def test_pre_request_function(api: Api) -> None:
     assert status == 403 and body["message"] == "Blocked by the pre-request function"
     status, headers, body = await api.get("books?select=id&id=eq.1", headers={"X-Mark": "1"})
     assert status == 200 and headers["X-Pre-Request"] == "web_anon" and body == [{"id": 1}]
+
+
+async def test_requests_are_counted_in_metrics(api: Api) -> None:
+    await api.get("books?id=eq.1")
+    await api.get("nope")
+    await api.get("books", branch="not_a_branch")
+    samples = {(s.labels["branch"], s.labels["status"]): s.value
+               for metric in api.api.metrics.requests.collect() for s in metric.samples if s.name.endswith("_total")}
+    assert samples[("main", "200")] >= 1 and samples[("main", "404")] >= 1
+    assert samples[("-", "404")] >= 1 and not any(b == "not_a_branch" for b, _ in samples)
