@@ -19,14 +19,13 @@ from dataapi.query import (
     Statement,
     call_source,
     delete_cte,
-    ident,
     insert_cte,
     parse_body,
     payload_columns,
     qualified,
     update_cte,
 )
-from dataapi.request import Embed, Filter, Logic, Preferences, Query, SelectItem, Star
+from dataapi.request import Column, Embed, Field, Filter, Logic, Preferences, Query, SelectItem, Star
 from dataapi.schema import FunctionInfo, SchemaCache, TableInfo
 
 
@@ -114,7 +113,8 @@ async def read(conn: asyncpg.Connection, ctx: Context, table: TableInfo) -> Resu
 # -- writes ---------------------------------------------------------------------------------------
 
 def _returning_items(ctx: Context, table: TableInfo) -> list[SelectItem]:
-    from dataapi.request import Column, Field
+    """What a write's statement reads back: the select= tree for return=representation (or a
+    singular response), else only the primary key (for Location and the row count)."""
     if ctx.prefs.return_ == "representation" or ctx.singular:
         return ctx.query.select
     return [Column(Field(c)) for c in table.pk] or [Star()]
@@ -299,7 +299,6 @@ async def nested_insert(conn: asyncpg.Connection, ctx: Context, table: TableInfo
 
 
 def _eq(column: str, value: Any) -> Filter:
-    from dataapi.request import Field
     return Filter(Field(column), "eq", value if isinstance(value, str) else json.dumps(value))
 
 
@@ -355,7 +354,7 @@ def rpc_args_from_body(raw: bytes) -> dict[str, Any]:
         raise body_error("Empty or invalid json", f"The request body is not valid JSON: {e}") from None
     if not isinstance(data, dict):
         raise body_error("Empty or invalid json", "A function call takes a JSON object of named arguments")
-    return {k: (v if isinstance(v, str | int | float | bool) or v is None else v) for k, v in data.items()}
+    return data
 
 
-__all__ = ["Context", "Result", "call", "delete", "ident", "insert", "read", "update", "upsert_put"]
+__all__ = ["Context", "Result", "call", "delete", "insert", "read", "update", "upsert_put"]

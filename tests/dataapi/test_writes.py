@@ -112,6 +112,21 @@ async def test_update_and_delete_with_filters(api: Api) -> None:
     assert status == 204 and "d" not in await kv(api)
 
 
+async def test_limited_update_and_delete(api: Api) -> None:
+    tok = user_token()
+    await api.admin("INSERT INTO kv (k, v) VALUES ('lim1', 1), ('lim2', 2), ('lim3', 3)")
+    status, _, body = await api.request("PATCH", "kv?k=like.lim*&order=v.desc&limit=2&select=k", token=tok,
+                                        json={"note": "top2"}, headers=REPR)
+    assert status == 200 and sorted(r["k"] for r in body) == ["lim2", "lim3"]
+    status, _, body = await api.request("DELETE", "kv?k=like.lim*&limit=1", token=tok)
+    assert status == 400 and body["code"] == "PGRST109"
+    status, _, body = await api.request("DELETE", "kv?k=like.lim*&order=v&limit=1&offset=1&select=k", token=tok,
+                                        headers=REPR)
+    assert status == 200 and body == [{"k": "lim2"}]
+    rows = await api.admin("SELECT k, note FROM kv WHERE k LIKE 'lim%' ORDER BY k")
+    assert [(r["k"], r["note"]) for r in rows] == [("lim1", None), ("lim3", "top2")]
+
+
 async def test_singular_write_rolls_back_when_not_one_row(api: Api) -> None:
     tok = user_token()
     status, _, body = await api.request("PATCH", "kv?k=in.(f,i)", token=tok, json={"v": 0},
