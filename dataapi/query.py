@@ -407,10 +407,9 @@ def insert_cte(b: Builder, table: TableInfo, rows: list[dict[str, Any]], columns
 def _write_filter(b: Builder, table: TableInfo) -> list[str]:
     """The WHERE of an update or delete: its filters, and for ``limit``/``offset`` (PostgREST's
     limited update/delete) the rows chosen by ``order`` through their ctid."""
-    wheres = [b.condition("pgrst_w", table, c, {}) for c in b.query.conditions.get((), [])]
     limit, offset = b.query.limit.get(()), b.query.offset.get((), 0)
     if limit is None and not offset:
-        return wheres
+        return [b.condition("pgrst_w", table, c, {}) for c in b.query.conditions.get((), [])]
     order = b.query.order.get((), [])
     if not order:
         raise ApiError(400, "PGRST109", "A 'limit' was applied without an explicit 'order'", None,
