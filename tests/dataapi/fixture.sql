@@ -84,3 +84,12 @@ CREATE FUNCTION pre_request() RETURNS void LANGUAGE plpgsql AS $$ BEGIN
   END IF;
 END $$;
 GRANT EXECUTE ON ALL FUNCTIONS IN SCHEMA public TO web_anon, web_user;
+
+CREATE SCHEMA extra;
+CREATE TABLE extra.gadgets (id int PRIMARY KEY, name text);
+INSERT INTO extra.gadgets VALUES (1, 'sprocket');
+CREATE TABLE extra.books (id int PRIMARY KEY, title text);
+INSERT INTO extra.books VALUES (1, 'Only in extra');
+GRANT USAGE ON SCHEMA extra TO web_anon, web_user;
+GRANT SELECT ON ALL TABLES IN SCHEMA extra TO web_anon;
+GRANT ALL ON ALL TABLES IN SCHEMA extra TO web_user;

@@ -474,3 +474,16 @@ async def test_requests_are_counted_in_metrics(api: Api) -> None:
                for metric in api.api.metrics.requests.collect() for s in metric.samples if s.name.endswith("_total")}
     assert samples[("main", "200")] >= 1 and samples[("main", "404")] >= 1
     assert samples[("-", "404")] >= 1 and not any(b == "not_a_branch" for b, _ in samples)
+
+
+async def test_schemas_by_profile_headers(api: Api) -> None:
+    _, _, body = await api.get("books?select=title&id=eq.1", headers={"Accept-Profile": "extra"})
+    assert body == [{"title": "Only in extra"}]
+    status, _, body = await api.get("gadgets")
+    assert status == 404 and body["code"] == "PGRST205"
+    status, _, body = await api.request("POST", "gadgets?select=name", token=user_token(),
+                                        json={"id": 2, "name": "cog"},
+                                        headers={"Content-Profile": "extra", "Prefer": "return=representation"})
+    assert status == 201 and body == [{"name": "cog"}]
+    status, _, body = await api.get("gadgets", headers={"Accept-Profile": "public2"})
+    assert status == 406 and body["code"] == "PGRST106" and "public, extra" in body["message"]
