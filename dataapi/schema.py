@@ -265,6 +265,16 @@ SELECT con.conname, con.contype::text, con.conrelid, con.confrelid,
 FROM pg_constraint con
 WHERE con.contype IN ('p', 'u', 'f') AND con.conrelid = ANY($1::oid[])
 """
+# Which base-table columns each view reads (the view's rewrite rule depends on them): a view column
+# with the same name as such a column stands for it, so the base table's keys and foreign keys carry
+# over to the view, as PostgREST infers them. Renamed view columns are not followed.
+_VIEW_COLUMNS = """
+SELECT DISTINCT r.ev_class, d.refobjid, a.attname
+FROM pg_rewrite r
+JOIN pg_depend d ON d.classid = 'pg_rewrite'::regclass AND d.objid = r.oid AND d.refclassid = 'pg_class'::regclass
+JOIN pg_attribute a ON a.attrelid = d.refobjid AND a.attnum = d.refobjsubid
+WHERE r.ev_class = ANY($1::oid[]) AND d.refobjid <> r.ev_class AND d.refobjsubid > 0
+"""
 _FUNCTIONS = """
 SELECT n.nspname, p.proname, p.provolatile::text, p.proretset, p.prorettype::regtype::text, t.typtype::text, t.typrelid,
        coalesce(p.proargnames, '{}'), coalesce(p.proargmodes::text[], '{}'),
@@ -283,16 +293,29 @@ async def load(conn: asyncpg.Connection, schemas: tuple[str, ...]) -> SchemaCach
     columns: dict[int, dict[str, ColumnInfo]] = {}
     for oid, name, typ, nullable, default, generated in await conn.fetch(_COLUMNS, oids):
         columns.setdefault(oid, {})[name] = ColumnInfo(name, typ, nullable, default, generated)
+    view_oids = [r[0] for r in rels if r[3] in ("v", "m")]
+    reads: dict[int, dict[int, set[str]]] = {}  # view -> base table -> columns it reads
+    for view, base, col in (await conn.fetch(_VIEW_COLUMNS, view_oids)) if view_oids else []:
+        reads.setdefault(view, {}).setdefault(base, set()).add(col)
+    bases = {b for per_view in reads.values() for b in per_view} - set(oids)
     pks: dict[int, tuple[str, ...]] = {}
     uniques: dict[int, list[tuple[str, ...]]] = {}
     fk_rows = []
-    for conname, contype, conrelid, confrelid, cols, refcols in await conn.fetch(_CONSTRAINTS, oids):
+    for conname, contype, conrelid, confrelid, cols, refcols in await conn.fetch(_CONSTRAINTS, oids + list(bases)):
         if contype == "p":
             pks[conrelid] = tuple(cols)
         elif contype == "u":
             uniques.setdefault(conrelid, []).append(tuple(cols))
         else:
             fk_rows.append((conname, conrelid, confrelid, tuple(cols), tuple(refcols)))
+    # Every exposed relation standing for a base table, with the base columns it carries.
+    stands_for: dict[int, list[tuple[int, set[str]]]] = {oid: [(oid, set(columns.get(oid, {})))] for oid in oids}
+    for view, per_base in reads.items():
+        for base, cols in per_base.items():
+            carried = cols & set(columns.get(view, {}))
+            stands_for.setdefault(base, []).append((view, carried))
+            if base in pks and set(pks[base]) <= carried and view not in pks:
+                pks[view] = pks[base]
     by_oid: dict[int, TableInfo] = {}
     tables: dict[tuple[str, str], TableInfo] = {}
     for oid, nspname, relname, relkind, description in rels:
@@ -300,8 +323,16 @@ async def load(conn: asyncpg.Connection, schemas: tuple[str, ...]) -> SchemaCach
                          tuple(uniques.get(oid, ())), description)
         by_oid[oid] = info
         tables[info.qualified] = info
-    fks = tuple(ForeignKey(name, by_oid[rel].qualified, cols, by_oid[ref].qualified, refcols)
-                for name, rel, ref, cols, refcols in fk_rows if rel in by_oid and ref in by_oid)
+    seen: set[tuple[str, int, int]] = set()
+    fk_list: list[ForeignKey] = []
+    for name, rel, ref, cols, refcols in fk_rows:
+        for src, src_cols in stands_for.get(rel, []):
+            for dst, dst_cols in stands_for.get(ref, []):
+                if (src in by_oid and dst in by_oid and set(cols) <= src_cols and set(refcols) <= dst_cols
+                        and (name, src, dst) not in seen):
+                    seen.add((name, src, dst))
+                    fk_list.append(ForeignKey(name, by_oid[src].qualified, cols, by_oid[dst].qualified, refcols))
+    fks = tuple(fk_list)
     functions: dict[tuple[str, str], list[FunctionInfo]] = {}
     for (nspname, proname, volatility, retset, rettype, typtype, typrelid, argnames, argmodes, argtypes,
          nargs, ndefaults) in funcs:

@@ -93,3 +93,15 @@ INSERT INTO extra.books VALUES (1, 'Only in extra');
 GRANT USAGE ON SCHEMA extra TO web_anon, web_user;
 GRANT SELECT ON ALL TABLES IN SCHEMA extra TO web_anon;
 GRANT ALL ON ALL TABLES IN SCHEMA extra TO web_user;
+
+-- PostgREST's common layout: tables in a private schema, views in the exposed one.
+CREATE SCHEMA private;
+CREATE TABLE private.shelves (id int PRIMARY KEY, label text);
+CREATE TABLE private.shelf_books (id int PRIMARY KEY, shelf_id int REFERENCES private.shelves(id),
+                                  book_id int REFERENCES books(id));
+INSERT INTO private.shelves VALUES (1, 'front'), (2, 'back');
+INSERT INTO private.shelf_books VALUES (1, 1, 1), (2, 1, 3), (3, 2, 5);
+CREATE VIEW shelves AS SELECT id, label FROM private.shelves;
+CREATE VIEW shelf_books AS SELECT id, shelf_id, book_id FROM private.shelf_books;
+CREATE VIEW book_titles AS SELECT id, title AS name, author_id FROM books;
+GRANT SELECT ON shelves, shelf_books, book_titles TO web_anon;

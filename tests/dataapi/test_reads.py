@@ -514,3 +514,14 @@ async def test_random_query_strings_never_500(api: Api) -> None:
         assert status < 500, (table, parts, body)
         if status >= 400:
             assert isinstance(body, dict) and set(body) == {"code", "details", "hint", "message"}, (parts, body)
+
+
+async def test_embedding_through_views(api: Api) -> None:
+    _, _, body = await api.get("shelves?select=label,shelf_books(books(title))&order=id&shelf_books.order=id")
+    assert body == [{"label": "front", "shelf_books": [{"books": {"title": "The Left Hand of Darkness"}},
+                                                       {"books": {"title": "Solaris"}}]},
+                    {"label": "back", "shelf_books": [{"books": {"title": "Pride and Prejudice"}}]}]
+    _, _, body = await api.get("books?select=title,shelf_books(shelves(label))&id=eq.5")
+    assert body == [{"title": "Pride and Prejudice", "shelf_books": [{"shelves": {"label": "back"}}]}]
+    _, _, body = await api.get("book_titles?select=name,authors(name)&id=eq.3")
+    assert body == [{"name": "Solaris", "authors": {"name": "Stanislaw Lem"}}]
