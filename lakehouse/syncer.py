@@ -503,6 +503,17 @@ class Syncer:
             with contextlib.suppress(InterruptedError):
                 select.select([repl], [], [], 0.05)
 
+    def _resnapshot_reason(self, progress: dict[str, Any], exists: bool) -> str | None:
+        if not progress.get("snapshot_done"):
+            return None  # the first snapshot (or one a crash interrupted)
+        if progress.get("slot") != self.spec.slot:
+            return (f"the branch was restored or reset (now slot {self.spec.slot}, was {progress.get('slot')}): "
+                    "history replaced by a fresh snapshot")
+        if not exists:
+            return (f"slot {self.spec.slot} was lost (the compute was rebuilt from an image without it): "
+                    "history replaced by a fresh snapshot")
+        return None
+
     # -- run --------------------------------------------------------------------------------------
 
     def run(self) -> None:
@@ -516,11 +527,7 @@ class Syncer:
             try:
                 repl = repl_conn.cursor()
                 if not (exists and progress.get("slot") == self.spec.slot and progress.get("snapshot_done")):
-                    reason = None
-                    if progress.get("snapshot_done") and not exists:
-                        reason = (f"slot {self.spec.slot} was missing (compute rebuilt without it, or the branch "
-                                  "was restored): history re-snapshotted")
-                    self.snapshot(conn, repl, reason)
+                    self.snapshot(conn, repl, self._resnapshot_reason(progress, exists))
                 conn.close()
                 self.stream(repl)
             finally:
