@@ -488,8 +488,8 @@ class Syncer:
             # _sort_by positions are 2 × the change's place in its transaction, + 1 for an update's
             # postimage: the preimage sorts first.
             if c.kind == "insert":
-                table.add(c.relation, c.new, "insert", lsn=c.lsn, xid=tx.xid, commit_lsn=tx.commit_lsn,
-                          seq=2 * c.seq, commit_time=tx.commit_time)
+                assert c.new is not None
+                table.add_insert(c.relation, c.new, c.lsn, 2 * c.seq, tx.xid, tx.commit_lsn, tx.commit_time)
             elif c.kind == "delete":
                 table.add(c.relation, c.old, "delete", lsn=c.lsn, xid=tx.xid, commit_lsn=tx.commit_lsn,
                           seq=2 * c.seq, commit_time=tx.commit_time)
