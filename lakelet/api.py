@@ -24,7 +24,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_l
 import storage
 from compute import Endpoints, UnknownBranch, WakeError
 from lakehouse.manager import LakehouseSync
-from lakelet import project
+from lakelet import dataapi_wiring, project
 from lakelet.config import Config
 from lakelet.lakehouse_api import LakehouseRoutes
 from proxy import Proxy
@@ -71,6 +71,7 @@ class ControlAPI:
         r.add_get("/api/v1/roles", self.list_roles)
         r.add_post("/api/v1/roles", self.create_role)
         r.add_get("/api/v1/connstr", self.connstr)
+        r.add_get("/api/v1/data-api/url", dataapi_wiring.url_route(self.config, self.endpoints))
         if self.lakehouse is not None:
             LakehouseRoutes(self.lakehouse).add(r)
         return app

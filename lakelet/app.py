@@ -21,10 +21,13 @@ from prometheus_client import CollectorRegistry
 import storage
 from compute import EndpointConfig, Endpoints
 from lakehouse.manager import LakehouseSync
-from lakelet import project
+from lakehouse.synced.compute import BranchComputes
+from lakehouse.synced.service import SyncedTables
+from lakelet import dataapi_wiring, project
 from lakelet.api import ControlAPI
 from lakelet.config import Config
 from lakelet.rundir import DataDirLock, remove_run_info, write_run_info
+from lakelet.synced_api import SyncedTablesAPI
 from proxy import Proxy, ProxyConfig
 from storage.postgres import find_binaries, make_reachable, resolve_service_user
 
@@ -80,7 +83,9 @@ async def _serve_locked(config: Config, data_dir: Path) -> int:
         wake_timeout=config.wake_timeout, max_client_connections=config.max_client_connections,
     ), registry=registry)
 
+    synced = SyncedTables(BranchComputes(endpoints), data_dir / "synced_tables.json", registry)
     runner: web.AppRunner | None = None
+    data_api = None
     collector: asyncio.Task[None] | None = None
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -95,11 +100,15 @@ async def _serve_locked(config: Config, data_dir: Path) -> int:
         run = write_run_info(data_dir, config.http)
         api = ControlAPI(config=config, store=store, endpoints=endpoints, proxy=proxy,
                          registry=registry, token=run.token, lakehouse=lakehouse)
-        runner = web.AppRunner(api.app(), access_log=None, handle_signals=False)
+        web_app = api.app()
+        SyncedTablesAPI(synced).install(web_app)
+        runner = web.AppRunner(web_app, access_log=None, handle_signals=False)
         await runner.setup()
         http_host, http_port = config.http_addr
         await web.TCPSite(runner, http_host, http_port).start()
         await proxy.start()
+        data_api = await dataapi_wiring.start(config, endpoints)
+        await synced.start()
         collector = asyncio.create_task(_collect_garbage(store, config.gc_interval), name="store-gc")
         api.ready = True
         log.info("lakelet is up", extra={"postgres": f"{host}:{proxy.port}", "http": config.http,
@@ -111,6 +120,9 @@ async def _serve_locked(config: Config, data_dir: Path) -> int:
             collector.cancel()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.remove_signal_handler(sig)
+        if data_api is not None:
+            await data_api.close()
+        await synced.close()
         await _shutdown(proxy, endpoints, runner, store, lakehouse)
     return 0
 
