@@ -99,6 +99,7 @@ def restore_image(pages: PageStore, objects: ObjectStore, manifest_key: str, tar
     os.chmod(target, 0o700)
     for d in manifest["dirs"]:  # type: ignore[attr-defined]
         (target / d).mkdir(mode=0o700, parents=True, exist_ok=True)
+    pages.prefetch([d for entry in manifest["files"] for d in _digests(entry)])  # type: ignore[attr-defined]
     # Writing into the page cache and decompressing the next batch both run without the GIL:
     # one writer thread overlaps them.
     with ThreadPoolExecutor(1, thread_name_prefix="lakelet-restore") as writer:

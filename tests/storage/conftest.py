@@ -4,6 +4,7 @@ talk to a branch's Postgres through its private socket."""
 from __future__ import annotations
 
 import asyncio
+import os
 import shutil
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
@@ -14,8 +15,10 @@ import pytest
 
 from compute import ComputeAddress, EndpointConfig, Endpoints
 from storage import Store
+from storage.bucket import open_store
 from storage.postgres import PgBinaries, ServiceUser
 from tests.conftest import scratch_dir
+from tests.s3server import S3Server, moto_server
 
 ADMIN = "lakelet_admin"
 
@@ -33,8 +36,10 @@ class Lake:
         return self.root / "computes"
 
 
-async def open_lake(root: Path, user: ServiceUser, pg: PgBinaries) -> Lake:
-    store = await asyncio.to_thread(Store.open, root / "store", user=user, pg=pg)
+async def open_lake(root: Path, user: ServiceUser, pg: PgBinaries, store_uri: str | None = None,
+                    **store_args: object) -> Lake:
+    store = await asyncio.to_thread(open_store, store_uri, root / "store", user=user, pg=pg,
+                                    **store_args)  # type: ignore[arg-type]
     await asyncio.to_thread(store.bootstrap)
     endpoints = Endpoints(store, computes_dir=root / "computes", user=user, pg=pg,
                           config=EndpointConfig(suspend_timeout=3600), cgroups=False)
@@ -45,6 +50,22 @@ async def open_lake(root: Path, user: ServiceUser, pg: PgBinaries) -> Lake:
 async def close_lake(lake: Lake) -> None:
     await lake.endpoints.close()
     lake.store.close()
+
+
+@pytest.fixture(scope="session")
+def s3_server() -> Iterator[S3Server]:
+    """moto's S3 server on 127.0.0.1, found by the store's boto3 the standard way (environment)."""
+    with moto_server() as server:
+        saved = {k: os.environ.get(k) for k in server.env()}
+        os.environ.update(server.env())
+        try:
+            yield server
+        finally:
+            for k, v in saved.items():
+                if v is None:
+                    os.environ.pop(k, None)
+                else:
+                    os.environ[k] = v
 
 
 @pytest.fixture(scope="module")
