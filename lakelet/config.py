@@ -42,6 +42,9 @@ class Config:
     user: str = ""
     retention_days: float = 7.0
     gc_interval: float = 600.0
+    store_uri: str = ""
+    wal_upload_interval: float = 1.0
+    cache_size: str = "10GB"
     superuser: bool = False
 
     @property
@@ -67,6 +70,7 @@ SECTIONS: dict[str, str] = {
     "auth_timeout": "proxy", "wake_timeout": "proxy", "max_client_connections": "proxy",
     "suspend_timeout": "compute", "min_cu": "compute", "max_cu": "compute", "durability": "compute",
     "user": "compute", "retention_days": "storage", "gc_interval": "storage", "superuser": "project",
+    "store_uri": "storage", "wal_upload_interval": "storage", "cache_size": "storage",
 }
 ENV_NAMES = {name: "LAKELET_" + name.upper() for name in SECTIONS} | {"user": "LAKELET_COMPUTE_USER"}
 
@@ -168,3 +172,18 @@ def validate(c: Config) -> None:
         raise ConfigError("tls_cert and tls_key go together: set both, or neither for a self-signed certificate")
     parse_hostport(c.listen, "listen")
     parse_hostport(c.http, "http")
+    _validate_store(c)
+
+
+def _validate_store(c: Config) -> None:
+    from storage.bucket import parse_size
+
+    if c.store_uri and not c.store_uri.startswith(("file://", "s3://")):
+        raise ConfigError(f"store_uri = {c.store_uri!r}: use file:///PATH or s3://BUCKET/PREFIX "
+                          "(empty: <data_dir>/store)")
+    if c.wal_upload_interval <= 0:
+        raise ConfigError(f"wal_upload_interval = {c.wal_upload_interval}: must be a positive number of seconds")
+    try:
+        parse_size(c.cache_size)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None

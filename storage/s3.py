@@ -35,6 +35,8 @@ from storage.errors import StorageError
 from storage.objectstore import ObjectNotFound
 
 log = logging.getLogger("lakelet.storage.s3")
+# botocore says at INFO where it found credentials, on every start: not an event of ours.
+logging.getLogger("botocore.credentials").setLevel(logging.WARNING)
 
 T = TypeVar("T")
 
