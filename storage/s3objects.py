@@ -46,6 +46,8 @@ class S3ObjectStore:
         self._lru: OrderedDict[str, int] = OrderedDict()  # cached key → size, least recent first
         self._held = 0
         self._deletes: list[str] = []
+        # Deleted for everyone reading through this store, though the bucket delete is deferred.
+        self._doomed: set[str] = set()
         self.closers: list[Callable[[], None]] = []
         # Called before every write: the lease's fence (raises once this process may not write).
         self.fence: Callable[[], None] = lambda: None
@@ -197,15 +199,18 @@ class S3ObjectStore:
         self.client.get_to_file(PREFIX + key, path)
 
     def list(self, prefix: str = "") -> list[str]:
-        return sorted(name[len(PREFIX):] for name, _ in self.client.list(PREFIX + prefix))
+        return sorted(name[len(PREFIX):] for name, _ in self.client.list(PREFIX + prefix)
+                      if name not in self._doomed)
 
     def size(self, key: str) -> int:
-        found = self.client.head(PREFIX + check_key(key))
+        found = None if PREFIX + key in self._doomed else self.client.head(PREFIX + check_key(key))
         if found is None:
             raise ObjectNotFound(key)
         return found[0]
 
     def exists(self, key: str) -> bool:
+        if PREFIX + key in self._doomed:
+            return False
         if self._touch(key) and self._path(key).exists():
             return True
         return self.client.head(PREFIX + check_key(key)) is not None
@@ -215,9 +220,10 @@ class S3ObjectStore:
         self._forget(check_key(key))
         with self._lock:
             self._deletes.append(PREFIX + key)
+            self._doomed.add(PREFIX + key)
 
     def total_bytes(self, prefix: str = "") -> int:
-        return sum(size for _, size in self.client.list(PREFIX + prefix))
+        return sum(size for name, size in self.client.list(PREFIX + prefix) if name not in self._doomed)
 
     def cleanup_temp(self) -> int:
         removed = 0
@@ -239,6 +245,11 @@ class S3ObjectStore:
         with self._lock:
             out, self._deletes = self._deletes, []
         return out
+
+    def deleted(self, keys: list[str]) -> None:
+        """The bucket no longer has ``keys``."""
+        with self._lock:
+            self._doomed.difference_update(keys)
 
     def requeue_deletes(self, keys: list[str]) -> None:
         """Put back keys taken by a round that failed before deleting them."""

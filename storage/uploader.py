@@ -176,7 +176,12 @@ class Uploader:
                 raise
             doomed += gone + superseded
             if doomed:
-                self.client.delete_many(doomed)
+                try:
+                    self.client.delete_many(doomed)
+                except BaseException:
+                    self.objects.requeue_deletes([k for k in doomed if k.startswith("objects/")])
+                    raise
+                self.objects.deleted(doomed)
                 for key in gone:
                     self._uploaded.pop(key, None)
             self.rounds += 1

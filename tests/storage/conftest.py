@@ -68,16 +68,35 @@ def s3_server() -> Iterator[S3Server]:
                     os.environ[k] = v
 
 
+# Modules whose tests also run on a store in a bucket (moto's S3 server on loopback): branches,
+# durability and GC cover what the bucket changes (packs through the cache, WAL uploads, deferred
+# deletes). LAKELET_TEST_S3=all runs every module using ``lake`` on both backends.
+S3_MODULES = {"test_branches", "test_durability", "test_gc"}
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    if "store_backend" in metafunc.fixturenames:
+        module = metafunc.module.__name__.rsplit(".", 1)[-1]
+        every = os.environ.get("LAKELET_TEST_S3") == "all"
+        metafunc.parametrize("store_backend", ["file", "s3"] if every or module in S3_MODULES else ["file"],
+                             scope="module")
+
+
 @pytest.fixture(scope="module")
-def lake_root(service_user: ServiceUser) -> Iterator[Path]:
-    with scratch_dir("lakelet-storage-") as path:
+def lake_root(service_user: ServiceUser, store_backend: str) -> Iterator[Path]:
+    with scratch_dir(f"lakelet-storage-{store_backend}-") as path:
         yield path
 
 
 @pytest.fixture(scope="module")
-async def lake(lake_root: Path, service_user: ServiceUser, pg: PgBinaries) -> AsyncIterator[Lake]:
+async def lake(lake_root: Path, service_user: ServiceUser, pg: PgBinaries, store_backend: str,
+               request: pytest.FixtureRequest) -> AsyncIterator[Lake]:
     """One store per test module: bootstrapping and first starts are the slow part of every test."""
-    opened = await open_lake(lake_root, service_user, pg)
+    store_args: dict[str, object] = {}
+    if store_backend == "s3":
+        server: S3Server = request.getfixturevalue("s3_server")
+        store_args = {"store_uri": f"s3://{server.new_bucket()}/store", "upload_interval": 0.2}
+    opened = await open_lake(lake_root, service_user, pg, **store_args)  # type: ignore[arg-type]
     yield opened
     await close_lake(opened)
 
