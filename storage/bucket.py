@@ -80,6 +80,7 @@ def open_store(uri: str | None, root: Path, *, user: ServiceUser, pg: PgBinaries
     client.check()
     lease = Lease(client, root.parent, ttl=lease_ttl)
     lease.acquire()
+    lease.start()  # renewed from now on: a restore may take longer than the lease lives
     if on_lease_lost is not None:
         lease.on_lost.append(on_lease_lost)
     carry = dict(carry or {})
@@ -123,7 +124,6 @@ def open_store(uri: str | None, root: Path, *, user: ServiceUser, pg: PgBinaries
         # Closers run last-registered first: the final upload round, then the lease goes.
         objects.closers += [lease.release, uploader.close]
         uploader.start()
-        lease.start()
         return store
     except BaseException:
         lease.release()

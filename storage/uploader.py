@@ -38,6 +38,7 @@ from typing import Any
 
 import zstandard
 
+from storage import wal
 from storage.errors import StorageError
 from storage.lease import Lease, LeaseLost
 from storage.objectstore import ObjectNotFound
@@ -288,6 +289,18 @@ def _backup(path: Path) -> bytes:
         tmp.unlink(missing_ok=True)
 
 
+def _drop_unknown_timelines(wal_root: Path) -> None:
+    """Remove restored segments of timelines with no history file. A round that died between
+    uploading a new timeline's first segments and its history file leaves such segments; the
+    timeline is unknown to the restored catalog, so a promotion may pick its ID again, and its
+    stale segments must not be served (or resumed after) under that ID."""
+    known = {1} | {int(p.name[:8], 16) for p in (wal_root / "history").glob("*.history")}
+    for path in wal_root.glob("*/*"):
+        m = wal.SEGMENT.match(path.name)
+        if m and path.parent.name.isdigit() and int(m.group(1)[:8], 16) not in known:
+            path.unlink()
+
+
 def restore(client: S3Client, root: Path, state: dict[str, Any], files: dict[str, Path],
             own: Callable[[Path], None]) -> int:
     """Bring ``root`` (an empty local store) to what the bucket published: the SQLite files from
@@ -322,6 +335,7 @@ def restore(client: S3Client, root: Path, state: dict[str, Any], files: dict[str
 
     with ThreadPoolExecutor(8, thread_name_prefix="lakelet-restore-wal") as pool:
         fetched += sum(pool.map(fetch, wal_keys))
+    _drop_unknown_timelines(root / "wal")
     for dirpath, _, filenames in os.walk(root / "wal"):
         own(Path(dirpath))
         for name in filenames:
