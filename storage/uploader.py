@@ -219,6 +219,17 @@ class Uploader:
         self.bytes_uploaded += len(data)
         self._uploaded[key] = sig
 
+    def pending(self) -> tuple[int, int]:
+        """(files, bytes) under ``wal/`` changed since their last upload: what a lost machine
+        would lose right now."""
+        files = size = 0
+        for path in self._walk(self.wal_root):
+            sig = _sig(path)
+            if sig is not None and self._uploaded.get(WAL_PREFIX + str(path.relative_to(self.wal_root))) != sig:
+                files += 1
+                size += sig[0]
+        return files, size
+
     def _upload_files(self) -> None:
         for name, path in self.files.items():
             key = FILES_PREFIX + name
