@@ -175,7 +175,7 @@ class S3Client:
                 log.warning("S3 request failing; retrying with backoff",
                             extra={"operation": what, "key": name, "error": _describe(last)})
             time.sleep(delay * (0.5 + random.random()))
-            delay = min(delay * 2, 5.0)
+            delay = min(delay * 2, 2.0)
 
     # -- operations -----------------------------------------------------------------------------
 

@@ -39,6 +39,7 @@ from typing import Any
 import zstandard
 
 from storage import wal
+from storage.backpressure import CommitHold
 from storage.errors import StorageError
 from storage.lease import Lease, LeaseLost
 from storage.objectstore import ObjectNotFound
@@ -87,7 +88,7 @@ def write_marker(root: Path, uri: str, seq: int) -> None:
 class Uploader:
     def __init__(self, client: S3Client, root: Path, objects: S3ObjectStore, lease: Lease, *,
                  interval: float, maintenance: Callable[[], contextlib.AbstractContextManager[object]],
-                 files: dict[str, Path] | None = None) -> None:
+                 files: dict[str, Path] | None = None, hold_after: float | None = None) -> None:
         self.client = client
         self.root = root
         self.wal_root = root / "wal"
@@ -107,6 +108,11 @@ class Uploader:
         self.rounds = 0
         self.last_round_at = 0.0  # wall time at which the last successful round started
         self.bytes_uploaded = 0
+        # Commits wait (storage.backpressure) once the WAL not yet uploaded is older than this.
+        self.hold_after = hold_after if hold_after is not None else max(5.0, 5 * interval)
+        self.hold = CommitHold(self.wal_root)
+        self._pending_since: dict[str, tuple[Signature | None, float]] = {}
+        self._watchdog: threading.Thread | None = None
 
     # -- start ----------------------------------------------------------------------------------
 
@@ -128,6 +134,33 @@ class Uploader:
     def start(self) -> None:
         self._thread = threading.Thread(target=self._run, name="lakelet-uploader", daemon=True)
         self._thread.start()
+        self._watchdog = threading.Thread(target=self._watch, name="lakelet-upload-watch", daemon=True)
+        self._watchdog.start()
+
+    def backlog_age(self) -> float:
+        """Seconds since the oldest WAL change not yet in the bucket was first seen (0: none)."""
+        now = time.monotonic()
+        seen: dict[str, tuple[Signature | None, float]] = {}
+        for path in self._walk(self.wal_root):
+            key = WAL_PREFIX + str(path.relative_to(self.wal_root))
+            sig, done = _sig(path), self._uploaded.get(key)
+            if sig is not None and done != sig:
+                before = self._pending_since.get(key)
+                seen[key] = before if before is not None and before[0] == done else (done, now)
+        self._pending_since = seen
+        return now - min(t for _, t in seen.values()) if seen else 0.0
+
+    def _watch(self) -> None:
+        while not self._stop.wait(0.2):
+            try:
+                age = self.backlog_age()
+            except OSError:
+                continue
+            if age > self.hold_after:
+                self.hold.hold(f"the WAL not yet in {self.client.where()} is {age:.0f}s old "
+                               f"({self.failing or 'the upload is behind'}); they complete once it is uploaded")
+            elif age < self.hold_after / 2:
+                self.hold.release()
 
     def _run(self) -> None:
         while not self._stop.wait(self.interval):
@@ -153,8 +186,10 @@ class Uploader:
     def close(self) -> None:
         """Stop, after a last round (a clean stop leaves the bucket exactly as the local store)."""
         self._stop.set()
-        if self._thread is not None:
-            self._thread.join()
+        for thread in (self._thread, self._watchdog):
+            if thread is not None:
+                thread.join()
+        self.hold.release()
         if self.lease.lost is None:
             self.round_logged()
 

@@ -14,6 +14,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from datetime import UTC, datetime
@@ -30,6 +31,8 @@ UPLOAD_INTERVAL = 0.5
 # Commits acknowledged this long before the kill must all come back (the promise is one upload
 # interval plus one upload round; the margin is for a loaded 2-core machine).
 WINDOW = 4.0
+# The bucket fails this long: longer than the 5 s after which commits wait for it.
+OUTAGE = 9.0
 
 
 @pytest.fixture(scope="module")
@@ -69,16 +72,20 @@ def up(data_dir: Path, uri: str, endpoint: str) -> Lakelet:
     return Lakelet(data_dir, extra_args=["--store", uri, "--suspend-timeout", "600"], env=env)
 
 
-def write_for(conn: psycopg.Connection, table: str, seconds: float, start: int, acked: dict[int, float]) -> int:
-    """Insert rows one commit at a time for ``seconds``; record when each was acknowledged."""
+def write_for(conn: psycopg.Connection, table: str, seconds: float, start: int, acked: dict[int, float]) -> float:
+    """Insert rows ``start``, ``start + 1``… one commit at a time for ``seconds``; record when each
+    was acknowledged. Returns the longest a commit took."""
     n = start
+    longest = 0.0
     deadline = time.monotonic() + seconds
     while time.monotonic() < deadline:
+        t0 = time.monotonic()
         conn.execute(f"INSERT INTO {table} VALUES (%s)", (n,))
         acked[n] = time.monotonic()
+        longest = max(longest, acked[n] - t0)
         n += 1
         time.sleep(0.01)
-    return n
+    return longest
 
 
 def test_kill_9_and_an_empty_data_dir_lose_nothing_acknowledged(s3: tuple[S3Server, FaultyRelay]) -> None:
@@ -93,19 +100,21 @@ def test_kill_9_and_an_empty_data_dir_lose_nothing_acknowledged(s3: tuple[S3Serv
             acked: dict[int, float] = {}
             with psycopg.connect(first.dsn("lakelet", password), autocommit=True) as conn:
                 conn.execute("CREATE TABLE t (n int PRIMARY KEY)")
-                n = write_for(conn, "t", 2.0, 1, acked)
-                before_outage = n
+                write_for(conn, "t", 2.0, 1, acked)
+                before_outage = max(acked) + 1
                 moment = datetime.now(UTC).isoformat()
                 time.sleep(0.5)
                 cli("branch", "create", "feature", data_dir=data_dir, check=True)
                 cli("role", "create", "alice", "--password", "wonderland", data_dir=data_dir, check=True)
-                # The bucket answers 503 SlowDown for a while: commits go on (fsynced locally), the
-                # upload waits and catches up.
+                # The bucket answers 503 SlowDown for a while: commits go on (fsynced locally) until
+                # the WAL not yet uploaded is HOLD_AFTER seconds old, then they wait until the
+                # upload has caught up.
                 relay.failing.set()
-                n = write_for(conn, "t", 5.0, n, acked)
-                relay.failing.clear()
-                assert relay.refused > 0
-                n = write_for(conn, "t", WINDOW + 6.0, n, acked)
+                threading.Timer(OUTAGE, relay.failing.clear).start()
+                longest = write_for(conn, "t", OUTAGE + 2.0, max(acked) + 1, acked)
+                assert relay.refused > 0 and not relay.failing.is_set()
+                assert longest > 2.0  # some commit waited for the bucket
+                write_for(conn, "t", WINDOW + 4.0, max(acked) + 1, acked)
             with psycopg.connect(first.dsn("lakelet", password, branch="feature"), autocommit=True) as conn:
                 conn.execute("INSERT INTO t VALUES (-1)")
             feature_acked = time.monotonic()
@@ -117,6 +126,8 @@ def test_kill_9_and_an_empty_data_dir_lose_nothing_acknowledged(s3: tuple[S3Serv
             first.kill()
             kill_leftovers(data_dir)
         assert "S3 request failing; retrying with backoff" in first.output()
+        assert "commits wait: the WAL not yet in" in first.output()
+        assert "commits go on: the bucket caught up" in first.output()
         shutil.rmtree(data_dir)
 
         second = up(data_dir, uri, server.endpoint)
