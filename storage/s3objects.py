@@ -31,7 +31,7 @@ from storage.s3 import S3Client
 log = logging.getLogger("lakelet.storage.s3")
 
 PREFIX = "objects/"
-FETCH_THREADS = 8
+FETCH_THREADS = 16
 
 
 class S3ObjectStore:
@@ -138,13 +138,16 @@ class S3ObjectStore:
         many as fit in the cache; the rest are fetched when read."""
         wanted: list[str] = []
         budget = self.cache_size
-        for key in dict.fromkeys(keys):
-            size = self._lru.get(key)
+        ordered = list(dict.fromkeys(keys))
+        missing = [k for k in ordered if k not in self._lru]
+        # One listing instead of a HEAD per object (many objects share a folder: packs/).
+        sizes = {}
+        for folder in {k.rsplit("/", 1)[0] + "/" for k in missing if "/" in k}:
+            sizes.update((name[len(PREFIX):], size) for name, size in self.client.list(PREFIX + folder))
+        for key in ordered:
+            size = self._lru.get(key) or sizes.get(key)
             if size is None:
-                try:
-                    size = self.size(key)
-                except ObjectNotFound:
-                    continue
+                continue
             if size > budget:
                 break
             budget -= size
