@@ -70,14 +70,16 @@ def s3_server() -> Iterator[S3Server]:
 
 # Modules whose tests also run on a store in a bucket (moto's S3 server on loopback): branches,
 # durability and GC cover what the bucket changes (packs through the cache, WAL uploads, deferred
-# deletes). LAKELET_TEST_S3=all runs every module using ``lake`` on both backends.
+# deletes). LAKELET_TEST_S3=all runs every module that can on both backends (it adds ~5 minutes).
 S3_MODULES = {"test_branches", "test_durability", "test_gc"}
+# These open the store as a local directory themselves (their own fixture; child processes).
+LOCAL_ONLY = {"test_background_image", "test_crash"}
 
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     if "store_backend" in metafunc.fixturenames:
         module = metafunc.module.__name__.rsplit(".", 1)[-1]
-        every = os.environ.get("LAKELET_TEST_S3") == "all"
+        every = os.environ.get("LAKELET_TEST_S3") == "all" and module not in LOCAL_ONLY
         metafunc.parametrize("store_backend", ["file", "s3"] if every or module in S3_MODULES else ["file"],
                              scope="module")
 
