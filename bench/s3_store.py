@@ -135,8 +135,10 @@ async def wal_upload(lake: Lake, pg: PgBinaries, user: ServiceUser, seconds: int
             pg["pgbench"], "-n", "-c", "4", "-j", "2", "-T", str(seconds), stdout=asyncio.subprocess.DEVNULL,
             stderr=asyncio.subprocess.DEVNULL, preexec_fn=user.preexec, env=user.child_env(env), cwd="/")
         backlog: list[int] = []
+        age: list[float] = []
         while bench.returncode is None:
             backlog.append((await asyncio.to_thread(uploader.pending))[1])
+            age.append(uploader.backlog_seconds)
             try:
                 await asyncio.wait_for(bench.wait(), 0.25)
             except TimeoutError:
@@ -153,6 +155,7 @@ async def wal_upload(lake: Lake, pg: PgBinaries, user: ServiceUser, seconds: int
         await conn.close()
     return {"wal_mb_s": float(written) / MB / elapsed, "sent_mb_s": sent / MB / elapsed,
             "backlog_median_mb": statistics.median(backlog) / MB, "backlog_max_mb": max(backlog) / MB,
+            "age_median_s": statistics.median(age), "age_max_s": max(age), "hold_after": uploader.hold_after,
             "drain_s": drain, "seconds": elapsed}
 
 
@@ -211,7 +214,9 @@ async def main() -> None:
     print(f"pgbench -c 4 for {upload['seconds']:.0f} s: Postgres wrote WAL at {upload['wal_mb_s']:.2f} MB/s; "
           f"uploaded {upload['sent_mb_s']:.2f} MB/s (partial segments re-sent as they grow); "
           f"backlog median {upload['backlog_median_mb']:.2f} MB, max {upload['backlog_max_mb']:.2f} MB; "
-          f"drained {upload['drain_s']:.2f} s after the load stopped")
+          f"oldest change not yet uploaded: median {upload['age_median_s']:.2f} s, max {upload['age_max_s']:.2f} s "
+          f"(commits wait beyond {upload['hold_after']:.0f} s); drained {upload['drain_s']:.2f} s after the load "
+          "stopped")
 
 
 if __name__ == "__main__":

@@ -113,6 +113,7 @@ class Uploader:
         self.hold = CommitHold(self.wal_root)
         self._pending_since: dict[str, tuple[Signature | None, float]] = {}
         self._watchdog: threading.Thread | None = None
+        self.backlog_seconds = 0.0  # the watchdog's latest backlog_age()
 
     # -- start ----------------------------------------------------------------------------------
 
@@ -153,7 +154,7 @@ class Uploader:
     def _watch(self) -> None:
         while not self._stop.wait(0.2):
             try:
-                age = self.backlog_age()
+                age = self.backlog_seconds = self.backlog_age()
             except OSError:
                 continue
             if age > self.hold_after:
