@@ -23,7 +23,7 @@ from storage.postgres import PgBinaries, ServiceUser
 from storage.s3objects import S3ObjectStore
 from tests.conftest import poll_until, scratch_dir
 from tests.s3server import S3Server
-from tests.storage.conftest import branch_at_head, close_lake, open_lake, rows, sql
+from tests.storage.conftest import branch_at_head, close_lake, open_lake, rows, sql, suspend_all
 
 
 async def test_bucket_alone_brings_back_the_project(s3_server: S3Server, service_user: ServiceUser,
@@ -70,6 +70,22 @@ async def test_bucket_alone_brings_back_the_project(s3_server: S3Server, service
             largest = max(size for _, size in objects.client.list("objects/"))
             cached = sum(p.stat().st_size for p in (second_root / "store" / "cache").rglob("*") if p.is_file())
             assert cached <= cache_size + largest
+
+            # Deleting a branch and collecting garbage empties the bucket of it, once the catalog
+            # snapshot without it is published.
+            child_id = lake.store.get_branch("child").id
+            await suspend_all(lake)
+
+            def child_left() -> list[str]:
+                return [k for k, _ in objects.client.list("") if k.startswith(
+                    (f"objects/images/{child_id}/", f"wal/{child_id}/"))]
+
+            assert any(k.startswith("objects/images/") for k in child_left())
+            assert any(k.startswith("wal/") for k in child_left())
+            await asyncio.to_thread(lake.store.delete_branch, "child")
+            await asyncio.to_thread(lake.store.gc)
+            await poll_until(lambda: not child_left(), "the deleted branch leaving the bucket", timeout=60, every=0.2)
+            assert await rows(lake, "main", "t") == list(range(1, 101))
         finally:
             await close_lake(lake)
 
