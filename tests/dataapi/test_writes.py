@@ -309,3 +309,22 @@ async def test_suspended_branch_wakes_on_request(api: Api) -> None:
     status, _, body = await api.request("POST", "kv?select=k", token=user_token(), headers=REPR,
                                         json={"k": "after-wake", "v": 1})
     assert status == 201 and body == [{"k": "after-wake"}]
+
+
+async def test_branch_scales_to_zero_after_http_traffic_and_wakes_again(api: Api) -> None:
+    from compute import EndpointConfig
+
+    eps = api.endpoints
+    before = eps.endpoint("main").config
+    eps.configure("main", EndpointConfig(suspend_timeout=2, min_cu=before.min_cu, max_cu=before.max_cu,
+                                         durability=before.durability))
+    try:
+        for _ in range(5):
+            status, _, _ = await api.get("books?select=id&limit=1")
+            assert status == 200
+        await poll_until(lambda: next(s for s in eps.status() if s.branch == "main").state == "suspended",
+                         "main scaled to zero after the HTTP traffic stopped", timeout=60, every=0.2)
+        status, _, body = await api.get("books?select=title&id=eq.5")
+        assert status == 200 and body == [{"title": "Pride and Prejudice"}]
+    finally:
+        eps.configure("main", before)
