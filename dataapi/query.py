@@ -189,9 +189,10 @@ class Builder:
                     continue
                 col_sql, join_sql, body_ref = self._embed(a, table, item, path, for_count)
                 joins.append(join_sql)
-                embeds[item.key] = body_ref
-                if item.join == "inner":
-                    wheres.append(f"{body_ref} IS NOT NULL")
+                if body_ref is not None:
+                    embeds[item.key] = body_ref
+                    if item.join == "inner":
+                        wheres.append(f"{body_ref} IS NOT NULL")
                 if col_sql:
                     cols.append(col_sql)
                     grouped.append(len(cols))
@@ -236,7 +237,7 @@ class Builder:
         return sql, name, c.aggregate is not None
 
     def _embed(self, parent_alias: str, parent: TableInfo, e: Embed, path: Path,
-               for_count: bool) -> tuple[str | None, str, str]:
+               for_count: bool) -> tuple[str | None, str, str | None]:
         rel = self.cache.relationship(parent, e.relation, e.hint)
         child_path = path + (e.key,)
         self._used_paths.add(child_path)
@@ -257,13 +258,18 @@ class Builder:
         sub = self.node(target, qualified(target.schema, target.name), items, child_path, link=link,
                         limit=limit, offset=offset, for_count=False)
         lat = self.alias()
-        if e.spread:
-            if not rel.to_one:
-                raise ApiError(400, "PGRST119", f"A spread operation on '{e.relation}' is not possible", None,
-                               "A spread needs a many-to-one or one-to-one relationship")
+        if e.spread and rel.to_one:
+            # The embedded columns join the parent's row; !inner is the join itself.
             kind = "JOIN" if e.join == "inner" else "LEFT JOIN"
-            return (None if for_count else f"{lat}.*", f"{kind} LATERAL ({sub}) AS {lat} ON TRUE",
-                    f"{lat}.*")  # body_ref unused for spread filters
+            return (None if for_count else f"{lat}.*", f"{kind} LATERAL ({sub}) AS {lat} ON TRUE", None)
+        if e.spread:
+            # To-many spread (PostgREST 13): each embedded column becomes an array of its values.
+            row = self.alias()
+            names = self._output_names(target, items)
+            aggs = "".join(f"coalesce(json_agg({row}.{ident(n)}), '[]'::json) AS {ident(n)}, " for n in names)
+            join = f"LEFT JOIN LATERAL (SELECT {aggs}count(*) AS pgrst_n FROM ({sub}) AS {row}) AS {lat} ON TRUE"
+            cols = ", ".join(f"{lat}.{ident(n)}" for n in names)
+            return (None if for_count or not names else cols), join, f"nullif({lat}.pgrst_n, 0)"
         row = self.alias()
         if rel.to_one:
             join = f"LEFT JOIN LATERAL (SELECT row_to_json({row}.*) AS body FROM ({sub}) AS {row}) AS {lat} ON TRUE"
@@ -272,6 +278,21 @@ class Builder:
             join = f"LEFT JOIN LATERAL (SELECT json_agg({row}.*) AS body FROM ({sub}) AS {row}) AS {lat} ON TRUE"
             col = f"COALESCE({lat}.body, '[]'::json) AS {ident(e.key)}"
         return (None if for_count or not e.select else col), join, f"{lat}.body"
+
+    def _output_names(self, table: TableInfo, items: list[SelectItem]) -> list[str]:
+        """The column names a level's SELECT produces (for a to-many spread's arrays)."""
+        names: list[str] = []
+        for item in items:
+            if isinstance(item, Star):
+                names += list(table.columns)
+            elif isinstance(item, Column):
+                names.append(item.alias or (item.aggregate if item.aggregate else item.field.default_alias))
+            elif item.spread:
+                raise ApiError(400, "PGRST119", "A spread inside a to-many spread is not supported", None,
+                               "Spread the inner relationship on its own level, or embed it without '...'")
+            elif item.select:
+                names.append(item.key)
+        return names
 
     def order_sql(self, a: str, table: TableInfo, t: OrderTerm) -> str:
         if t.relation is not None:

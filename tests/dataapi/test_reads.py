@@ -210,7 +210,14 @@ async def test_nested_embedding_and_spread(api: Api) -> None:
         {"title": "The Dispossessed", "publishers": {"name": "Ace"}, "tags": []}]}]
     _, _, body = await api.get("books?select=title,...authors(author:name,country)&id=eq.5")
     assert body == [{"title": "Pride and Prejudice", "author": "Jane Austen", "country": "GB"}]
-    status, _, body = await api.get("authors?select=name,...books(title)")
+    _, _, body = await api.get("authors?select=name,...books(title,year)&id=in.(2,4)&order=id&books.order=year")
+    assert body == [{"name": "Stanislaw Lem", "title": ["Solaris", "The Cyberiad"], "year": [1961, 1965]},
+                    {"name": "Anonymous", "title": [], "year": []}]
+    _, _, body = await api.get("authors?select=name,...books!inner(title)&books.year=lt.1814")
+    assert body == [{"name": "Jane Austen", "title": ["Pride and Prejudice"]}]
+    _, _, body = await api.get("books?select=title,...authors!inner(name,country)&authors.country=is.null")
+    assert body == []
+    status, _, body = await api.get("authors?select=name,...books(...publishers(name))")
     assert status == 400 and body["code"] == "PGRST119"
 
 
