@@ -103,6 +103,13 @@ class Builder:
     def field_sql(self, alias: str, table: TableInfo, f: Field) -> tuple[str, str]:
         """SQL for a column with its JSON arrows, and the type of the result."""
         col = table.columns.get(f.name)
+        if col is None and f.name in table.computed:
+            fn_schema, fn_name, rettype = table.computed[f.name]
+            sql, typ = f"{qualified(fn_schema, fn_name)}({alias})", rettype
+            for step in f.path:
+                key = self.params.add(step.key, "int") if isinstance(step.key, int) else self.params.add(step.key)
+                sql, typ = f"{sql}{step.arrow}{key}", "text" if step.arrow == "->>" else "jsonb"
+            return sql, typ
         if col is None and table.kind != "c":
             raise _unknown_column(table, f.name)
         sql = f"{alias}.{ident(f.name)}"

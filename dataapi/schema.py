@@ -69,6 +69,9 @@ class TableInfo:
     pk: tuple[str, ...] = ()
     uniques: tuple[tuple[str, ...], ...] = ()
     description: str | None = None
+    # Computed fields: functions of this table's row type (full_name(authors) → select=full_name),
+    # name → (function schema, function name, return type). Filled once, while loading.
+    computed: dict[str, tuple[str, str, str]] = field(default_factory=dict, compare=False)
 
     @property
     def qualified(self) -> tuple[str, str]:
@@ -279,7 +282,8 @@ _FUNCTIONS = """
 SELECT n.nspname, p.proname, p.provolatile::text, p.proretset, p.prorettype::regtype::text, t.typtype::text, t.typrelid,
        coalesce(p.proargnames, '{}'), coalesce(p.proargmodes::text[], '{}'),
        coalesce(p.proallargtypes::regtype[]::text[], p.proargtypes::oid[]::regtype[]::text[]),
-       p.pronargs, p.pronargdefaults
+       p.pronargs, p.pronargdefaults,
+       CASE WHEN p.pronargs = 1 THEN (SELECT typrelid FROM pg_type WHERE oid = p.proargtypes[0]) END
 FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace JOIN pg_type t ON t.oid = p.prorettype
 WHERE n.nspname = ANY($1::text[]) AND p.prokind = 'f'
 """
@@ -335,7 +339,9 @@ async def load(conn: asyncpg.Connection, schemas: tuple[str, ...]) -> SchemaCach
     fks = tuple(fk_list)
     functions: dict[tuple[str, str], list[FunctionInfo]] = {}
     for (nspname, proname, volatility, retset, rettype, typtype, typrelid, argnames, argmodes, argtypes,
-         nargs, ndefaults) in funcs:
+         nargs, ndefaults, row_of) in funcs:
+        if row_of in by_oid and not retset and rettype not in ("void", "record") and volatility in ("i", "s"):
+            by_oid[row_of].computed.setdefault(proname, (nspname, proname, rettype))
         modes = list(argmodes) or ["i"] * len(argtypes)
         inputs = [(argnames[i] if i < len(argnames) else "", argtypes[i]) for i, m in enumerate(modes)
                   if m in ("i", "b", "v")]

@@ -83,6 +83,10 @@ CREATE FUNCTION pre_request() RETURNS void LANGUAGE plpgsql AS $$ BEGIN
       'X-Pre-Request', current_user))::text, true);
   END IF;
 END $$;
+CREATE FUNCTION label(books) RETURNS text LANGUAGE sql STABLE
+  AS $$ SELECT $1.title || ' (' || $1.year || ')' $$;
+CREATE FUNCTION age_at_publication(books) RETURNS int LANGUAGE sql STABLE
+  AS $$ SELECT $1.year - extract(year FROM a.born)::int FROM authors a WHERE a.id = $1.author_id $$;
 GRANT EXECUTE ON ALL FUNCTIONS IN SCHEMA public TO web_anon, web_user;
 
 CREATE SCHEMA extra;

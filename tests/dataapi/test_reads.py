@@ -532,3 +532,13 @@ async def test_embedding_through_views(api: Api) -> None:
     assert body == [{"title": "Pride and Prejudice", "shelf_books": [{"shelves": {"label": "back"}}]}]
     _, _, body = await api.get("book_titles?select=name,authors(name)&id=eq.3")
     assert body == [{"name": "Solaris", "authors": {"name": "Stanislaw Lem"}}]
+
+
+async def test_computed_fields(api: Api) -> None:
+    _, _, body = await api.get("books?select=id,label,age:age_at_publication&id=eq.3")
+    assert body == [{"id": 3, "label": "Solaris (1961)", "age": 40}]
+    _, _, body = await api.get("books?select=title&age_at_publication=lt.40&order=age_at_publication.desc")
+    assert body == [{"title": "Pride and Prejudice"}]  # 1813 - 1775 = 38; Emma is 40
+    _, _, body = await api.get("authors?select=name,books(label)&id=eq.3&books.order=year")
+    assert body == [{"name": "Jane Austen", "books": [{"label": "Pride and Prejudice (1813)"},
+                                                      {"label": "Emma (1815)"}]}]
