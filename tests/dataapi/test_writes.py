@@ -171,6 +171,21 @@ async def test_form_bodies_empty_objects_and_counts(api: Api) -> None:
     assert status == 204 and headers["Content-Range"] == "0-1/*" and "Content-Type" not in headers
 
 
+async def test_concurrent_writes_and_reads(api: Api) -> None:
+    """More requests at once than the pool has connections: each is its own transaction, none is
+    lost or answered for another."""
+    tok = user_token()
+    writes = [api.request("POST", "kv?select=k,v", token=tok, headers=REPR, json={"k": f"c{n}", "v": n})
+              for n in range(60)]
+    reads = [api.get(f"kv?select=v&k=eq.c{n}") for n in range(60)]
+    results = await asyncio.gather(*writes, *reads)
+    for n, (status, _, body) in enumerate(results[:60]):
+        assert status == 201 and body == [{"k": f"c{n}", "v": n}]
+    assert all(status == 200 and body in ([], [{"v": n}]) for n, (status, _, body) in enumerate(results[60:]))
+    rows = await api.admin("SELECT count(*) AS n, sum(v) AS total FROM kv WHERE k ~ '^c[0-9]+$'")
+    assert rows[0]["n"] == 60 and rows[0]["total"] == sum(range(60))
+
+
 async def test_rls_on_writes(api: Api) -> None:
     status, _, body = await api.request("POST", "notes?select=owner,body", token=user_token("bob"), headers=REPR,
                                         json={"body": "from bob"})
