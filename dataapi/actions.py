@@ -345,6 +345,17 @@ async def call(conn: asyncpg.Connection, ctx: Context, fn: FunctionInfo, args: d
     return result
 
 
+def json_body_text(raw: bytes) -> str:
+    """A body passed whole to a function of one json argument: checked to be JSON, sent as text."""
+    if not raw.strip():
+        return "{}"
+    try:
+        json.loads(raw)
+        return raw.decode()
+    except (ValueError, UnicodeDecodeError, RecursionError):
+        raise body_error("Empty or invalid json") from None
+
+
 def rpc_args_from_body(raw: bytes) -> dict[str, Any]:
     if not raw.strip():
         return {}

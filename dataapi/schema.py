@@ -128,6 +128,7 @@ class FunctionInfo:
     kind: Literal["scalar", "composite", "void"]
     volatility: Literal["i", "s", "v"]
     result: TableInfo | None = None   # the columns of a composite/table result
+    single_json: bool = False         # one unnamed json/jsonb parameter: a POST body is the argument
 
     @property
     def arg_names(self) -> frozenset[str]:
@@ -345,7 +346,8 @@ async def load(conn: asyncpg.Connection, schemas: tuple[str, ...]) -> SchemaCach
         modes = list(argmodes) or ["i"] * len(argtypes)
         inputs = [(argnames[i] if i < len(argnames) else "", argtypes[i]) for i, m in enumerate(modes)
                   if m in ("i", "b", "v")]
-        if any(not name for name, _ in inputs):
+        single_json = len(inputs) == 1 and not inputs[0][0] and inputs[0][1] in ("json", "jsonb")
+        if any(not name for name, _ in inputs) and not single_json:
             continue  # unnamed parameters cannot be called with named arguments
         args = tuple(FunctionArg(name, typ, i >= nargs - ndefaults) for i, (name, typ) in enumerate(inputs))
         outs = [(argnames[i], argtypes[i]) for i, m in enumerate(modes) if m in ("o", "b", "t")]
@@ -363,5 +365,5 @@ async def load(conn: asyncpg.Connection, schemas: tuple[str, ...]) -> SchemaCach
         else:
             kind = "scalar"
         functions.setdefault((nspname, proname), []).append(
-            FunctionInfo(nspname, proname, args, rettype, retset, kind, volatility, result))
+            FunctionInfo(nspname, proname, args, rettype, retset, kind, volatility, result, single_json))
     return SchemaCache(schemas, tables, fks, {k: tuple(v) for k, v in functions.items()})

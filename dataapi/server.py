@@ -217,11 +217,14 @@ class DataAPI:
             args: dict[str, Any] = {}
             table = None
             if route.kind == "rpc":
-                if method == "POST":
+                overloads = cache.functions.get((schema, route.name), ())
+                if method == "POST" and len(overloads) == 1 and overloads[0].single_json:
+                    fn = overloads[0]  # fn(json): the whole body is the one argument
+                    args = {"": actions.json_body_text(raw)}
+                elif method == "POST":
                     args = actions.rpc_args_from_body(raw)
                     fn = cache.function(schema, route.name, frozenset(args))
                 else:
-                    overloads = cache.functions.get((schema, route.name), ())
                     known = {a.name for f in overloads for a in f.args}
                     arg_names = frozenset(k for k, v in params if k in known or (
                         k not in RESERVED and "." not in k and not looks_like_filter(v)))

@@ -87,6 +87,8 @@ CREATE FUNCTION label(books) RETURNS text LANGUAGE sql STABLE
   AS $$ SELECT $1.title || ' (' || $1.year || ')' $$;
 CREATE FUNCTION age_at_publication(books) RETURNS int LANGUAGE sql STABLE
   AS $$ SELECT $1.year - extract(year FROM a.born)::int FROM authors a WHERE a.id = $1.author_id $$;
+CREATE FUNCTION echo_total(jsonb) RETURNS jsonb LANGUAGE sql IMMUTABLE
+  AS $$ SELECT jsonb_build_object('keys', (SELECT count(*) FROM jsonb_object_keys($1)), 'doc', $1) $$;
 GRANT EXECUTE ON ALL FUNCTIONS IN SCHEMA public TO web_anon, web_user;
 
 CREATE SCHEMA extra;

@@ -542,3 +542,11 @@ async def test_computed_fields(api: Api) -> None:
     _, _, body = await api.get("authors?select=name,books(label)&id=eq.3&books.order=year")
     assert body == [{"name": "Jane Austen", "books": [{"label": "Pride and Prejudice (1813)"},
                                                       {"label": "Emma (1815)"}]}]
+
+
+async def test_function_of_one_json_argument_takes_the_body(api: Api) -> None:
+    status, _, body = await api.request("POST", "rpc/echo_total", json={"a": 1, "b": [1, 2]})
+    assert status == 200 and body == {"keys": 2, "doc": {"a": 1, "b": [1, 2]}}
+    status, _, body = await api.request("POST", "rpc/echo_total", data=b"{nope",
+                                        headers={"Content-Type": "application/json"})
+    assert status == 400 and body["code"] == "PGRST102"
