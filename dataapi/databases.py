@@ -251,8 +251,4 @@ class Databases:
         return self._dbs.get((branch, database))
 
 
-def conn_error(e: BaseException) -> ApiError:
-    return ApiError(503, "PGRST001", "Database connection lost", str(e), "Retry the request")
-
-
-__all__ = ["Computes", "Database", "Databases", "PoolSettings", "conn_error"]
+__all__ = ["Computes", "Database", "Databases", "PoolSettings"]

@@ -17,7 +17,7 @@ same select.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 from urllib.parse import parse_qsl
 
@@ -67,8 +67,6 @@ class Params:
 class Statement:
     sql: str
     params: list[Any]
-    count_sql: str | None = None     # for count=planned/estimated: the query to EXPLAIN
-    count_params: list[Any] = field(default_factory=list)
 
 
 @dataclass

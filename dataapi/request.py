@@ -125,7 +125,6 @@ class Preferences:
     handling: Literal["strict", "lenient"] | None = None
     tx: Literal["commit", "rollback"] | None = None
     max_affected: int | None = None
-    applied: list[str] = field(default_factory=list)
 
 
 Path = tuple[str, ...]  # the embedding path a filter/order/limit applies to; () = the top level
@@ -352,18 +351,13 @@ def parse_logic(op: str, text: str, negate: bool, depth: int = 0) -> Logic:
         if m:
             children.append(parse_logic(m.group(2), m.group(3), bool(m.group(1)), depth + 1))
             continue
-        name, dot, rest = _split_field(item)
+        name, dot, rest = item.partition(".")
         if not dot:
             raise parse_error(f'"failed to parse logic tree ({text})"', f"{item!r} is not field.operator.value")
         children.append(parse_filter_value(parse_field(name), rest))
     if not children:
         raise parse_error(f'"failed to parse logic tree ({text})"', "an empty and/or")
     return Logic(op, tuple(children), negate)  # type: ignore[arg-type]
-
-
-def _split_field(item: str) -> tuple[str, str, str]:
-    """Split ``field.rest`` where field may hold JSON arrows whose keys contain no dot."""
-    return item.partition(".")
 
 
 # -- order ----------------------------------------------------------------------------------------
