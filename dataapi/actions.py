@@ -39,6 +39,8 @@ class Result:
     headers: dict[str, str] = field(default_factory=dict)
     response_headers: str | None = None   # response.headers as a function left it
     response_status: str | None = None
+    override_headers: dict[str, str] = field(default_factory=dict)   # parsed from response.headers
+    override_status: int | None = None                                 # parsed from response.status
     scalar: bool = False           # the body is one value, not an array of rows
 
 

@@ -103,6 +103,27 @@ def parse_route(path: str) -> Route:
                    "Use /<branch>/<database>/rest/v1/<table> or /<branch>/<database>/rest/v1/rpc/<function>")
 
 
+def response_overrides(result: actions.Result) -> None:
+    """Read ``response.headers`` / ``response.status`` as the request's functions left them; an
+    invalid value is PGRST111/PGRST112 — raised inside the transaction, so it rolls back."""
+    if result.response_headers:
+        try:
+            extra = json.loads(result.response_headers)
+        except ValueError:
+            extra = None
+        if not isinstance(extra, list) or not all(isinstance(item, dict) for item in extra):
+            raise ApiError(500, "PGRST111", "response.headers guc must be a JSON array composed of objects with "
+                           "a single key and a string value")
+        for item in extra:
+            for k, v in item.items():
+                result.override_headers[str(k)] = str(v)
+    if result.response_status:
+        value = result.response_status.strip()
+        if not value.isdigit() or not 100 <= int(value) <= 599:
+            raise ApiError(500, "PGRST112", "response.status guc must be a valid status code")
+        result.override_status = int(value)
+
+
 def error_response(e: ApiError) -> web.Response:
     headers = {"Content-Type": "application/json; charset=utf-8", **e.headers}
     return web.Response(status=e.status, body=e.body(), headers=headers)
@@ -243,11 +264,12 @@ class DataAPI:
                                              table, fn, args, raw, body_type)
             except asyncpg.PostgresError as e:
                 raise from_postgres(e, authenticated=identity.authenticated) from None
+            except (OSError, asyncpg.exceptions.ConnectionDoesNotExistError) as e:
+                # Before the generic InterfaceError below, of which a lost connection is a subclass.
+                raise ApiError(503, "PGRST001", "Database connection lost", str(e), "Retry the request") from None
             except (asyncpg.InterfaceError, asyncpg.DataError, ValueError, OverflowError) as e:
                 raise ApiError(400, "PGRST100", "A value could not be sent to the database", str(e),
                                "Check the filter and body values") from None
-            except (OSError, asyncpg.exceptions.ConnectionDoesNotExistError) as e:
-                raise ApiError(503, "PGRST001", "Database connection lost", str(e), "Retry the request") from None
         response = self._respond(request, method, media, prefs, ctx, result, route)
         self.databases.note_response(route.branch, response.content_length or 0)
         return response
@@ -286,6 +308,7 @@ class DataAPI:
                 result = await actions.update(conn, ctx, table, raw, body_type)
             else:
                 result = await actions.delete(conn, ctx, table)
+            response_overrides(result)
             if ctx.singular and not result.scalar and result.page != 1:
                 raise ApiError(406, "PGRST116", "JSON object requested, multiple (or no) rows returned",
                                f"The result contains {result.page} rows", None)
@@ -325,24 +348,9 @@ class DataAPI:
             if reading and result.total is not None and (result.offset > 0
                                                          or result.offset + result.page < result.total):
                 status = 206
-        if result.response_headers:
-            try:
-                extra = json.loads(result.response_headers)
-                assert isinstance(extra, list)
-                for item in extra:
-                    assert isinstance(item, dict)
-                    for k, v in item.items():
-                        headers[str(k)] = str(v)
-            except (ValueError, AssertionError):
-                raise ApiError(500, "PGRST111", "response.headers guc must be a JSON array composed of objects with "
-                               "a single key and a string value") from None
-        if result.response_status:
-            try:
-                status = int(result.response_status)
-                if not 100 <= status <= 599:
-                    raise ValueError
-            except ValueError:
-                raise ApiError(500, "PGRST112", "response.status guc must be a valid status code") from None
+        headers.update(result.override_headers)
+        if result.override_status is not None:
+            status = result.override_status
         body = result.body
         if body is None or status == 204:
             return web.Response(status=status, headers=headers)

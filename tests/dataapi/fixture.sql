@@ -62,6 +62,11 @@ CREATE FUNCTION teapot() RETURNS void LANGUAGE plpgsql AS $$ BEGIN
   PERFORM set_config('response.status', '418', true);
   PERFORM set_config('response.headers', '[{"X-Tea": "earl grey"}]', true);
 END $$;
+CREATE FUNCTION bad_headers() RETURNS int LANGUAGE plpgsql VOLATILE AS $$ BEGIN
+  INSERT INTO kv (k, v) VALUES ('bad-headers', 1);
+  PERFORM set_config('response.headers', '{"not": "an array"}', true);
+  RETURN 1;
+END $$;
 CREATE FUNCTION pay() RETURNS void LANGUAGE plpgsql AS $$ BEGIN
   RAISE sqlstate 'PT402' USING message = 'Payment Required', detail = 'Quota exceeded', hint = 'Upgrade';
 END $$;

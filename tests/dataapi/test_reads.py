@@ -277,6 +277,9 @@ async def test_rpc_errors(api: Api) -> None:
 async def test_functions_set_response_status_and_headers(api: Api) -> None:
     status, headers, body = await api.request("POST", "rpc/teapot")
     assert status == 418 and headers["X-Tea"] == "earl grey"
+    status, _, body = await api.request("POST", "rpc/bad_headers", token=user_token())
+    assert status == 500 and body["code"] == "PGRST111"
+    assert not await api.admin("SELECT 1 FROM kv WHERE k = 'bad-headers'")  # rolled back
 
 
 async def test_request_settings_reach_the_database(api: Api) -> None:
