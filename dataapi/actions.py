@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from typing import Any
+from urllib.parse import quote
 
 import asyncpg
 
@@ -136,7 +137,7 @@ async def _mutate(conn: asyncpg.Connection, ctx: Context, table: TableInfo, b: B
                        f"The query affects {result.page} rows", None)
     if ctx.prefs.return_ == "headers-only" and table.pk and result.page:
         first = json.loads(result.body or "[]")[0]
-        query = "&".join(f"{k}=eq.{first.get(k)}" for k in table.pk)
+        query = "&".join(f"{k}=eq.{quote(str(first.get(k)), safe='')}" for k in table.pk)
         result.headers["Location"] = f"/{table.name}?{query}"
     if ctx.prefs.return_ != "representation" and not ctx.singular:
         result.body = None

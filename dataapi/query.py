@@ -190,8 +190,8 @@ class Builder:
                 if not is_agg:
                     grouped.append(len(cols))
             else:
-                if for_count and item.join != "inner":
-                    continue
+                if for_count and item.join != "inner" and item.key not in self._filtered_names(path):
+                    continue  # counting needs only the embeddings that can drop rows
                 col_sql, join_sql, body_ref = self._embed(a, table, item, path, for_count)
                 joins.append(join_sql)
                 if body_ref is not None:
@@ -283,6 +283,18 @@ class Builder:
             join = f"LEFT JOIN LATERAL (SELECT json_agg({row}.*) AS body FROM ({sub}) AS {row}) AS {lat} ON TRUE"
             col = f"COALESCE({lat}.body, '[]'::json) AS {ident(e.key)}"
         return (None if for_count or not e.select else col), join, f"{lat}.body"
+
+    def _filtered_names(self, path: Path) -> set[str]:
+        """Names the filters at ``path`` refer to (an embedding filtered with is.null counts)."""
+        names: set[str] = set()
+        todo: list[Condition] = list(self.query.conditions.get(path, []))
+        while todo:
+            cond = todo.pop()
+            if isinstance(cond, Logic):
+                todo.extend(cond.children)
+            else:
+                names.add(cond.field.name)
+        return names
 
     def _output_names(self, table: TableInfo, items: list[SelectItem]) -> list[str]:
         """The column names a level's SELECT produces (for a to-many spread's arrays)."""
