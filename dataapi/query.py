@@ -333,8 +333,10 @@ class Builder:
         for mapping in (self.query.conditions, self.query.order, self.query.limit, self.query.offset):
             for path in mapping:
                 if path not in self._used_paths:
-                    name = ".".join(path)
-                    raise ApiError(400, "PGRST108", f"'{name}' is not an embedded resource in this request", None,
+                    known = max(n for n in range(len(path) + 1) if path[:n] in self._used_paths)
+                    name = path[known]
+                    raise ApiError(400, "PGRST108", f"Cannot apply filter because '{name}' is not an embedded "
+                                   "resource in this request", None,
                                    f"Verify that '{name}' is included in the 'select' query parameter.")
 
     # -- the statement around a read ----------------------------------------------------------------

@@ -238,7 +238,12 @@ async def test_hints_and_ambiguity(api: Api) -> None:
     status, _, body = await api.get("books?select=title,nothing(*)")
     assert status == 400 and body["code"] == "PGRST200"
     status, _, body = await api.get("books?select=title&authors.name=eq.x")
-    assert status == 400 and body["code"] == "PGRST108"
+    assert status == 400 and body == {
+        "code": "PGRST108", "details": None,
+        "message": "Cannot apply filter because 'authors' is not an embedded resource in this request",
+        "hint": "Verify that 'authors' is included in the 'select' query parameter."}
+    status, _, body = await api.get("authors?select=name,books(title)&books.tags2.name=eq.x")
+    assert status == 400 and "'tags2'" in body["message"]
     status, _, body = await api.get("authors?select=name,books(title)&books=eq.1")
     assert status == 400 and body["code"] == "PGRST120"
 
