@@ -34,7 +34,7 @@ AGGREGATES = {"count", "sum", "avg", "max", "min"}
 MAX_LOGIC_DEPTH = 32
 MAX_SELECT_DEPTH = 16
 
-IDENT = r"[^\s,.:()!\"\->]+"
+IDENT = r"[^\s,.:()!\">]+"  # a dash is allowed (field-with_sep); arrows are split off before
 _IDENT_RE = re.compile(IDENT)
 _CAST_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_ ]*(\[\])?$")
 _JSON_OP = re.compile(r"(->>|->)")

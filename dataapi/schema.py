@@ -188,13 +188,11 @@ class SchemaCache:
         if len(candidates) == 1:
             return candidates[0]
         if not candidates:
-            what = f"'{source.name}' and '{name}'"
-            raise ApiError(400, "PGRST200", f"Could not find a relationship between {what} in the schema cache",
-                           f"Searched for a foreign key relationship between {what}"
-                           + (f" using the hint '{hint}'" if hint else "")
-                           + f" in the schema '{source.schema}', but no matches were found.",
-                           "Check the name of the embedded resource, or reload the schema cache if the foreign "
-                           "key was just created: NOTIFY pgrst, 'reload schema'")
+            raise ApiError(400, "PGRST200", f"Could not find a relationship between '{source.name}' and '{name}' "
+                           "in the schema cache", None,
+                           f"Verify that '{source.name}' and '{name}' exist in the schema '{source.schema}' and that "
+                           "there is a foreign key relationship between them. If a new relationship was created, "
+                           "try reloading the schema cache.")
         options = [f"'{name}!{r.constraint if r.junction is None else r.junction.name}'" for r in candidates]
         raise ApiError(300, "PGRST201",
                        f"Could not embed because more than one relationship was found for '{source.name}' and "
@@ -267,7 +265,7 @@ SELECT con.conname, con.contype::text, con.conrelid, con.confrelid,
        ARRAY(SELECT attname FROM unnest(con.confkey) WITH ORDINALITY k(n, i)
              JOIN pg_attribute ON attrelid = con.confrelid AND attnum = k.n ORDER BY k.i)
 FROM pg_constraint con
-WHERE con.contype IN ('p', 'u', 'f') AND con.conrelid = ANY($1::oid[])
+WHERE con.contype IN ('p', 'u', 'f') AND con.conrelid = ANY($1::oid[]) AND con.conparentid = 0
 """
 # Which base-table columns each view reads (the view's rewrite rule depends on them): a view column
 # with the same name as such a column stands for it, so the base table's keys and foreign keys carry

@@ -116,3 +116,6 @@ CREATE VIEW shelves AS SELECT id, label FROM private.shelves;
 CREATE VIEW shelf_books AS SELECT id, shelf_id, book_id FROM private.shelf_books;
 CREATE VIEW book_titles AS SELECT id, title AS name, author_id FROM books;
 GRANT SELECT ON shelves, shelf_books, book_titles TO web_anon;
+CREATE TABLE odd_names (id int PRIMARY KEY, "field-with_sep" int, "Mixed Case" text);
+INSERT INTO odd_names VALUES (1, 7, 'x');
+GRANT SELECT ON odd_names TO web_anon;

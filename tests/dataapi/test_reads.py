@@ -559,3 +559,10 @@ async def test_function_of_one_json_argument_takes_the_body(api: Api) -> None:
     status, _, body = await api.request("POST", "rpc/echo_total", data=b"{nope",
                                         headers={"Content-Type": "application/json"})
     assert status == 400 and body["code"] == "PGRST102"
+
+
+async def test_column_names_with_dashes_and_quotes(api: Api) -> None:
+    _, _, body = await api.get('odd_names?select=id,field-with_sep,"Mixed Case"&field-with_sep=eq.7')
+    assert body == [{"id": 1, "field-with_sep": 7, "Mixed Case": "x"}]
+    status, _, body = await api.get("books?select=title,nothing(*)")
+    assert status == 400 and body["details"] is None and body["hint"].startswith("Verify that 'books' and 'nothing'")
