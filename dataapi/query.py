@@ -244,7 +244,7 @@ class Builder:
     def _embed(self, parent_alias: str, parent: TableInfo, e: Embed, path: Path,
                for_count: bool) -> tuple[str | None, str, str | None]:
         rel = self.cache.relationship(parent, e.relation, e.hint)
-        child_path = path + (e.key,)
+        child_path = self._embed_path(path, e)
         self._used_paths.add(child_path)
         target = rel.target
         if rel.junction is None:
@@ -283,6 +283,17 @@ class Builder:
             join = f"LEFT JOIN LATERAL (SELECT json_agg({row}.*) AS body FROM ({sub}) AS {row}) AS {lat} ON TRUE"
             col = f"COALESCE({lat}.body, '[]'::json) AS {ident(e.key)}"
         return (None if for_count or not e.select else col), join, f"{lat}.body"
+
+    def _embed_path(self, path: Path, e: Embed) -> Path:
+        """Filters, order and limit name an aliased embedding by its alias, or — as PostgREST also
+        accepts — by its relation when the alias is not used."""
+        by_key = path + (e.key,)
+        by_relation = path + (e.relation,)
+        mappings = (self.query.conditions, self.query.order, self.query.limit, self.query.offset)
+        if e.alias and not any(k[:len(by_key)] == by_key for m in mappings for k in m) and any(
+                k[:len(by_relation)] == by_relation for m in mappings for k in m):
+            return by_relation
+        return by_key
 
     def _filtered_names(self, path: Path) -> set[str]:
         """Names the filters at ``path`` refer to (an embedding filtered with is.null counts)."""

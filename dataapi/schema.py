@@ -315,10 +315,21 @@ async def load(conn: asyncpg.Connection, schemas: tuple[str, ...]) -> SchemaCach
     stands_for: dict[int, list[tuple[int, set[str]]]] = {oid: [(oid, set(columns.get(oid, {})))] for oid in oids}
     for view, per_base in reads.items():
         for base, cols in per_base.items():
-            carried = cols & set(columns.get(view, {}))
-            stands_for.setdefault(base, []).append((view, carried))
-            if base in pks and set(pks[base]) <= carried and view not in pks:
-                pks[view] = pks[base]
+            stands_for.setdefault(base, []).append((view, cols & set(columns.get(view, {}))))
+    for _ in range(4):  # views over views (an exposed view reading another exposed view)
+        grown = False
+        for entries in stands_for.values():
+            for rel, carried in list(entries):
+                for reader, per_base in reads.items():
+                    if rel in per_base and all(r != reader for r, _ in entries):
+                        entries.append((reader, carried & per_base[rel] & set(columns.get(reader, {}))))
+                        grown = True
+        if not grown:
+            break
+    for base, entries in stands_for.items():
+        for rel, carried in entries:
+            if base in pks and rel not in pks and set(pks[base]) <= carried:
+                pks[rel] = pks[base]
     by_oid: dict[int, TableInfo] = {}
     tables: dict[tuple[str, str], TableInfo] = {}
     for oid, nspname, relname, relkind, description in rels:

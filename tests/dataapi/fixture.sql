@@ -119,3 +119,5 @@ GRANT SELECT ON shelves, shelf_books, book_titles TO web_anon;
 CREATE TABLE odd_names (id int PRIMARY KEY, "field-with_sep" int, "Mixed Case" text);
 INSERT INTO odd_names VALUES (1, 7, 'x');
 GRANT SELECT ON odd_names TO web_anon;
+CREATE VIEW shelf_books_v2 AS SELECT id, shelf_id, book_id FROM shelf_books WHERE id > 1;
+GRANT SELECT ON shelf_books_v2 TO web_anon;

@@ -541,6 +541,19 @@ async def test_embedding_through_views(api: Api) -> None:
     assert body == [{"title": "Pride and Prejudice", "shelf_books": [{"shelves": {"label": "back"}}]}]
     _, _, body = await api.get("book_titles?select=name,authors(name)&id=eq.3")
     assert body == [{"name": "Solaris", "authors": {"name": "Stanislaw Lem"}}]
+    _, _, body = await api.get("shelf_books_v2?select=id,books(title),shelves(label)&order=id")
+    assert body == [{"id": 2, "books": {"title": "Solaris"}, "shelves": {"label": "front"}},
+                    {"id": 3, "books": {"title": "Pride and Prejudice"}, "shelves": {"label": "back"}}]
+
+
+async def test_aliased_embeddings_filtered_by_alias_or_relation(api: Api) -> None:
+    _, _, body = await api.get("authors?select=name,old:books(title),new:books(title)&id=eq.1"
+                               "&old.year=lt.1970&new.year=gte.1970")
+    assert body == [{"name": "Ursula K. Le Guin", "old": [{"title": "The Left Hand of Darkness"}],
+                     "new": [{"title": "The Dispossessed"}]}]
+    _, _, body = await api.get("authors?select=name,written:books(title)&id=eq.1&books.order=year.desc")
+    assert body == [{"name": "Ursula K. Le Guin", "written": [{"title": "The Dispossessed"},
+                                                              {"title": "The Left Hand of Darkness"}]}]
 
 
 async def test_computed_fields(api: Api) -> None:
