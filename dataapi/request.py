@@ -14,6 +14,7 @@ Grammar, as PostgREST documents it:
 
 from __future__ import annotations
 
+import json
 import re
 from dataclasses import dataclass, field
 from typing import Literal
@@ -189,7 +190,7 @@ def parse_list(text: str, what: str) -> tuple[str, ...]:
     if not (text.startswith("(") and text.endswith(")")):
         raise parse_error(f'"failed to parse filter ({what})"', f"expected a list in parentheses, got {text!r}")
     inner = text[1:-1]
-    if inner == "":
+    if inner.strip() == "":
         return ()
     return tuple(unquote(p.strip()) for p in split_top(inner))
 
@@ -293,7 +294,9 @@ def parse_filter_value(field_: Field, text: str) -> Filter:
         negate, text = True, text[4:]
     op_text, dot, value = text.partition(".")
     if not dot:
-        raise parse_error(f'"failed to parse filter ({text})"', "a filter is operator.value (for example eq.5)")
+        raise ApiError(400, "PGRST104", "Unexpected param or filter missing operator",
+                       f"Failed to parse [({json.dumps(field_.name)},{json.dumps(text)})]",
+                       "A filter is operator.value, for example id=eq.5")
     m = _OP_RE.match(op_text)
     if not m:
         raise parse_error(f'"failed to parse filter ({text})"', f"unknown operator {op_text!r}")
@@ -518,4 +521,4 @@ def negotiate(accept: str | None, *, openapi: bool = False) -> str:
             return MEDIA_OBJECT
         if media in _PRODUCED and (openapi or media != MEDIA_OPENAPI):
             return media
-    raise ApiError(406, "PGRST107", f"None of these media types are available: {accept}")
+    raise ApiError(415, "PGRST107", f"None of these Content-Types are available: {accept}")

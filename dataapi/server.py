@@ -18,6 +18,7 @@ import logging
 import time
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import quote
 
 import asyncpg
 from aiohttp import web
@@ -64,6 +65,7 @@ def begin_script(readonly: bool, role: str, settings: dict[str, str]) -> str:
 
 
 BRANCH_KEY = web.RequestKey("lakelet_branch", str)  # the metrics label, set once the branch exists
+MAX_CONTENT_LOCATION = 4096
 ALLOW_TABLE = "OPTIONS,GET,HEAD,POST,PUT,PATCH,DELETE"
 
 
@@ -329,6 +331,10 @@ class DataAPI:
                 applied.append(f"{name}={value}")
         if applied:
             headers["Preference-Applied"] = ", ".join(applied)
+        if method in ("GET", "HEAD") and route.kind == "table":
+            ordered = "&".join(f"{quote(k, safe='')}={quote(v, safe='')}" for k, v in sorted(request.query.items()))
+            if len(ordered) <= MAX_CONTENT_LOCATION:  # a 5,000-value in-list would break clients' header limits
+                headers["Content-Location"] = f"/{route.name}" + (f"?{ordered}" if ordered else "")
         total = "*" if result.total is None else str(result.total)
         if route.kind == "table" and method == "POST":
             headers["Content-Range"] = f"*/{total}"

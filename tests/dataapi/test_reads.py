@@ -121,6 +121,9 @@ async def test_limit_offset_range_and_content_range(api: Api) -> None:
     assert status == 416 and body["code"] == "PGRST103"
     status, headers, body = await api.get("books?id=eq.999")
     assert status == 200 and body == [] and headers["Content-Range"] == "*/*"
+    assert headers["Content-Location"] == "/books?id=eq.999"
+    _, headers, body = await api.get("books?select=id&id=in.(   )")
+    assert body == [] and headers["Content-Location"] == "/books?id=in.%28%20%20%20%29&select=id"
 
 
 async def test_planned_and_estimated_counts(api: Api) -> None:
@@ -161,7 +164,12 @@ async def test_csv(api: Api) -> None:
 
 async def test_unknown_media_type_is_406(api: Api) -> None:
     status, _, body = await api.get("books", headers={"Accept": "text/xml"})
-    assert status == 406 and body["code"] == "PGRST107"
+    assert status == 415 and body == {"code": "PGRST107", "details": None, "hint": None,
+                                      "message": "None of these Content-Types are available: text/xml"}
+    status, headers, _ = await api.get("books?select=id", headers={"Accept": "text/xml, */*"})
+    assert status == 200 and headers["Content-Type"].startswith("application/json")
+    status, headers, _ = await api.get("books?select=id", headers={"Accept": "text/csv; version=1, application/json"})
+    assert status == 200 and headers["Content-Type"] == "text/csv; charset=utf-8"
 
 
 # -- embedding -------------------------------------------------------------------------------------
@@ -300,8 +308,9 @@ async def test_request_settings_reach_the_database(api: Api) -> None:
 async def test_postgrest_errors(api: Api) -> None:
     cases = [
         ("nope", 404, "PGRST205"), ("books?nope=eq.1", 400, "42703"), ("books?select=nope", 400, "42703"),
-        ("books?id=eq.abc", 400, "22P02"), ("books?id=bogus.1", 400, "PGRST100"), ("books?id=eq", 400, "PGRST100"),
-        ("books?select=title,", 400, "PGRST100"), ("books?order=id.sideways", 400, "PGRST100"),
+        ("books?id=eq.abc", 400, "22P02"), ("books?id=bogus.1", 400, "PGRST100"), ("books?id=eq", 400, "PGRST104"),
+        ("books?select=title,", 400, "PGRST100"), ("books?id=0", 400, "PGRST104"),
+        ("books?order=id.sideways", 400, "PGRST100"),
         ("books?limit=-1", 400, "PGRST100"), ("books?or=(id.eq.1", 400, "PGRST100"),
         ("books?id=in.1,2", 400, "PGRST100"), ("books?price=is.maybe", 400, "PGRST100"),
     ]
