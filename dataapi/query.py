@@ -192,7 +192,8 @@ class Builder:
             else:
                 if for_count and item.join != "inner" and item.key not in self._filtered_names(path):
                     continue  # counting needs only the embeddings that can drop rows
-                col_sql, join_sql, body_ref = self._embed(a, table, item, path, for_count)
+                grouping = any(isinstance(i, Column) and i.aggregate for i in items)
+                col_sql, join_sql, body_ref = self._embed(a, table, item, path, for_count, grouping)
                 joins.append(join_sql)
                 if body_ref is not None:
                     embeds[item.key] = body_ref
@@ -242,7 +243,7 @@ class Builder:
         return sql, name, c.aggregate is not None
 
     def _embed(self, parent_alias: str, parent: TableInfo, e: Embed, path: Path,
-               for_count: bool) -> tuple[str | None, str, str | None]:
+               for_count: bool, grouped: bool = False) -> tuple[str | None, str, str | None]:
         rel = self.cache.relationship(parent, e.relation, e.hint)
         child_path = self._embed_path(path, e)
         self._used_paths.add(child_path)
@@ -278,10 +279,11 @@ class Builder:
         row = self.alias()
         if rel.to_one:
             join = f"LEFT JOIN LATERAL (SELECT row_to_json({row}.*) AS body FROM ({sub}) AS {row}) AS {lat} ON TRUE"
-            col = f"{lat}.body AS {ident(e.key)}"
+            # Grouped next to aggregates, the embedding must be comparable: jsonb has equality, json not.
+            col = f"{lat}.body{'::jsonb' if grouped else ''} AS {ident(e.key)}"
         else:
             join = f"LEFT JOIN LATERAL (SELECT json_agg({row}.*) AS body FROM ({sub}) AS {row}) AS {lat} ON TRUE"
-            col = f"COALESCE({lat}.body, '[]'::json) AS {ident(e.key)}"
+            col = f"COALESCE({lat}.body, '[]'::json){'::jsonb' if grouped else ''} AS {ident(e.key)}"
         return (None if for_count or not e.select else col), join, f"{lat}.body"
 
     def _embed_path(self, path: Path, e: Embed) -> Path:

@@ -29,6 +29,13 @@ async def test_select_columns_aliases_casts_and_json_paths(api: Api) -> None:
     assert status == 200 and set(body[0]) >= {"id", "title", "author_id", "price", "labels", "window_years"}
 
 
+async def test_aggregates_grouped_by_an_embedding(api: Api) -> None:
+    _, _, body = await api.get("books?select=n:count(),total:price.sum(),authors(country)&author_id=in.(1,2,3)")
+    assert sorted(body, key=lambda r: r["authors"]["country"]) == [
+        {"n": 2, "total": 12.0, "authors": {"country": "GB"}}, {"n": 2, "total": 8.0, "authors": {"country": "PL"}},
+        {"n": 2, "total": 22.49, "authors": {"country": "US"}}]
+
+
 async def test_aggregates_group_by_the_other_columns(api: Api) -> None:
     status, _, body = await api.get("books?select=author_id,n:count(),total:price.sum(),newest:year.max()"
                                     "&author_id=in.(1,2)&order=author_id")
