@@ -494,7 +494,10 @@ MEDIA_JSON = "application/json"
 MEDIA_OBJECT = "application/vnd.pgrst.object+json"
 MEDIA_CSV = "text/csv"
 MEDIA_OPENAPI = "application/openapi+json"
-_PRODUCED = (MEDIA_JSON, MEDIA_OBJECT, MEDIA_CSV, MEDIA_OPENAPI)
+MEDIA_TEXT = "text/plain"
+MEDIA_BINARY = "application/octet-stream"
+RAW_MEDIA = (MEDIA_TEXT, MEDIA_BINARY)  # one selected column, values concatenated
+_PRODUCED = (MEDIA_JSON, MEDIA_OBJECT, MEDIA_CSV, MEDIA_OPENAPI, *RAW_MEDIA)
 
 
 def negotiate(accept: str | None, *, openapi: bool = False) -> str:

@@ -32,9 +32,12 @@ from dataapi.metrics import UNKNOWN, DataAPIMetrics
 from dataapi.openapi import describe
 from dataapi.query import ident
 from dataapi.request import (
+    MEDIA_BINARY,
     MEDIA_CSV,
     MEDIA_OBJECT,
     MEDIA_OPENAPI,
+    MEDIA_TEXT,
+    RAW_MEDIA,
     RESERVED,
     looks_like_filter,
     negotiate,
@@ -276,6 +279,30 @@ class DataAPI:
         self.databases.note_response(route.branch, response.content_length or 0)
         return response
 
+    @staticmethod
+    def _raw(method: str, media: str, status: int, headers: dict[str, str], body: str,
+             scalar: bool) -> web.Response:
+        """``text/plain`` / ``application/octet-stream``: the values of the one selected column,
+        concatenated (bytea values as their bytes), as PostgREST serves binary output."""
+        rows = json.loads(body)
+        values = [rows] if scalar else rows
+        if not scalar and any(not isinstance(r, dict) or len(r) != 1 for r in rows):
+            raise ApiError(406, "PGRST502", f"{media} requested but more than one column was selected")
+        data = b""
+        for row in values:
+            value = next(iter(row.values())) if isinstance(row, dict) else row
+            if value is None:
+                continue
+            if media == MEDIA_BINARY and isinstance(value, str) and value.startswith("\\x"):
+                try:
+                    data += bytes.fromhex(value[2:])
+                    continue
+                except ValueError:
+                    pass
+            data += (value if isinstance(value, str) else json.dumps(value)).encode()
+        headers["Content-Type"] = media + ("; charset=utf-8" if media == MEDIA_TEXT else "")
+        return web.Response(status=status, headers=headers, body=None if method == "HEAD" else data)
+
     def _schema(self, request: web.Request, method: str) -> str:
         header = "Accept-Profile" if method in ("GET", "HEAD") else "Content-Profile"
         wanted = request.headers.get(header)
@@ -363,6 +390,8 @@ class DataAPI:
         if ctx.singular and not result.scalar:
             rows = json.loads(body)
             body = json.dumps(rows[0]) if rows else "null"
+        if media in RAW_MEDIA:
+            return self._raw(method, media, status, headers, body, result.scalar)
         if media == MEDIA_CSV and not result.scalar:
             text = to_csv(body, route.name)
             ctype = "text/csv"

@@ -121,3 +121,6 @@ INSERT INTO odd_names VALUES (1, 7, 'x');
 GRANT SELECT ON odd_names TO web_anon;
 CREATE VIEW shelf_books_v2 AS SELECT id, shelf_id, book_id FROM shelf_books WHERE id > 1;
 GRANT SELECT ON shelf_books_v2 TO web_anon;
+CREATE TABLE blobs (id int PRIMARY KEY, data bytea, label text);
+INSERT INTO blobs VALUES (1, '\x89504e47'::bytea, 'png'), (2, '\x0001ff'::bytea, 'raw');
+GRANT SELECT ON blobs TO web_anon;

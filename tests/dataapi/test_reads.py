@@ -595,3 +595,14 @@ async def test_column_names_with_dashes_and_quotes(api: Api) -> None:
     assert body == [{"id": 1, "field-with_sep": 7, "Mixed Case": "x"}]
     status, _, body = await api.get("books?select=title,nothing(*)")
     assert status == 400 and body["details"] is None and body["hint"].startswith("Verify that 'books' and 'nothing'")
+
+
+async def test_raw_text_and_binary_output(api: Api) -> None:
+    status, headers, body = await api.get("books?select=title&id=eq.3", headers={"Accept": "text/plain"})
+    assert (status, body, headers["Content-Type"]) == (200, "Solaris", "text/plain; charset=utf-8")
+    async with api.session.get(api.url("blobs?select=data&order=id"),
+                               headers={"Accept": "application/octet-stream"}) as r:
+        assert r.status == 200 and r.headers["Content-Type"] == "application/octet-stream"
+        assert await r.read() == bytes.fromhex("89504e47") + bytes.fromhex("0001ff")
+    status, _, body = await api.get("blobs?select=data,label", headers={"Accept": "application/octet-stream"})
+    assert status == 406 and body["code"] == "PGRST502"
