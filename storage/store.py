@@ -55,6 +55,8 @@ ROOT_BRANCH = "main"
 ADMIN_ROLE = "lakelet_admin"
 BRANCH_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
 SOURCE_FILE = "lakelet-source.json"
+# Where a branch's archive keeps old-timeline WAL found past a timeline switch (a torn record).
+FORKED_DIR = "forked"
 IMAGE_WAL_THRESHOLD = 256 << 20
 # Small WAL segments: a branch that wrote a little holds a little, in the archive and in copies.
 WAL_SEGMENT_MB = 1
@@ -668,20 +670,41 @@ class Store:
         self._seed_timeline_start(branch, datadir, tli, start)
 
     def _seed_timeline_start(self, branch: str, datadir: Path, tli: int, start: int) -> None:
-        """When the new timeline begins exactly at a segment boundary, put its first segment in the
-        archive as a ``.partial``, before the WAL receiver starts.
+        """Make the branch's archive end where the new timeline begins, before the WAL receiver
+        starts: move aside older timelines' segments that lie wholly past the switch point, and
+        put the new timeline's segment holding the switch point in as a ``.partial``.
 
-        The receiver resumes after the newest segment in the archive, on that segment's timeline.
-        When the archive ends exactly where the new timeline begins (the old WAL ended with a
-        segment switch, as every online image's backup does), that is the switch point on the old
-        timeline, and the server answers such a request with "next timeline" instead of WAL, which
-        pg_receivewal cannot handle: it would never stream. With this file it resumes at the
-        boundary on the new timeline and overwrites the file with what it streams."""
+        ``pg_receivewal`` resumes after the newest segment in its directory (highest segment
+        number, then highest timeline), on that segment's timeline. A crash in the middle of a
+        record larger than what is left of a segment (or a disk that filled up) can leave whole
+        segments of the old timeline past the point where recovery ended, which is where the new
+        timeline forks: resuming there, the server answers "not in this server's history" and the
+        receiver never streams. Those segments hold only the torn record's bytes (recovery ends at
+        the end of valid WAL, and every branch point and commit lies before it), so no history
+        needs them; they go to ``forked/`` (out of every reader's way), which GC empties after
+        the retention window.
+
+        With the new timeline's first segment present as a ``.partial`` (same segment number as
+        the old one holding the switch point, higher timeline), the receiver resumes at that
+        segment's start on the new timeline, for any switch LSN, aligned or not, and overwrites
+        the file with what it streams."""
         seg = self._segment_size()
-        if start % seg:
-            return
-        name = lsnmod.segment_name(tli, start, seg)
         archive = self.wal_dir(branch)
+        first = start - start % seg
+        for entry in os.listdir(archive):
+            m = wal.SEGMENT.match(entry)
+            if m is None:
+                continue
+            old_tli, seg_start = lsnmod.segment_start(m.group(1), seg)
+            if old_tli != tli and seg_start >= start:
+                path = archive / entry
+                forked = archive / FORKED_DIR
+                forked.mkdir(exist_ok=True)
+                self.user.own(forked, 0o700)
+                os.replace(path, forked / entry)
+                log.warning("moved aside WAL past a timeline switch", extra={
+                    "branch": branch, "segment": path.name, "switch_lsn": lsnmod.fmt(start)})
+        name = lsnmod.segment_name(tli, first, seg)
         src = datadir / "pg_wal" / name
         if name in wal.segments(archive) or not src.exists():
             return
@@ -689,6 +712,7 @@ class Store:
         shutil.copyfile(src, tmp)
         self.user.own(tmp, 0o600)
         os.replace(tmp, archive / f"{name}.partial")
+        fsync_dir(archive)
 
     def mark_running(self, branch: str) -> None:
         """A compute started on the branch: until its next clean image, WAL may run past it."""
@@ -761,6 +785,13 @@ class Store:
             for name, path in wal.segments(self.wal_root / str(branch_id)).items():
                 _, start = lsnmod.segment_start(name, seg_size)
                 if start + seg_size <= floor - seg_size:  # keep one segment of slack before the floor
+                    freed += path.stat().st_size
+                    path.unlink()
+                    deleted += 1
+            forked = self.wal_root / str(branch_id) / FORKED_DIR
+            cutoff = time.time() - self.retention.total_seconds()
+            for path in forked.glob("*") if forked.is_dir() else []:
+                if path.stat().st_mtime < cutoff:
                     freed += path.stat().st_size
                     path.unlink()
                     deleted += 1
