@@ -27,9 +27,6 @@ log = logging.getLogger("lakelet.compute")
 PORT = 5432
 START_TIMEOUT = 600.0
 INCLUDE_LINE = "include_if_exists = 'lakelet.conf'"
-# Materialize → promote → note the new timeline must not interleave between computes (two
-# promotions at once could choose the same timeline ID).
-_promotion_lock = asyncio.Lock()
 
 
 class ComputeStartError(Exception):
@@ -59,13 +56,16 @@ class ComputeNode:
         self._receiver: WalReceiver | None = None
         self._computes_dir = computes_dir
         self.stopping = False
+        # When this start spawned Postgres and when it was ready to serve (monotonic seconds).
+        self.spawned_at = 0.0
+        self.ready_at = 0.0
 
     # -- start ----------------------------------------------------------------------------------
 
     def _prepare_dirs(self) -> None:
         for d in (self._computes_dir, self.home, self.socket_dir):
             d.mkdir(parents=True, exist_ok=True)
-        os.chmod(self._computes_dir, 0o711)
+        self.user.share_dir(self._computes_dir)
         self.user.own(self.home, 0o700)
         self.user.own(self.socket_dir, 0o700)
 
@@ -117,22 +117,26 @@ class ComputeNode:
     async def start(self) -> None:
         started = time.monotonic()
         self._prepare_dirs()
-        async with _promotion_lock:
-            await self._stop_stale()
-            prepared = await asyncio.to_thread(self.store.materialize, self.branch, self.datadir)
+        # No lock across branches: the store hands each promotion its own timeline ID, so cold
+        # starts of different branches (restore, replay) run side by side.
+        await self._stop_stale()
+        prepared = await asyncio.to_thread(self.store.materialize, self.branch, self.datadir)
+        try:
             await asyncio.to_thread(self._write_config)
+            self.spawned_at = time.monotonic()
             await self._spawn()
-            try:
-                await self._wait_ready()
-                if prepared.needs_recovery:
-                    await asyncio.to_thread(self.store.note_timeline, self.branch, self.datadir)
-                else:
-                    await asyncio.to_thread(self.store.mark_running, self.branch)
-                self._receiver = WalReceiver(self)
-                await self._receiver.start()
-            except BaseException:
-                await self.kill()
-                raise
+            await self._wait_ready()
+            if prepared.needs_recovery:
+                await asyncio.to_thread(self.store.note_timeline, self.branch, self.datadir, prepared.timeline)
+            else:
+                await asyncio.to_thread(self.store.mark_running, self.branch)
+            self._receiver = WalReceiver(self)
+            await self._receiver.start()
+            self.ready_at = time.monotonic()
+        except BaseException:
+            self.store.release_timeline(prepared.timeline)
+            await self.kill()
+            raise
         log.info("compute started", extra={"branch": self.branch, "pid": self.pid,
                                            "seconds": round(time.monotonic() - started, 3),
                                            "replayed": prepared.needs_recovery})

@@ -25,7 +25,7 @@ from lakelet.api import ControlAPI
 from lakelet.config import Config
 from lakelet.rundir import DataDirLock, remove_run_info, write_run_info
 from proxy import Proxy, ProxyConfig
-from storage.postgres import find_binaries, make_reachable, resolve_service_user
+from storage.postgres import find_binaries, make_reachable, repair_tree, resolve_service_user
 
 log = logging.getLogger("lakelet")
 
@@ -33,9 +33,12 @@ STOP_GRACE_SECONDS = 12.0
 
 
 def prepare_data_dir(config: Config) -> Path:
+    """Everything under the data dir is the service's alone: files we create are 0600 (umask
+    077 for the whole process), and the data dir lets only the compute user pass through."""
+    os.umask(0o077)
     data_dir = config.data_dir.resolve()
     data_dir.mkdir(parents=True, exist_ok=True)
-    os.chmod(data_dir, 0o711)
+    os.chmod(data_dir, 0o700)
     config.data_dir = data_dir
     return data_dir
 
@@ -55,6 +58,10 @@ async def _serve_locked(config: Config, data_dir: Path) -> int:
     pg = find_binaries()
     user = resolve_service_user(config.user or None)
     make_reachable(data_dir, user)
+    user.share_dir(data_dir)
+    for entry in os.scandir(data_dir):
+        if entry.name not in ("store", "computes"):  # (those two repair themselves at open)
+            repair_tree(Path(entry.path))
     registry = CollectorRegistry()
 
     store = await asyncio.to_thread(

@@ -47,7 +47,7 @@ from storage.errors import (
 )
 from storage.objectstore import LocalObjectStore, fsync_dir
 from storage.pagestore import PageStore
-from storage.postgres import PgBinaries, ServiceUser, last_error_line, run
+from storage.postgres import PgBinaries, ServiceUser, last_error_line, repair_tree, run
 
 log = logging.getLogger("lakelet.storage")
 
@@ -57,6 +57,8 @@ BRANCH_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
 SOURCE_FILE = "lakelet-source.json"
 # Where a branch's archive keeps old-timeline WAL found past a timeline switch (a torn record).
 FORKED_DIR = "forked"
+# Next to a compute's data dir: placeholder history files that steer its promotion's timeline ID.
+RESERVED_DIR = "reserved-timelines"
 IMAGE_WAL_THRESHOLD = 256 << 20
 # Small WAL segments: a branch that wrote a little holds a little, in the archive and in copies.
 WAL_SEGMENT_MB = 1
@@ -87,6 +89,8 @@ class BranchInfo:
 class Materialized:
     datadir: Path
     needs_recovery: bool
+    # The timeline the compute promotes onto (reserved for it by the store), None without recovery.
+    timeline: int | None = None
 
 
 @dataclass(frozen=True)
@@ -120,7 +124,7 @@ class Store:
         # WAL a branch may stream past its newest image before ``needs_image`` asks for another.
         self.image_wal_threshold = image_wal_threshold
         root.mkdir(parents=True, exist_ok=True)
-        os.chmod(root, 0o711)
+        user.share_dir(root)
         self.catalog = Catalog(root / "catalog.db")
         self.objects = LocalObjectStore(root / "objects")
         self.objects.cleanup_temp()
@@ -136,13 +140,26 @@ class Store:
         shutil.rmtree(self.tmp_root, ignore_errors=True)
         self.tmp_root.mkdir()
         user.own(self.tmp_root, 0o700)
-        # Materialize → promote → note_timeline must not interleave between two branches, or both
-        # could pick the same new timeline ID. Callers hold this across the three steps.
-        self.promotion_lock = threading.Lock()
+        # Timeline IDs are unique store-wide and handed out here (``_reserve_timeline``): a
+        # counter under a lock held for an increment, never across a replay.
+        self._tli_lock = threading.Lock()
+        self._next_tli = max([*wal.history_tlis(self.history_dir), 1]) + 1
+        self._reserved: set[int] = set()
         # GC decides which pages are live from the catalog, but an image's pages exist before its
         # catalog row does, and a restore reads packs GC may rewrite: GC runs alone.
         self._maintenance = SharedExclusiveLock()
+        self._make_private()
         self._sweep_crash_leftovers()
+
+    def _make_private(self) -> None:
+        """Check and repair modes: the catalog (with every role's verifier), the page store and
+        the packs (every row) are ours alone; the WAL archive belongs to the service user, which
+        streams into it and replays from it. The store dir itself only lets that user through."""
+        for entry in os.scandir(self.root):
+            if entry.is_file(follow_symlinks=False):
+                repair_tree(Path(entry.path))
+        repair_tree(self.root / "objects")
+        repair_tree(self.wal_root, owner=self.user)
 
     @classmethod
     def open(cls, root: Path, *, user: ServiceUser, pg: PgBinaries, retention_days: float = 7.0,
@@ -593,8 +610,8 @@ class Store:
             return False
         if latest is None or source != {"branch_id": row.id, "image_id": latest.id}:
             return False
-        if not (datadir / "PG_VERSION").exists():
-            return False
+        if not (datadir / "PG_VERSION").exists() or datadir.stat().st_uid != self.user.uid:
+            return False  # (another owner: made for an earlier service user; rebuilt for this one)
         info = controldata(self.pg, self.user, datadir)
         return (info.get("Database cluster state") == "shut down"
                 and lsnmod.parse(info["Latest checkpoint location"]) == latest.lsn)
@@ -612,10 +629,47 @@ class Store:
         shutil.rmtree(datadir, ignore_errors=True)
         with self._maintenance.shared():
             images.restore_image(self.pages, self.objects, image.manifest_key, datadir)
-        settings["restore_command"] = wal.restore_command(dirs, self.history_dir)
-        _write_recovery_settings(datadir, settings)
-        self.user.own_tree(datadir)
-        return Materialized(datadir, needs_recovery=True)
+        tli = self._reserve_timeline()
+        try:
+            fillers = self._timeline_fillers(datadir.parent / RESERVED_DIR, int(settings["recovery_target_timeline"]),
+                                             tli)
+            settings["restore_command"] = wal.restore_command(dirs, self.history_dir, fillers)
+            _write_recovery_settings(datadir, settings)
+            self.user.own_tree(datadir)
+        except BaseException:
+            self.release_timeline(tli)
+            raise
+        return Materialized(datadir, needs_recovery=True, timeline=tli)
+
+    def _reserve_timeline(self) -> int:
+        with self._tli_lock:
+            tli = self._next_tli
+            self._next_tli += 1
+            self._reserved.add(tli)
+            return tli
+
+    def release_timeline(self, tli: int | None) -> None:
+        """A start that reserved ``tli`` is over (promoted and noted, or given up)."""
+        with self._tli_lock:
+            self._reserved.discard(tli)  # type: ignore[arg-type]
+
+    def _timeline_fillers(self, fillers: Path, target: int, tli: int) -> Path:
+        """Make Postgres promote onto ``tli``, which the store reserved for this start.
+
+        At promotion Postgres takes the first timeline after ``target`` that has no history file
+        (asking ``restore_command``). IDs between them belong to other branches: finished ones
+        have a history file in the store, the others (reserved by starts still replaying) get a
+        placeholder here, so the probe runs on to ``tli`` whatever the others do meanwhile. Only
+        the existence of these files is ever checked: the target's own history is real."""
+        shutil.rmtree(fillers, ignore_errors=True)
+        fillers.mkdir(parents=True)
+        real = set(wal.history_tlis(self.history_dir))
+        for other in range(target + 1, tli):
+            if other not in real:
+                (fillers / f"{other:08X}.history").write_text(f"# timeline {other} belongs to another branch\n")
+        self.user.own_tree(fillers)
+        self.user.own(fillers, 0o700)
+        return fillers
 
     def _start_image(self, row: BranchRow) -> ImageRow | None:
         """The image ``materialize`` starts ``row`` from: its nearest image at its end when it has
@@ -656,15 +710,20 @@ class Store:
         }
         return image, settings, [*self._dirs(row), own_ckpt]
 
-    def note_timeline(self, branch: str, datadir: Path) -> None:
+    def note_timeline(self, branch: str, datadir: Path, expected: int | None = None) -> None:
         """After a promotion: keep the new timeline's history file store-wide and record where the
-        branch's new timeline starts."""
+        branch's new timeline starts (``expected``: the timeline ``materialize`` reserved)."""
         row = self._row(branch)
         self.catalog.set_running(row.id, True)
-        tlis = wal.copy_history(datadir / "pg_wal", self.history_dir)
+        try:
+            tlis = wal.copy_history(datadir / "pg_wal", self.history_dir)
+        finally:
+            self.release_timeline(expected)
         if not tlis:
             return
         tli = tlis[-1]
+        if expected is not None and tli != expected:
+            raise MaterializeError(f"branch {branch!r} promoted onto timeline {tli}, not the reserved {expected}")
         start = wal.history_switch_lsn(self.history_dir / f"{tli:08X}.history")
         self.catalog.add_timeline(row.id, tli, start)
         self._seed_timeline_start(branch, datadir, tli, start)
