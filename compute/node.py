@@ -136,7 +136,7 @@ class ComputeNode:
                 await asyncio.to_thread(self.store.note_timeline, self.branch, self.datadir, prepared.timeline)
             else:
                 await asyncio.to_thread(self.store.mark_running, self.branch)
-            self._receiver = WalReceiver(self)
+            self._receiver = WalReceiver(self, ADMIN_ROLE)
             await self._receiver.start()
             self.ready_at = time.monotonic()
         except BaseException:
@@ -199,6 +199,23 @@ class ComputeNode:
                                 f"{last_error_line(self.log_tail())}")
 
     # -- run ------------------------------------------------------------------------------------
+
+    def wal_dir(self) -> Path:
+        """Where the receiver stores this branch's WAL (the store's archive directory)."""
+        return self.store.wal_dir(self.branch)
+
+    async def replication_state(self) -> str | None:
+        """The receiver's state as the server sees it (``streaming`` once commits can complete)."""
+        conn = await self.connect()
+        try:
+            return await conn.fetchval(
+                "SELECT state FROM pg_stat_replication WHERE application_name = $1", RECEIVER_NAME)
+        finally:
+            await conn.close()
+
+    def durability_stalled(self) -> str | None:
+        """Why commits cannot become durable now, or None (see ``WalReceiver.stalled``)."""
+        return self._receiver.stalled if self._receiver is not None else None
 
     def alive(self) -> bool:
         return self._proc is not None and self._proc.returncode is None

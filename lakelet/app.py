@@ -23,7 +23,7 @@ from compute import EndpointConfig, Endpoints
 from lakehouse.manager import LakehouseSync
 from lakehouse.synced.compute import BranchComputes
 from lakehouse.synced.service import SyncedTables
-from lakelet import dataapi_wiring, project
+from lakelet import dataapi_wiring, ports, project
 from lakelet.api import ControlAPI
 from lakelet.config import Config
 from lakelet.rundir import DataDirLock, remove_run_info, write_run_info
@@ -122,8 +122,9 @@ async def _serve_locked(config: Config, data_dir: Path) -> int:
         runner = web.AppRunner(web_app, access_log=None, handle_signals=False)
         await runner.setup()
         http_host, http_port = config.http_addr
-        await web.TCPSite(runner, http_host, http_port).start()
-        await proxy.start()
+        await ports.listen("the control API", http_host, http_port, "--http",
+                           web.TCPSite(runner, http_host, http_port).start)
+        await ports.listen("Postgres clients", host, port, "--listen", proxy.start)
         data_api = await dataapi_wiring.start(config, endpoints, registry)
         await synced.start()
         collector = asyncio.create_task(_collect_garbage(store, config.gc_interval), name="store-gc")

@@ -25,7 +25,7 @@ import shutil
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -53,7 +53,7 @@ log = logging.getLogger("lakelet.storage")
 
 ROOT_BRANCH = "main"
 ADMIN_ROLE = "lakelet_admin"
-BRANCH_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
+BRANCH_NAME = re.compile(r"[a-z0-9][a-z0-9_-]{0,62}")  # whole name: fullmatch (``$`` allows a final newline)
 SOURCE_FILE = "lakelet-source.json"
 # Where a branch's archive keeps old-timeline WAL found past a timeline switch (a torn record).
 FORKED_DIR = "forked"
@@ -149,6 +149,9 @@ class Store:
         # GC decides which pages are live from the catalog, but an image's pages exist before its
         # catalog row does, and a restore reads packs GC may rewrite: GC runs alone.
         self._maintenance = SharedExclusiveLock()
+        # Called with a branch name after its roles changed, or None after the branch set changed
+        # (in the thread that made the change): the control plane keeps its memory current so.
+        self._listeners: list[Callable[[str | None], None]] = []
         self._make_private()
         self._sweep_crash_leftovers()
 
@@ -161,6 +164,18 @@ class Store:
                 repair_tree(Path(entry.path))
         repair_tree(self.root / "objects")
         repair_tree(self.wal_root, owner=self.user)
+
+    def subscribe(self, listener: Callable[[str | None], None]) -> None:
+        """Call ``listener(branch)`` after a branch's roles change, ``listener(None)`` after the
+        branch set changes (create, delete, rename, reset, restore)."""
+        self._listeners.append(listener)
+
+    def _changed(self, branch: str | None = None) -> None:
+        for listener in self._listeners:
+            try:
+                listener(branch)
+            except Exception:
+                log.exception("store change listener failed")
 
     @classmethod
     def open(cls, root: Path, *, user: ServiceUser, pg: PgBinaries, retention_days: float = 7.0,
@@ -281,10 +296,11 @@ class Store:
         self._image(branch_id, datadir)
         shutil.rmtree(work, ignore_errors=True)
         log.info("created root branch", extra={"branch": ROOT_BRANCH})
+        self._changed()
         return self.get_branch(ROOT_BRANCH)
 
     def _check_new_name(self, name: str) -> None:
-        if not BRANCH_NAME.match(name or ""):
+        if not isinstance(name, str) or not BRANCH_NAME.fullmatch(name):
             raise InvalidName(f"branch name {name!r} is not allowed: use 1-63 characters of a-z, 0-9, _ and -, "
                               "starting with a letter or digit")
         if self.catalog.branch_by_name(name) is not None:
@@ -301,6 +317,7 @@ class Store:
             branch_id = self.catalog.insert_branch(db, name, prow.id, lsn, kind)
             db.execute("INSERT INTO roles SELECT ?, name, verifier FROM roles WHERE branch_id = ?",
                        (branch_id, prow.id))
+        self._changed()
         return self.get_branch(name)
 
     def _resolve_target(self, prow: BranchRow, at: str | None, head_lsn: str | None) -> tuple[int, str]:
@@ -401,16 +418,27 @@ class Store:
                 db.execute("DELETE FROM branches WHERE id = ?", (b.id,))
         # Data goes only after the catalog forgot it (a crash in between leaves leftovers the next
         # open sweeps); unreferenced pages go at the next GC.
+        self._changed()
         self._drop_image_files(dropped)
         for b in doomed:
             shutil.rmtree(self.wal_root / str(b.id), ignore_errors=True)
             shutil.rmtree(self.wal_root / f"{b.id}.ckpt", ignore_errors=True)
+
+    def subtree(self, name: str) -> list[str]:
+        """``name`` and every branch descending from it, parents before children."""
+        rows = [self._row(name)]
+        i = 0
+        while i < len(rows):
+            rows += self.catalog.children(rows[i].id)
+            i += 1
+        return [r.name for r in rows]
 
     def rename_branch(self, old: str, new: str) -> None:
         row = self._row(old)
         self._check_new_name(new)
         with self.catalog.transaction() as db:
             db.execute("UPDATE branches SET name = ? WHERE id = ?", (new, row.id))
+        self._changed()
 
     def reset_branch(self, name: str, *, head_lsn: str | None = None) -> Branch:
         """Re-point ``name`` to its parent's current head, dropping its own changes."""
@@ -434,6 +462,7 @@ class Store:
         self._drop_image_files(dropped)
         shutil.rmtree(self.wal_root / str(row.id), ignore_errors=True)
         shutil.rmtree(self.wal_root / f"{row.id}.ckpt", ignore_errors=True)
+        self._changed()
         return self.get_branch(name)
 
     def restore_branch(self, name: str, at: str) -> tuple[Branch, str]:
@@ -447,12 +476,14 @@ class Store:
             new_id = self.catalog.insert_branch(db, name, row.id, lsn, kind)
             db.execute("INSERT INTO roles SELECT ?, name, verifier FROM roles WHERE branch_id = ?", (new_id, row.id))
             # Children follow the name: they keep their data (their parent_lsn is on the old line).
+        self._changed()
         return self.get_branch(name), backup
 
     # -- roles ------------------------------------------------------------------------------------
 
     def set_roles(self, branch: str, roles: dict[str, str | None]) -> None:
         self.catalog.set_roles(self._row(branch).id, roles)
+        self._changed(branch)
 
     def roles(self, branch: str) -> dict[str, str | None]:
         return self.catalog.roles(self._row(branch).id)

@@ -65,7 +65,7 @@ async def test_a_stuck_start_does_not_hold_up_another_branch(lake: Lake) -> None
         await poll_until(pidfile.exists, "the stuck compute to spawn", timeout=60, every=0.05)
         shutil.rmtree(lake.computes / healthy, ignore_errors=True)  # a cold start: restore, replay, promote
         assert await asyncio.wait_for(sql(lake, healthy, "SELECT count(*) FROM t"), WAKE) == 100
-        assert not waking.done()
+        assert not waking.done(), f"the stuck start ended: {waking.exception() if waking.done() else ''}"
         assert next(s for s in lake.endpoints.status() if s.branch == stuck).state == "starting"
     finally:
         # Unstick it: kill its postmaster; the next attempt rebuilds the data dir from the store.
