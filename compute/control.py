@@ -235,6 +235,11 @@ class ControlPlane:
         """The endpoint object itself (for tests and benchmarks that watch its state)."""
         return self._known(branch)
 
+    def forget(self, branch: str) -> None:
+        """Drop the endpoint of a branch changed through the store directly (suspended first): a
+        fresh one is made on next use; a deleted branch's signals and metrics go too."""
+        self._forget(branch, keep_signals=self.has_branch(branch))
+
     def _forget(self, branch: str, *, keep_signals: bool) -> None:
         """Drop a branch's endpoint (suspended by the caller); a kept branch name gets a fresh one
         over the same signals, a deleted one loses its signals and metrics too."""
