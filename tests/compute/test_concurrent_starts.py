@@ -68,7 +68,8 @@ async def test_a_stuck_start_does_not_hold_up_another_branch(lake: Lake) -> None
         assert not waking.done(), f"the stuck start ended: {waking.exception() if waking.done() else ''}"
         assert next(s for s in lake.endpoints.status() if s.branch == stuck).state == "starting"
     finally:
-        # Unstick it: kill its postmaster; the next attempt rebuilds the data dir from the store.
+        # Unstick it: no more standby, and kill its postmaster; the next attempt starts normally.
+        (datadir / "standby.signal").unlink(missing_ok=True)
         os.kill(int(pidfile.read_text().split()[0]), signal.SIGKILL)
     await asyncio.wait_for(waking, WAKE)
     assert await sql(lake, stuck, "SELECT count(*) FROM t") == 100
