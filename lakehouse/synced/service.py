@@ -40,6 +40,7 @@ from lakehouse.synced.spec import Mode, SyncedTableSpec
 log = logging.getLogger("lakelet.synced")
 
 POLL_SECONDS = 0.5  # how often a continuous table looks at its source's log
+LAG_POLL_SECONDS = 5.0  # how often the lag of a snapshot or triggered table is measured
 MAX_BACKOFF_SECONDS = 30.0
 UNREADABLE = "cannot read the source"
 
@@ -287,12 +288,16 @@ class SyncedTables:
     # -- continuous -----------------------------------------------------------------------------
 
     def _watch(self, entry: Entry) -> None:
-        if entry.spec.mode is Mode.CONTINUOUS and not self._closed:
+        if not self._closed:
             entry.watcher = asyncio.create_task(self._watch_loop(entry), name=f"synced-{entry.spec.name}")
 
     async def _watch_loop(self, entry: Entry) -> None:
-        """Read the source's log every ``POLL_SECONDS`` (no compute involved); run — waking the
-        branch — only when there is a version the table does not hold. Failures back off."""
+        """Read the source's log (no compute involved) and keep the lag current. A continuous
+        table is watched every ``POLL_SECONDS`` and run — waking the branch — only when there is a
+        version it does not hold (failures back off); the others only every ``LAG_POLL_SECONDS``,
+        for the lag, since they run on request."""
+        auto = entry.spec.mode is Mode.CONTINUOUS
+        every = POLL_SECONDS if auto else LAG_POLL_SECONDS
         dt: DeltaTable | None = None
         backoff = 0.0
         retry_at = 0.0
@@ -310,11 +315,11 @@ class SyncedTables:
             except Exception as e:  # unreadable source: say so, open it afresh next time
                 entry.last_error = f"{UNREADABLE}: {_one_line(e)}"
                 dt = None
-                await asyncio.sleep(max(POLL_SECONDS, backoff))
+                await asyncio.sleep(max(every, backoff))
                 backoff = min(max(backoff * 2, 1.0), MAX_BACKOFF_SECONDS)
                 continue
             behind = entry.version is None or dt.version() != entry.version
-            if behind and not entry.stopped and time.monotonic() >= retry_at:
+            if auto and behind and not entry.stopped and time.monotonic() >= retry_at:
                 try:
                     await self._run(entry)
                     backoff = 0.0
@@ -323,4 +328,4 @@ class SyncedTables:
                 except Exception:  # recorded by _run; try again later, waiting longer each time
                     backoff = min(max(backoff * 2, 1.0), MAX_BACKOFF_SECONDS)
                     retry_at = time.monotonic() + backoff
-            await asyncio.sleep(POLL_SECONDS)
+            await asyncio.sleep(every)
