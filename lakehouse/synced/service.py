@@ -186,7 +186,7 @@ class SyncedTables:
         (a bad source, a missing key column, duplicate keys, a name taken) leaves nothing behind."""
         if spec.key in self._entries:
             raise AlreadyExists(f"synced table {spec.name} exists on branch {spec.branch!r}: refresh or delete it")
-        if not self.computes.has_branch(spec.branch):
+        if not await self.computes.has_branch(spec.branch):
             raise NotFound(f"branch {spec.branch!r} does not exist: see `lakelet branch list`")
         dt = await asyncio.to_thread(src.open_table, spec.source)
         latest = await asyncio.to_thread(src.describe, dt)
@@ -217,7 +217,7 @@ class SyncedTables:
             with contextlib.suppress(asyncio.CancelledError):
                 await entry.watcher
         async with entry.lock:
-            if self.computes.has_branch(branch):
+            if await self.computes.has_branch(branch):
                 async with self.computes.connect(branch, entry.spec.database) as conn:
                     await tgt.ensure_setup(conn)
                     await tgt.release(conn, entry.spec.schema, entry.spec.table, drop=drop_table)
