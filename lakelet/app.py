@@ -29,6 +29,7 @@ from lakelet.config import Config
 from lakelet.rundir import DataDirLock, remove_run_info, write_run_info
 from lakelet.synced_api import SyncedTablesAPI
 from proxy import Proxy, ProxyConfig
+from storage.bucket import open_store, parse_size
 from storage.postgres import find_binaries, make_reachable, resolve_service_user
 
 log = logging.getLogger("lakelet")
@@ -61,8 +62,19 @@ async def _serve_locked(config: Config, data_dir: Path) -> int:
     make_reachable(data_dir, user)
     registry = CollectorRegistry()
 
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    lease_lost: list[str] = []  # with an s3:// store: another lakelet up took the bucket over
+
+    def on_lease_lost(why: str) -> None:
+        lease_lost.append(why)
+        loop.call_soon_threadsafe(stop.set)
+
     store = await asyncio.to_thread(
-        storage.Store.open, config.store_dir, user=user, pg=pg, retention_days=config.retention_days
+        open_store, config.store_uri or None, config.store_dir, user=user, pg=pg,
+        retention_days=config.retention_days, upload_interval=config.wal_upload_interval,
+        cache_size=parse_size(config.cache_size), carry={"credentials": project.credentials_file(data_dir)},
+        on_lease_lost=on_lease_lost,
     )
     await asyncio.to_thread(store.bootstrap)
     endpoints = Endpoints(
@@ -87,8 +99,6 @@ async def _serve_locked(config: Config, data_dir: Path) -> int:
     runner: web.AppRunner | None = None
     data_api = None
     collector: asyncio.Task[None] | None = None
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     try:
@@ -107,7 +117,7 @@ async def _serve_locked(config: Config, data_dir: Path) -> int:
         http_host, http_port = config.http_addr
         await web.TCPSite(runner, http_host, http_port).start()
         await proxy.start()
-        data_api = await dataapi_wiring.start(config, endpoints)
+        data_api = await dataapi_wiring.start(config, endpoints, registry)
         await synced.start()
         collector = asyncio.create_task(_collect_garbage(store, config.gc_interval), name="store-gc")
         api.ready = True
@@ -124,7 +134,7 @@ async def _serve_locked(config: Config, data_dir: Path) -> int:
             await data_api.close()
         await synced.close()
         await _shutdown(proxy, endpoints, runner, store, lakehouse)
-    return 0
+    return 1 if lease_lost else 0
 
 
 async def _collect_garbage(store: storage.Store, interval: float) -> None:

@@ -40,6 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--min-cu", type=float, help="smallest compute size")
     up.add_argument("--max-cu", type=float, help="largest compute size")
     up.add_argument("--log-format", choices=["text", "json"], help="log line format")
+    up.add_argument("--store", dest="store_uri", help="file:///PATH or s3://BUCKET/PREFIX (default: <data-dir>/store)")
     up.add_argument("--data-api", help="HOST:PORT of the PostgREST-compatible Data API (empty = off)")
     up.add_argument("--lakehouse", help="lakehouse URI for lakehouse sync (path or s3://bucket/prefix)")
 
@@ -180,17 +181,18 @@ def _fail(message: str, as_json: bool) -> int:
 def _up(a: argparse.Namespace) -> int:
     from lakelet import app, logs
     from lakelet.rundir import DataDirBusy
+    from storage.errors import StorageError
     from storage.postgres import PostgresNotFound, find_binaries
 
     overrides = {"data_dir": a.data_dir, "listen": a.listen, "http": a.http, "suspend_timeout": a.suspend_timeout,
                  "min_cu": a.min_cu, "max_cu": a.max_cu, "log_format": a.log_format,
-                 "data_api": a.data_api, "lakehouse_uri": a.lakehouse}
+                 "data_api": a.data_api, "lakehouse_uri": a.lakehouse, "store_uri": a.store_uri}
     conf = configuration.load(a.config, overrides)
     logs.setup(conf.log_format, conf.log_level)
     try:
         find_binaries()
         return app.run(conf)
-    except (PostgresNotFound, DataDirBusy, PermissionError) as e:
+    except (PostgresNotFound, DataDirBusy, PermissionError, StorageError) as e:
         return _fail(str(e), a.json)
 
 

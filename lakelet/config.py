@@ -42,6 +42,9 @@ class Config:
     user: str = ""
     retention_days: float = 7.0
     gc_interval: float = 600.0
+    store_uri: str = ""
+    wal_upload_interval: float = 1.0
+    cache_size: str = "10GB"
     superuser: bool = False
     data_api: str = "127.0.0.1:55433"
     data_api_schemas: str = "public"
@@ -83,6 +86,7 @@ SECTIONS: dict[str, str] = {
     "auth_timeout": "proxy", "wake_timeout": "proxy", "max_client_connections": "proxy",
     "suspend_timeout": "compute", "min_cu": "compute", "max_cu": "compute", "durability": "compute",
     "user": "compute", "retention_days": "storage", "gc_interval": "storage", "superuser": "project",
+    "store_uri": "storage", "wal_upload_interval": "storage", "cache_size": "storage",
     **{name: "data_api" for name in ("data_api", "data_api_schemas", "data_api_anon_role", "data_api_jwt_secret",
                                      "data_api_jwt_role_claim", "data_api_max_rows", "data_api_pre_request",
                                      "data_api_pool_size", "data_api_idle_timeout")},
@@ -195,3 +199,18 @@ def validate(c: Config) -> None:
     if c.data_api_max_rows < 0 or c.data_api_pool_size < 1 or c.data_api_idle_timeout <= 0:
         raise ConfigError("data_api_max_rows must be >= 0 (0 = no limit), data_api_pool_size >= 1 and "
                           "data_api_idle_timeout > 0 seconds")
+    _validate_store(c)
+
+
+def _validate_store(c: Config) -> None:
+    from storage.bucket import parse_size
+
+    if c.store_uri and not c.store_uri.startswith(("file://", "s3://")):
+        raise ConfigError(f"store_uri = {c.store_uri!r}: use file:///PATH or s3://BUCKET/PREFIX "
+                          "(empty: <data_dir>/store)")
+    if c.wal_upload_interval <= 0:
+        raise ConfigError(f"wal_upload_interval = {c.wal_upload_interval}: must be a positive number of seconds")
+    try:
+        parse_size(c.cache_size)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
