@@ -102,6 +102,8 @@ async def test_schema_changes_new_tables_and_refusals(lake: Lake) -> None:
             CREATE TABLE evolve.t (id int PRIMARY KEY, a int);
             CREATE TABLE evolve.other (id int PRIMARY KEY);
             CREATE TABLE evolve.parted (id int, at date) PARTITION BY RANGE (at);
+            CREATE TABLE evolve.parted_2024 PARTITION OF evolve.parted FOR VALUES FROM ('2024-01-01') TO ('2025-01-01');
+            INSERT INTO evolve.parted VALUES (1, '2024-05-01');
             INSERT INTO evolve.t VALUES (1, 10);
         """)
         spec = make_spec(lake, "evolve")
@@ -110,6 +112,7 @@ async def test_schema_changes_new_tables_and_refusals(lake: Lake) -> None:
             await wait_for(lambda: worker.status().get("state") == "streaming", "streaming")
             status = worker.status()["tables"]
             assert status["parted"]["state"] == "error" and "partitioned" in status["parted"]["error"]
+            await conn.execute("INSERT INTO evolve.parted VALUES (2, '2024-06-01')")
             await conn.execute("ALTER TABLE evolve.t ADD COLUMN b text")
             await conn.execute("INSERT INTO evolve.t VALUES (2, 20, 'x')")
             await conn.execute("ALTER TABLE evolve.t DROP COLUMN a")
@@ -135,6 +138,7 @@ async def test_schema_changes_new_tables_and_refusals(lake: Lake) -> None:
             assert status["t"]["state"] == "error"
             assert "column 'b' changed type" in status["t"]["error"] and "re-enable" in status["t"]["error"]
             assert _rows(spec, "other", "id") == [("insert", 1)]
+            assert _rows(spec, "parted_2024", "id") == [("insert", 1), ("insert", 2)]  # snapshot, then streamed
             assert len(history(spec, "t")) == 3
         finally:
             worker.stop()
