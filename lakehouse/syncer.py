@@ -55,6 +55,7 @@ SNAPSHOT_BATCH = 50_000
 # publication covers), so not even its first update lacks the old row.
 IDENTITY_TRIGGER = """
 CREATE SCHEMA IF NOT EXISTS lakelet_sync;
+GRANT USAGE ON SCHEMA lakelet_sync TO PUBLIC;
 CREATE OR REPLACE FUNCTION lakelet_sync.replica_identity_full() RETURNS event_trigger
 LANGUAGE plpgsql AS $$
 DECLARE r record;
