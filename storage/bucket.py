@@ -32,7 +32,7 @@ from storage.postgres import PgBinaries, ServiceUser
 from storage.s3 import S3Client, S3Error, parse_s3_uri
 from storage.s3objects import S3ObjectStore
 from storage.store import Store
-from storage.uploader import STATE_KEY, WAL_PREFIX, Uploader, read_marker, restore
+from storage.uploader import FILES_PREFIX, META_PREFIX, STATE_KEY, WAL_PREFIX, Uploader, read_marker, restore
 
 log = logging.getLogger("lakelet.storage")
 
@@ -62,6 +62,14 @@ def local_root(uri: str | None, default: Path) -> Path:
     if uri and not is_bucket(uri):
         raise S3Error(f"store_uri {uri!r} is neither file://PATH nor s3://BUCKET[/PREFIX]")
     return default
+
+
+def _drop_unpublished_snapshots(client: S3Client, state: dict[str, Any]) -> None:
+    """Snapshots uploaded by a round that died before switching ``state.json`` to them."""
+    published = set(state.get("files", {}).values())
+    stale = [k for k, _ in client.list(META_PREFIX) if not k.startswith(FILES_PREFIX) and k not in published]
+    if stale:
+        client.delete_many(stale)
 
 
 def open_store(uri: str | None, root: Path, *, user: ServiceUser, pg: PgBinaries, retention_days: float = 7.0,
@@ -121,6 +129,7 @@ def open_store(uri: str | None, root: Path, *, user: ServiceUser, pg: PgBinaries
             store.close()
             raise
         objects.uploader = uploader
+        _drop_unpublished_snapshots(client, uploader.state)
         # Closers run last-registered first: the final upload round, then the lease goes.
         objects.closers += [lease.release, uploader.close]
         uploader.start()

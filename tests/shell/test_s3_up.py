@@ -97,6 +97,7 @@ def test_kill_9_and_an_empty_data_dir_lose_nothing_acknowledged(s3: tuple[S3Serv
         first.start()
         try:
             password = password_of(data_dir)
+            ca = (data_dir / "tls" / "ca.crt").read_bytes()
             acked: dict[int, float] = {}
             with psycopg.connect(first.dsn("lakelet", password), autocommit=True) as conn:
                 conn.execute("CREATE TABLE t (n int PRIMARY KEY)")
@@ -134,6 +135,7 @@ def test_kill_9_and_an_empty_data_dir_lose_nothing_acknowledged(s3: tuple[S3Serv
         second.start()
         try:
             assert password_of(data_dir) == password  # the project's credentials came back too
+            assert (data_dir / "tls" / "ca.crt").read_bytes() == ca  # and its CA: sslrootcert still verifies
             branches = {b["name"] for b in cli_json("branch", "list", data_dir=data_dir)["branches"]}
             assert branches == {"main", "feature"}
             with psycopg.connect(second.dsn("lakelet", password), autocommit=True) as conn:
