@@ -24,7 +24,7 @@ import psycopg
 import pytest
 
 from tests.conftest import scratch_dir
-from tests.s3server import FaultyRelay, S3Server, aws_env, moto_server
+from tests.s3server import FaultyRelay, S3Server, aws_env, free_port, moto_server
 from tests.shell.lakelet_process import Lakelet, cli, cli_json
 
 UPLOAD_INTERVAL = 0.5
@@ -167,7 +167,7 @@ def test_kill_9_and_an_empty_data_dir_lose_nothing_acknowledged(s3: tuple[S3Serv
             kill_leftovers(data_dir)
 
 
-def test_missing_bucket_or_credentials_fail_at_start_in_one_line(s3: tuple[S3Server, FaultyRelay],
+def test_missing_bucket_credentials_or_endpoint_fail_at_start_in_one_line(s3: tuple[S3Server, FaultyRelay],
                                                                  workdir: Path) -> None:
     server, _ = s3
 
@@ -186,3 +186,6 @@ def test_missing_bucket_or_credentials_fail_at_start_in_one_line(s3: tuple[S3Ser
     env["AWS_SHARED_CREDENTIALS_FILE"] = env["AWS_CONFIG_FILE"] = str(workdir / "none")
     lines = start(f"s3://{server.new_bucket()}", env)
     assert len(lines) == 1 and "credentials" in lines[0], lines
+    nobody = f"http://127.0.0.1:{free_port()}"  # nothing listens there
+    lines = start(f"s3://{server.new_bucket()}", aws_env(nobody))
+    assert len(lines) == 1 and f"check that {nobody} is reachable" in lines[0], lines
