@@ -19,14 +19,13 @@ from dataapi.query import (
     Statement,
     call_source,
     delete_cte,
-    ident,
     insert_cte,
     parse_body,
     payload_columns,
     qualified,
     update_cte,
 )
-from dataapi.request import Embed, Filter, Logic, Preferences, Query, SelectItem, Star
+from dataapi.request import Column, Embed, Field, Filter, Logic, Preferences, Query, SelectItem, Star
 from dataapi.schema import FunctionInfo, SchemaCache, TableInfo
 
 
@@ -114,7 +113,8 @@ async def read(conn: asyncpg.Connection, ctx: Context, table: TableInfo) -> Resu
 # -- writes ---------------------------------------------------------------------------------------
 
 def _returning_items(ctx: Context, table: TableInfo) -> list[SelectItem]:
-    from dataapi.request import Column, Field
+    """What a write's statement reads back: the select= tree for return=representation (or a
+    singular response), else only the primary key (for Location and the row count)."""
     if ctx.prefs.return_ == "representation" or ctx.singular:
         return ctx.query.select
     return [Column(Field(c)) for c in table.pk] or [Star()]
@@ -127,6 +127,8 @@ async def _mutate(conn: asyncpg.Connection, ctx: Context, table: TableInfo, b: B
     st = b.read(shape, items, prefix=f"WITH pgrst_mut AS ({cte}) ")
     row = await _fetch(conn, st)
     result = _result_from_row(row, status)
+    if ctx.prefs.count == "exact":
+        result.total = result.page
     if ctx.prefs.max_affected is not None and ctx.prefs.handling == "strict" and result.page > ctx.prefs.max_affected:
         raise ApiError(400, "PGRST124", "Query result exceeds max-affected preference constraint",
                        f"The query affects {result.page} rows", None)
@@ -139,13 +141,14 @@ async def _mutate(conn: asyncpg.Connection, ctx: Context, table: TableInfo, b: B
     return result
 
 
-def _rows(raw: bytes) -> list[dict[str, Any]]:
-    data = parse_body(raw)
+def _rows(raw: bytes, content_type: str) -> list[dict[str, Any]]:
+    data = parse_body(raw, content_type)
     return [data] if isinstance(data, dict) else data
 
 
-async def insert(conn: asyncpg.Connection, ctx: Context, table: TableInfo, raw: bytes) -> Result:
-    rows = _rows(raw)
+async def insert(conn: asyncpg.Connection, ctx: Context, table: TableInfo, raw: bytes,
+                 content_type: str = "application/json") -> Result:
+    rows = _rows(raw, content_type)
     nested = _nested_keys(ctx, table, rows)
     if nested:
         return await nested_insert(conn, ctx, table, rows)
@@ -156,7 +159,8 @@ async def insert(conn: asyncpg.Connection, ctx: Context, table: TableInfo, raw: 
     return await _mutate(conn, ctx, table, b, cte, 201)
 
 
-async def upsert_put(conn: asyncpg.Connection, ctx: Context, table: TableInfo, raw: bytes) -> Result:
+async def upsert_put(conn: asyncpg.Connection, ctx: Context, table: TableInfo, raw: bytes,
+                     content_type: str = "application/json") -> Result:
     """PUT: one row, addressed by ``eq`` filters on every primary key column, inserted or replaced."""
     q = ctx.query
     if () in q.limit or () in q.offset or ctx.range_ is not None:
@@ -171,7 +175,7 @@ async def upsert_put(conn: asyncpg.Connection, ctx: Context, table: TableInfo, r
             break
     if not table.pk or set(pk_values) != set(table.pk) or len(filters) != len(table.pk):
         raise ApiError(405, "PGRST105", "Filters must include all and only primary key columns with 'eq' operators")
-    data = parse_body(raw)
+    data = parse_body(raw, content_type)
     if isinstance(data, list):
         if len(data) != 1:
             raise body_error("PUT payload must contain a single row", "Send one JSON object")
@@ -186,12 +190,13 @@ async def upsert_put(conn: asyncpg.Connection, ctx: Context, table: TableInfo, r
     return await _mutate(conn, ctx, table, b, cte, 200)
 
 
-async def update(conn: asyncpg.Connection, ctx: Context, table: TableInfo, raw: bytes) -> Result:
-    data = parse_body(raw)
+async def update(conn: asyncpg.Connection, ctx: Context, table: TableInfo, raw: bytes,
+                 content_type: str = "application/json") -> Result:
+    data = parse_body(raw, content_type)
     if isinstance(data, list):
-        if len(data) != 1:
+        if len(data) > 1:
             raise body_error("PATCH payload must be a single object", "Send one JSON object with the new values")
-        data = data[0]
+        data = data[0] if data else {}
     columns = payload_columns(table, [data], ctx.query.columns)
     if not columns:
         return Result(204 if ctx.prefs.return_ != "representation" else 200,
@@ -294,7 +299,6 @@ async def nested_insert(conn: asyncpg.Connection, ctx: Context, table: TableInfo
 
 
 def _eq(column: str, value: Any) -> Filter:
-    from dataapi.request import Field
     return Filter(Field(column), "eq", value if isinstance(value, str) else json.dumps(value))
 
 
@@ -350,7 +354,7 @@ def rpc_args_from_body(raw: bytes) -> dict[str, Any]:
         raise body_error("Empty or invalid json", f"The request body is not valid JSON: {e}") from None
     if not isinstance(data, dict):
         raise body_error("Empty or invalid json", "A function call takes a JSON object of named arguments")
-    return {k: (v if isinstance(v, str | int | float | bool) or v is None else v) for k, v in data.items()}
+    return data
 
 
-__all__ = ["Context", "Result", "call", "delete", "ident", "insert", "read", "update", "upsert_put"]
+__all__ = ["Context", "Result", "call", "delete", "insert", "read", "update", "upsert_put"]

@@ -20,7 +20,9 @@ import jwt
 from dataapi.errors import ApiError
 
 HMAC_ALGORITHMS = ["HS256", "HS384", "HS512"]
-ASYMMETRIC_ALGORITHMS = ["RS256", "RS384", "RS512", "ES256", "ES384", "ES512", "PS256", "PS384", "PS512", "EdDSA"]
+# Per JWK key type, the algorithms a token signed with that key may name.
+KEY_ALGORITHMS = {"RSA": ["RS256", "RS384", "RS512", "PS256", "PS384", "PS512"], "EC": ["ES256", "ES384", "ES512"],
+                  "OKP": ["EdDSA"], "oct": HMAC_ALGORITHMS}
 LEEWAY_SECONDS = 30  # PostgREST allows the same clock skew
 
 _STEP = re.compile(r'\.(?:"((?:[^"\\]|\\.)*)"|([^."\[]+))|\[(\d+)\]')
@@ -117,7 +119,9 @@ class Authenticator:
                 if not keys:
                     raise _invalid("No suitable key or wrong key type")
                 key = keys[0].key
-                algorithms = ASYMMETRIC_ALGORITHMS + HMAC_ALGORITHMS
+                # Only the key's own algorithm: an HS256 token must not be checked against an RSA or
+                # EC public key (the classic algorithm-confusion attack).
+                algorithms = KEY_ALGORITHMS.get(keys[0].key_type, [keys[0].algorithm_name])
             claims = jwt.decode(token, key, algorithms=algorithms, leeway=LEEWAY_SECONDS,
                                 options={"verify_aud": False, "require": []})
         except jwt.ExpiredSignatureError:
@@ -126,7 +130,7 @@ class Authenticator:
             raise _invalid("JWT not yet valid" if "nbf" in str(e) else "JWT issued at future", "PGRST303") from None
         except jwt.InvalidSignatureError:
             raise _invalid("JWT cryptographic operation failed") from None
-        except (jwt.PyJWTError, ValueError) as e:
+        except (jwt.PyJWTError, ValueError, TypeError) as e:
             raise _invalid(f"JWT invalid: {e}") from None
         if not isinstance(claims, dict):
             raise _invalid("JWT claims are not a JSON object")

@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from typing import Any
+from urllib.parse import parse_qsl
 
 from dataapi.errors import ApiError, body_error
 from dataapi.request import (
@@ -109,8 +110,7 @@ class Builder:
         for step in f.path:
             key = self.params.add(step.key, "int") if isinstance(step.key, int) else self.params.add(step.key)
             sql = f"{sql}{step.arrow}{key}"
-            typ = "text" if step.arrow == "->>" else ("jsonb" if typ in ("jsonb", "json") and typ == "jsonb"
-                                                      else "jsonb")
+            typ = "text" if step.arrow == "->>" else "jsonb"  # json paths compare as jsonb (json has no =)
         if f.path and f.path[-1].arrow == "->" and col is not None and col.type == "json":
             sql = f"({sql})::jsonb"
         return sql, typ
@@ -212,7 +212,7 @@ class Builder:
             return sql
         order = self.query.order.get(path, [])
         if order:
-            sql += " ORDER BY " + ", ".join(self._order(a, table, t) for t in order)
+            sql += " ORDER BY " + ", ".join(self.order_sql(a, table, t) for t in order)
         if limit is not None:
             sql += f" LIMIT {int(limit)}"
         if offset:
@@ -273,7 +273,7 @@ class Builder:
             col = f"COALESCE({lat}.body, '[]'::json) AS {ident(e.key)}"
         return (None if for_count or not e.select else col), join, f"{lat}.body"
 
-    def _order(self, a: str, table: TableInfo, t: OrderTerm) -> str:
+    def order_sql(self, a: str, table: TableInfo, t: OrderTerm) -> str:
         if t.relation is not None:
             rel = self.cache.relationship(table, t.relation, None)
             if not rel.to_one:
@@ -326,18 +326,27 @@ def _array_of(typ: str) -> str:
 
 # -- writes ---------------------------------------------------------------------------------------
 
-def parse_body(raw: bytes) -> list[dict[str, Any]] | dict[str, Any]:
+def parse_body(raw: bytes, content_type: str = "application/json") -> list[dict[str, Any]] | dict[str, Any]:
+    """A write's payload: a JSON object or array of objects, or an HTML form (one object of
+    strings), as PostgREST takes them. Anything else is PGRST102 "Empty or invalid json"."""
+    if content_type == "application/x-www-form-urlencoded":
+        try:
+            return dict(parse_qsl(raw.decode(), keep_blank_values=True, strict_parsing=bool(raw.strip())))
+        except (UnicodeDecodeError, ValueError):
+            raise body_error("Empty or invalid form body") from None
     if not raw.strip():
-        raise body_error("Empty or invalid json", "The request body is empty; send a JSON object or array")
+        raise body_error("Empty or invalid json")
     try:
         data = json.loads(raw)
-    except (ValueError, UnicodeDecodeError, RecursionError) as e:
-        raise body_error("Empty or invalid json", f"The request body is not valid JSON: {e}") from None
+    except (ValueError, UnicodeDecodeError, RecursionError):
+        raise body_error("Empty or invalid json") from None
     if isinstance(data, dict):
         return data
     if isinstance(data, list) and all(isinstance(x, dict) for x in data):
         return data
-    raise body_error("Empty or invalid json", "The request body must be a JSON object or an array of objects")
+    if isinstance(data, list):
+        raise body_error("All object keys must match")
+    raise body_error("Empty or invalid json")
 
 
 def payload_columns(table: TableInfo, rows: list[dict[str, Any]], columns: list[str] | None) -> list[str]:
@@ -364,7 +373,8 @@ def insert_cte(b: Builder, table: TableInfo, rows: list[dict[str, Any]], columns
     target = qualified(table.schema, table.name)
     body = b.params.add(json.dumps(rows))
     if not columns:
-        sql = f"INSERT INTO {target} AS pgrst_w DEFAULT VALUES"
+        # No column in the payload ({} or [{}, {}]): one all-default row per object.
+        sql = f"INSERT INTO {target} AS pgrst_w SELECT FROM jsonb_array_elements(({body})::jsonb)"
     else:
         exprs = []
         for c in columns:
@@ -394,11 +404,35 @@ def insert_cte(b: Builder, table: TableInfo, rows: list[dict[str, Any]], columns
     return sql + " RETURNING pgrst_w.*"
 
 
+def _write_filter(b: Builder, table: TableInfo) -> list[str]:
+    """The WHERE of an update or delete: its filters, and for ``limit``/``offset`` (PostgREST's
+    limited update/delete) the rows chosen by ``order`` through their ctid."""
+    limit, offset = b.query.limit.get(()), b.query.offset.get((), 0)
+    if limit is None and not offset:
+        return [b.condition("pgrst_w", table, c, {}) for c in b.query.conditions.get((), [])]
+    order = b.query.order.get((), [])
+    if not order:
+        raise ApiError(400, "PGRST109", "A 'limit' was applied without an explicit 'order'", None,
+                       "Apply an 'order' using unique column(s)")
+    if table.kind not in ("r", "p"):
+        raise ApiError(400, "PGRST100", "limit/offset on an update or delete needs a table, not a view")
+    inner = [b.condition("pgrst_l", table, c, {}) for c in b.query.conditions.get((), [])]
+    chosen = f"SELECT pgrst_l.ctid FROM {qualified(table.schema, table.name)} AS pgrst_l"
+    if inner:
+        chosen += " WHERE " + " AND ".join(inner)
+    chosen += " ORDER BY " + ", ".join(b.order_sql("pgrst_l", table, t) for t in order)
+    if limit is not None:
+        chosen += f" LIMIT {int(limit)}"
+    if offset:
+        chosen += f" OFFSET {int(offset)}"
+    return [f"pgrst_w.ctid = ANY(ARRAY({chosen}))"]
+
+
 def update_cte(b: Builder, table: TableInfo, row: dict[str, Any], columns: list[str]) -> str:
     target = qualified(table.schema, table.name)
     body = b.params.add(json.dumps(row))
     sets = ", ".join(f"{ident(c)} = pgrst_r.{ident(c)}" for c in columns)
-    wheres = [b.condition("pgrst_w", table, c, {}) for c in b.query.conditions.get((), [])]
+    wheres = _write_filter(b, table)
     sql = (f"UPDATE {target} AS pgrst_w SET {sets} "
            f"FROM jsonb_populate_record(NULL::{target}, ({body})::jsonb) AS pgrst_r")
     if wheres:
@@ -407,7 +441,7 @@ def update_cte(b: Builder, table: TableInfo, row: dict[str, Any], columns: list[
 
 
 def delete_cte(b: Builder, table: TableInfo) -> str:
-    wheres = [b.condition("pgrst_w", table, c, {}) for c in b.query.conditions.get((), [])]
+    wheres = _write_filter(b, table)
     sql = f"DELETE FROM {qualified(table.schema, table.name)} AS pgrst_w"
     if wheres:
         sql += " WHERE " + " AND ".join(wheres)

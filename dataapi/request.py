@@ -327,6 +327,19 @@ def parse_filter_value(field_: Field, text: str) -> Filter:
     raise parse_error(f'"failed to parse filter ({text})"', f"unknown operator {op!r}")
 
 
+_FILTER_RE = re.compile(r"^(?:not\.)?(\w+)(?:\([^)]*\))?\.")
+
+
+def looks_like_filter(value: str) -> bool:
+    """``op.value`` with a known operator: for a GET function call, PostgREST reads such a parameter
+    as a filter on the result, and anything else as an argument."""
+    m = _FILTER_RE.match(value)
+    return bool(m) and (m.group(1) in OPERATORS or m.group(1) in FTS or m.group(1) in ("in", "is", "isdistinct"))
+
+
+RESERVED = {"select", "order", "limit", "offset", "columns", "on_conflict", "or", "and", "not.or", "not.and"}
+
+
 def parse_logic(op: str, text: str, negate: bool, depth: int = 0) -> Logic:
     if depth > MAX_LOGIC_DEPTH:
         raise parse_error('"failed to parse logic tree"', f"and/or nested deeper than {MAX_LOGIC_DEPTH} levels")

@@ -20,7 +20,8 @@ from dataapi.errors import ApiError
 NOTIFY_CHANNEL = "pgrst"
 
 # Installed once per database when missing: every DDL command ends with NOTIFY pgrst; and the check,
-# made as the admin role at the start of every request, that the token's role is no superuser.
+# made as the admin role at the start of every request, that the token's role is no superuser and no
+# predefined pg_ role (pg_read_server_files, pg_execute_server_program, … would reach the OS).
 INSTALLED_SQL = """
 SELECT to_regprocedure('lakelet_dataapi.check_role(text)') IS NOT NULL
    AND (SELECT count(*) FROM pg_event_trigger WHERE evtname LIKE 'lakelet_dataapi_%') = 2
@@ -32,9 +33,9 @@ CREATE OR REPLACE FUNCTION lakelet_dataapi.notify_ddl() RETURNS event_trigger
 LANGUAGE plpgsql AS $$ BEGIN PERFORM pg_notify('pgrst', 'reload schema'); END $$;
 CREATE OR REPLACE FUNCTION lakelet_dataapi.check_role(wanted text) RETURNS void
 LANGUAGE plpgsql AS $$ BEGIN
-  IF EXISTS (SELECT 1 FROM pg_catalog.pg_roles WHERE rolname = wanted AND rolsuper) THEN
+  IF wanted LIKE 'pg\\_%' OR EXISTS (SELECT 1 FROM pg_catalog.pg_roles WHERE rolname = wanted AND rolsuper) THEN
     RAISE EXCEPTION 'permission denied to set role "%"', wanted USING ERRCODE = '42501',
-      HINT = 'The Data API does not run requests as a superuser role';
+      HINT = 'The Data API runs requests neither as a superuser nor as a predefined pg_ role';
   END IF;
 END $$;
 DO $$ BEGIN
@@ -166,12 +167,15 @@ class SchemaCache:
                            None, "Try renaming the parameters or the function itself in the database so "
                                  "function overloading can be resolved")
         args = ", ".join(sorted(given))
-        raise ApiError(404, "PGRST202",
-                       f"Could not find the function {schema}.{name}({args}) in the schema cache",
-                       f"Searched for the function {schema}.{name} with parameters {args or 'none'}, but no "
-                       "matches were found in the schema cache.",
-                       "If a new function was created in the database with this name and parameters, "
-                       "try reloading the schema cache.")
+        signature = f"{schema}.{name}({args})" if given else f"{schema}.{name} without parameters"
+        searched = (f"with parameter{'s' if len(given) > 1 else ''} {args}" if given else "without parameters")
+        hint = None
+        if overloads:
+            best = overloads[0]
+            hint = f"Perhaps you meant to call the function {schema}.{name}({', '.join(a.name for a in best.args)})"
+        raise ApiError(404, "PGRST202", f"Could not find the function {signature} in the schema cache",
+                       f"Searched for the function {schema}.{name} {searched}, but no matches were found in the "
+                       "schema cache.", hint)
 
     def relationship(self, source: TableInfo, name: str, hint: str | None) -> Relationship:
         candidates = [r for r in self._relationships(source) if r.target.name == name or _by_column(r, name)]

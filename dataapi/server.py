@@ -15,22 +15,27 @@ import csv
 import io
 import json
 import logging
+import time
 from dataclasses import dataclass
 from typing import Any
 
 import asyncpg
 from aiohttp import web
+from prometheus_client import CollectorRegistry
 
 from dataapi import actions
 from dataapi.auth import Authenticator, Identity
 from dataapi.databases import Computes, Databases, PoolSettings
 from dataapi.errors import ApiError, from_postgres
+from dataapi.metrics import UNKNOWN, DataAPIMetrics
 from dataapi.openapi import describe
 from dataapi.query import ident
 from dataapi.request import (
     MEDIA_CSV,
     MEDIA_OBJECT,
     MEDIA_OPENAPI,
+    RESERVED,
+    looks_like_filter,
     negotiate,
     parse_prefer,
     parse_query,
@@ -58,6 +63,7 @@ def begin_script(readonly: bool, role: str, settings: dict[str, str]) -> str:
             f"set_config('role', {sql_text(role)}, true)")
 
 
+BRANCH_KEY = web.RequestKey("lakelet_branch", str)  # the metrics label, set once the branch exists
 ALLOW_TABLE = "OPTIONS,GET,HEAD,POST,PUT,PATCH,DELETE"
 
 
@@ -120,8 +126,9 @@ def to_csv(body: str, scalar_name: str) -> str:
 
 
 class DataAPI:
-    def __init__(self, computes: Computes, config: DataAPIConfig) -> None:
+    def __init__(self, computes: Computes, config: DataAPIConfig, registry: CollectorRegistry | None = None) -> None:
         self.config = config
+        self.metrics = DataAPIMetrics(registry)
         self.auth = Authenticator(config.jwt_secret, config.anon_role or None, config.jwt_role_claim)
         self.databases = Databases(computes, config.schemas,
                                    PoolSettings(size=config.pool_size, idle_timeout=config.idle_timeout))
@@ -153,17 +160,21 @@ class DataAPI:
     # -- the handler ----------------------------------------------------------------------------
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
+        started = time.perf_counter()
+        request[BRANCH_KEY] = UNKNOWN
         try:
-            return await self._handle(request)
+            response: web.StreamResponse = await self._handle(request)
         except ApiError as e:
-            return error_response(e)
+            response = error_response(e)
         except web.HTTPRequestEntityTooLarge:
-            return error_response(ApiError(413, "PGRST102", "Request body too large", None,
-                                           f"Send at most {self.config.max_body_bytes} bytes per request"))
+            response = error_response(ApiError(413, "PGRST102", "Request body too large", None,
+                                               f"Send at most {self.config.max_body_bytes} bytes per request"))
         except Exception:
             log.exception("data API request failed", extra={"path": request.path})
-            return error_response(ApiError(500, "PGRSTX00", "Internal error in the Data API", None,
-                                           "See the lakelet log for the cause"))
+            response = error_response(ApiError(500, "PGRSTX00", "Internal error in the Data API", None,
+                                               "See the lakelet log for the cause"))
+        self.metrics.observe(request[BRANCH_KEY], request.method, response.status, time.perf_counter() - started)
+        return response
 
     async def _handle(self, request: web.Request) -> web.StreamResponse:
         route = parse_route(request.path)
@@ -192,13 +203,14 @@ class DataAPI:
             raise ApiError(405, "PGRST117", f"Unsupported HTTP method: {method}")
         query = parse_query(params) if route.kind == "table" or method == "POST" else None
         raw = await request.read() if method in ("POST", "PUT", "PATCH") else b""
-        if raw and method in ("POST", "PUT", "PATCH"):
-            ctype = (request.content_type or "application/json").lower()
-            if ctype not in ("application/json", "application/vnd.pgrst.object+json", "text/plain",
-                             "application/octet-stream"):
-                raise ApiError(415, "PGRST107", f"Content-Type not acceptable: {ctype}", None,
-                               "Send the body as application/json")
+        ctype = (request.content_type or "application/json").lower()
+        if raw and ctype not in ("application/json", "application/vnd.pgrst.object+json", "text/plain",
+                                 "application/octet-stream", "application/x-www-form-urlencoded"):
+            raise ApiError(415, "PGRST107", f"Content-Type not acceptable: {ctype}", None,
+                           "Send the body as application/json")
+        body_type = ctype if ctype == "application/x-www-form-urlencoded" else "application/json"
         async with self.databases.use(route.branch, route.database, len(raw)) as db:
+            request[BRANCH_KEY] = route.branch
             cache = db.cache
             assert cache is not None and db.pool is not None
             fn = None
@@ -209,12 +221,13 @@ class DataAPI:
                     args = actions.rpc_args_from_body(raw)
                     fn = cache.function(schema, route.name, frozenset(args))
                 else:
-                    names = {k for k, _ in params}
                     overloads = cache.functions.get((schema, route.name), ())
-                    arg_names = frozenset(a.name for f in overloads for a in f.args)
+                    known = {a.name for f in overloads for a in f.args}
+                    arg_names = frozenset(k for k, v in params if k in known or (
+                        k not in RESERVED and "." not in k and not looks_like_filter(v)))
                     query = parse_query(params, arg_names)
                     args = dict(query.rpc_args)
-                    fn = cache.function(schema, route.name, frozenset(args) & frozenset(names))
+                    fn = cache.function(schema, route.name, frozenset(args))
             else:
                 table = cache.table(schema, route.name)
             assert query is not None
@@ -224,7 +237,7 @@ class DataAPI:
             try:
                 async with db.pool.acquire() as conn:
                     result = await self._run(conn, request, identity, schema, readonly, ctx, route, method,
-                                             table, fn, args, raw)
+                                             table, fn, args, raw, body_type)
             except asyncpg.PostgresError as e:
                 raise from_postgres(e, authenticated=identity.authenticated) from None
             except (asyncpg.InterfaceError, asyncpg.DataError, ValueError, OverflowError) as e:
@@ -248,7 +261,7 @@ class DataAPI:
 
     async def _run(self, conn: asyncpg.Connection, request: web.Request, identity: Identity, schema: str,
                    readonly: bool, ctx: actions.Context, route: Route, method: str, table: Any, fn: Any,
-                   args: dict[str, Any], raw: bytes) -> actions.Result:
+                   args: dict[str, Any], raw: bytes, body_type: str) -> actions.Result:
         headers = {k.lower(): v for k, v in request.headers.items()}
         settings = {"search_path": f"{ident(schema)}, public", "request.jwt.claims": json.dumps(identity.claims),
                     "request.method": method,
@@ -263,11 +276,11 @@ class DataAPI:
             elif method in ("GET", "HEAD"):
                 result = await actions.read(conn, ctx, table)
             elif method == "POST":
-                result = await actions.insert(conn, ctx, table, raw)
+                result = await actions.insert(conn, ctx, table, raw, body_type)
             elif method == "PUT":
-                result = await actions.upsert_put(conn, ctx, table, raw)
+                result = await actions.upsert_put(conn, ctx, table, raw, body_type)
             elif method == "PATCH":
-                result = await actions.update(conn, ctx, table, raw)
+                result = await actions.update(conn, ctx, table, raw, body_type)
             else:
                 result = await actions.delete(conn, ctx, table)
             if ctx.singular and not result.scalar and result.page != 1:
@@ -290,9 +303,14 @@ class DataAPI:
                 applied.append(f"{name}={value}")
         if applied:
             headers["Preference-Applied"] = ", ".join(applied)
-        if not result.scalar and method in ("GET", "HEAD") or (route.kind == "table" and method != "POST"):
-            total = "*" if result.total is None else str(result.total)
-            if result.total is not None and result.offset > 0 and result.offset >= result.total:
+        total = "*" if result.total is None else str(result.total)
+        if route.kind == "table" and method == "POST":
+            headers["Content-Range"] = f"*/{total}"
+        elif result.scalar:
+            headers["Content-Range"] = "0-0/1" if prefs.count == "exact" else "0-0/*"
+        else:
+            if (method in ("GET", "HEAD") and result.total is not None and result.offset > 0
+                    and result.offset >= result.total):
                 raise ApiError(416, "PGRST103", "Requested range not satisfiable",
                                f"An offset of {result.offset} was requested, but there are only "
                                f"{result.total} rows.", None, {"Content-Range": f"*/{total}"})
@@ -300,11 +318,10 @@ class DataAPI:
                 headers["Content-Range"] = f"{result.offset}-{result.offset + result.page - 1}/{total}"
             else:
                 headers["Content-Range"] = f"*/{total}"
-            if (method in ("GET", "HEAD") and result.total is not None
-                    and (result.offset > 0 or result.offset + result.page < result.total)):
+            reading = method in ("GET", "HEAD") or route.kind == "rpc"
+            if reading and result.total is not None and (result.offset > 0
+                                                         or result.offset + result.page < result.total):
                 status = 206
-        elif method == "POST" and route.kind == "table":
-            headers["Content-Range"] = "*/*"
         if result.response_headers:
             try:
                 extra = json.loads(result.response_headers)

@@ -92,6 +92,8 @@ class LakehouseSync:
         self.syncs: dict[tuple[str, str, str], SyncConfig] = {}
         self.runs: dict[tuple[str, str, str], _Run] = {}
         self.failures: dict[tuple[str, str, str], str] = {}
+        # A worker that crashed is restarted after a growing pause (not in a hot loop).
+        self.backoff: dict[tuple[str, str, str], tuple[int, float]] = {}
         self._task: asyncio.Task[None] | None = None
         self._lock = asyncio.Lock()
 
@@ -234,9 +236,17 @@ class LakehouseSync:
                 if run.proc.returncode is None:
                     continue
                 self.runs.pop(key, None)
-                if run.proc.returncode == 2:
+                rc = run.proc.returncode
+                if rc == 2:
                     self.failures[key] = self._read_status(cfg).get("error") or "the sync worker failed"
-            if key in self.failures:
+                elif rc not in (0, 3, -15):
+                    n = self.backoff.get(key, (0, 0.0))[0] + 1
+                    self.backoff[key] = (n, time.monotonic() + min(30.0, 0.5 * 2 ** n))
+                    log.warning(f"lakehouse sync worker exited with code {rc}; restarting "
+                                f"(see {self.state_dir(cfg) / 'worker.log'})", extra={"branch": cfg.branch})
+                else:
+                    self.backoff.pop(key, None)
+            if key in self.failures or time.monotonic() < self.backoff.get(key, (0, 0.0))[1]:
                 continue
             node = self.endpoints.active_node(cfg.branch)
             if node is None or node.stopping:

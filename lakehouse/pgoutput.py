@@ -113,13 +113,13 @@ class Type:
     name: str
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class Insert:
     relation_oid: int
     new: tuple[Value, ...]
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class Update:
     relation_oid: int
     new: tuple[Value, ...]
@@ -127,7 +127,7 @@ class Update:
     old_is_key: bool = False  # 'K': only the key columns of ``old`` are set, the rest are None
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class Delete:
     relation_oid: int
     old: tuple[Value, ...]
@@ -190,26 +190,46 @@ class _Reader:
         return self.buf[self.pos - n:self.pos]
 
     def tuple_data(self) -> tuple[Value, ...]:
-        (ncols,) = self.unpack(_I16)
-        values: list[Value] = []
-        for _ in range(ncols):
-            kind = self.byte()
-            if kind == 0x74:  # 't'
-                (length,) = self.unpack(_I32)
-                if length < 0:
-                    raise DecodeError("pgoutput tuple: negative value length")
-                values.append(self.take(length).decode())
-            elif kind == 0x6E:  # 'n'
-                values.append(None)
-            elif kind == 0x75:  # 'u'
-                values.append(UNCHANGED)
-            else:
-                raise DecodeError(f"pgoutput tuple: unknown column kind {kind!r} (binary mode is not requested)")
-        return tuple(values)
+        values, self.pos = _tuple_at(self.buf, self.pos)
+        return values
 
     def done(self) -> None:
         if self.pos != len(self.buf):
             raise DecodeError(f"pgoutput {chr(self.buf[0])!r} message: {len(self.buf) - self.pos} trailing bytes")
+
+
+def _tuple_at(buf: bytes, pos: int) -> tuple[tuple[Value, ...], int]:
+    """TupleData at ``pos`` → (values, position after it). The hot loop of the decoder: locals
+    only, no method calls per column."""
+    size = len(buf)
+    if pos + 2 > size:
+        raise DecodeError("pgoutput tuple truncated before its column count")
+    ncols = _I16.unpack_from(buf, pos)[0]
+    pos += 2
+    values: list[Value] = []
+    append = values.append
+    for _ in range(ncols):
+        if pos >= size:
+            raise DecodeError("pgoutput tuple truncated")
+        kind = buf[pos]
+        pos += 1
+        if kind == 0x74:  # 't'
+            if pos + 4 > size:
+                raise DecodeError("pgoutput tuple truncated in a value length")
+            length = _I32.unpack_from(buf, pos)[0]
+            pos += 4
+            end = pos + length
+            if length < 0 or end > size:
+                raise DecodeError("pgoutput tuple: value length beyond the message")
+            append(buf[pos:end].decode())
+            pos = end
+        elif kind == 0x6E:  # 'n'
+            append(None)
+        elif kind == 0x75:  # 'u'
+            append(UNCHANGED)
+        else:
+            raise DecodeError(f"pgoutput tuple: unknown column kind {kind!r} (binary mode is not requested)")
+    return tuple(values), pos
 
 
 def parse(payload: bytes) -> Message:
@@ -359,7 +379,7 @@ class Transaction:
     commit_time: datetime
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class RowChange:
     """One row event, resolved against the relation description it was written with."""
 
@@ -423,6 +443,8 @@ class Decoder:
                               f"its Relation message {len(rel.columns)}")
 
     def feed(self, payload: bytes, lsn: int = 0) -> Event | None:
+        if payload[:1] == b"I" and self.state is TxState.IN_TRANSACTION:
+            return self._insert(payload, lsn)
         msg = parse(payload)
         self._move(msg)
         if isinstance(msg, Begin):
@@ -460,3 +482,24 @@ class Decoder:
             self.seq += 1
             return event
         return None  # Origin, Type, LogicalMessage: nothing the sync needs
+
+    def _insert(self, payload: bytes, lsn: int) -> RowChange:
+        """The hot path (bulk loads are inserts): the same checks as ``parse`` + ``feed``, without
+        the intermediate ``Insert``. (IN_TRANSACTION, Insert) → IN_TRANSACTION per the table."""
+        if len(payload) < 6:
+            raise DecodeError("pgoutput 'I' message truncated at byte 1")
+        oid = _U32.unpack_from(payload, 1)[0]
+        if payload[5] != 0x4E:
+            raise DecodeError("pgoutput insert: expected 'N' before the new tuple")
+        values, end = _tuple_at(payload, 6)
+        if end != len(payload):
+            raise DecodeError(f"pgoutput 'I' message: {len(payload) - end} trailing bytes")
+        rel = self.relations.get(oid)
+        if rel is None:
+            raise DecodeError(f"pgoutput change for relation {oid} before its Relation message")
+        if len(values) != len(rel.columns):
+            self._check_width(rel, values)
+        assert self.tx is not None
+        change = RowChange(self.tx, self.seq, "insert", rel, values, None, False, lsn)
+        self.seq += 1
+        return change

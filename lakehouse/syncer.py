@@ -29,6 +29,7 @@ import logging
 import os
 import select
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -39,7 +40,7 @@ import psycopg2.extras
 from psycopg2 import sql as psql
 
 from lakehouse import pgoutput
-from lakehouse.history import HistoryTable, TableSyncError, history_uri
+from lakehouse.history import HistoryTable, Pending, TableSyncError, history_uri
 from lakehouse.pgoutput import Relation, RelationColumn, RowChange, TransactionEnd, TruncateChange
 
 log = logging.getLogger("lakelet.lakehouse")
@@ -185,6 +186,8 @@ class Syncer:
         self._status_written = 0.0
         self._identity_fixed: set[int] = set()
         self.scope: list[str] = []
+        self._flusher = ThreadPoolExecutor(1, thread_name_prefix="delta-flush")
+        self._inflight: Future[tuple[int, list[tuple[str, int, int, str | None]]]] | None = None
 
     # -- status and progress ----------------------------------------------------------------------
 
@@ -377,22 +380,57 @@ class Syncer:
         st.rows += rows
         st.bytes += nbytes
 
-    def flush(self, repl: Any) -> None:
-        """One Delta commit per table with buffered changes, then confirm the slot."""
-        committed = False
-        for name, table in self.tables.items():
-            if table.rows and table.error is None:
-                committed = True
-                try:
-                    self._commit(name, table, table.max_commit_lsn)
-                except TableSyncError as e:
-                    self._fail_table(name, str(e))
+    def flush(self, repl: Any, *, wait: bool = False) -> None:
+        """Hand every table's buffer to the flush thread (one Delta commit per table); the slot is
+        confirmed through the flushed transactions once all of those commits landed (``_collect``).
+
+        One flush is in flight at a time, so Delta commits stay in LSN order, while the next
+        transactions are decoded meanwhile: Parquet encoding and the commit run without the GIL."""
+        self._collect(repl, block=True)
+        pending = [(name, t.detach()) for name, t in self.tables.items() if t.rows and t.error is None]
         self._buffer_since = None
-        if self.last_end > self.confirmed:
-            self.confirmed = self.last_end
+        end = self.last_end
+        if not pending:
+            self._confirm(repl, end, force_status=False)
+            return
+        self._inflight = self._flusher.submit(self._write, pending, end)
+        if wait:
+            self._collect(repl, block=True)
+
+    @staticmethod
+    def _write(pending: list[tuple[str, Pending]], end: int) -> tuple[int, list[tuple[str, int, int, str | None]]]:
+        out: list[tuple[str, int, int, str | None]] = []
+        for name, batch in pending:
+            try:
+                out.append((name, batch.rows, batch.commit(batch.max_commit_lsn), None))
+            except TableSyncError as e:
+                out.append((name, 0, 0, str(e)))
+        return end, out
+
+    def _collect(self, repl: Any, *, block: bool) -> None:
+        """Take the in-flight flush's outcome (waiting for it when ``block``) and confirm the slot.
+        Any failure other than a table's own stops the worker before confirming anything: the
+        next run redoes the flush from the slot, and the Delta versions drop what did land."""
+        f = self._inflight
+        if f is None or (not block and not f.done()):
+            return
+        self._inflight = None
+        end, results = f.result()
+        for name, rows, nbytes, error in results:
+            if error is not None:
+                self._fail_table(name, error)
+                continue
+            st = self._table_status(name)
+            st.rows += rows
+            st.bytes += nbytes
+        self._confirm(repl, end, force_status=True)
+
+    def _confirm(self, repl: Any, end: int, *, force_status: bool) -> None:
+        if end > self.confirmed:
+            self.confirmed = end
         repl.send_feedback(write_lsn=self.confirmed, flush_lsn=self.confirmed)
         self.status.confirmed_lsn = fmt_lsn(self.confirmed)
-        self.write_status(force=committed)
+        self.write_status(force=force_status)
 
     def _note_relation(self, rel: Relation) -> None:
         if rel.namespace != self.spec.schema:
@@ -417,7 +455,7 @@ class Syncer:
 
     def handle(self, payload: bytes, lsn: int) -> None:
         event = self.decoder.feed(payload, lsn)
-        if isinstance(event, RowChange):
+        if type(event) is RowChange:
             self._row(event)
         elif isinstance(event, TransactionEnd):
             self.last_end = event.end_lsn
@@ -429,48 +467,59 @@ class Syncer:
                 table = self._live(rel, event.tx.commit_lsn)
                 if table is not None:
                     table.add(rel, None, "truncate", lsn=event.lsn, xid=event.tx.xid,
-                              commit_lsn=event.tx.commit_lsn, seq=event.seq, commit_time=event.tx.commit_time)
+                              commit_lsn=event.tx.commit_lsn, seq=2 * event.seq, commit_time=event.tx.commit_time)
 
     def _live(self, rel: Relation, commit_lsn: int) -> HistoryTable | None:
         if rel.namespace != self.spec.schema:
             return None
-        table = self._table(rel.name)
-        if table.error is not None or table.seen(commit_lsn):
-            return None
+        table = self.tables.get(rel.name) or self._table(rel.name)
+        if table.error is not None or (table.committed is not None and commit_lsn <= table.committed):
+            return None  # stopped, or already in Delta (a transaction redelivered after a restart)
         if self._buffer_since is None:
             self._buffer_since = time.monotonic()
         return table
 
     def _row(self, c: RowChange) -> None:
-        table = self._live(c.relation, c.tx.commit_lsn)
+        tx = c.tx
+        table = self._live(c.relation, tx.commit_lsn)
         if table is None:
             return
-        tx = c.tx
-        common: dict[str, Any] = {"lsn": c.lsn, "xid": tx.xid, "commit_lsn": tx.commit_lsn, "seq": c.seq,
-                                  "commit_time": tx.commit_time}
         try:
+            # _sort_by positions are 2 × the change's place in its transaction, + 1 for an update's
+            # postimage: the preimage sorts first.
             if c.kind == "insert":
-                table.add(c.relation, c.new, "insert", **common)
+                assert c.new is not None
+                table.add_insert(c.relation, c.new, c.lsn, 2 * c.seq, tx.xid, tx.commit_lsn, tx.commit_time)
             elif c.kind == "delete":
-                table.add(c.relation, c.old, "delete", **common)
+                table.add(c.relation, c.old, "delete", lsn=c.lsn, xid=tx.xid, commit_lsn=tx.commit_lsn,
+                          seq=2 * c.seq, commit_time=tx.commit_time)
             else:
                 old = c.old
                 if old is None:  # key unchanged and not REPLICA IDENTITY FULL: the key is all we know
                     assert c.new is not None
                     old = tuple(v if col.key else None for v, col in zip(c.new, c.relation.columns, strict=True))
-                table.add(c.relation, old, "update_preimage", **common)
-                table.add(c.relation, c.new, "update_postimage", fill=c.old, **common)
+                table.add(c.relation, old, "update_preimage", lsn=c.lsn, xid=tx.xid, commit_lsn=tx.commit_lsn,
+                          seq=2 * c.seq, commit_time=tx.commit_time)
+                table.add(c.relation, c.new, "update_postimage", lsn=c.lsn, xid=tx.xid,
+                          commit_lsn=tx.commit_lsn, seq=2 * c.seq + 1, commit_time=tx.commit_time, fill=c.old)
         except TableSyncError as e:
             self._fail_table(c.relation.name, str(e))
 
-    def _flush_due(self) -> bool:
+    def _flush_due(self, idle: bool) -> bool:
+        """Between transactions: every ``flush_interval`` while the stream is idle (low lag under a
+        light load); while changes keep arriving (catching up), at most once a second or every
+        ``max_buffered_rows`` — fewer, larger Delta commits."""
         if self.decoder.state is not pgoutput.TxState.IDLE:
             return False
-        if self._buffer_since is None:
-            return self.last_end > self.confirmed and self.drain_target is None
-        buffered = sum(t.rows for t in self.tables.values())
-        return (time.monotonic() - self._buffer_since >= self.spec.flush_interval
-                or buffered >= self.spec.max_buffered_rows)
+        if self._buffer_since is None:  # nothing buffered: only the slot position to move on
+            return self.last_end > self.confirmed and self._inflight is None and self.drain_target is None
+        age = time.monotonic() - self._buffer_since
+        if age >= max(1.0, self.spec.flush_interval) or self._buffered() >= self.spec.max_buffered_rows:
+            return True
+        return idle and age >= self.spec.flush_interval
+
+    def _buffered(self) -> int:
+        return sum(t.rows for t in self.tables.values())
 
     def stream(self, repl: Any) -> None:
         self.status.state = "streaming"
@@ -483,16 +532,20 @@ class Syncer:
             msg = repl.read_message()
             if msg is not None:
                 self.handle(msg.payload, msg.data_start)
-                if self.decoder.state is pgoutput.TxState.IDLE and self._flush_due():
-                    self.flush(repl)
+                if self.decoder.state is pgoutput.TxState.IDLE:
+                    if self._inflight is not None:
+                        self._collect(repl, block=False)
+                    if self._flush_due(idle=False):
+                        self.flush(repl)
                 continue
-            if self._flush_due():
+            self._collect(repl, block=False)
+            if self._flush_due(idle=True):
                 self.flush(repl)
             if self.drain_target is not None and self.decoder.state is pgoutput.TxState.IDLE:
                 reached = max(self.last_end, repl.wal_end or 0)
                 if reached >= self.drain_target:
                     self.last_end = max(self.last_end, reached)
-                    self.flush(repl)
+                    self.flush(repl, wait=True)
                     self.status.drained_lsn = fmt_lsn(self.drain_target)
                     self.drain_target = None
                     self.write_status(force=True)
@@ -502,6 +555,18 @@ class Syncer:
             self.write_status()
             with contextlib.suppress(InterruptedError):
                 select.select([repl], [], [], 0.05)
+        self._collect(repl, block=True)
+
+    def _resnapshot_reason(self, progress: dict[str, Any], exists: bool) -> str | None:
+        if not progress.get("snapshot_done"):
+            return None  # the first snapshot (or one a crash interrupted)
+        if progress.get("slot") != self.spec.slot:
+            return (f"the branch was restored or reset (now slot {self.spec.slot}, was {progress.get('slot')}): "
+                    "history replaced by a fresh snapshot")
+        if not exists:
+            return (f"slot {self.spec.slot} was lost (the compute was rebuilt from an image without it): "
+                    "history replaced by a fresh snapshot")
+        return None
 
     # -- run --------------------------------------------------------------------------------------
 
@@ -516,11 +581,7 @@ class Syncer:
             try:
                 repl = repl_conn.cursor()
                 if not (exists and progress.get("slot") == self.spec.slot and progress.get("snapshot_done")):
-                    reason = None
-                    if progress.get("snapshot_done") and not exists:
-                        reason = (f"slot {self.spec.slot} was missing (compute rebuilt without it, or the branch "
-                                  "was restored): history re-snapshotted")
-                    self.snapshot(conn, repl, reason)
+                    self.snapshot(conn, repl, self._resnapshot_reason(progress, exists))
                 conn.close()
                 self.stream(repl)
             finally:

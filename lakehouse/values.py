@@ -3,8 +3,8 @@
 The stream (pgoutput, text mode) and the initial snapshot (``SELECT col::text``) both deliver each
 value in its Postgres output form, under ``DateStyle = ISO`` and ``TimeZone = UTC``; one converter
 turns both into Arrow, so a snapshot row and a streamed row of the same value are identical.
-Numbers and dates are cast by Arrow itself (vectorized); booleans, byte strings, timestamps and
-arrays are parsed here.
+Arrow itself casts numbers, booleans, dates and timestamps (vectorized); byte strings, arrays
+and what Arrow cannot read (``infinity``, dates before year 1 — refused) are parsed here.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ from datetime import UTC, date, datetime
 from typing import Any
 
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from lakehouse import types as t
 
@@ -99,18 +100,22 @@ _PARSERS: dict[int, Callable[[str], Any]] = {
 
 
 def _scalar_array(texts: Sequence[str | None], type_oid: int, typ: pa.DataType) -> pa.Array:
+    strings = pa.array(texts, pa.string())
     if pa.types.is_string(typ):
-        return pa.array(texts, pa.string())
-    parser = _PARSERS.get(type_oid)
-    if parser is not None:
-        return pa.array([None if v is None else parser(v) for v in texts], typ)
-    if pa.types.is_decimal(typ) or pa.types.is_floating(typ):
-        # Arrow's cast reads "NaN"/"Infinity" for floats; a numeric(p,s) NaN has no decimal form.
-        if pa.types.is_decimal(typ) and any(v == "NaN" for v in texts):
-            raise UnsyncableValue("numeric NaN cannot be held by a Delta decimal: declare the column as unconstrained "
+        return strings
+    if type_oid == t.BOOL:
+        return pc.or_(pc.equal(strings, "t"), pc.equal(strings, "true"))  # type: ignore[attr-defined]
+    if pa.types.is_decimal(typ) and any(v == "NaN" for v in texts):
+        raise UnsyncableValue("numeric NaN cannot be held by a Delta decimal: declare the column as unconstrained "
                               "numeric (synced as text) or remove the NaN")
-        return pa.array(texts, pa.string()).cast(typ)
-    return pa.array(texts, pa.string()).cast(typ)  # integers
+    if type_oid != t.BYTEA:
+        try:  # Arrow parses numbers (NaN, Infinity too), ISO dates and timestamps with offsets itself
+            return strings.cast(typ)
+        except pa.ArrowInvalid:
+            if type_oid not in _PARSERS:
+                raise
+    parser = _PARSERS[type_oid]  # infinity, BC dates, bytea: one by one
+    return pa.array([None if v is None else parser(v) for v in texts], typ)
 
 
 def to_arrow(texts: Sequence[str | None], type_oid: int, typmod: int = -1) -> pa.Array:

@@ -45,7 +45,8 @@ def main(argv: list[str]) -> int:
         syncer.status.state, syncer.status.error = "error", str(e)
         syncer.write_status(force=True)
         return 2
-    except (psycopg2.OperationalError, psycopg2.InterfaceError) as e:
+    except (psycopg2.OperationalError, psycopg2.InterfaceError, psycopg2.DatabaseError) as e:
+        # DatabaseError: psycopg2 reports a server gone mid-COPY ("no COPY in progress") so.
         reason = (str(e).strip().splitlines() or ["connection lost"])[0]
         syncer.status.state, syncer.status.error = "disconnected", reason
         syncer.write_status(force=True)

@@ -119,7 +119,7 @@ async def _serve_locked(config: Config, data_dir: Path) -> int:
         http_host, http_port = config.http_addr
         await web.TCPSite(runner, http_host, http_port).start()
         await proxy.start()
-        data_api = await dataapi_wiring.start(config, endpoints)
+        data_api = await dataapi_wiring.start(config, endpoints, registry)
         await synced.start()
         collector = asyncio.create_task(_collect_garbage(store, config.gc_interval), name="store-gc")
         api.ready = True

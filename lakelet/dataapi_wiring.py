@@ -12,6 +12,8 @@ from aiohttp import web
 from lakelet.config import Config, ConfigError, parse_hostport
 
 if TYPE_CHECKING:
+    from prometheus_client import CollectorRegistry
+
     from compute import Endpoints
     from dataapi import DataAPI
 
@@ -29,7 +31,7 @@ def data_api_config(config: Config):  # noqa: ANN201 - dataapi is imported lazil
         idle_timeout=config.data_api_idle_timeout)
 
 
-async def start(config: Config, endpoints: Endpoints) -> DataAPI | None:
+async def start(config: Config, endpoints: Endpoints, registry: CollectorRegistry | None = None) -> DataAPI | None:
     """Start the Data API listener when ``data_api`` is set; None when it is off."""
     if not config.data_api:
         return None
@@ -37,7 +39,7 @@ async def start(config: Config, endpoints: Endpoints) -> DataAPI | None:
     from dataapi import DataAPI
 
     try:
-        api = DataAPI(endpoints, data_api_config(config))
+        api = DataAPI(endpoints, data_api_config(config), registry)
     except AuthConfigError as e:
         raise ConfigError(str(e)) from None
     host, port = parse_hostport(config.data_api, "data_api")

@@ -22,6 +22,8 @@ DIGEST_SIZE = 20
 # WAL lives in the WAL archive; the rest is per-run state Postgres recreates.
 SKIP_CONTENTS = {"pg_wal", "pg_replslot", "pg_stat_tmp", "pg_dynshmem", "pg_notify", "pg_snapshots"}
 SKIP_FILES = {"postmaster.pid", "postmaster.opts", "standby.signal", "recovery.signal"}
+# ...except the slots of lakehouse sync, which must outlive the data dir (compute/logical_slots.py).
+KEEP_SLOTS_PREFIX = "pg_replslot/lakelet_sync_"
 
 
 class ImageError(RuntimeError):
@@ -40,7 +42,11 @@ def _walk(datadir: Path) -> Iterator[tuple[str, list[str], list[str]]]:
     for dirpath, dirnames, filenames in os.walk(datadir):
         rel = os.path.relpath(dirpath, datadir)
         rel = "" if rel == "." else rel
-        if rel.split("/")[0] in SKIP_CONTENTS and rel:
+        if rel == "pg_replslot":
+            dirnames[:] = [d for d in dirnames if f"{rel}/{d}".startswith(KEEP_SLOTS_PREFIX)]
+            yield rel, dirnames, filenames
+            continue
+        if rel.split("/")[0] in SKIP_CONTENTS and rel and not rel.startswith(KEEP_SLOTS_PREFIX):
             dirnames[:] = []
             continue
         dirnames[:] = [d for d in dirnames if not d.startswith("pgsql_tmp")]
@@ -63,7 +69,7 @@ def write_image(pages: PageStore, objects: ObjectStore, datadir: Path, manifest_
             if full.is_symlink():
                 raise ImageError(f"{full} is a symbolic link: tablespaces are not supported, move the data back")
             dirs.append(os.path.join(rel, d))
-        if rel.split("/")[0] in SKIP_CONTENTS:
+        if rel.split("/")[0] in SKIP_CONTENTS and not rel.startswith(KEEP_SLOTS_PREFIX):
             continue
         for name in filenames:
             if (not rel and name in SKIP_FILES) or name.startswith("pgsql_tmp"):

@@ -76,7 +76,8 @@ async def sync_once(conn: asyncpg.Connection, spec: SyncedTableSpec, *, full: bo
     feed = None
     if reason is None:
         try:
-            feed = await asyncio.to_thread(src.changes, dt, applied.version + 1, latest.version)
+            limit = max(src.FEED_MIN_LIMIT, 2 * applied.rows)
+            feed = await asyncio.to_thread(src.changes, dt, applied.version + 1, latest.version, limit)
         except src.SourceError as e:
             reason = str(e)
     if feed is None:

@@ -41,6 +41,7 @@ log = logging.getLogger("lakelet.synced")
 
 POLL_SECONDS = 0.5  # how often a continuous table looks at its source's log
 MAX_BACKOFF_SECONDS = 30.0
+UNREADABLE = "cannot read the source"
 
 
 class NotFound(KeyError):
@@ -302,16 +303,24 @@ class SyncedTables:
                 else:
                     await asyncio.to_thread(dt.update_incremental)
                 await asyncio.to_thread(self._measure_lag, entry, dt)
-                behind = entry.version is None or dt.version() != entry.version
-                if behind and not entry.stopped and time.monotonic() >= retry_at:
-                    await self._run(entry)
-                    backoff = 0.0
+                if entry.last_error and entry.last_error.startswith(UNREADABLE):
+                    entry.last_error = None
             except asyncio.CancelledError:
                 raise
-            except Exception as e:
-                if isinstance(e, src.SourceError):
-                    entry.last_error = _one_line(e)
-                    dt = None
+            except Exception as e:  # unreadable source: say so, open it afresh next time
+                entry.last_error = f"{UNREADABLE}: {_one_line(e)}"
+                dt = None
+                await asyncio.sleep(max(POLL_SECONDS, backoff))
                 backoff = min(max(backoff * 2, 1.0), MAX_BACKOFF_SECONDS)
-                retry_at = time.monotonic() + backoff
+                continue
+            behind = entry.version is None or dt.version() != entry.version
+            if behind and not entry.stopped and time.monotonic() >= retry_at:
+                try:
+                    await self._run(entry)
+                    backoff = 0.0
+                except asyncio.CancelledError:
+                    raise
+                except Exception:  # recorded by _run; try again later, waiting longer each time
+                    backoff = min(max(backoff * 2, 1.0), MAX_BACKOFF_SECONDS)
+                    retry_at = time.monotonic() + backoff
             await asyncio.sleep(POLL_SECONDS)

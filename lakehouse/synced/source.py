@@ -23,6 +23,7 @@ from lakehouse.types import UnsupportedType, postgres_type
 
 CDF_SETTING = "delta.enableChangeDataFeed"
 BATCH_ROWS = 64 * 1024
+FEED_MIN_LIMIT = 1_000_000  # change rows read into memory before a full copy is preferred
 
 
 class SourceError(RuntimeError):
@@ -95,24 +96,34 @@ def check_schema(schema: pa.Schema, keys: tuple[str, ...], timeseries_key: str |
 
 
 def snapshot_batches(dt: DeltaTable, columns: list[str]) -> Iterator[pa.RecordBatch]:
-    """The table at its loaded version, a bounded batch at a time: a scan with little readahead, so
-    memory is a few batches whatever the table's size."""
+    """The table at its loaded version, a bounded batch at a time: one file after another on this
+    thread, so memory is about a row group (plus a few batches) whatever the table's size. (Arrow's
+    threaded scanner reads ahead of a slow consumer: measured 94 → 207 MiB from 0.5M to 3M rows.)"""
     try:
         dataset = dt.to_pyarrow_dataset()
     except DeltaError as e:
         raise SourceError(f"cannot scan {dt.table_uri}: {str(e).splitlines()[0]}") from None
     scanner = pads.Scanner.from_dataset(dataset, columns=columns, batch_size=BATCH_ROWS,
-                                        batch_readahead=2, fragment_readahead=1)
+                                        batch_readahead=1, fragment_readahead=1, use_threads=False)
     for batch in scanner.to_batches():
         if batch.num_rows:
             yield batch
 
 
-def changes(dt: DeltaTable, start: int, end: int) -> pa.Table:
-    """Change data feed rows of versions ``start..end`` (inclusive). Raises ``SourceError`` when it
-    cannot be read (files vacuumed, log cleaned up): the caller falls back to a snapshot."""
+def changes(dt: DeltaTable, start: int, end: int, limit: int) -> pa.Table:
+    """Change data feed rows of versions ``start..end`` (inclusive), at most ``limit`` of them (the
+    net change per key needs them all in memory; beyond the limit a full copy is the cheaper and
+    bounded way). Raises ``SourceError`` when the feed cannot be read (files vacuumed, log cleaned
+    up) or is too long: the caller falls back to a snapshot and says why."""
+    batches, total = [], 0
     try:
-        return plain(pa.table(dt.load_cdf(starting_version=start, ending_version=end)))
+        reader = pa.RecordBatchReader.from_stream(dt.load_cdf(starting_version=start, ending_version=end))
+        for batch in reader:
+            total += batch.num_rows
+            if total > limit:
+                raise SourceError(f"versions {start}..{end} changed more than {limit:,} rows: a full copy is cheaper")
+            batches.append(batch)
+        return plain(pa.Table.from_batches(batches, schema=reader.schema))
     except (DeltaError, OSError, ValueError) as e:
         raise SourceError(f"change data feed of versions {start}..{end} unreadable: "
                           f"{str(e).splitlines()[0]}") from None

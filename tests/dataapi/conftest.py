@@ -80,7 +80,8 @@ async def api(root: Path, service_user: ServiceUser, pg: PgBinaries) -> AsyncIte
                     config=EndpointConfig(suspend_timeout=300), registry=CollectorRegistry())
     await eps.start()
     data_api = DataAPI(eps, DataAPIConfig(anon_role="web_anon", jwt_secret=SECRET, max_rows=1000,
-                                          idle_timeout=IDLE_TIMEOUT, max_body_bytes=MAX_BODY))
+                                          idle_timeout=IDLE_TIMEOUT, max_body_bytes=MAX_BODY,
+                                          pre_request="public.pre_request", schemas=("public", "extra")))
     session = aiohttp.ClientSession()
     try:
         addr = await eps.ensure_ready("main")

@@ -74,4 +74,22 @@ GRANT ALL ON ALL TABLES IN SCHEMA public TO web_user;
 GRANT USAGE ON ALL SEQUENCES IN SCHEMA public TO web_user;
 CREATE FUNCTION slow(seconds float) RETURNS int LANGUAGE sql STABLE AS 'SELECT 1 FROM pg_sleep(seconds)';
 CREATE FUNCTION bump_volatile() RETURNS int LANGUAGE sql VOLATILE AS $$ INSERT INTO kv (k) VALUES ('volatile') RETURNING v $$;
+CREATE FUNCTION pre_request() RETURNS void LANGUAGE plpgsql AS $$ BEGIN
+  IF current_setting('request.headers', true)::json->>'x-block' = 'yes' THEN
+    RAISE sqlstate 'PT403' USING message = 'Blocked by the pre-request function';
+  END IF;
+  IF current_setting('request.headers', true)::json->>'x-mark' IS NOT NULL THEN
+    PERFORM set_config('response.headers', json_build_array(json_build_object(
+      'X-Pre-Request', current_user))::text, true);
+  END IF;
+END $$;
 GRANT EXECUTE ON ALL FUNCTIONS IN SCHEMA public TO web_anon, web_user;
+
+CREATE SCHEMA extra;
+CREATE TABLE extra.gadgets (id int PRIMARY KEY, name text);
+INSERT INTO extra.gadgets VALUES (1, 'sprocket');
+CREATE TABLE extra.books (id int PRIMARY KEY, title text);
+INSERT INTO extra.books VALUES (1, 'Only in extra');
+GRANT USAGE ON SCHEMA extra TO web_anon, web_user;
+GRANT SELECT ON ALL TABLES IN SCHEMA extra TO web_anon;
+GRANT ALL ON ALL TABLES IN SCHEMA extra TO web_user;

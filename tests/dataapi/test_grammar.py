@@ -165,3 +165,23 @@ def test_jwks_file_with_an_rsa_key(tmp_path) -> None:  # noqa: ANN001
     with pytest.raises(ApiError) as e:
         auth.authenticate(f"Bearer {forged}")
     assert e.value.status == 401 and e.value.code == "PGRST301"
+
+
+def test_jwks_file_with_an_ec_key(tmp_path) -> None:  # noqa: ANN001
+    import json
+
+    import jwt
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from jwt.algorithms import ECAlgorithm
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    jwk = json.loads(ECAlgorithm.to_jwk(key.public_key()))
+    path = tmp_path / "jwks.json"
+    path.write_text(json.dumps({"keys": [jwk]}))
+    auth = Authenticator(str(path), None)
+    tok = jwt.encode({"role": "web_user", "exp": 4102444800}, key, algorithm="ES256")
+    assert auth.authenticate(f"Bearer {tok}").role == "web_user"
+    hs = jwt.encode({"role": "web_user"}, "x" * 40, algorithm="HS256")
+    with pytest.raises(ApiError) as e:
+        auth.authenticate(f"Bearer {hs}")  # an HMAC token cannot pass for a JWKS key
+    assert e.value.code == "PGRST301"

@@ -347,6 +347,8 @@ async def test_bad_tokens_are_401_with_www_authenticate(api: Api) -> None:
     assert status == 403 and body["code"] == "42501"
     status, _, body = await api.get("books", token=token({"role": "lakelet_admin"}))
     assert status == 403
+    status, _, body = await api.get("books", token=token({"role": "pg_read_server_files"}))
+    assert status == 403 and body["code"] == "42501"
     status, _, body = await api.get("books", token=token({"role": "nobody_at_all"}))
     assert status == 400 and body["code"] == "22023"
     # No role claim: the anonymous role; a role claim path of another shape is honoured elsewhere.
@@ -437,3 +439,78 @@ async def test_head_csv_functions_and_embedding_on_function_results(api: Api) ->
     assert body == [{"name": "Ursula K. Le Guin", "books": [{"n": 2}]}]
     _, _, body = await api.get("books?select=title,...authors!inner(name)&authors.country=eq.PL&order=id")
     assert body == [{"title": "Solaris", "name": "Stanislaw Lem"}, {"title": "The Cyberiad", "name": "Stanislaw Lem"}]
+
+
+async def test_rpc_arguments_filters_and_pagination_as_postgrest_reads_them(api: Api) -> None:
+    status, _, body = await api.get("rpc/add?a=1&b=2&smthelse=blabla")
+    assert status == 404 and body == {
+        "code": "PGRST202", "message": "Could not find the function public.add(a, b, smthelse) in the schema cache",
+        "details": "Searched for the function public.add with parameters a, b, smthelse, but no matches were "
+                   "found in the schema cache.",
+        "hint": "Perhaps you meant to call the function public.add(a, b)"}
+    status, _, body = await api.get("rpc/whoami?nam=x")
+    assert status == 404 and body["message"] == "Could not find the function public.whoami(nam) in the schema cache"
+    status, headers, body = await api.get("rpc/add?a=3&b=4", headers={"Prefer": "count=exact"})
+    assert (status, body, headers["Content-Range"]) == (200, 7, "0-0/1")
+    status, headers, body = await api.request("POST", "rpc/books_after?select=id&limit=1&offset=1&order=id",
+                                              json={"y": 1900}, headers={"Prefer": "count=exact"})
+    assert status == 206 and body == [{"id": 2}] and headers["Content-Range"] == "1-1/4"
+    status, headers, body = await api.get("rpc/books_after?y=1900&id=gt.3&select=id")
+    assert status == 200 and body == [{"id": 4}]
+
+
+async def test_pre_request_function(api: Api) -> None:
+    status, _, body = await api.get("books?id=eq.1", headers={"X-Block": "yes"})
+    assert status == 403 and body["message"] == "Blocked by the pre-request function"
+    status, headers, body = await api.get("books?select=id&id=eq.1", headers={"X-Mark": "1"})
+    assert status == 200 and headers["X-Pre-Request"] == "web_anon" and body == [{"id": 1}]
+
+
+async def test_requests_are_counted_in_metrics(api: Api) -> None:
+    await api.get("books?id=eq.1")
+    await api.get("nope")
+    await api.get("books", branch="not_a_branch")
+    samples = {(s.labels["branch"], s.labels["status"]): s.value
+               for metric in api.api.metrics.requests.collect() for s in metric.samples if s.name.endswith("_total")}
+    assert samples[("main", "200")] >= 1 and samples[("main", "404")] >= 1
+    assert samples[("-", "404")] >= 1 and not any(b == "not_a_branch" for b, _ in samples)
+
+
+async def test_schemas_by_profile_headers(api: Api) -> None:
+    _, _, body = await api.get("books?select=title&id=eq.1", headers={"Accept-Profile": "extra"})
+    assert body == [{"title": "Only in extra"}]
+    status, _, body = await api.get("gadgets")
+    assert status == 404 and body["code"] == "PGRST205"
+    status, _, body = await api.request("POST", "gadgets?select=name", token=user_token(),
+                                        json={"id": 2, "name": "cog"},
+                                        headers={"Content-Profile": "extra", "Prefer": "return=representation"})
+    assert status == 201 and body == [{"name": "cog"}]
+    status, _, body = await api.get("gadgets", headers={"Accept-Profile": "public2"})
+    assert status == 406 and body["code"] == "PGRST106" and "public, extra" in body["message"]
+
+
+async def test_random_query_strings_never_500(api: Api) -> None:
+    """Hundreds of generated query strings (seeded, so a failure repeats): every answer is a 2xx/3xx
+    or a PostgREST-shaped 4xx."""
+    import random
+    from urllib.parse import quote
+
+    rnd = random.Random(15)
+    keys = ["select", "order", "or", "and", "not.or", "id", "title", "year", "price", "labels", "meta->>genre",
+            "meta->awards", "authors.name", "books.order", "books.limit", "limit", "offset", "window_years",
+            "search", "columns", "on_conflict", "x"]
+    pieces = ["eq.", "neq.", "in.(", "is.", "not.", "like.", "fts(english).", "cs.{", "ov.", "adj.[", "(", ")",
+              ",", ".", "*", "!inner", "authors", "books", "tags", "id", "title", "::text", "->", "->>", "\"",
+              "'", ";", "1", "abc", "null", "desc", "nullslast", "count()", ".sum()", "...", ":", "{", "}", "%00",
+              "\\", "or(", "and(", " "]
+    for _ in range(400):
+        parts = []
+        for _ in range(rnd.randint(1, 3)):
+            key = rnd.choice(keys)
+            value = "".join(rnd.choice(pieces) for _ in range(rnd.randint(0, 8)))
+            parts.append(f"{key}={quote(value, safe='')}")
+        table = rnd.choice(["books", "authors", "rpc/add", "rpc/books_after", "tags"])
+        status, _, body = await api.get(f"{table}?{'&'.join(parts)}")
+        assert status < 500, (table, parts, body)
+        if status >= 400:
+            assert isinstance(body, dict) and set(body) == {"code", "details", "hint", "message"}, (parts, body)

@@ -112,6 +112,21 @@ async def test_update_and_delete_with_filters(api: Api) -> None:
     assert status == 204 and "d" not in await kv(api)
 
 
+async def test_limited_update_and_delete(api: Api) -> None:
+    tok = user_token()
+    await api.admin("INSERT INTO kv (k, v) VALUES ('lim1', 1), ('lim2', 2), ('lim3', 3)")
+    status, _, body = await api.request("PATCH", "kv?k=like.lim*&order=v.desc&limit=2&select=k", token=tok,
+                                        json={"note": "top2"}, headers=REPR)
+    assert status == 200 and sorted(r["k"] for r in body) == ["lim2", "lim3"], body
+    status, _, body = await api.request("DELETE", "kv?k=like.lim*&limit=1", token=tok)
+    assert status == 400 and body["code"] == "PGRST109"
+    status, _, body = await api.request("DELETE", "kv?k=like.lim*&order=v&limit=1&offset=1&select=k", token=tok,
+                                        headers=REPR)
+    assert status == 200 and body == [{"k": "lim2"}]
+    rows = await api.admin("SELECT k, note FROM kv WHERE k LIKE 'lim%' ORDER BY k")
+    assert [(r["k"], r["note"]) for r in rows] == [("lim1", None), ("lim3", "top2")]
+
+
 async def test_singular_write_rolls_back_when_not_one_row(api: Api) -> None:
     tok = user_token()
     status, _, body = await api.request("PATCH", "kv?k=in.(f,i)", token=tok, json={"v": 0},
@@ -134,6 +149,26 @@ async def test_tx_rollback_and_strict_handling(api: Api) -> None:
                                         headers={"Prefer": "handling=strict, max-affected=1"})
     assert status == 400 and body["code"] == "PGRST124"
     assert "f" in await kv(api)
+
+
+async def test_form_bodies_empty_objects_and_counts(api: Api) -> None:
+    tok = user_token()
+    status, headers, body = await api.request("POST", "kv?select=k,v", token=tok, data=b"k=form&v=12",
+                                              headers={"Content-Type": "application/x-www-form-urlencoded",
+                                                       "Prefer": "return=representation, count=exact"})
+    assert status == 201 and body == [{"k": "form", "v": 12}] and headers["Content-Range"] == "*/1"
+    status, headers, body = await api.request("POST", "publishers?select=name", token=tok, json=[{}, {}],
+                                              headers=REPR)
+    assert status == 400 and body["code"] == "23502"  # name is NOT NULL: the two default rows are refused
+    status, headers, body = await api.request("POST", "tags", token=tok, json=[])
+    assert status == 201 and "Content-Type" not in headers
+    for payload in ({}, [], [{}]):
+        status, headers, body = await api.request("PATCH", "kv", token=tok, json=payload)
+        assert status == 204 and headers["Content-Range"] == "*/*" and body == ""
+    status, headers, body = await api.request("PATCH", "kv?k=eq.zzz", token=tok, json={"v": 1}, headers=REPR)
+    assert status == 200 and body == []
+    status, headers, _ = await api.request("PATCH", "kv?k=in.(form,f)", token=tok, json={"note": "two"})
+    assert status == 204 and headers["Content-Range"] == "0-1/*" and "Content-Type" not in headers
 
 
 async def test_rls_on_writes(api: Api) -> None:
@@ -164,9 +199,12 @@ async def test_bad_bodies(api: Api) -> None:
         status, _, body = await api.request("POST", "kv", token=tok, data=raw,
                                             headers={"Content-Type": "application/json"})
         assert status == 400 and body["code"] == "PGRST102", (raw, body)
-    status, _, body = await api.request("POST", "kv", token=tok, data=b"k=v",
-                                        headers={"Content-Type": "application/x-www-form-urlencoded"})
+    status, _, body = await api.request("POST", "kv", token=tok, data=b"<k>v</k>",
+                                        headers={"Content-Type": "application/xml"})
     assert status == 415 and body["code"] == "PGRST107"
+    status, _, body = await api.request("POST", "kv", token=tok, json=[{"k": "m"}, 5])
+    assert (status, body) == (400, {"code": "PGRST102", "details": None, "hint": None,
+                                    "message": "All object keys must match"})
     status, _, body = await api.request("POST", "kv", token=tok, json={"k": "t", "v": "not a number"})
     assert status == 400 and body["code"] == "22P02"
     status, _, body = await api.request("POST", "rpc/add", json=[1, 2])

@@ -21,7 +21,9 @@ async def test_kill_syncer_at_random_points(lake: Lake) -> None:
         await conn.execute("CREATE SCHEMA killed; CREATE TABLE killed.t (id int PRIMARY KEY, v text)")
         spec = make_spec(lake, "killed", flush_interval=0.02)
         worker = Worker(spec)
-        await wait_for(lambda: worker.status().get("state") == "streaming", "first snapshot")
+        await wait_for(lambda: worker.status().get("state") == "streaming" or worker.proc.poll() is not None,
+                       "first snapshot")
+        assert worker.proc.poll() is None, worker.log_text()
         writer = Writer(wconn, "killed.t", seed=7)
         stop = asyncio.Event()
         writing = asyncio.create_task(writer.run(stop))

@@ -73,7 +73,7 @@ def test_sync_with_scale_to_zero_and_restart(data_root: Path) -> None:
         # Idle: the compute scales to zero although the sync is connected, the sync drained first,
         # and the sync does not wake it again.
         _wait(lambda: _state(data_dir) == "suspended", "scale to zero with a sync connected", 60)
-        assert _history(uri) == expected
+        assert _history(uri) == expected, (cli_json("lakehouse-sync", "status", data_dir=data_dir), server.output())
         time.sleep(4)
         assert _state(data_dir) == "suspended"
         status = cli_json("lakehouse-sync", "status", "--branch", "main", data_dir=data_dir)["syncs"][0]

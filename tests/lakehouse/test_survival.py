@@ -13,6 +13,7 @@ from prometheus_client import CollectorRegistry
 
 from compute import EndpointConfig, Endpoints
 from lakehouse.manager import LakehouseSync
+from storage import images
 from storage.postgres import PgBinaries, ServiceUser
 from tests.lakehouse.conftest import Writer, connect, wait_for
 from tests.storage.conftest import Lake
@@ -41,7 +42,9 @@ async def _caught_up(sync: LakehouseSync, expected: list[tuple[object, ...]], wh
         await wait_for(equal, what, timeout=120, every=0.25)
     except AssertionError:
         got = last[0] if last else []
-        assert got == expected, f"{what}: {sync.status('main')}"
+        logs = "".join((p / "worker.log").read_text()[-4000:] for p in [sync.state_dir(c) for c in sync.syncs.values()])
+        pglog = (sync.endpoints.ctx.computes_dir / "main" / "postgres.log").read_text()[-3000:]
+        assert got == expected, f"{what}: {sync.status('main')}\n{logs}\n{pglog}"
 
 
 async def test_slot_survives_suspend_crash_lost_computes_and_restart(lake: Lake, lake_root: Path,
@@ -88,6 +91,9 @@ async def test_slot_survives_suspend_crash_lost_computes_and_restart(lake: Lake,
         # 3. The computes directory is lost while suspended: the slot comes back from the image.
         await conn.close()
         await lake.endpoints.suspend("main")
+        latest = lake.store.catalog.images(lake.store.get_branch("main").id)[-1]
+        files = [f["p"] for f in images.read_manifest(lake.store.objects, latest.manifest_key)["files"]]
+        assert [f for f in files if f.startswith("pg_replslot/lakelet_sync_")], "the clean image keeps the slot"
         shutil.rmtree(lake.computes)
         conn = writer.conn = await connect(lake)
         for _ in range(TXNS):
@@ -113,3 +119,54 @@ async def test_slot_survives_suspend_crash_lost_computes_and_restart(lake: Lake,
     finally:
         await conn.close()
         await sync.close()
+
+
+async def test_children_do_not_inherit_and_restore_resnapshots(lake: Lake, lake_root: Path) -> None:
+    sync = LakehouseSync(lake.endpoints, lake.store, state_root=lake_root / "sync2",
+                         default_uri=str(lake_root / "lakehouse2"), flush_interval=0.1,
+                         registry=CollectorRegistry())
+    await sync.start()
+    conn = await connect(lake)
+    try:
+        await conn.execute("CREATE SCHEMA br; CREATE TABLE br.t (id int PRIMARY KEY, v text);"
+                           "INSERT INTO br.t VALUES (1, 'one')")
+        await sync.enable("main", "br")
+        await wait_for(lambda: sync.status("main")[0]["state"] == "streaming", "snapshot")
+        node = lake.endpoints.active_node("main")
+        assert node is not None
+        point = await node.branch_point()
+        await conn.execute("INSERT INTO br.t VALUES (2, 'two')")
+
+        # A child branch gets the data, not the sync: no slot of its parent's sync on its compute.
+        head = await node.branch_point()
+        lake.store.create_branch("kid", "main", head_lsn=head)
+        kid = await connect(lake, "kid")
+        try:
+            assert await kid.fetchval("SELECT count(*) FROM br.t") == 2
+            slots = "SELECT count(*) FROM pg_replication_slots WHERE slot_name LIKE 'lakelet_sync%'"
+            assert await kid.fetchval(slots) == 0
+        finally:
+            await kid.close()
+        assert sync.status("kid") == []
+
+        # Restoring the branch re-points its sync: a fresh snapshot of the restored state, said in status.
+        await conn.close()
+        await lake.endpoints.suspend("main")
+        lake.endpoints.forget("main")
+        lake.store.restore_branch("main", point)
+        conn = await connect(lake)
+        await wait_for(lambda: (sync.status("main")[0]["snapshot_note"] or "").startswith("the branch was restored"),
+                       "re-snapshot after restore")
+        await wait_for(lambda: sync.status("main")[0]["state"] == "streaming", "streaming after restore")
+        rows = sorted((r["_pg_change_type"], r["id"]) for r in _rows(sync, "br"))
+        assert rows == [("insert", 1)]
+    finally:
+        await conn.close()
+        await sync.close()
+
+
+def _rows(sync: LakehouseSync, schema: str) -> list[dict[str, object]]:
+    from deltalake import DeltaTable
+
+    uri = next(s["uri"] for s in sync.status("main") if s["schema"] == schema) + "/lb_t_history"
+    return DeltaTable(uri).to_pyarrow_table().to_pylist()

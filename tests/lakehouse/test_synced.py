@@ -15,6 +15,7 @@ import pytest
 from deltalake import DeltaTable
 
 from compute import ComputeAddress, EndpointConfig, Endpoints
+from lakehouse.synced import source
 from lakehouse.synced.applier import SchemaChangeError, sync_once
 from lakehouse.synced.changes import DuplicateKey
 from lakehouse.synced.spec import SpecError, SyncedTableSpec
@@ -101,6 +102,21 @@ async def test_history_gone_falls_back_to_snapshot_and_says_why(conn: asyncpg.Co
     DeltaTable(str(uri)).delete("id = 2")
     run = await sync_once(conn, s)
     assert run.kind == "snapshot" and "no change data feed" in (run.fallback or "")
+    await assert_equal_at_recorded_version(conn, s, COLS)
+
+
+async def test_a_change_set_larger_than_the_limit_is_a_full_copy(conn: asyncpg.Connection, workdir: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    uri = workdir / "churn"
+    write(uri, rows(list(range(10)), "a"))
+    s = spec(uri, "public.churn")
+    await sync_once(conn, s)
+    monkeypatch.setattr(source, "FEED_MIN_LIMIT", 15)  # the limit is max(this, 2 x rows held)
+    write(uri, rows(list(range(5)), "b"), mode="overwrite")  # 10 deletes + 5 inserts: within
+    assert (await sync_once(conn, s)).kind == "incremental"
+    write(uri, rows(list(range(30)), "c"), mode="overwrite")  # 5 deletes + 30 inserts: beyond
+    run = await sync_once(conn, s)
+    assert run.kind == "snapshot" and "changed more than 15 rows" in (run.fallback or "")
     await assert_equal_at_recorded_version(conn, s, COLS)
 
 

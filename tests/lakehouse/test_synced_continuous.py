@@ -4,6 +4,8 @@ suspend; a new Delta version wakes it and lands; a schema change stops one table
 from __future__ import annotations
 
 import json
+import os
+import signal
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -105,3 +107,33 @@ async def test_idle_source_lets_the_branch_suspend_and_a_new_version_wakes_it(ep
         assert DeltaTable(str(uri)).version() == 2
     finally:
         await again.close()
+
+
+async def test_compute_killed_during_a_run_is_retried_to_the_exact_table(eps: Endpoints, root: Path) -> None:
+    """SIGKILL of the branch's Postgres while a continuous run is applying a large change: the run's
+    transaction is lost with the server, the watcher backs off, wakes the branch and applies again."""
+    registry = CollectorRegistry()
+    service = SyncedTables(BranchComputes(eps), root / "killed.json", registry)
+    await service.start()
+    uri = root / "bulk"
+    write(uri, table([0], "a"))
+    spec = SyncedTableSpec.make(source=str(uri), branch="main", target="bulk", primary_key="id", mode="continuous")
+    try:
+        await service.create(spec)
+        entry = service.get("main", "postgres", "bulk")
+        write(uri, table(list(range(1, 300_001)), "b"))
+        await poll_until(lambda: entry.lock.locked(), "a run in progress", timeout=DEADLINE, every=0.005)
+        addr = await eps.ensure_ready("main")
+        os.kill(addr.pid, signal.SIGKILL)
+        await poll_until(lambda: entry.version == 1 and not entry.lock.locked(), "the retried run",
+                         timeout=DEADLINE, every=0.1)
+        failed = registry.get_sample_value("lakelet_synced_table_runs_total", {
+            "branch": "main", "table": "public.bulk", "kind": "none", "outcome": "error"})
+        assert failed and failed >= 1  # the kill did land inside a run
+        conn = await admin(await eps.ensure_ready("main"))
+        try:
+            await assert_equal_at_recorded_version(conn, spec, COLS)
+        finally:
+            await conn.close()
+    finally:
+        await service.close()
