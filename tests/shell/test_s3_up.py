@@ -9,6 +9,7 @@ on a bucket in use refuses in one line, and so do a missing bucket and missing c
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -162,8 +163,18 @@ def test_kill_9_and_an_empty_data_dir_lose_nothing_acknowledged(s3: tuple[S3Serv
             assert other.returncode != 0
             lines = other.stderr.strip().splitlines()
             assert len(lines) == 1 and "is in use by lakelet pid" in lines[0], other.stderr
+
+            # Another lakelet takes the bucket over: this one stops writing to it and exits.
+            bucket = uri.split("/")[2]
+            client = server.client()
+            lease = json.loads(client.get_object(Bucket=bucket, Key="lake/lease.json")["Body"].read())
+            lease.update(token=lease["token"] + 1, holder={"host": "elsewhere", "pid": 1}, renewed_at=time.time())
+            client.put_object(Bucket=bucket, Key="lake/lease.json", Body=json.dumps(lease).encode())
+            assert second.proc is not None
+            assert second.proc.wait(120) == 1
+            assert "was taken by another lakelet up; this one stopped writing to it" in second.output()
         finally:
-            assert second.stop() == 0
+            second.kill()
             kill_leftovers(data_dir)
 
 
