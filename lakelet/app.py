@@ -80,7 +80,9 @@ async def _serve_locked(config: Config, data_dir: Path) -> int:
     store = await asyncio.to_thread(
         open_store, config.store_uri or None, config.store_dir, user=user, pg=pg,
         retention_days=config.retention_days, upload_interval=config.wal_upload_interval,
-        cache_size=parse_size(config.cache_size), carry={"credentials": project.credentials_file(data_dir)},
+        cache_size=parse_size(config.cache_size), carry={
+            "credentials": project.credentials_file(data_dir),
+            **{f"tls/{name}": data_dir / "tls" / name for name in ("ca.crt", "server.crt", "server.key")}},
         on_lease_lost=on_lease_lost,
     )
     await asyncio.to_thread(store.bootstrap)
