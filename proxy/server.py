@@ -33,7 +33,6 @@ from proxy.pipe import Side
 log = logging.getLogger("lakelet.proxy")
 
 TLS_HANDSHAKE_BYTE = 0x16
-PEEK_TIMEOUT = 60.0
 
 
 @dataclass
@@ -47,6 +46,7 @@ class ProxyConfig:
     auth_timeout: float = 60.0
     wake_timeout: float = 30.0
     max_client_connections: int = 10000
+    max_unauthenticated_per_address: int = 100
     default_branch: str = "main"
 
 
@@ -58,6 +58,8 @@ class _Session:
     outcome: str = "error"
     key: tuple[int, int] | None = None
     signals: LoadSignals | None = None
+    address: str | None = None  # set while counted as not yet authenticated from this address
+    admitted: bool = False  # counted against max_client_connections
 
 
 class Proxy:
@@ -80,7 +82,9 @@ class Proxy:
         self._sock: socket.socket | None = None
         self._accepting: asyncio.Task[None] | None = None
         self._sessions: set[asyncio.Task[None]] = set()
-        self._clients = 0
+        self._sockets = 0
+        self._authenticated = 0
+        self._unauthenticated: dict[str, int] = {}
 
     @property
     def port(self) -> int:
@@ -90,7 +94,16 @@ class Proxy:
     @property
     def open_clients(self) -> int:
         """Client connections the proxy holds now, in any stage."""
-        return self._clients
+        return self._sockets
+
+    def unauthenticated(self, address: str) -> int:
+        """Sockets from ``address`` that have not authenticated yet."""
+        return self._unauthenticated.get(address, 0)
+
+    @property
+    def authenticated_clients(self) -> int:
+        """Sessions past authentication: what max_client_connections limits."""
+        return self._authenticated
 
     def connections(self, branch: str) -> int:
         s = self._branches.get(branch)
@@ -141,23 +154,30 @@ class Proxy:
     # -- a session --------------------------------------------------------------------------------
 
     async def _session(self, conn: socket.socket, addr: tuple) -> None:
-        self._clients += 1
-        client: Side | None = None
+        loop = asyncio.get_running_loop()
+        # One deadline for everything before authentication: first byte, TLS, startup, SCRAM.
+        deadline = loop.time() + self.config.auth_timeout
+        address = str(addr[0])
         s = _Session()
+        if self._unauthenticated.get(address, 0) >= self.config.max_unauthenticated_per_address:
+            self._refuse(conn, address)
+            return
+        self._sockets += 1
+        self._unauthenticated[address] = self._unauthenticated.get(address, 0) + 1
+        s.address = address
+        client: Side | None = None
         try:
             # Small messages both ways (a query, its answer) must not wait for Nagle's timer.
             conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            direct = await self._peek_direct_tls(conn)
-            loop = asyncio.get_running_loop()
-            _, client = await loop.connect_accepted_socket(
-                lambda: Side("client"), conn, ssl=self._direct_ssl if direct else None)
+            async with asyncio.timeout_at(deadline):
+                direct = await self._peek_direct_tls(conn)
+                _, client = await loop.connect_accepted_socket(
+                    lambda: Side("client"), conn, ssl=self._direct_ssl if direct else None)
             if direct and client.transport is not None:
                 obj = client.transport.get_extra_info("ssl_object")
                 if obj is None or obj.selected_alpn_protocol() != tls.ALPN:
                     raise HandshakeError("direct TLS connections must use ALPN protocol postgresql")
-            if self._clients > self.config.max_client_connections:
-                raise TooManyConnections("sorry, too many clients already")
-            opened = await self._open(client, str(addr[0]), direct, s)
+            opened = await self._open(client, address, direct, s, deadline)
             if opened is not None:
                 s.outcome = "ok"
                 await self._passthrough(client, *opened, loop)
@@ -180,7 +200,10 @@ class Proxy:
             if client is not None:
                 client.write(codec.fatal("57P01", "terminating connection because the proxy is shutting down"))
         finally:
-            self._clients -= 1
+            self._sockets -= 1
+            self._leave_unauthenticated(s)
+            if s.admitted:
+                self._authenticated -= 1
             self.cancels.drop(s.key)
             if s.signals is not None:
                 s.signals.sessions -= 1
@@ -191,12 +214,41 @@ class Proxy:
                 conn.close()
             self.metrics.connections.labels(s.branch, s.outcome).inc()
 
+    def _refuse(self, conn: socket.socket, address: str) -> None:
+        """Over the per-address cap of sockets not yet authenticated: one FATAL, written without
+        waiting (a client that does not read it loses nothing), and the socket closes now."""
+        with contextlib.suppress(OSError):
+            conn.send(codec.fatal("53300", f"too many unauthenticated connections from {address}",
+                                  hint="finish authenticating the connections already open, or raise "
+                                       "max_unauthenticated_per_address"))
+        conn.close()
+        self.metrics.connections.labels("-", "too_many_unauthenticated").inc()
+
+    def _leave_unauthenticated(self, s: _Session) -> None:
+        if s.address is None:
+            return
+        left = self._unauthenticated[s.address] - 1
+        if left:
+            self._unauthenticated[s.address] = left
+        else:
+            del self._unauthenticated[s.address]
+        s.address = None
+
+    def _admit(self, s: _Session) -> None:
+        """Authenticated: the socket leaves its address's pre-auth count and takes a session slot —
+        only these count against max_client_connections."""
+        self._leave_unauthenticated(s)
+        if self._authenticated >= self.config.max_client_connections:
+            raise TooManyConnections("sorry, too many clients already")
+        self._authenticated += 1
+        s.admitted = True
+
     async def _open(self, client: Side, address: str, direct: bool,
-                    s: _Session) -> tuple[Side, LoadSignals] | None:
+                    s: _Session, deadline: float) -> tuple[Side, LoadSignals] | None:
         """Handshake, auth, wake and connect: the compute's side of a session ready to relay and
         its branch's signals, or None for a cancel request. The startup packet, the greeting and
         the rest end with this call, so an idle session keeps only its two protocols."""
-        async with asyncio.timeout(self.config.auth_timeout):
+        async with asyncio.timeout_at(deadline):
             startup = await negotiate(client, self._ssl, direct_tls=direct, require_tls=self.config.require_tls)
             if isinstance(startup, Cancel):
                 s.outcome = "cancel"
@@ -211,6 +263,7 @@ class Proxy:
             accepted = await authenticate(
                 client, role=role, verifier_text=self.provider.role_verifier(branch, role), cert_hash=cert_hash,
                 throttle=self.throttle, address=address, on_failure=self.metrics.auth_failures.inc)
+        self._admit(s)
         compute = await self._wake(branch)
         server = await open_session(compute, startup.params, branch)
         s.key = self.cancels.issue(server.key)
@@ -232,9 +285,7 @@ class Proxy:
             ready = loop.create_future()
             loop.add_reader(conn.fileno(), lambda: ready.done() or ready.set_result(None))
             try:
-                await asyncio.wait_for(ready, PEEK_TIMEOUT)
-            except TimeoutError:
-                raise ConnectionError("client sent nothing") from None
+                await ready  # bounded by the caller's auth_timeout deadline
             finally:
                 loop.remove_reader(conn.fileno())
             try:
