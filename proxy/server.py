@@ -25,7 +25,14 @@ from proxy.auth import FailureThrottle, authenticate
 from proxy.backend import ComputeProvider
 from proxy.cancel import CancelMap
 from proxy.connect import open_session
-from proxy.errors import HandshakeError, RoutingError, SessionError, TooManyConnections, WakeTimeout
+from proxy.errors import (
+    HandshakeError,
+    InvalidStartupPacket,
+    RoutingError,
+    SessionError,
+    TooManyConnections,
+    WakeTimeout,
+)
 from proxy.handshake import Cancel, negotiate, route
 from proxy.metrics import ProxyMetrics
 from proxy.pipe import Side
@@ -181,6 +188,11 @@ class Proxy:
             if opened is not None:
                 s.outcome = "ok"
                 await self._passthrough(client, *opened, loop)
+        except InvalidStartupPacket as e:
+            s.outcome = e.outcome
+            self.metrics.invalid_startup_packets.inc()
+            log.info("closed a connection without a startup packet",
+                     extra={"client": address, "error": str(e)})
         except SessionError as e:
             s.outcome = e.outcome
             if isinstance(e, HandshakeError):
