@@ -54,11 +54,16 @@ class CancelMap:
         backend = self.find(pid, secret)
         if backend is None:
             return False
-        with contextlib.suppress(OSError, asyncio.TimeoutError):
-            _, writer = await asyncio.wait_for(asyncio.open_unix_connection(backend.socket_path), 5)
-            writer.write(encode_cancel(backend.pid, backend.secret))
-            await writer.drain()
-            writer.close()
-            return True
-        log.info("cancel could not reach the compute", extra={"socket": os.path.basename(backend.socket_path)})
-        return False
+        return await cancel_backend(backend)
+
+
+async def cancel_backend(backend: BackendKey) -> bool:
+    """Send the compute a CancelRequest with the backend's own key."""
+    with contextlib.suppress(OSError, asyncio.TimeoutError):
+        _, writer = await asyncio.wait_for(asyncio.open_unix_connection(backend.socket_path), 5)
+        writer.write(encode_cancel(backend.pid, backend.secret))
+        await writer.drain()
+        writer.close()
+        return True
+    log.info("cancel could not reach the compute", extra={"socket": os.path.basename(backend.socket_path)})
+    return False

@@ -24,7 +24,7 @@ from proxy import codec, tls
 from proxy.auth import FailureThrottle, authenticate
 from proxy.backend import ComputeProvider
 from proxy.cancel import CancelMap
-from proxy.connect import open_session
+from proxy.connect import ServerSession, open_session
 from proxy.errors import (
     HandshakeError,
     InvalidStartupPacket,
@@ -36,6 +36,7 @@ from proxy.errors import (
 from proxy.handshake import Cancel, negotiate, route
 from proxy.metrics import ProxyMetrics
 from proxy.pipe import Side
+from proxy.warm import PoolKey, WarmBackend, WarmPool, pool_key
 
 log = logging.getLogger("lakelet.proxy")
 
@@ -54,6 +55,7 @@ class ProxyConfig:
     wake_timeout: float = 30.0
     max_client_connections: int = 10000
     max_unauthenticated_per_address: int = 100
+    warm_backends: int = 8  # idle, reset backends kept per (branch, startup parameters); 0: none
     default_branch: str = "main"
 
 
@@ -67,6 +69,8 @@ class _Session:
     signals: LoadSignals | None = None
     address: str | None = None  # set while counted as not yet authenticated from this address
     admitted: bool = False  # counted against max_client_connections
+    warm: WarmBackend | None = None  # the backend, kept warm after the client leaves if it proves clean
+    pool_key: PoolKey | None = None
 
 
 class Proxy:
@@ -75,6 +79,7 @@ class Proxy:
         self.provider = provider
         self.config = config
         self.cancels = CancelMap()
+        self.warm = WarmPool(config.warm_backends)
         self.throttle = FailureThrottle()
         self._branches: dict[str, LoadSignals] = {}
         self.metrics = ProxyMetrics(registry, lambda: self._branches)
@@ -143,6 +148,7 @@ class Proxy:
         for task in list(self._sessions):
             task.cancel()
         await asyncio.gather(*self._sessions, return_exceptions=True)
+        await self.warm.close()
 
     async def _accept_loop(self) -> None:
         loop = asyncio.get_running_loop()
@@ -187,7 +193,7 @@ class Proxy:
             opened = await self._open(client, address, direct, s, deadline)
             if opened is not None:
                 s.outcome = "ok"
-                await self._passthrough(client, *opened, loop)
+                await self._passthrough(client, *opened, loop, s)
         except InvalidStartupPacket as e:
             s.outcome = e.outcome
             self.metrics.invalid_startup_packets.inc()
@@ -277,7 +283,14 @@ class Proxy:
                 throttle=self.throttle, address=address, on_failure=self.metrics.auth_failures.inc)
         self._admit(s)
         compute = await self._wake(branch)
-        server = await open_session(compute, startup.params, branch)
+        s.pool_key = pool_key(branch, startup.params)
+        warm = self.warm.take(s.pool_key, compute.pid)
+        if warm is not None:
+            server = ServerSession(warm.side, warm.key, warm.greeting, codec.ready_for_query(b"I"))
+        else:
+            server = await open_session(compute, startup.params, branch)
+            warm = WarmBackend(server.side, server.key, server.greeting, compute.pid)
+        s.warm = warm
         s.key = self.cancels.issue(server.key)
         client.write(accepted + server.greeting + codec.backend_key_data(*s.key) + server.ready)
         signals = self._signals(branch)
@@ -330,16 +343,22 @@ class Proxy:
             self.metrics.wake_wait.observe(time.monotonic() - started)
 
     async def _passthrough(self, client: Side, server: Side, signals: LoadSignals,
-                           loop: asyncio.AbstractEventLoop) -> None:
-        """Relay until either side closes; both protocols then close the other."""
-        ended: asyncio.Future[None] = loop.create_future()
+                           loop: asyncio.AbstractEventLoop, s: _Session) -> None:
+        """Relay until either side closes. When the client left first, the backend goes to the
+        warm pool (which keeps it only if a reset proves it clean); otherwise both close."""
+        ended: asyncio.Future[Side] = loop.create_future()
+        client.track = self.warm.per_key > 0
         client.relay_to(server, signals, inbound=True, ended=ended)
         server.relay_to(client, signals, inbound=False, ended=ended)
+        first: Side | None = None
         try:
-            await ended
+            first = await ended
         finally:
             client.close()
-            server.close()
+            if first is client and not server.closed and s.warm is not None and s.pool_key is not None:
+                self.warm.park(s.pool_key, s.warm)
+            else:
+                server.close()
 
 
 def _remember_sni(obj: ssl.SSLObject | ssl.SSLSocket, name: str | None, ctx: ssl.SSLContext) -> None:

@@ -8,9 +8,7 @@ authentication (the first byte, TLS, the startup packet, SCRAM) ends at ``auth_t
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import resource
-import socket
+import sys
 import time
 
 import asyncpg
@@ -23,50 +21,61 @@ ATTACKER = "127.0.0.2"  # another loopback address: the attack comes from one ad
 TRICKLERS = 1000
 
 
-def _raise_nofile(wanted: int) -> None:
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft < wanted:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (min(wanted, hard), hard))
+# The attacker runs in its own process, as it would: 1,000 slowloris sockets from one address,
+# each sending its startup packet a byte every half second and reconnecting when closed.
+ATTACK = r"""
+import asyncio, contextlib, resource, socket, sys
+port, count, source = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
+packet = bytes.fromhex(sys.argv[4])
+soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+resource.setrlimit(resource.RLIMIT_NOFILE, (min(hard, 4 * count + 256), hard))
 
-
-async def _trickle(port: int, stop: asyncio.Event, opened: list[int]) -> None:
-    """A slowloris client: connect, send the startup packet a byte at a time, slowly; when the proxy
-    closes the socket, connect again — until told to stop."""
-    packet = encode_startup({"user": "app", "database": "postgres"})
+async def trickle(opened):
     loop = asyncio.get_running_loop()
-    while not stop.is_set():
+    while True:
         sock = socket.socket()
         sock.setblocking(False)
         try:
-            sock.bind((ATTACKER, 0))
+            sock.bind((source, 0))
             await loop.sock_connect(sock, ("127.0.0.1", port))
-            opened[0] += 1
+            opened.add(id(asyncio.current_task()))
             for i in range(len(packet)):
                 await loop.sock_sendall(sock, packet[i:i + 1])
                 with contextlib.suppress(TimeoutError):
                     async with asyncio.timeout(0.5):
-                        if not await loop.sock_recv(sock, 1024):
-                            break  # closed by the proxy
-                        break  # refused with an error: start over
-                if stop.is_set():
-                    break
+                        await loop.sock_recv(sock, 1024)
+                        break  # refused or closed: start over
         except OSError:
-            await asyncio.sleep(0.05)
+            pass
         finally:
             sock.close()
+        await asyncio.sleep(0.2)
+
+async def main():
+    opened = set()
+    tasks = [asyncio.create_task(trickle(opened)) for _ in range(count)]
+    while len(opened) < count:
+        await asyncio.sleep(0.1)
+    print("ready", flush=True)
+    await asyncio.gather(*tasks)
+
+asyncio.run(main())
+"""
 
 
 async def test_a_thousand_trickling_sockets_from_one_address_do_not_keep_a_client_out(harness: Harness) -> None:
-    _raise_nofile(4 * TRICKLERS + 1024)
     config = harness.proxy.config
-    saved = config.max_client_connections, config.max_unauthenticated_per_address
-    config.max_client_connections, config.max_unauthenticated_per_address = 50, 20
-    stop = asyncio.Event()
-    opened = [0]
-    attackers = [asyncio.create_task(_trickle(harness.proxy.port, stop, opened)) for _ in range(TRICKLERS)]
+    saved = config.max_client_connections, config.max_unauthenticated_per_address, config.auth_timeout
+    # A cap far below the attack; a long auth_timeout, so the per-address cap is what protects.
+    config.max_client_connections, config.max_unauthenticated_per_address, config.auth_timeout = 50, 20, 20
+    packet = encode_startup({"user": "app", "database": "postgres"}).hex()
+    attacker = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", ATTACK, str(harness.proxy.port), str(TRICKLERS), ATTACKER, packet,
+        stdout=asyncio.subprocess.PIPE)
     try:
-        while opened[0] < TRICKLERS:  # every trickler has connected at least once
-            await asyncio.sleep(0.1)
+        assert attacker.stdout is not None
+        line = await asyncio.wait_for(attacker.stdout.readline(), 120)
+        assert line == b"ready\n"  # every one of the 1,000 has connected at least once
         for _ in range(3):
             conn = await asyncpg.connect(host="127.0.0.1", port=harness.proxy.port, user="app",
                                          password=PASSWORD, database="postgres", ssl=False, timeout=60)
@@ -74,11 +83,11 @@ async def test_a_thousand_trickling_sockets_from_one_address_do_not_keep_a_clien
                 assert await conn.fetchval("SELECT 1") == 1
             finally:
                 await conn.close()
-        assert harness.proxy.unauthenticated(ATTACKER) <= 20
+            assert harness.proxy.unauthenticated(ATTACKER) <= 20
     finally:
-        stop.set()
-        await asyncio.gather(*attackers, return_exceptions=True)
-        config.max_client_connections, config.max_unauthenticated_per_address = saved
+        attacker.kill()
+        await attacker.wait()
+        config.max_client_connections, config.max_unauthenticated_per_address, config.auth_timeout = saved
     assert 'outcome="too_many_unauthenticated"' in harness.metric("lakelet_proxy_connections_total")
 
 
