@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -31,6 +32,7 @@ scale_log = logging.getLogger("lakelet.autoscaler")
 START_ATTEMPTS = 3
 ROLE_SYNC_EVERY = 5.0
 IMAGE_CHECK_EVERY = 30.0
+BEFORE_STOP_TIMEOUT = 30.0
 
 
 class WakeError(Exception):
@@ -87,6 +89,9 @@ class Context:
     metrics: ComputeMetrics
     cgroups: CgroupLimits | None = None
     tasks: set[asyncio.Task[None]] = field(default_factory=set)
+    # Called (branch, node) before a compute is stopped cleanly, e.g. so lakehouse sync drains
+    # the compute's WAL first; each bounded by BEFORE_STOP_TIMEOUT, failures only logged.
+    before_stop: list[Callable[[str, ComputeNode], Awaitable[None]]] = field(default_factory=list)
 
 
 class Endpoint:
@@ -252,6 +257,11 @@ class Endpoint:
             # A background image in flight finishes first: the copy must not race the shutdown,
             # and the clean image must be the branch's newest.
             await self.image_job_done()
+            for hook in self.ctx.before_stop:
+                try:
+                    await asyncio.wait_for(hook(self.branch, node), BEFORE_STOP_TIMEOUT)
+                except Exception as e:
+                    log.warning("before-stop hook failed", extra={"branch": self.branch, "error": repr(e)})
             await node.stop()
             log.info("compute suspended", extra={"branch": self.branch})
         except Exception as e:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -121,6 +122,10 @@ class Endpoints:
         """Per-branch limits (suspend timeout, CU range); the size range applies from the next tick,
         the durability mode from the next start."""
         self._known(branch).config = config
+
+    def on_before_stop(self, hook: Callable[[str, ComputeNode], Awaitable[None]]) -> None:
+        """Run ``hook(branch, node)`` before any compute stops cleanly (lakehouse sync drains there)."""
+        self.ctx.before_stop.append(hook)
 
     def signals(self, branch: str) -> LoadSignals:
         return self._endpoint(branch).signals

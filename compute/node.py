@@ -18,9 +18,11 @@ from pathlib import Path
 
 import asyncpg
 
+from compute import logical_slots
 from compute.walreceiver import RECEIVER_NAME, SLOT_NAME, WalReceiver
 from storage import ADMIN_ROLE, Store
 from storage.postgres import PgBinaries, ServiceUser, last_error_line, run_async
+from storage.store import WAL_SEGMENT_MB
 
 log = logging.getLogger("lakelet.compute")
 
@@ -75,7 +77,8 @@ class ComputeNode:
             "unix_socket_directories": str(self.socket_dir),
             "unix_socket_permissions": "0700",
             "port": str(self.port),
-            "wal_level": "replica",
+            # Logical: a lakehouse sync may run on any branch (restart-only, so always on).
+            "wal_level": "logical",
             "max_wal_senders": "10",
             "max_replication_slots": "10",
             # Replay runs without hot standby, so a compute may restart at a smaller size than the
@@ -119,7 +122,10 @@ class ComputeNode:
         self._prepare_dirs()
         async with _promotion_lock:
             await self._stop_stale()
+            branch_id = (await asyncio.to_thread(self.store.get_branch, self.branch)).id
+            await asyncio.to_thread(logical_slots.stash, self.datadir, self.home, branch_id)
             prepared = await asyncio.to_thread(self.store.materialize, self.branch, self.datadir)
+            await asyncio.to_thread(self._restore_sync_slots, branch_id, prepared.needs_recovery)
             await asyncio.to_thread(self._write_config)
             await self._spawn()
             try:
@@ -136,6 +142,11 @@ class ComputeNode:
         log.info("compute started", extra={"branch": self.branch, "pid": self.pid,
                                            "seconds": round(time.monotonic() - started, 3),
                                            "replayed": prepared.needs_recovery})
+
+    def _restore_sync_slots(self, branch_id: int, rebuilt: bool) -> None:
+        """Lakehouse-sync slots survive a rebuilt data dir (see compute.logical_slots)."""
+        logical_slots.restore(self.datadir, self.home, branch_id, wal_dirs=[self.store.wal_dir(self.branch)],
+                              seg_size=WAL_SEGMENT_MB << 20, user=self.user, rebuilt=rebuilt)
 
     async def _spawn(self) -> None:
         self.log_file.touch()

@@ -23,8 +23,10 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_l
 
 import storage
 from compute import Endpoints, UnknownBranch, WakeError
-from lakelet import project
+from lakehouse.manager import LakehouseSync
+from lakelet import dataapi_wiring, project
 from lakelet.config import Config
+from lakelet.lakehouse_api import LakehouseRoutes
 from proxy import Proxy
 
 log = logging.getLogger("lakelet.api")
@@ -42,13 +44,14 @@ def error(status: int, message: str) -> web.Response:
 
 class ControlAPI:
     def __init__(self, *, config: Config, store: storage.Store, endpoints: Endpoints, proxy: Proxy,
-                 registry: CollectorRegistry, token: str) -> None:
+                 registry: CollectorRegistry, token: str, lakehouse: LakehouseSync | None = None) -> None:
         self.config = config
         self.store = store
         self.endpoints = endpoints
         self.proxy = proxy
         self.registry = registry
         self.token = token
+        self.lakehouse = lakehouse
         self.ready = False
         # Branch operations change the catalog and stop computes: one at a time keeps them simple.
         self._branch_ops = asyncio.Lock()
@@ -68,6 +71,9 @@ class ControlAPI:
         r.add_get("/api/v1/roles", self.list_roles)
         r.add_post("/api/v1/roles", self.create_role)
         r.add_get("/api/v1/connstr", self.connstr)
+        r.add_get("/api/v1/data-api/url", dataapi_wiring.url_route(self.config, self.endpoints))
+        if self.lakehouse is not None:
+            LakehouseRoutes(self.lakehouse).add(r)
         return app
 
     # -- middleware ---------------------------------------------------------------------------

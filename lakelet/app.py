@@ -20,11 +20,16 @@ from prometheus_client import CollectorRegistry
 
 import storage
 from compute import EndpointConfig, Endpoints
-from lakelet import project
+from lakehouse.manager import LakehouseSync
+from lakehouse.synced.compute import BranchComputes
+from lakehouse.synced.service import SyncedTables
+from lakelet import dataapi_wiring, project
 from lakelet.api import ControlAPI
 from lakelet.config import Config
 from lakelet.rundir import DataDirLock, remove_run_info, write_run_info
+from lakelet.synced_api import SyncedTablesAPI
 from proxy import Proxy, ProxyConfig
+from storage.bucket import open_store, parse_size
 from storage.postgres import find_binaries, make_reachable, resolve_service_user
 
 log = logging.getLogger("lakelet")
@@ -57,8 +62,19 @@ async def _serve_locked(config: Config, data_dir: Path) -> int:
     make_reachable(data_dir, user)
     registry = CollectorRegistry()
 
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    lease_lost: list[str] = []  # with an s3:// store: another lakelet up took the bucket over
+
+    def on_lease_lost(why: str) -> None:
+        lease_lost.append(why)
+        loop.call_soon_threadsafe(stop.set)
+
     store = await asyncio.to_thread(
-        storage.Store.open, config.store_dir, user=user, pg=pg, retention_days=config.retention_days
+        open_store, config.store_uri or None, config.store_dir, user=user, pg=pg,
+        retention_days=config.retention_days, upload_interval=config.wal_upload_interval,
+        cache_size=parse_size(config.cache_size), carry={"credentials": project.credentials_file(data_dir)},
+        on_lease_lost=on_lease_lost,
     )
     await asyncio.to_thread(store.bootstrap)
     endpoints = Endpoints(
@@ -67,6 +83,9 @@ async def _serve_locked(config: Config, data_dir: Path) -> int:
                               max_cu=config.max_cu, durability=config.durability),
     )
     await endpoints.start()
+    lakehouse = LakehouseSync(endpoints, store, state_root=data_dir / "lakehouse-sync",
+                              default_uri=config.lakehouse, registry=registry)
+    await lakehouse.start()
     host, port = config.listen_addr
     proxy = Proxy(endpoints, ProxyConfig(
         listen_host=host, listen_port=port, tls_dir=data_dir / "tls",
@@ -78,10 +97,10 @@ async def _serve_locked(config: Config, data_dir: Path) -> int:
         warm_backends=config.warm_backends,
     ), registry=registry)
 
+    synced = SyncedTables(BranchComputes(endpoints), data_dir / "synced_tables.json", registry)
     runner: web.AppRunner | None = None
+    data_api = None
     collector: asyncio.Task[None] | None = None
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     try:
@@ -92,12 +111,16 @@ async def _serve_locked(config: Config, data_dir: Path) -> int:
                   f"{created.password!r} (kept in {project.credentials_file(data_dir)})", flush=True)
         run = write_run_info(data_dir, config.http)
         api = ControlAPI(config=config, store=store, endpoints=endpoints, proxy=proxy,
-                         registry=registry, token=run.token)
-        runner = web.AppRunner(api.app(), access_log=None, handle_signals=False)
+                         registry=registry, token=run.token, lakehouse=lakehouse)
+        web_app = api.app()
+        SyncedTablesAPI(synced).install(web_app)
+        runner = web.AppRunner(web_app, access_log=None, handle_signals=False)
         await runner.setup()
         http_host, http_port = config.http_addr
         await web.TCPSite(runner, http_host, http_port).start()
         await proxy.start()
+        data_api = await dataapi_wiring.start(config, endpoints, registry)
+        await synced.start()
         collector = asyncio.create_task(_collect_garbage(store, config.gc_interval), name="store-gc")
         api.ready = True
         log.info("lakelet is up", extra={"postgres": f"{host}:{proxy.port}", "http": config.http,
@@ -109,8 +132,11 @@ async def _serve_locked(config: Config, data_dir: Path) -> int:
             collector.cancel()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.remove_signal_handler(sig)
-        await _shutdown(proxy, endpoints, runner, store)
-    return 0
+        if data_api is not None:
+            await data_api.close()
+        await synced.close()
+        await _shutdown(proxy, endpoints, runner, store, lakehouse)
+    return 1 if lease_lost else 0
 
 
 async def _collect_garbage(store: storage.Store, interval: float) -> None:
@@ -130,7 +156,7 @@ async def _collect_garbage(store: storage.Store, interval: float) -> None:
 
 
 async def _shutdown(proxy: Proxy, endpoints: Endpoints, runner: web.AppRunner | None,
-                    store: storage.Store) -> None:
+                    store: storage.Store, lakehouse: LakehouseSync) -> None:
     try:
         await asyncio.wait_for(proxy.close(), 2)
     except Exception:
@@ -139,6 +165,7 @@ async def _shutdown(proxy: Proxy, endpoints: Endpoints, runner: web.AppRunner | 
         await asyncio.wait_for(endpoints.close(), STOP_GRACE_SECONDS)
     except Exception:
         log.exception("computes did not all stop cleanly; the store recovers them from WAL next start")
+    await lakehouse.close()  # after the computes: each drained its sync before stopping
     if runner is not None:
         await runner.cleanup()
     store.close()

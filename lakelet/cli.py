@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from lakelet import config as configuration
+from lakelet import lakehouse_cli, synced_cli
 from lakelet.client import ClientError, ControlClient
 
 Output = dict[str, Any]
@@ -39,6 +40,9 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--min-cu", type=float, help="smallest compute size")
     up.add_argument("--max-cu", type=float, help="largest compute size")
     up.add_argument("--log-format", choices=["text", "json"], help="log line format")
+    up.add_argument("--store", dest="store_uri", help="file:///PATH or s3://BUCKET/PREFIX (default: <data-dir>/store)")
+    up.add_argument("--data-api", help="HOST:PORT of the PostgREST-compatible Data API (empty = off)")
+    up.add_argument("--lakehouse", help="lakehouse URI for lakehouse sync (path or s3://bucket/prefix)")
 
     _common(sub.add_parser("status", help="state of every endpoint"))
 
@@ -77,9 +81,18 @@ def build_parser() -> argparse.ArgumentParser:
     rcreate.add_argument("--password")
     rcreate.add_argument("--branch", default="main")
     _common(rcreate)
+    lakehouse_cli.add_parser(sub, _common)
+
     rlist = rsub.add_parser("list", help="list roles")
     rlist.add_argument("--branch", default="main")
     _common(rlist)
+    data_api = sub.add_parser("data-api", help="the PostgREST-compatible Data API")
+    dsub = data_api.add_subparsers(dest="action", required=True, metavar="ACTION")
+    durl = dsub.add_parser("url", help="print a branch's Data API base URL")
+    durl.add_argument("branch", nargs="?", default="main")
+    durl.add_argument("--database", default="postgres")
+    _common(durl)
+    synced_cli.add_parser(sub, _common)
     return parser
 
 
@@ -147,8 +160,16 @@ def _role(c: ControlClient, a: argparse.Namespace) -> tuple[Output, str]:
     return out, _table(out["roles"], ["name", "login"])
 
 
+def _data_api(c: ControlClient, a: argparse.Namespace) -> tuple[Output, str]:
+    out = c.call("GET", "/api/v1/data-api/url", query={"branch": a.branch, "database": a.database})
+    return out, out["url"]
+
+
 COMMANDS: dict[str, Callable[[ControlClient, argparse.Namespace], tuple[Output, str]]] = {
     "status": _status, "branch": _branch, "suspend": _suspend, "connstr": _connstr, "role": _role,
+    "data-api": _data_api,
+    "synced-table": synced_cli.run,
+    "lakehouse-sync": lakehouse_cli.run,
 }
 
 
@@ -160,16 +181,18 @@ def _fail(message: str, as_json: bool) -> int:
 def _up(a: argparse.Namespace) -> int:
     from lakelet import app, logs
     from lakelet.rundir import DataDirBusy
+    from storage.errors import StorageError
     from storage.postgres import PostgresNotFound, find_binaries
 
     overrides = {"data_dir": a.data_dir, "listen": a.listen, "http": a.http, "suspend_timeout": a.suspend_timeout,
-                 "min_cu": a.min_cu, "max_cu": a.max_cu, "log_format": a.log_format}
+                 "min_cu": a.min_cu, "max_cu": a.max_cu, "log_format": a.log_format,
+                 "data_api": a.data_api, "lakehouse_uri": a.lakehouse, "store_uri": a.store_uri}
     conf = configuration.load(a.config, overrides)
     logs.setup(conf.log_format, conf.log_level)
     try:
         find_binaries()
         return app.run(conf)
-    except (PostgresNotFound, DataDirBusy, PermissionError) as e:
+    except (PostgresNotFound, DataDirBusy, PermissionError, StorageError) as e:
         return _fail(str(e), a.json)
 
 

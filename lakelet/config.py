@@ -44,7 +44,22 @@ class Config:
     user: str = ""
     retention_days: float = 7.0
     gc_interval: float = 600.0
+    store_uri: str = ""
+    wal_upload_interval: float = 1.0
+    cache_size: str = "10GB"
     superuser: bool = False
+    data_api: str = "127.0.0.1:55433"
+    data_api_schemas: str = "public"
+    data_api_anon_role: str = ""
+    data_api_jwt_secret: str = ""
+    data_api_jwt_role_claim: str = ".role"
+    data_api_max_rows: int = 0
+    data_api_pre_request: str = ""
+    data_api_pool_size: int = 10
+    data_api_idle_timeout: float = 60.0
+    # Where lakehouse sync writes Delta tables: a path or s3://bucket/prefix (AWS_* settings from
+    # the environment); empty = <data_dir>/lakehouse.
+    lakehouse_uri: str = ""
 
     @property
     def store_dir(self) -> Path:
@@ -53,6 +68,10 @@ class Config:
     @property
     def computes_dir(self) -> Path:
         return self.data_dir / "computes"
+
+    @property
+    def lakehouse(self) -> str:
+        return self.lakehouse_uri or str(self.data_dir / "lakehouse")
 
     @property
     def listen_addr(self) -> tuple[str, int]:
@@ -70,6 +89,11 @@ SECTIONS: dict[str, str] = {
     "max_unauthenticated_per_address": "proxy", "warm_backends": "proxy",
     "suspend_timeout": "compute", "min_cu": "compute", "max_cu": "compute", "durability": "compute",
     "user": "compute", "retention_days": "storage", "gc_interval": "storage", "superuser": "project",
+    "store_uri": "storage", "wal_upload_interval": "storage", "cache_size": "storage",
+    **{name: "data_api" for name in ("data_api", "data_api_schemas", "data_api_anon_role", "data_api_jwt_secret",
+                                     "data_api_jwt_role_claim", "data_api_max_rows", "data_api_pre_request",
+                                     "data_api_pool_size", "data_api_idle_timeout")},
+    "lakehouse_uri": "lakehouse",
 }
 ENV_NAMES = {name: "LAKELET_" + name.upper() for name in SECTIONS} | {"user": "LAKELET_COMPUTE_USER"}
 
@@ -175,3 +199,25 @@ def validate(c: Config) -> None:
         raise ConfigError("tls_cert and tls_key go together: set both, or neither for a self-signed certificate")
     parse_hostport(c.listen, "listen")
     parse_hostport(c.http, "http")
+    if c.data_api:
+        parse_hostport(c.data_api, "data_api")
+    if not [s for s in c.data_api_schemas.split(",") if s.strip()]:
+        raise ConfigError("data_api_schemas is empty: name at least one schema (for example public)")
+    if c.data_api_max_rows < 0 or c.data_api_pool_size < 1 or c.data_api_idle_timeout <= 0:
+        raise ConfigError("data_api_max_rows must be >= 0 (0 = no limit), data_api_pool_size >= 1 and "
+                          "data_api_idle_timeout > 0 seconds")
+    _validate_store(c)
+
+
+def _validate_store(c: Config) -> None:
+    from storage.bucket import parse_size
+
+    if c.store_uri and not c.store_uri.startswith(("file://", "s3://")):
+        raise ConfigError(f"store_uri = {c.store_uri!r}: use file:///PATH or s3://BUCKET/PREFIX "
+                          "(empty: <data_dir>/store)")
+    if c.wal_upload_interval <= 0:
+        raise ConfigError(f"wal_upload_interval = {c.wal_upload_interval}: must be a positive number of seconds")
+    try:
+        parse_size(c.cache_size)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None

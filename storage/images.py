@@ -22,6 +22,8 @@ DIGEST_SIZE = 20
 # WAL lives in the WAL archive; the rest is per-run state Postgres recreates.
 SKIP_CONTENTS = {"pg_wal", "pg_replslot", "pg_stat_tmp", "pg_dynshmem", "pg_notify", "pg_snapshots"}
 SKIP_FILES = {"postmaster.pid", "postmaster.opts", "standby.signal", "recovery.signal"}
+# ...except the slots of lakehouse sync, which must outlive the data dir (compute/logical_slots.py).
+KEEP_SLOTS_PREFIX = "pg_replslot/lakelet_sync_"
 
 
 class ImageError(RuntimeError):
@@ -40,7 +42,11 @@ def _walk(datadir: Path) -> Iterator[tuple[str, list[str], list[str]]]:
     for dirpath, dirnames, filenames in os.walk(datadir):
         rel = os.path.relpath(dirpath, datadir)
         rel = "" if rel == "." else rel
-        if rel.split("/")[0] in SKIP_CONTENTS and rel:
+        if rel == "pg_replslot":
+            dirnames[:] = [d for d in dirnames if f"{rel}/{d}".startswith(KEEP_SLOTS_PREFIX)]
+            yield rel, dirnames, filenames
+            continue
+        if rel.split("/")[0] in SKIP_CONTENTS and rel and not rel.startswith(KEEP_SLOTS_PREFIX):
             dirnames[:] = []
             continue
         dirnames[:] = [d for d in dirnames if not d.startswith("pgsql_tmp")]
@@ -56,15 +62,14 @@ def _pages(path: Path) -> Iterator[bytes]:
 
 def write_image(pages: PageStore, objects: ObjectStore, datadir: Path, manifest_key: str) -> ImageStats:
     dirs: list[str] = []
-    files: list[dict[str, object]] = []
-    logical = new = 0
+    found: list[tuple[str, Path, os.stat_result]] = []
     for rel, dirnames, filenames in _walk(datadir):
         for d in dirnames:
             full = datadir / rel / d
             if full.is_symlink():
                 raise ImageError(f"{full} is a symbolic link: tablespaces are not supported, move the data back")
             dirs.append(os.path.join(rel, d))
-        if rel.split("/")[0] in SKIP_CONTENTS:
+        if rel.split("/")[0] in SKIP_CONTENTS and not rel.startswith(KEEP_SLOTS_PREFIX):
             continue
         for name in filenames:
             if (not rel and name in SKIP_FILES) or name.startswith("pgsql_tmp"):
@@ -72,12 +77,26 @@ def write_image(pages: PageStore, objects: ObjectStore, datadir: Path, manifest_
             full = datadir / rel / name
             if full.is_symlink():
                 raise ImageError(f"{full} is a symbolic link: tablespaces are not supported, move the data back")
-            st = full.stat()
-            digests, written = pages.put_pages(_pages(full))
-            new += written
-            logical += st.st_size
-            files.append({"p": os.path.join(rel, name), "m": st.st_mode & 0o7777, "s": st.st_size,
-                          "d": base64.b64encode(b"".join(digests)).decode()})
+            found.append((os.path.join(rel, name), full, full.stat()))
+    # One stream of pages for all files, so packs fill up across them: a cluster has hundreds of
+    # small files, and a pack per file would mean a request per file for a store in a bucket.
+    counts: list[int] = []
+
+    def stream() -> Iterator[bytes]:
+        for _, full, _ in found:
+            counts.append(0)
+            for page in _pages(full):
+                counts[-1] += 1
+                yield page
+
+    digests, new = pages.put_pages(stream())
+    files: list[dict[str, object]] = []
+    logical = at = 0
+    for (rel_path, _, st), count in zip(found, counts, strict=True):
+        logical += st.st_size
+        files.append({"p": rel_path, "m": st.st_mode & 0o7777, "s": st.st_size,
+                      "d": base64.b64encode(b"".join(digests[at:at + count])).decode()})
+        at += count
     manifest = {"version": 1, "dirs": sorted(dirs), "files": files, "logical_bytes": logical}
     body = zlib.compress(json.dumps(manifest, separators=(",", ":")).encode(), 6)
     objects.put(manifest_key, body)
@@ -99,6 +118,7 @@ def restore_image(pages: PageStore, objects: ObjectStore, manifest_key: str, tar
     os.chmod(target, 0o700)
     for d in manifest["dirs"]:  # type: ignore[attr-defined]
         (target / d).mkdir(mode=0o700, parents=True, exist_ok=True)
+    pages.prefetch([d for entry in manifest["files"] for d in _digests(entry)])  # type: ignore[attr-defined]
     # Writing into the page cache and decompressing the next batch both run without the GIL:
     # one writer thread overlaps them.
     with ThreadPoolExecutor(1, thread_name_prefix="lakelet-restore") as writer:

@@ -31,6 +31,9 @@ class ObjectStore(Protocol):
     def exists(self, key: str) -> bool: ...
     def delete(self, key: str) -> None: ...
     def total_bytes(self, prefix: str = "") -> int: ...
+    def prefetch(self, keys: Iterable[str]) -> None: ...
+    def cleanup_temp(self) -> int: ...
+    def close(self) -> None: ...
 
 
 def check_key(key: str) -> str:
@@ -137,6 +140,12 @@ class LocalObjectStore:
 
     def total_bytes(self, prefix: str = "") -> int:
         return sum(self.size(k) for k in self.list(prefix))
+
+    def prefetch(self, keys: Iterable[str]) -> None:
+        """Nothing to do: every object is already on this disk (a bucket backend fetches here)."""
+
+    def close(self) -> None:
+        pass
 
     def cleanup_temp(self) -> int:
         """Remove temp files a crash left behind; returns how many."""

@@ -112,6 +112,18 @@ class PageStore:
         self.objects.put_chunks(pack, blobs())
         return rows, offset
 
+    def prefetch(self, digests: Sequence[bytes]) -> None:
+        """Let the object store fetch the packs holding ``digests`` (in order of first use) before
+        they are read: a bucket backend fetches them in parallel."""
+        packs: dict[str, None] = {}
+        unique = list(dict.fromkeys(digests))
+        for i in range(0, len(unique), 500):
+            chunk = unique[i:i + 500]
+            marks = ",".join("?" * len(chunk))
+            for (pack,) in self.db.execute(f"SELECT pack FROM pages WHERE digest IN ({marks})", chunk):
+                packs[pack] = None
+        self.objects.prefetch(packs)
+
     def get_page(self, digest: bytes) -> bytes:
         return self.get_pages([digest])[0]
 

@@ -45,7 +45,7 @@ from storage.errors import (
     ProtectedBranch,
     StorageError,
 )
-from storage.objectstore import LocalObjectStore, fsync_dir
+from storage.objectstore import LocalObjectStore, ObjectStore, fsync_dir
 from storage.pagestore import PageStore
 from storage.postgres import PgBinaries, ServiceUser, last_error_line, run
 
@@ -110,7 +110,7 @@ def controldata(pg: PgBinaries, user: ServiceUser, datadir: Path) -> dict[str, s
 
 class Store:
     def __init__(self, root: Path, *, user: ServiceUser, pg: PgBinaries, retention_days: float = 7.0,
-                 image_wal_threshold: int = IMAGE_WAL_THRESHOLD) -> None:
+                 image_wal_threshold: int = IMAGE_WAL_THRESHOLD, objects: ObjectStore | None = None) -> None:
         self.root = root
         self.user = user
         self.pg = pg
@@ -120,7 +120,8 @@ class Store:
         root.mkdir(parents=True, exist_ok=True)
         os.chmod(root, 0o711)
         self.catalog = Catalog(root / "catalog.db")
-        self.objects = LocalObjectStore(root / "objects")
+        # Packs and manifests: this directory, or a bucket (storage.bucket.open_store passes it).
+        self.objects: ObjectStore = objects if objects is not None else LocalObjectStore(root / "objects")
         self.objects.cleanup_temp()
         self.pages = PageStore(self.objects, root / "pages.db")
         self.commits = CommitIndex(pg, user, self._segment_size(), root / "commits.db")
@@ -144,10 +145,12 @@ class Store:
 
     @classmethod
     def open(cls, root: Path, *, user: ServiceUser, pg: PgBinaries, retention_days: float = 7.0,
-             image_wal_threshold: int = IMAGE_WAL_THRESHOLD) -> Store:
-        return cls(root, user=user, pg=pg, retention_days=retention_days, image_wal_threshold=image_wal_threshold)
+             image_wal_threshold: int = IMAGE_WAL_THRESHOLD, objects: ObjectStore | None = None) -> Store:
+        return cls(root, user=user, pg=pg, retention_days=retention_days, image_wal_threshold=image_wal_threshold,
+                   objects=objects)
 
     def close(self) -> None:
+        self.objects.close()  # a bucket backend uploads what is left first
         self.commits.close()
         self.pages.close()
         self.catalog.close()

@@ -4,6 +4,7 @@ talk to a branch's Postgres through its private socket."""
 from __future__ import annotations
 
 import asyncio
+import os
 import shutil
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
@@ -14,8 +15,10 @@ import pytest
 
 from compute import ComputeAddress, EndpointConfig, Endpoints
 from storage import Store
+from storage.bucket import open_store
 from storage.postgres import PgBinaries, ServiceUser
 from tests.conftest import scratch_dir
+from tests.s3server import S3Server, moto_server
 
 ADMIN = "lakelet_admin"
 
@@ -33,8 +36,10 @@ class Lake:
         return self.root / "computes"
 
 
-async def open_lake(root: Path, user: ServiceUser, pg: PgBinaries) -> Lake:
-    store = await asyncio.to_thread(Store.open, root / "store", user=user, pg=pg)
+async def open_lake(root: Path, user: ServiceUser, pg: PgBinaries, store_uri: str | None = None,
+                    **store_args: object) -> Lake:
+    store = await asyncio.to_thread(open_store, store_uri, root / "store", user=user, pg=pg,
+                                    **store_args)  # type: ignore[arg-type]
     await asyncio.to_thread(store.bootstrap)
     endpoints = Endpoints(store, computes_dir=root / "computes", user=user, pg=pg,
                           config=EndpointConfig(suspend_timeout=3600), cgroups=False)
@@ -47,16 +52,53 @@ async def close_lake(lake: Lake) -> None:
     lake.store.close()
 
 
+@pytest.fixture(scope="session")
+def s3_server() -> Iterator[S3Server]:
+    """moto's S3 server on 127.0.0.1, found by the store's boto3 the standard way (environment)."""
+    with moto_server() as server:
+        saved = {k: os.environ.get(k) for k in server.env()}
+        os.environ.update(server.env())
+        try:
+            yield server
+        finally:
+            for k, v in saved.items():
+                if v is None:
+                    os.environ.pop(k, None)
+                else:
+                    os.environ[k] = v
+
+
+# Modules whose tests also run on a store in a bucket (moto's S3 server on loopback): branches,
+# durability and GC cover what the bucket changes (packs through the cache, WAL uploads, deferred
+# deletes). LAKELET_TEST_S3=all runs every module that can on both backends (it adds ~5 minutes).
+S3_MODULES = {"test_branches", "test_durability", "test_gc"}
+# These open the store as a local directory themselves (their own fixture; child processes).
+LOCAL_ONLY = {"test_background_image", "test_crash"}
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    if "store_backend" in metafunc.fixturenames:
+        module = metafunc.module.__name__.rsplit(".", 1)[-1]
+        every = os.environ.get("LAKELET_TEST_S3") == "all" and module not in LOCAL_ONLY
+        metafunc.parametrize("store_backend", ["file", "s3"] if every or module in S3_MODULES else ["file"],
+                             scope="module")
+
+
 @pytest.fixture(scope="module")
-def lake_root(service_user: ServiceUser) -> Iterator[Path]:
-    with scratch_dir("lakelet-storage-") as path:
+def lake_root(service_user: ServiceUser, store_backend: str) -> Iterator[Path]:
+    with scratch_dir(f"lakelet-storage-{store_backend}-") as path:
         yield path
 
 
 @pytest.fixture(scope="module")
-async def lake(lake_root: Path, service_user: ServiceUser, pg: PgBinaries) -> AsyncIterator[Lake]:
+async def lake(lake_root: Path, service_user: ServiceUser, pg: PgBinaries, store_backend: str,
+               request: pytest.FixtureRequest) -> AsyncIterator[Lake]:
     """One store per test module: bootstrapping and first starts are the slow part of every test."""
-    opened = await open_lake(lake_root, service_user, pg)
+    store_args: dict[str, object] = {}
+    if store_backend == "s3":
+        server: S3Server = request.getfixturevalue("s3_server")
+        store_args = {"store_uri": f"s3://{server.new_bucket()}/store", "upload_interval": 0.2}
+    opened = await open_lake(lake_root, service_user, pg, **store_args)  # type: ignore[arg-type]
     yield opened
     await close_lake(opened)
 

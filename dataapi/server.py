@@ -1,0 +1,359 @@
+"""The Data API's HTTP face: ``http://HOST:PORT/<branch>/<database>/rest/v1/<table | rpc/fn>``.
+
+A handler is parse → call → respond. Parse: path, headers, ``Prefer``, query string into typed
+values (``request.py``), before anything wakes. Call: wake the branch and get its pool and schema
+cache (``databases.py``), open one transaction, set PostgREST's request settings and ``SET LOCAL
+ROLE`` in one statement, run the pre-request function, run the action (``actions.py``), commit
+(or roll back for ``Prefer: tx=rollback`` and for a failed singular check). Respond: status,
+``Content-Range``, ``Preference-Applied``, ``response.headers``/``response.status`` a function
+set, body as JSON, a single object, or CSV.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import logging
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import asyncpg
+from aiohttp import web
+from prometheus_client import CollectorRegistry
+
+from dataapi import actions
+from dataapi.auth import Authenticator, Identity
+from dataapi.databases import Computes, Databases, PoolSettings
+from dataapi.errors import ApiError, from_postgres
+from dataapi.metrics import UNKNOWN, DataAPIMetrics
+from dataapi.openapi import describe
+from dataapi.query import ident
+from dataapi.request import (
+    MEDIA_CSV,
+    MEDIA_OBJECT,
+    MEDIA_OPENAPI,
+    RESERVED,
+    looks_like_filter,
+    negotiate,
+    parse_prefer,
+    parse_query,
+    parse_range,
+)
+
+log = logging.getLogger("lakelet.dataapi")
+
+
+
+def sql_text(value: str) -> str:
+    """A value as a SQL expression over a closed alphabet (hex digits): ``convert_from(decode('6869',
+    'hex'), 'UTF8')``. Used only where a bound parameter cannot be: the one simple-protocol round trip
+    that opens a request's transaction and sets its settings. Nothing the client sends can change
+    the statement's shape, whatever standard_conforming_strings says."""
+    return f"convert_from(decode('{value.encode().hex()}', 'hex'), 'UTF8')"
+
+
+def begin_script(readonly: bool, role: str, settings: dict[str, str]) -> str:
+    """``BEGIN`` plus PostgREST's request settings and ``SET LOCAL ROLE`` in one round trip; the
+    superuser check runs (as the admin role) before the switch."""
+    sets = ", ".join(f"set_config('{name}', {sql_text(value)}, true)" for name, value in settings.items())
+    return (f"BEGIN ISOLATION LEVEL READ COMMITTED{' READ ONLY' if readonly else ''}; "
+            f"SELECT lakelet_dataapi.check_role({sql_text(role)}), {sets}, "
+            f"set_config('role', {sql_text(role)}, true)")
+
+
+BRANCH_KEY = web.RequestKey("lakelet_branch", str)  # the metrics label, set once the branch exists
+ALLOW_TABLE = "OPTIONS,GET,HEAD,POST,PUT,PATCH,DELETE"
+
+
+@dataclass(frozen=True)
+class DataAPIConfig:
+    schemas: tuple[str, ...] = ("public",)
+    anon_role: str = ""
+    jwt_secret: str = ""
+    jwt_role_claim: str = ".role"
+    max_rows: int | None = None
+    pre_request: str = ""
+    pool_size: int = 10
+    idle_timeout: float = 60.0
+    max_body_bytes: int = 10 * 1024 * 1024
+    max_url_bytes: int = 64 * 1024
+
+
+@dataclass
+class Route:
+    branch: str
+    database: str
+    kind: str        # "root", "table", "rpc"
+    name: str = ""
+
+
+def parse_route(path: str) -> Route:
+    parts = path.strip("/").split("/")
+    if len(parts) >= 4 and parts[2:4] == ["rest", "v1"] and all(parts[:2]):
+        rest = parts[4:]
+        if rest in ([], [""]):
+            return Route(parts[0], parts[1], "root")
+        if len(rest) == 1 and rest[0]:
+            return Route(parts[0], parts[1], "table", rest[0])
+        if len(rest) == 2 and rest[0] == "rpc" and rest[1]:
+            return Route(parts[0], parts[1], "rpc", rest[1])
+    raise ApiError(404, "PGRST125", "Invalid path specified in request URL", None,
+                   "Use /<branch>/<database>/rest/v1/<table> or /<branch>/<database>/rest/v1/rpc/<function>")
+
+
+def error_response(e: ApiError) -> web.Response:
+    headers = {"Content-Type": "application/json; charset=utf-8", **e.headers}
+    return web.Response(status=e.status, body=e.body(), headers=headers)
+
+
+def to_csv(body: str, scalar_name: str) -> str:
+    """Rows as CSV with a header line; a function's set of scalars is one column named after it."""
+    rows = json.loads(body)
+    if not rows:
+        return ""
+    out = io.StringIO()
+    writer = csv.writer(out, lineterminator="\n")
+    if not isinstance(rows[0], dict):
+        rows = [{scalar_name: r} for r in rows]
+    keys = list(rows[0].keys())
+    writer.writerow(keys)
+    for r in rows:
+        writer.writerow(["" if r.get(k) is None else (json.dumps(r[k]) if isinstance(r[k], dict | list)
+                                                     else r[k]) for k in keys])
+    return out.getvalue()
+
+
+class DataAPI:
+    def __init__(self, computes: Computes, config: DataAPIConfig, registry: CollectorRegistry | None = None) -> None:
+        self.config = config
+        self.metrics = DataAPIMetrics(registry)
+        self.auth = Authenticator(config.jwt_secret, config.anon_role or None, config.jwt_role_claim)
+        self.databases = Databases(computes, config.schemas,
+                                   PoolSettings(size=config.pool_size, idle_timeout=config.idle_timeout))
+        self._runner: web.AppRunner | None = None
+        self.port: int | None = None
+
+    def app(self) -> web.Application:
+        app = web.Application(client_max_size=self.config.max_body_bytes)
+        app.router.add_route("*", "/{tail:.*}", self.handle)
+        return app
+
+    async def start(self, host: str, port: int) -> None:
+        self.databases.start()
+        self._runner = web.AppRunner(self.app(), access_log=None, handle_signals=False,
+                                     max_line_size=self.config.max_url_bytes, max_field_size=64 * 1024)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, host, port)
+        await site.start()
+        server = site._server
+        sockets = getattr(server, "sockets", None) or []
+        self.port = sockets[0].getsockname()[1] if sockets else port
+
+    async def close(self) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None
+        await self.databases.close()
+
+    # -- the handler ----------------------------------------------------------------------------
+
+    async def handle(self, request: web.Request) -> web.StreamResponse:
+        started = time.perf_counter()
+        request[BRANCH_KEY] = UNKNOWN
+        try:
+            response: web.StreamResponse = await self._handle(request)
+        except ApiError as e:
+            response = error_response(e)
+        except web.HTTPRequestEntityTooLarge:
+            response = error_response(ApiError(413, "PGRST102", "Request body too large", None,
+                                               f"Send at most {self.config.max_body_bytes} bytes per request"))
+        except Exception:
+            log.exception("data API request failed", extra={"path": request.path})
+            response = error_response(ApiError(500, "PGRSTX00", "Internal error in the Data API", None,
+                                               "See the lakelet log for the cause"))
+        self.metrics.observe(request[BRANCH_KEY], request.method, response.status, time.perf_counter() - started)
+        return response
+
+    async def _handle(self, request: web.Request) -> web.StreamResponse:
+        route = parse_route(request.path)
+        method = request.method
+        if method == "OPTIONS":
+            allow = "OPTIONS,GET,HEAD,POST" if route.kind == "rpc" else ALLOW_TABLE
+            return web.Response(status=200, headers={"Allow": allow})
+        schema = self._schema(request, method)
+        identity = self.auth.authenticate(request.headers.get("Authorization"))
+        if route.kind == "root":
+            if method not in ("GET", "HEAD"):
+                raise ApiError(405, "PGRST117", f"Unsupported HTTP method: {method}")
+            media = negotiate(request.headers.get("Accept"), openapi=True)
+            async with self.databases.use(route.branch, route.database) as db:
+                assert db.cache is not None
+                doc = describe(db.cache, schema, request.url.origin(), request.path)
+            return web.Response(body=json.dumps(doc).encode(), content_type="application/openapi+json"
+                                if media == MEDIA_OPENAPI else "application/json", charset="utf-8")
+        media = negotiate(request.headers.get("Accept"))
+        prefs = parse_prefer(request.headers.getall("Prefer", []))
+        range_ = parse_range(request.headers.get("Range")) if method in ("GET", "HEAD") else None
+        params = [(k, v) for k, v in request.query.items()]
+        if route.kind == "rpc" and method not in ("GET", "HEAD", "POST"):
+            raise ApiError(405, "PGRST101", "Only GET and POST verbs are allowed for functions")
+        if route.kind == "table" and method not in ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE"):
+            raise ApiError(405, "PGRST117", f"Unsupported HTTP method: {method}")
+        query = parse_query(params) if route.kind == "table" or method == "POST" else None
+        raw = await request.read() if method in ("POST", "PUT", "PATCH") else b""
+        ctype = (request.content_type or "application/json").lower()
+        if raw and ctype not in ("application/json", "application/vnd.pgrst.object+json", "text/plain",
+                                 "application/octet-stream", "application/x-www-form-urlencoded"):
+            raise ApiError(415, "PGRST107", f"Content-Type not acceptable: {ctype}", None,
+                           "Send the body as application/json")
+        body_type = ctype if ctype == "application/x-www-form-urlencoded" else "application/json"
+        async with self.databases.use(route.branch, route.database, len(raw)) as db:
+            request[BRANCH_KEY] = route.branch
+            cache = db.cache
+            assert cache is not None and db.pool is not None
+            fn = None
+            args: dict[str, Any] = {}
+            table = None
+            if route.kind == "rpc":
+                if method == "POST":
+                    args = actions.rpc_args_from_body(raw)
+                    fn = cache.function(schema, route.name, frozenset(args))
+                else:
+                    overloads = cache.functions.get((schema, route.name), ())
+                    known = {a.name for f in overloads for a in f.args}
+                    arg_names = frozenset(k for k, v in params if k in known or (
+                        k not in RESERVED and "." not in k and not looks_like_filter(v)))
+                    query = parse_query(params, arg_names)
+                    args = dict(query.rpc_args)
+                    fn = cache.function(schema, route.name, frozenset(args))
+            else:
+                table = cache.table(schema, route.name)
+            assert query is not None
+            ctx = actions.Context(cache, schema, query, prefs, self.config.max_rows, range_,
+                                  media == MEDIA_OBJECT)
+            readonly = method in ("GET", "HEAD") or (fn is not None and fn.volatility in ("i", "s"))
+            try:
+                async with db.pool.acquire() as conn:
+                    result = await self._run(conn, request, identity, schema, readonly, ctx, route, method,
+                                             table, fn, args, raw, body_type)
+            except asyncpg.PostgresError as e:
+                raise from_postgres(e, authenticated=identity.authenticated) from None
+            except (asyncpg.InterfaceError, asyncpg.DataError, ValueError, OverflowError) as e:
+                raise ApiError(400, "PGRST100", "A value could not be sent to the database", str(e),
+                               "Check the filter and body values") from None
+            except (OSError, asyncpg.exceptions.ConnectionDoesNotExistError) as e:
+                raise ApiError(503, "PGRST001", "Database connection lost", str(e), "Retry the request") from None
+        response = self._respond(request, method, media, prefs, ctx, result, route)
+        self.databases.note_response(route.branch, response.content_length or 0)
+        return response
+
+    def _schema(self, request: web.Request, method: str) -> str:
+        header = "Accept-Profile" if method in ("GET", "HEAD") else "Content-Profile"
+        wanted = request.headers.get(header)
+        if wanted is None:
+            return self.config.schemas[0]
+        if wanted not in self.config.schemas:
+            raise ApiError(406, "PGRST106", "The schema must be one of the following: "
+                           + ", ".join(self.config.schemas), None, None)
+        return wanted
+
+    async def _run(self, conn: asyncpg.Connection, request: web.Request, identity: Identity, schema: str,
+                   readonly: bool, ctx: actions.Context, route: Route, method: str, table: Any, fn: Any,
+                   args: dict[str, Any], raw: bytes, body_type: str) -> actions.Result:
+        headers = {k.lower(): v for k, v in request.headers.items()}
+        settings = {"search_path": f"{ident(schema)}, public", "request.jwt.claims": json.dumps(identity.claims),
+                    "request.method": method,
+                    "request.path": ("/" if route.kind == "table" else "/rpc/") + route.name,
+                    "request.headers": json.dumps(headers), "request.cookies": json.dumps(dict(request.cookies))}
+        try:
+            await conn.execute(begin_script(readonly, identity.role, settings))
+            if self.config.pre_request:
+                await conn.execute(f"SELECT {'.'.join(ident(p) for p in self.config.pre_request.split('.'))}()")
+            if fn is not None:
+                result = await actions.call(conn, ctx, fn, args)
+            elif method in ("GET", "HEAD"):
+                result = await actions.read(conn, ctx, table)
+            elif method == "POST":
+                result = await actions.insert(conn, ctx, table, raw, body_type)
+            elif method == "PUT":
+                result = await actions.upsert_put(conn, ctx, table, raw, body_type)
+            elif method == "PATCH":
+                result = await actions.update(conn, ctx, table, raw, body_type)
+            else:
+                result = await actions.delete(conn, ctx, table)
+            if ctx.singular and not result.scalar and result.page != 1:
+                raise ApiError(406, "PGRST116", "JSON object requested, multiple (or no) rows returned",
+                               f"The result contains {result.page} rows", None)
+            await conn.execute("ROLLBACK" if ctx.prefs.tx == "rollback" else "COMMIT")
+            return result
+        finally:
+            if conn.is_in_transaction() and not conn.is_closed():
+                await conn.execute("ROLLBACK")
+
+    def _respond(self, request: web.Request, method: str, media: str, prefs: Any, ctx: actions.Context,
+                 result: actions.Result, route: Route) -> web.Response:
+        headers: dict[str, str] = dict(result.headers)
+        status = result.status
+        applied = []
+        for name, value in (("return", prefs.return_), ("count", prefs.count), ("resolution", prefs.resolution),
+                            ("missing", prefs.missing), ("tx", prefs.tx), ("handling", prefs.handling)):
+            if value is not None and (name != "resolution" or method == "POST"):
+                applied.append(f"{name}={value}")
+        if applied:
+            headers["Preference-Applied"] = ", ".join(applied)
+        total = "*" if result.total is None else str(result.total)
+        if route.kind == "table" and method == "POST":
+            headers["Content-Range"] = f"*/{total}"
+        elif result.scalar:
+            headers["Content-Range"] = "0-0/1" if prefs.count == "exact" else "0-0/*"
+        else:
+            if (method in ("GET", "HEAD") and result.total is not None and result.offset > 0
+                    and result.offset >= result.total):
+                raise ApiError(416, "PGRST103", "Requested range not satisfiable",
+                               f"An offset of {result.offset} was requested, but there are only "
+                               f"{result.total} rows.", None, {"Content-Range": f"*/{total}"})
+            if result.page:
+                headers["Content-Range"] = f"{result.offset}-{result.offset + result.page - 1}/{total}"
+            else:
+                headers["Content-Range"] = f"*/{total}"
+            reading = method in ("GET", "HEAD") or route.kind == "rpc"
+            if reading and result.total is not None and (result.offset > 0
+                                                         or result.offset + result.page < result.total):
+                status = 206
+        if result.response_headers:
+            try:
+                extra = json.loads(result.response_headers)
+                assert isinstance(extra, list)
+                for item in extra:
+                    assert isinstance(item, dict)
+                    for k, v in item.items():
+                        headers[str(k)] = str(v)
+            except (ValueError, AssertionError):
+                raise ApiError(500, "PGRST111", "response.headers guc must be a JSON array composed of objects with "
+                               "a single key and a string value") from None
+        if result.response_status:
+            try:
+                status = int(result.response_status)
+                if not 100 <= status <= 599:
+                    raise ValueError
+            except ValueError:
+                raise ApiError(500, "PGRST112", "response.status guc must be a valid status code") from None
+        body = result.body
+        if body is None or status == 204:
+            return web.Response(status=status, headers=headers)
+        if ctx.singular and not result.scalar:
+            rows = json.loads(body)
+            body = json.dumps(rows[0]) if rows else "null"
+        if media == MEDIA_CSV and not result.scalar:
+            text = to_csv(body, route.name)
+            ctype = "text/csv"
+        else:
+            text = body
+            ctype = MEDIA_OBJECT if ctx.singular else "application/json"
+        headers["Content-Type"] = f"{ctype}; charset=utf-8"
+        data = text.encode()
+        if method == "HEAD":
+            return web.Response(status=status, headers=headers)
+        return web.Response(status=status, body=data, headers=headers)

@@ -1,0 +1,187 @@
+"""The request grammar on its own (no database): what parses into which plan, and what is refused
+with which PGRST code, including property tests that no input escapes as anything but an ApiError."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from dataapi.auth import Authenticator, ConfigError, parse_claim_path
+from dataapi.errors import ApiError, from_postgres, pg_status
+from dataapi.request import (
+    Column,
+    Embed,
+    Field,
+    Filter,
+    JsonStep,
+    Logic,
+    Star,
+    negotiate,
+    parse_order,
+    parse_prefer,
+    parse_query,
+    parse_range,
+    parse_select,
+)
+
+
+def test_select_items() -> None:
+    items = parse_select("id,name:title,price::text,meta->a->>b,n:amount.sum(),count(),"
+                         "writer:authors!books_author_id_fkey!inner(name,books(*)),...publishers(pub:name)")
+    assert items[0] == Column(Field("id"))
+    assert items[1] == Column(Field("title"), alias="name")
+    assert items[2] == Column(Field("price"), cast="text")
+    assert items[3] == Column(Field("meta", (JsonStep("->", "a"), JsonStep("->>", "b"))))
+    assert items[3].field.default_alias == "b"
+    assert items[4] == Column(Field("amount"), alias="n", aggregate="sum")
+    assert items[5] == Column(Field(""), aggregate="count")
+    embed = items[6]
+    assert isinstance(embed, Embed) and embed.relation == "authors" and embed.alias == "writer"
+    assert embed.hint == "books_author_id_fkey" and embed.join == "inner" and not embed.spread
+    assert embed.select[1] == Embed("books", None, None, None, False, [Star()])
+    spread = items[7]
+    assert isinstance(spread, Embed) and spread.spread and spread.select == [Column(Field("name"), alias="pub")]
+
+
+def test_filters_logic_and_paths() -> None:
+    q = parse_query([("id", "not.in.(1,\"2,3\")"), ("books.year", "gte.2000"), ("data->>k", "eq.v"),
+                     ("or", "(a.eq.1,and(b.not.is.null,c.like(any).{x*,y*}))"), ("not.and", "(a.eq.1,b.eq.2)"),
+                     ("title", "fts(english).cat"), ("books.order", "year.desc.nullslast"), ("books.limit", "2")])
+    assert q.conditions[()][0] == Filter(Field("id"), "in", ("1", "2,3"), negate=True)
+    assert q.conditions[("books",)] == [Filter(Field("year"), "gte", "2000")]
+    assert q.conditions[()][1] == Filter(Field("data", (JsonStep("->>", "k"),)), "eq", "v")
+    tree = q.conditions[()][2]
+    assert isinstance(tree, Logic) and tree.op == "or" and isinstance(tree.children[1], Logic)
+    assert tree.children[1].children[0] == Filter(Field("b"), "is", "null", negate=True)
+    assert tree.children[1].children[1] == Filter(Field("c"), "like", ("x*", "y*"), quantifier="any")
+    assert q.conditions[()][3] == Logic("and", (Filter(Field("a"), "eq", "1"), Filter(Field("b"), "eq", "2")),
+                                        negate=True)
+    assert q.conditions[()][4] == Filter(Field("title"), "fts", "cat", language="english")
+    assert q.order[("books",)][0].desc and q.order[("books",)][0].nulls == "last"
+    assert q.limit[("books",)] == 2
+
+
+def test_rpc_arguments_are_not_filters() -> None:
+    q = parse_query([("a", "1"), ("b", "eq.2")], frozenset({"a"}))
+    assert q.rpc_args == {"a": "1"} and q.conditions[()] == [Filter(Field("b"), "eq", "2")]
+
+
+def test_order_terms() -> None:
+    terms = parse_order("a,b.desc,c.nullsfirst,authors(name).desc")
+    assert [(t.field.name, t.desc, t.nulls, t.relation) for t in terms] == [
+        ("a", False, None, None), ("b", True, None, None), ("c", False, "first", None), ("name", True, None, "authors")]
+
+
+@pytest.mark.parametrize("params", [
+    [("id", "eq")], [("id", "bogus.1")], [("id", "in.1,2")], [("id", "is.maybe")], [("id", "eq(some).{1}")],
+    [("or", "(a.eq.1")], [("or", "a.eq.1")], [("or", "()")], [("select", "a,,b")], [("select", "a::int;drop")],
+    [("select", "...a")], [("order", "a.up")], [("limit", "x")], [("offset", "-1")], [("or", "(" * 100 + ")" * 100)],
+    [("title", "fts(bad lang).x")],
+])
+def test_grammar_errors_are_pgrst100(params: list[tuple[str, str]]) -> None:
+    with pytest.raises(ApiError) as e:
+        parse_query(params)
+    assert e.value.status == 400 and e.value.code == "PGRST100"
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.tuples(st.sampled_from(["select", "order", "or", "id", "not.and", "books.limit", "x->>y"]),
+                          st.text(alphabet="abc.,()!:*\"{}-><_ 0123456789", max_size=40)), max_size=4))
+def test_any_query_string_parses_or_is_a_400(params: list[tuple[str, str]]) -> None:
+    try:
+        parse_query(params)
+    except ApiError as e:
+        assert e.status == 400 and e.code == "PGRST100"
+
+
+def test_prefer_range_and_accept() -> None:
+    p = parse_prefer(["return=representation, count=exact", "resolution=merge-duplicates,tx=rollback,foo=bar"])
+    assert (p.return_, p.count, p.resolution, p.tx) == ("representation", "exact", "merge-duplicates", "rollback")
+    with pytest.raises(ApiError) as e:
+        parse_prefer(["handling=strict, foo=bar"])
+    assert e.value.code == "PGRST122"
+    assert parse_range("0-9") == (0, 10) and parse_range("items=5-") == (5, None) and parse_range("junk") is None
+    with pytest.raises(ApiError) as e:
+        parse_range("9-3")
+    assert e.value.status == 416
+    assert negotiate("text/csv;q=0.5, application/json") == "application/json"
+    assert negotiate("application/vnd.pgrst.object") == "application/vnd.pgrst.object+json"
+    with pytest.raises(ApiError):
+        negotiate("image/png")
+
+
+def test_status_from_sqlstate() -> None:
+    assert [pg_status(s, authenticated=True) for s in ("23505", "23503", "42P01", "42883", "25006", "P0001",
+                                                        "P0002", "53300", "53400", "08006", "22P02", "PT418")] == [
+        409, 409, 404, 404, 405, 400, 500, 503, 500, 503, 400, 418]
+    assert pg_status("42501", authenticated=False) == 401 and pg_status("42501", authenticated=True) == 403
+
+    class Raised(Exception):
+        sqlstate = "PGRST"
+        message = '{"code":"123","message":"Payment Required","details":"Quota","hint":"Upgrade"}'
+        detail = '{"status":402,"headers":{"X-Powered-By":"Nerd Rage"}}'
+        hint = None
+
+    err = from_postgres(Raised(), authenticated=True)
+    assert (err.status, err.code, err.headers) == (402, "123", {"X-Powered-By": "Nerd Rage"})
+    Raised.detail = "not json"
+    assert from_postgres(Raised(), authenticated=True).code == "PGRST121"
+
+
+def test_role_claim_paths() -> None:
+    assert parse_claim_path(".role") == ("role",)
+    assert parse_claim_path("role") == ("role",)
+    assert parse_claim_path('.app.roles[1]."https://x.io/r"') == ("app", "roles", 1, "https://x.io/r")
+    import jwt
+    secret = "s" * 40
+    auth = Authenticator(secret, None, ".app.roles[1]")
+    ident = auth.authenticate("Bearer " + jwt.encode({"app": {"roles": ["a", "web_user"]}}, secret, "HS256"))
+    assert ident.role == "web_user" and ident.authenticated
+    with pytest.raises(ApiError) as e:
+        auth.authenticate(None)
+    assert e.value.code == "PGRST302" and e.value.headers == {"WWW-Authenticate": "Bearer"}
+    with pytest.raises(ConfigError):
+        Authenticator("short", None)
+
+
+def test_jwks_file_with_an_rsa_key(tmp_path) -> None:  # noqa: ANN001
+    import json
+
+    import jwt
+    from cryptography.hazmat.primitives.asymmetric import rsa
+    from jwt.algorithms import RSAAlgorithm
+
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    jwk = json.loads(RSAAlgorithm.to_jwk(key.public_key()))
+    jwk["kid"] = "k1"
+    path = tmp_path / "jwks.json"
+    path.write_text(json.dumps({"keys": [jwk]}))
+    auth = Authenticator(str(path), "anon")
+    tok = jwt.encode({"role": "web_user"}, key, algorithm="RS256", headers={"kid": "k1"})
+    assert auth.authenticate(f"Bearer {tok}").role == "web_user"
+    other = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    forged = jwt.encode({"role": "web_user"}, other, algorithm="RS256", headers={"kid": "k1"})
+    with pytest.raises(ApiError) as e:
+        auth.authenticate(f"Bearer {forged}")
+    assert e.value.status == 401 and e.value.code == "PGRST301"
+
+
+def test_jwks_file_with_an_ec_key(tmp_path) -> None:  # noqa: ANN001
+    import json
+
+    import jwt
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from jwt.algorithms import ECAlgorithm
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    jwk = json.loads(ECAlgorithm.to_jwk(key.public_key()))
+    path = tmp_path / "jwks.json"
+    path.write_text(json.dumps({"keys": [jwk]}))
+    auth = Authenticator(str(path), None)
+    tok = jwt.encode({"role": "web_user", "exp": 4102444800}, key, algorithm="ES256")
+    assert auth.authenticate(f"Bearer {tok}").role == "web_user"
+    hs = jwt.encode({"role": "web_user"}, "x" * 40, algorithm="HS256")
+    with pytest.raises(ApiError) as e:
+        auth.authenticate(f"Bearer {hs}")  # an HMAC token cannot pass for a JWKS key
+    assert e.value.code == "PGRST301"

@@ -1,0 +1,128 @@
+"""The store in a bucket (moto's S3 server on loopback): the bucket alone is the whole project.
+
+A project written through one store is brought back by another store on an empty directory —
+every branch, role and row, point in time included — with a pack cache far smaller than the
+packs; a second store on the same bucket refuses while the first holds the lease, and one whose
+lease was taken stops writing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pytest
+
+from storage.bucket import open_store
+from storage.lease import LeaseLost, StoreInUse
+from storage.postgres import PgBinaries, ServiceUser
+from storage.s3objects import S3ObjectStore
+from tests.conftest import poll_until, scratch_dir
+from tests.s3server import S3Server
+from tests.storage.conftest import branch_at_head, close_lake, open_lake, rows, sql, suspend_all
+
+
+async def test_bucket_alone_brings_back_the_project(s3_server: S3Server, service_user: ServiceUser,
+                                                     pg: PgBinaries) -> None:
+    uri = f"s3://{s3_server.new_bucket()}/project"
+    with scratch_dir("lakelet-s3-a-") as first_root, scratch_dir("lakelet-s3-b-") as second_root:
+        lake = await open_lake(first_root, service_user, pg, uri, upload_interval=0.2)
+        try:
+            await sql(lake, "main", "CREATE TABLE t (n int PRIMARY KEY)")
+            await sql(lake, "main", "INSERT INTO t SELECT generate_series(1, 50)")
+            await asyncio.sleep(1.2)
+            moment = datetime.now(UTC).isoformat()
+            await asyncio.sleep(1.2)
+            await sql(lake, "main", "INSERT INTO t SELECT generate_series(51, 100)")
+            await branch_at_head(lake, "child", "main")
+            await sql(lake, "child", "INSERT INTO t VALUES (1000)")
+            await sql(lake, "main", "CREATE ROLE alice LOGIN PASSWORD 'wonderland'")
+            node = lake.endpoints.active_node("main")
+            assert node is not None
+            await node.sync_roles()
+        finally:
+            await close_lake(lake)
+
+        keys = [k["Key"] for k in s3_server.client().list_objects_v2(
+            Bucket=uri.split("/")[2], Prefix="project/").get("Contents", [])]
+        assert any(k.startswith("project/objects/packs/") for k in keys)
+        assert any(k.startswith("project/objects/images/") for k in keys)
+        assert any(k.startswith("project/wal/") for k in keys)
+        assert "project/state.json" in keys
+
+        # A fresh machine: an empty directory, a pack cache smaller than one pack.
+        cache_size = 256 << 10
+        lake = await open_lake(second_root, service_user, pg, uri, upload_interval=0.2, cache_size=cache_size)
+        try:
+            assert sorted(lake.store.branch_names()) == ["child", "main"]
+            assert "alice" in lake.store.roles("main")
+            assert str(lake.store.roles("main")["alice"]).startswith("SCRAM-SHA-256$")
+            assert await rows(lake, "main", "t") == list(range(1, 101))
+            assert await rows(lake, "child", "t") == [*range(1, 101), 1000]
+            await asyncio.to_thread(lake.store.create_branch, "past", "main", at=moment)
+            assert await rows(lake, "past", "t") == list(range(1, 51))
+            objects = lake.store.objects
+            assert isinstance(objects, S3ObjectStore)
+            largest = max(size for _, size in objects.client.list("objects/"))
+            cached = sum(p.stat().st_size for p in (second_root / "store" / "cache").rglob("*") if p.is_file())
+            assert cached <= cache_size + largest
+
+            # Deleting a branch and collecting garbage empties the bucket of it, once the catalog
+            # snapshot without it is published.
+            child_id = lake.store.get_branch("child").id
+            await suspend_all(lake)
+
+            def child_left() -> list[str]:
+                return [k for k, _ in objects.client.list("") if k.startswith(
+                    (f"objects/images/{child_id}/", f"wal/{child_id}/"))]
+
+            assert any(k.startswith("objects/images/") for k in child_left())
+            assert any(k.startswith("wal/") for k in child_left())
+            await asyncio.to_thread(lake.store.delete_branch, "child")
+            await asyncio.to_thread(lake.store.gc)
+            await poll_until(lambda: not child_left(), "the deleted branch leaving the bucket", timeout=60, every=0.2)
+            assert await rows(lake, "main", "t") == list(range(1, 101))
+        finally:
+            await close_lake(lake)
+
+
+def test_second_store_on_the_bucket_refuses(s3_server: S3Server, service_user: ServiceUser, pg: PgBinaries,
+                                            workdir: Path) -> None:
+    uri = f"s3://{s3_server.new_bucket()}"
+    first = open_store(uri, workdir / "a" / "store", user=service_user, pg=pg, upload_interval=0.2)
+    try:
+        with pytest.raises(StoreInUse) as refused:
+            open_store(uri, workdir / "b" / "store", user=service_user, pg=pg)
+        line = str(refused.value)
+        assert "\n" not in line and f"pid {os.getpid()}" in line and "lease" in line
+    finally:
+        first.close()
+    # Released on close: the next one takes it at once.
+    second = open_store(uri, workdir / "b" / "store", user=service_user, pg=pg, upload_interval=0.2)
+    second.close()
+
+
+async def test_store_whose_lease_was_taken_stops_writing(s3_server: S3Server, service_user: ServiceUser,
+                                                         pg: PgBinaries, workdir: Path) -> None:
+    bucket = s3_server.new_bucket()
+    lost: list[str] = []
+    store = open_store(f"s3://{bucket}", workdir / "store", user=service_user, pg=pg, upload_interval=0.2,
+                       lease_ttl=3, on_lease_lost=lost.append)
+    try:
+        # Another holder takes the bucket over (as a newer lakelet up would after the lease expired).
+        client = s3_server.client()
+        lease = json.loads(client.get_object(Bucket=bucket, Key="lease.json")["Body"].read())
+        lease.update(token=lease["token"] + 1, holder={"host": "elsewhere", "pid": 1}, renewed_at=time.time())
+        client.put_object(Bucket=bucket, Key="lease.json", Body=json.dumps(lease).encode())
+        await poll_until(lambda: lost, "losing the lease", timeout=30, every=0.1)
+        assert "taken by another lakelet up" in lost[0]
+        with pytest.raises(LeaseLost):
+            store.objects.put("packs/late.pack", b"x")
+        assert "objects/packs/late.pack" not in [
+            k["Key"] for k in client.list_objects_v2(Bucket=bucket).get("Contents", [])]
+    finally:
+        store.close()
