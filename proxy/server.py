@@ -21,6 +21,7 @@ from prometheus_client import CollectorRegistry
 
 from compute import LoadSignals, UnknownBranch, WakeError
 from proxy import codec, tls
+from proxy.admission import PreAuthGate
 from proxy.auth import FailureThrottle, authenticate
 from proxy.backend import ComputeProvider
 from proxy.cancel import CancelMap
@@ -96,7 +97,7 @@ class Proxy:
         self._sessions: set[asyncio.Task[None]] = set()
         self._sockets = 0
         self._authenticated = 0
-        self._unauthenticated: dict[str, int] = {}
+        self.gate = PreAuthGate(config.max_unauthenticated_per_address)
 
     @property
     def port(self) -> int:
@@ -110,7 +111,7 @@ class Proxy:
 
     def unauthenticated(self, address: str) -> int:
         """Sockets from ``address`` that have not authenticated yet."""
-        return self._unauthenticated.get(address, 0)
+        return self.gate.active(address)
 
     @property
     def authenticated_clients(self) -> int:
@@ -172,14 +173,22 @@ class Proxy:
         deadline = loop.time() + self.config.auth_timeout
         address = str(addr[0])
         s = _Session()
-        if self._unauthenticated.get(address, 0) >= self.config.max_unauthenticated_per_address:
+        self.gate.per_address = self.config.max_unauthenticated_per_address  # the config may change live
+        admitted = self.gate.admit(address)
+        if admitted is False:
             self._refuse(conn, address)
             return
         self._sockets += 1
-        self._unauthenticated[address] = self._unauthenticated.get(address, 0) + 1
-        s.address = address
         client: Side | None = None
         try:
+            if admitted is not True:  # in line behind this address's other handshakes
+                try:
+                    async with asyncio.timeout_at(deadline):
+                        await admitted
+                except BaseException:
+                    self.gate.give_up(address, admitted)
+                    raise
+            s.address = address
             # Small messages both ways (a query, its answer) must not wait for Nagle's timer.
             conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             async with asyncio.timeout_at(deadline):
@@ -236,21 +245,16 @@ class Proxy:
         """Over the per-address cap of sockets not yet authenticated: one FATAL, written without
         waiting (a client that does not read it loses nothing), and the socket closes now."""
         with contextlib.suppress(OSError):
-            conn.send(codec.fatal("53300", f"too many unauthenticated connections from {address}",
+            conn.send(codec.fatal("53300", f"too many connections waiting to authenticate from {address}",
                                   hint="finish authenticating the connections already open, or raise "
                                        "max_unauthenticated_per_address"))
         conn.close()
         self.metrics.connections.labels("-", "too_many_unauthenticated").inc()
 
     def _leave_unauthenticated(self, s: _Session) -> None:
-        if s.address is None:
-            return
-        left = self._unauthenticated[s.address] - 1
-        if left:
-            self._unauthenticated[s.address] = left
-        else:
-            del self._unauthenticated[s.address]
-        s.address = None
+        if s.address is not None:
+            self.gate.release(s.address)
+            s.address = None
 
     def _admit(self, s: _Session) -> None:
         """Authenticated: the socket leaves its address's pre-auth count and takes a session slot —

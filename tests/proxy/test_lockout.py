@@ -1,8 +1,9 @@
 """Issue #10 (5): clients that never authenticate cannot lock the real ones out.
 
-Only authenticated sessions count against ``max_client_connections``; one address holds at most
-``max_unauthenticated_per_address`` sockets before authentication; every wait before
-authentication (the first byte, TLS, the startup packet, SCRAM) ends at ``auth_timeout``.
+Only authenticated sessions count against ``max_client_connections``; one address runs at most
+``max_unauthenticated_per_address`` handshakes at once (more wait in line, and past ten times that
+are refused); every wait before authentication (in line, the first byte, TLS, the startup packet,
+SCRAM) ends at ``auth_timeout``.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import time
 import asyncpg
 import pytest
 
+from proxy.admission import PreAuthGate
 from proxy.codec import encode_startup
 from tests.proxy.harness import PASSWORD, Harness
 
@@ -84,6 +86,7 @@ async def test_a_thousand_trickling_sockets_from_one_address_do_not_keep_a_clien
             finally:
                 await conn.close()
             assert harness.proxy.unauthenticated(ATTACKER) <= 20
+            assert harness.proxy.gate.waiting(ATTACKER) <= 200
     finally:
         attacker.kill()
         await attacker.wait()
@@ -123,3 +126,40 @@ async def test_only_authenticated_sessions_count_against_max_client_connections(
     finally:
         writer.close()
         config.max_client_connections = saved
+
+
+async def test_a_burst_from_one_address_waits_in_line_instead_of_being_refused(harness: Harness) -> None:
+    """An application server opening many connections at once is one address: beyond the per-address
+    handshake limit its connections wait their turn, and all of them get in."""
+    config = harness.proxy.config
+    saved = config.max_unauthenticated_per_address
+    config.max_unauthenticated_per_address = 2
+    try:
+        conns = await asyncio.gather(*(asyncpg.connect(host="127.0.0.1", port=harness.proxy.port, user="app",
+                                                       password=PASSWORD, database="postgres", ssl=False,
+                                                       timeout=60) for _ in range(12)))
+        try:
+            assert [await c.fetchval("SELECT 1") for c in conns] == [1] * 12
+        finally:
+            await asyncio.gather(*(c.close() for c in conns))
+    finally:
+        config.max_unauthenticated_per_address = saved
+    assert harness.proxy.unauthenticated("127.0.0.1") == 0 and harness.proxy.gate.waiting("127.0.0.1") == 0
+
+
+async def test_the_gate_passes_slots_on_and_forgets_idle_addresses() -> None:
+    gate = PreAuthGate(per_address=1)
+    assert gate.admit("a") is True and gate.admit("b") is True  # addresses are apart
+    first, second = gate.admit("a"), gate.admit("a")
+    assert isinstance(first, asyncio.Future) and isinstance(second, asyncio.Future)
+    assert [gate.admit("a") for _ in range(8)].count(False) == 0 and gate.admit("a") is False  # line full at 10
+    gate.release("a")  # the slot goes to the first in line, not back to the pool
+    assert first.done() and gate.active("a") == 1 and gate.waiting("a") == 9
+    gate.give_up("a", second)  # a waiter's deadline: it leaves the line
+    assert gate.waiting("a") == 8
+    gate.give_up("a", first)  # its turn had come, then it gave up: the slot passes on
+    assert gate.active("a") == 1 and gate.waiting("a") == 7
+    for _ in range(8):
+        gate.release("a")
+    gate.release("b")
+    assert gate._addresses == {}
