@@ -24,7 +24,6 @@ import asyncio
 import logging
 import secrets
 import struct
-import time
 from collections import deque
 from dataclasses import dataclass
 
@@ -35,17 +34,20 @@ from proxy.pipe import Side
 log = logging.getLogger("lakelet.proxy")
 
 RESET_TIMEOUT = 2.0
+# An idle warm backend is closed after this: it holds a connection slot, and a database with
+# connections cannot be dropped (DROP DATABASE without FORCE) until they are gone.
+IDLE_LIMIT = 30.0
 _DISCARDED = codec.encode_message(b"C", b"DISCARD ALL\x00") + codec.ready_for_query(b"I")
 _FAILED = (codec.ready_for_query(b"E"), codec.ready_for_query(b"T"))
 
 
-@dataclass(slots=True)
+@dataclass(slots=True, eq=False)  # compared by identity
 class WarmBackend:
     side: Side
     key: BackendKey  # the backend's own pid and secret, for forwarding cancels
     greeting: bytes  # what it said at startup (ParameterStatus …), replayed to each new client
     compute_pid: int  # its postmaster: a restarted compute's backends are not reused
-    parked_at: float = 0.0
+    expiry: asyncio.TimerHandle | None = None
 
 
 # -- the reset, sans I/O ----------------------------------------------------------------------------
@@ -107,6 +109,9 @@ class WarmPool:
             backend = queue.pop()
             if not queue:
                 del self._idle[key]
+            if backend.expiry is not None:
+                backend.expiry.cancel()
+                backend.expiry = None
             side = backend.side
             if (backend.compute_pid == compute_pid and not side.closed and not side.buf
                     and side.transport is not None and not side.transport.is_closing()):
@@ -145,13 +150,25 @@ class WarmPool:
             self._discard(backend, "its state after the client left is unknown")
             return
         side.buf.clear()
-        backend.parked_at = time.monotonic()
         queue = self._idle.setdefault(key, deque())
         queue.append(backend)
+        backend.expiry = asyncio.get_running_loop().call_later(IDLE_LIMIT, self._expire, key, backend)
         while len(queue) > self.per_key:
             self._discard(queue.popleft(), "more than warm_backends are idle")
 
+    def _expire(self, key: PoolKey, backend: WarmBackend) -> None:
+        backend.expiry = None
+        queue = self._idle.get(key)
+        if queue is not None and backend in queue:
+            queue.remove(backend)
+            if not queue:
+                del self._idle[key]
+            self._discard(backend, f"idle for {IDLE_LIMIT:g}s")
+
     def _discard(self, backend: WarmBackend, why: str) -> None:
+        if backend.expiry is not None:
+            backend.expiry.cancel()
+            backend.expiry = None
         self.discarded += 1
         log.debug("closed a backend instead of reusing it", extra={"pid": backend.key.pid, "reason": why})
         backend.side.close()
@@ -162,5 +179,7 @@ class WarmPool:
         await asyncio.gather(*self._resetting, return_exceptions=True)
         for queue in self._idle.values():
             for backend in queue:
+                if backend.expiry is not None:
+                    backend.expiry.cancel()
                 backend.side.close()
         self._idle.clear()

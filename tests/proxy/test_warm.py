@@ -175,3 +175,20 @@ async def _gone(conn: asyncpg.Connection, pid: int) -> None:
             return
         await asyncio.sleep(0.1)
     raise AssertionError(f"backend {pid} still runs")
+
+
+async def test_an_idle_warm_backend_is_closed_after_a_while(harness: Harness, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A warm backend holds a connection slot and keeps DROP DATABASE from working: not forever."""
+    monkeypatch.setattr("proxy.warm.IDLE_LIMIT", 0.5)
+    await harness.proxy.warm.close()
+    conn = await harness.apg()
+    pid = conn.get_server_pid()
+    await conn.close()
+    await _idle_warm(harness, 1)
+    await poll_until(lambda: len(harness.proxy.warm) == 0, "the idle warm backend closed", timeout=30, every=0.05)
+    conn = await harness.apg()
+    try:
+        assert conn.get_server_pid() != pid
+        await _gone(conn, pid)
+    finally:
+        await conn.close()
