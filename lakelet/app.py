@@ -102,6 +102,8 @@ async def _serve_locked(config: Config, data_dir: Path) -> int:
         tls_key=Path(config.tls_key) if config.tls_key else None,
         require_tls=config.require_tls, auth_timeout=config.auth_timeout,
         wake_timeout=config.wake_timeout, max_client_connections=config.max_client_connections,
+        max_unauthenticated_per_address=config.max_unauthenticated_per_address,
+        warm_backends=config.warm_backends,
     ), registry=registry)
 
     synced = SyncedTables(BranchComputes(endpoints), data_dir / "synced_tables.json", registry)
