@@ -254,6 +254,8 @@ async def _insert_tree(conn: asyncpg.Connection, ctx: Context, table: TableInfo,
             continue
         e = embeds[key]
         rel = ctx.cache.relationship(table, e.relation, e.hint)
+        if rel.function is not None:
+            raise body_error(f"'{key}' is a computed relationship: related rows are inserted through foreign keys only")
         children = value if isinstance(value, list) else [value]
         if not all(isinstance(c, dict) for c in children):
             raise body_error(f"'{key}' must hold an object or an array of objects to insert related rows")

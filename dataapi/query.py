@@ -248,7 +248,12 @@ class Builder:
         child_path = self._embed_path(path, e)
         self._used_paths.add(child_path)
         target = rel.target
-        if rel.junction is None:
+        source = qualified(target.schema, target.name)
+        if rel.function is not None:
+            # A computed relationship: the function of the parent row is the embedded source.
+            link = None
+            source = f"{qualified(*rel.function)}({parent_alias})"
+        elif rel.junction is None:
             link = " AND ".join(f"{{a}}.{ident(tc)} = {parent_alias}.{ident(sc)}" for sc, tc in rel.pairs)
         else:
             j = self.alias()
@@ -261,7 +266,7 @@ class Builder:
         offset = self.query.offset.get(child_path, 0)
         if rel.to_one and (limit is not None or offset):
             limit, offset = None, 0
-        sub = self.node(target, qualified(target.schema, target.name), items, child_path, link=link,
+        sub = self.node(target, source, items, child_path, link=link,
                         limit=limit, offset=offset, for_count=False)
         lat = self.alias()
         if e.spread and rel.to_one:
@@ -332,8 +337,11 @@ class Builder:
                                "Ordering by a related table needs a many-to-one or one-to-one relationship")
             inner = self.alias()
             expr, _ = self.field_sql(inner, rel.target, t.field)
-            on = " AND ".join(f"{inner}.{ident(tc)} = {a}.{ident(sc)}" for sc, tc in rel.pairs)
-            sql = f"(SELECT {expr} FROM {qualified(rel.target.schema, rel.target.name)} AS {inner} WHERE {on})"
+            if rel.function is not None:
+                sql = f"(SELECT {expr} FROM {qualified(*rel.function)}({a}) AS {inner} LIMIT 1)"
+            else:
+                on = " AND ".join(f"{inner}.{ident(tc)} = {a}.{ident(sc)}" for sc, tc in rel.pairs)
+                sql = f"(SELECT {expr} FROM {qualified(rel.target.schema, rel.target.name)} AS {inner} WHERE {on})"
         else:
             sql, _ = self.field_sql(a, table, t.field)
         sql += " DESC" if t.desc else " ASC"

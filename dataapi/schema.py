@@ -100,6 +100,7 @@ class Relationship:
     junction: TableInfo | None = None
     source_pairs: tuple[tuple[str, str], ...] = ()
     target_pairs: tuple[tuple[str, str], ...] = ()
+    function: tuple[str, str] | None = None   # a computed relationship: fn(source row) returns target rows
 
     @property
     def to_one(self) -> bool:
@@ -145,6 +146,8 @@ class SchemaCache:
     tables: dict[tuple[str, str], TableInfo]
     foreign_keys: tuple[ForeignKey, ...]
     functions: dict[tuple[str, str], tuple[FunctionInfo, ...]] = field(default_factory=dict)
+    # Computed relationships: (source schema, source table) → function name → (schema, target, to_one).
+    computed_rels: dict[tuple[str, str], dict[str, tuple[str, TableInfo, bool]]] = field(default_factory=dict)
 
     # -- lookups ---------------------------------------------------------------------------------
 
@@ -183,6 +186,10 @@ class SchemaCache:
 
     def relationship(self, source: TableInfo, name: str, hint: str | None) -> Relationship:
         candidates = [r for r in self._relationships(source) if r.target.name == name or _by_column(r, name)]
+        computed = self.computed_rels.get(source.qualified, {}).get(name)
+        if computed is not None:
+            fn_schema, target, to_one = computed
+            candidates = [Relationship("m2o" if to_one else "o2m", source, target, name, function=(fn_schema, name))]
         if hint is not None:
             candidates = [r for r in candidates if _matches_hint(r, hint)]
         if len(candidates) == 1:
@@ -348,10 +355,16 @@ async def load(conn: asyncpg.Connection, schemas: tuple[str, ...]) -> SchemaCach
                     fk_list.append(ForeignKey(name, by_oid[src].qualified, cols, by_oid[dst].qualified, refcols))
     fks = tuple(fk_list)
     functions: dict[tuple[str, str], list[FunctionInfo]] = {}
+    computed_rels: dict[tuple[str, str], dict[str, tuple[str, TableInfo, bool]]] = {}
     for (nspname, proname, volatility, retset, rettype, typtype, typrelid, argnames, argmodes, argtypes,
          nargs, ndefaults, row_of) in funcs:
-        if row_of in by_oid and not retset and rettype not in ("void", "record") and volatility in ("i", "s"):
-            by_oid[row_of].computed.setdefault(proname, (nspname, proname, rettype))
+        if row_of in by_oid and volatility in ("i", "s"):
+            if typtype == "c" and typrelid in by_oid:
+                # fn(parent) RETURNS [SETOF] target: a computed relationship, embedded like a foreign key.
+                computed_rels.setdefault(by_oid[row_of].qualified, {}).setdefault(
+                    proname, (nspname, by_oid[typrelid], not retset))
+            elif not retset and rettype not in ("void", "record"):
+                by_oid[row_of].computed.setdefault(proname, (nspname, proname, rettype))
         modes = list(argmodes) or ["i"] * len(argtypes)
         inputs = [(argnames[i] if i < len(argnames) else "", argtypes[i]) for i, m in enumerate(modes)
                   if m in ("i", "b", "v")]
@@ -375,4 +388,4 @@ async def load(conn: asyncpg.Connection, schemas: tuple[str, ...]) -> SchemaCach
             kind = "scalar"
         functions.setdefault((nspname, proname), []).append(
             FunctionInfo(nspname, proname, args, rettype, retset, kind, volatility, result, single_json))
-    return SchemaCache(schemas, tables, fks, {k: tuple(v) for k, v in functions.items()})
+    return SchemaCache(schemas, tables, fks, {k: tuple(v) for k, v in functions.items()}, computed_rels)

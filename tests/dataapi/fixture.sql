@@ -94,6 +94,10 @@ CREATE FUNCTION age_at_publication(books) RETURNS int LANGUAGE sql STABLE
   AS $$ SELECT $1.year - extract(year FROM a.born)::int FROM authors a WHERE a.id = $1.author_id $$;
 CREATE FUNCTION echo_total(jsonb) RETURNS jsonb LANGUAGE sql IMMUTABLE
   AS $$ SELECT jsonb_build_object('keys', (SELECT count(*) FROM jsonb_object_keys($1)), 'doc', $1) $$;
+CREATE FUNCTION classics(authors) RETURNS SETOF books LANGUAGE sql STABLE
+  AS $$ SELECT * FROM books WHERE author_id = $1.id AND year < 1970 ORDER BY year $$;
+CREATE FUNCTION first_book(authors) RETURNS books LANGUAGE sql STABLE
+  AS $$ SELECT * FROM books WHERE author_id = $1.id ORDER BY year LIMIT 1 $$;
 GRANT EXECUTE ON ALL FUNCTIONS IN SCHEMA public TO web_anon, web_user;
 
 CREATE SCHEMA extra;

@@ -606,3 +606,16 @@ async def test_raw_text_and_binary_output(api: Api) -> None:
         assert await r.read() == bytes.fromhex("89504e47") + bytes.fromhex("0001ff")
     status, _, body = await api.get("blobs?select=data,label", headers={"Accept": "application/octet-stream"})
     assert status == 406 and body["code"] == "PGRST502"
+
+
+async def test_computed_relationships(api: Api) -> None:
+    _, _, body = await api.get("authors?select=name,classics(title),first_book(year)&id=in.(1,3)&order=id")
+    assert body == [{"name": "Ursula K. Le Guin", "classics": [{"title": "The Left Hand of Darkness"}],
+                     "first_book": {"year": 1969}},
+                    {"name": "Jane Austen", "classics": [{"title": "Pride and Prejudice"}, {"title": "Emma"}],
+                     "first_book": {"year": 1813}}]
+    _, _, body = await api.get("authors?select=name&order=first_book(year).desc.nullslast&limit=2")
+    assert body == [{"name": "Ursula K. Le Guin"}, {"name": "Stanislaw Lem"}]
+    _, _, body = await api.get("authors?select=name,classics!inner(title)&classics.year=gt.1960&order=id")
+    assert body == [{"name": "Ursula K. Le Guin", "classics": [{"title": "The Left Hand of Darkness"}]},
+                    {"name": "Stanislaw Lem", "classics": [{"title": "Solaris"}, {"title": "The Cyberiad"}]}]
