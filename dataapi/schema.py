@@ -10,6 +10,7 @@ sends that after every DDL command, and users can send it themselves, as with Po
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -274,16 +275,29 @@ SELECT con.conname, con.contype::text, con.conrelid, con.confrelid,
 FROM pg_constraint con
 WHERE con.contype IN ('p', 'u', 'f') AND con.conrelid = ANY($1::oid[]) AND con.conparentid = 0
 """
-# Which base-table columns each view reads (the view's rewrite rule depends on them): a view column
-# with the same name as such a column stands for it, so the base table's keys and foreign keys carry
-# over to the view, as PostgREST infers them. Renamed view columns are not followed.
-_VIEW_COLUMNS = """
-SELECT DISTINCT r.ev_class, d.refobjid, a.attname
-FROM pg_rewrite r
-JOIN pg_depend d ON d.classid = 'pg_rewrite'::regclass AND d.objid = r.oid AND d.refclassid = 'pg_class'::regclass
-JOIN pg_attribute a ON a.attrelid = d.refobjid AND a.attnum = d.refobjsubid
-WHERE r.ev_class = ANY($1::oid[]) AND d.refobjid <> r.ev_class AND d.refobjsubid > 0
+# Where each view column comes from: the view's rewrite rule records, for every output column, the
+# table and column it was taken from (resorigtbl/resorigcol, as PostgREST reads them), renamed or not.
+# A base table's keys and foreign keys carry over to the view through these columns.
+_VIEW_RULES = """
+SELECT ev_class, ev_action::text FROM pg_rewrite WHERE ev_class = ANY($1::oid[]) AND rulename = '_RETURN'
 """
+_ATTNAMES = """
+SELECT attrelid, attnum, attname FROM pg_attribute WHERE attrelid = ANY($1::oid[]) AND attnum > 0
+"""
+_TARGET_ENTRY = re.compile(r":resname ((?:\\.|[^\s\\])+) :ressortgroupref \d+ :resorigtbl (\d+) :resorigcol (\d+)")
+
+
+def _view_sources(rule: str, view_columns: dict[str, ColumnInfo]) -> dict[str, tuple[int, int]]:
+    """View column → (table oid, attnum) from a rewrite rule's node tree. The top-level target list
+    comes after the range table (subqueries) in the tree, so the last entry of a name wins."""
+    found: dict[str, tuple[int, int]] = {}
+    for name, table, attnum in _TARGET_ENTRY.findall(rule):
+        name = re.sub(r"\\(.)", r"\1", name)
+        if name in view_columns and int(table):
+            found[name] = (int(table), int(attnum))
+    return found
+
+
 _FUNCTIONS = """
 SELECT n.nspname, p.proname, p.provolatile::text, p.proretset, p.prorettype::regtype::text, t.typtype::text, t.typrelid,
        coalesce(p.proargnames, '{}'), coalesce(p.proargmodes::text[], '{}'),
@@ -304,9 +318,17 @@ async def load(conn: asyncpg.Connection, schemas: tuple[str, ...]) -> SchemaCach
     for oid, name, typ, nullable, default, generated in await conn.fetch(_COLUMNS, oids):
         columns.setdefault(oid, {})[name] = ColumnInfo(name, typ, nullable, default, generated)
     view_oids = [r[0] for r in rels if r[3] in ("v", "m")]
-    reads: dict[int, dict[int, set[str]]] = {}  # view -> base table -> columns it reads
-    for view, base, col in (await conn.fetch(_VIEW_COLUMNS, view_oids)) if view_oids else []:
-        reads.setdefault(view, {}).setdefault(base, set()).add(col)
+    sources: dict[int, dict[str, tuple[int, int]]] = {}
+    for view, rule in (await conn.fetch(_VIEW_RULES, view_oids)) if view_oids else []:
+        sources[view] = _view_sources(rule, columns.get(view, {}))
+    source_rels = list({t for per in sources.values() for t, _ in per.values()})
+    attnames = {(rel, num): name for rel, num, name in (await conn.fetch(_ATTNAMES, source_rels))} \
+        if source_rels else {}
+    reads: dict[int, dict[int, dict[str, str]]] = {}  # view -> source relation -> {source column: view column}
+    for view, per in sources.items():
+        for view_col, (rel, num) in per.items():
+            if (rel, num) in attnames:
+                reads.setdefault(view, {}).setdefault(rel, {})[attnames[(rel, num)]] = view_col
     bases = {b for per_view in reads.values() for b in per_view} - set(oids)
     pks: dict[int, tuple[str, ...]] = {}
     uniques: dict[int, list[tuple[str, ...]]] = {}
@@ -318,25 +340,27 @@ async def load(conn: asyncpg.Connection, schemas: tuple[str, ...]) -> SchemaCach
             uniques.setdefault(conrelid, []).append(tuple(cols))
         else:
             fk_rows.append((conname, conrelid, confrelid, tuple(cols), tuple(refcols)))
-    # Every exposed relation standing for a base table, with the base columns it carries.
-    stands_for: dict[int, list[tuple[int, set[str]]]] = {oid: [(oid, set(columns.get(oid, {})))] for oid in oids}
+    # Every exposed relation standing for a base table: {base column: its column} for what it carries.
+    stands_for: dict[int, list[tuple[int, dict[str, str]]]] = {
+        oid: [(oid, {c: c for c in columns.get(oid, {})})] for oid in oids}
     for view, per_base in reads.items():
-        for base, cols in per_base.items():
-            stands_for.setdefault(base, []).append((view, cols & set(columns.get(view, {}))))
+        for base, mapping in per_base.items():
+            stands_for.setdefault(base, []).append((view, dict(mapping)))
     for _ in range(4):  # views over views (an exposed view reading another exposed view)
         grown = False
         for entries in stands_for.values():
             for rel, carried in list(entries):
                 for reader, per_base in reads.items():
                     if rel in per_base and all(r != reader for r, _ in entries):
-                        entries.append((reader, carried & per_base[rel] & set(columns.get(reader, {}))))
+                        through = per_base[rel]
+                        entries.append((reader, {b: through[c] for b, c in carried.items() if c in through}))
                         grown = True
         if not grown:
             break
     for base, entries in stands_for.items():
         for rel, carried in entries:
-            if base in pks and rel not in pks and set(pks[base]) <= carried:
-                pks[rel] = pks[base]
+            if base in pks and rel not in pks and all(c in carried for c in pks[base]):
+                pks[rel] = tuple(carried[c] for c in pks[base])
     by_oid: dict[int, TableInfo] = {}
     tables: dict[tuple[str, str], TableInfo] = {}
     for oid, nspname, relname, relkind, description in rels:
@@ -347,12 +371,13 @@ async def load(conn: asyncpg.Connection, schemas: tuple[str, ...]) -> SchemaCach
     seen: set[tuple[str, int, int]] = set()
     fk_list: list[ForeignKey] = []
     for name, rel, ref, cols, refcols in fk_rows:
-        for src, src_cols in stands_for.get(rel, []):
-            for dst, dst_cols in stands_for.get(ref, []):
-                if (src in by_oid and dst in by_oid and set(cols) <= src_cols and set(refcols) <= dst_cols
-                        and (name, src, dst) not in seen):
+        for src, src_map in stands_for.get(rel, []):
+            for dst, dst_map in stands_for.get(ref, []):
+                if (src in by_oid and dst in by_oid and all(c in src_map for c in cols)
+                        and all(c in dst_map for c in refcols) and (name, src, dst) not in seen):
                     seen.add((name, src, dst))
-                    fk_list.append(ForeignKey(name, by_oid[src].qualified, cols, by_oid[dst].qualified, refcols))
+                    fk_list.append(ForeignKey(name, by_oid[src].qualified, tuple(src_map[c] for c in cols),
+                                              by_oid[dst].qualified, tuple(dst_map[c] for c in refcols)))
     fks = tuple(fk_list)
     functions: dict[tuple[str, str], list[FunctionInfo]] = {}
     computed_rels: dict[tuple[str, str], dict[str, tuple[str, TableInfo, bool]]] = {}

@@ -128,3 +128,5 @@ GRANT SELECT ON shelf_books_v2 TO web_anon;
 CREATE TABLE blobs (id int PRIMARY KEY, data bytea, label text);
 INSERT INTO blobs VALUES (1, '\x89504e47'::bytea, 'png'), (2, '\x0001ff'::bytea, 'raw');
 GRANT SELECT ON blobs TO web_anon;
+CREATE VIEW book_refs AS SELECT id AS ref, title AS headline, author_id AS writer FROM books;
+GRANT SELECT ON book_refs TO web_anon;

@@ -557,6 +557,11 @@ async def test_embedding_through_views(api: Api) -> None:
     assert body == [{"title": "Pride and Prejudice", "shelf_books": [{"shelves": {"label": "back"}}]}]
     _, _, body = await api.get("book_titles?select=name,authors(name)&id=eq.3")
     assert body == [{"name": "Solaris", "authors": {"name": "Stanislaw Lem"}}]
+    _, _, body = await api.get("book_refs?select=headline,authors(name),tags(name)&ref=eq.1")
+    assert body == [{"headline": "The Left Hand of Darkness", "authors": {"name": "Ursula K. Le Guin"},
+                     "tags": [{"name": "favourite"}, {"name": "reread"}]}]
+    _, _, body = await api.get("authors?select=name,book_refs(headline)&id=eq.2&book_refs.order=ref")
+    assert body == [{"name": "Stanislaw Lem", "book_refs": [{"headline": "Solaris"}, {"headline": "The Cyberiad"}]}]
     _, _, body = await api.get("shelf_books_v2?select=id,books(title),shelves(label)&order=id")
     assert body == [{"id": 2, "books": {"title": "Solaris"}, "shelves": {"label": "front"}},
                     {"id": 3, "books": {"title": "Pride and Prejudice"}, "shelves": {"label": "back"}}]
