@@ -16,6 +16,8 @@ same select.
 
 from __future__ import annotations
 
+import csv
+import io
 import json
 from dataclasses import dataclass
 from typing import Any
@@ -388,8 +390,16 @@ def _array_of(typ: str) -> str:
 # -- writes ---------------------------------------------------------------------------------------
 
 def parse_body(raw: bytes, content_type: str = "application/json") -> list[dict[str, Any]] | dict[str, Any]:
-    """A write's payload: a JSON object or array of objects, or an HTML form (one object of
-    strings), as PostgREST takes them. Anything else is PGRST102 "Empty or invalid json"."""
+    """A write's payload: a JSON object or array of objects, an HTML form (one object of strings) or
+    CSV with a header line (``NULL`` is null), as PostgREST takes them. Anything else is PGRST102."""
+    if content_type == "text/csv":
+        try:
+            rows = list(csv.DictReader(io.StringIO(raw.decode())))
+        except (UnicodeDecodeError, csv.Error):
+            raise body_error("Empty or invalid csv") from None
+        if any(None in r or None in r.values() for r in rows):
+            raise body_error("All lines of a CSV body must have as many values as the header line")
+        return [{k: (None if v == "NULL" else v) for k, v in r.items()} for r in rows]
     if content_type == "application/x-www-form-urlencoded":
         try:
             return dict(parse_qsl(raw.decode(), keep_blank_values=True, strict_parsing=bool(raw.strip())))

@@ -231,10 +231,10 @@ class DataAPI:
         raw = await request.read() if method in ("POST", "PUT", "PATCH") else b""
         ctype = (request.content_type or "application/json").lower()
         if raw and ctype not in ("application/json", "application/vnd.pgrst.object+json", "text/plain",
-                                 "application/octet-stream", "application/x-www-form-urlencoded"):
+                                 "application/octet-stream", "application/x-www-form-urlencoded", "text/csv"):
             raise ApiError(415, "PGRST107", f"Content-Type not acceptable: {ctype}", None,
                            "Send the body as application/json")
-        body_type = ctype if ctype == "application/x-www-form-urlencoded" else "application/json"
+        body_type = ctype if ctype in ("application/x-www-form-urlencoded", "text/csv") else "application/json"
         async with self.databases.use(route.branch, route.database, len(raw)) as db:
             request[BRANCH_KEY] = route.branch
             cache = db.cache

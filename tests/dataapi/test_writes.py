@@ -186,6 +186,18 @@ async def test_concurrent_writes_and_reads(api: Api) -> None:
     assert rows[0]["n"] == 60 and rows[0]["total"] == sum(range(60))
 
 
+async def test_csv_bodies(api: Api) -> None:
+    tok = user_token()
+    status, _, body = await api.request("POST", "kv?select=k,v,note", token=tok, headers={
+        "Content-Type": "text/csv", "Prefer": "return=representation"},
+        data=b'k,v,note\ncsv1,1,"hello, world"\ncsv2,2,NULL\n')
+    assert status == 201 and body == [{"k": "csv1", "v": 1, "note": "hello, world"},
+                                      {"k": "csv2", "v": 2, "note": None}]
+    status, _, body = await api.request("POST", "kv", token=tok, headers={"Content-Type": "text/csv"},
+                                        data=b"k,v\ncsv3\n")
+    assert status == 400 and body["code"] == "PGRST102"
+
+
 async def test_rls_on_writes(api: Api) -> None:
     status, _, body = await api.request("POST", "notes?select=owner,body", token=user_token("bob"), headers=REPR,
                                         json={"body": "from bob"})
