@@ -172,6 +172,10 @@ async def main() -> None:
             for name, seconds in parts.items():
                 steps.setdefault(name, []).append(seconds)
             await asyncio.sleep(0.5)  # the WAL receiver and role sync settle
+            node = lake.eps.endpoint("main").node
+            for name, seconds in (getattr(node, "timings", {}) or {}).items():
+                if "(background)" in name:
+                    steps.setdefault(name, []).append(seconds)
             active.append(await lake.session())
     finally:
         await lake.close()
