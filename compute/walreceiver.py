@@ -42,14 +42,15 @@ class WalReceiver:
         return (f"host={self.node.socket_dir} port={self.node.port} user={ADMIN_ROLE} "
                 f"application_name={RECEIVER_NAME}")
 
-    async def start(self) -> None:
+    async def start(self, *, wait_streaming: bool = True) -> None:
         # A slot kept in the data dir from the last run (Postgres writes it under a temporary
         # name and renames it once complete) needs no process spawned on every wake.
         if not (self.node.datadir / "pg_replslot" / SLOT_NAME / "state").exists():
             await self._create_slot()
         await self._spawn()
         self._task = asyncio.create_task(self._supervise(), name=f"walreceiver-{self.node.branch}")
-        await self._wait_streaming()
+        if wait_streaming:
+            await self._wait_streaming()
 
     async def _create_slot(self) -> None:
         pg, user = self.node.pg, self.node.user
