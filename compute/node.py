@@ -30,9 +30,6 @@ PORT = 5432
 START_TIMEOUT = 600.0
 READY_POLL = 0.002  # how often postmaster.pid is read while a compute starts
 INCLUDE_LINE = "include_if_exists = 'lakelet.conf'"
-# Materialize → promote → note the new timeline must not interleave between computes (two
-# promotions at once could choose the same timeline ID).
-_promotion_lock = asyncio.Lock()
 
 
 def _postmaster_ready(pid_file: Path, pid: int | None) -> bool:
@@ -71,6 +68,9 @@ class ComputeNode:
         self._receiver: WalReceiver | None = None
         self._computes_dir = computes_dir
         self.stopping = False
+        # When this start spawned Postgres and when it was ready to serve (monotonic seconds).
+        self.spawned_at = 0.0
+        self.ready_at = 0.0
         self.timings: dict[str, float] = {}  # the last start's steps, in seconds
         self._step_at = 0.0
 
@@ -79,7 +79,7 @@ class ComputeNode:
     def _prepare_dirs(self) -> None:
         for d in (self._computes_dir, self.home, self.socket_dir):
             d.mkdir(parents=True, exist_ok=True)
-        os.chmod(self._computes_dir, 0o711)
+        self.user.share_dir(self._computes_dir)
         self.user.own(self.home, 0o700)
         self.user.own(self.socket_dir, 0o700)
 
@@ -138,33 +138,38 @@ class ComputeNode:
     async def start(self) -> None:
         started = self._step_at = time.monotonic()
         self._prepare_dirs()
-        async with _promotion_lock:
-            await self._stop_stale()
-            branch_id = (await asyncio.to_thread(self.store.get_branch, self.branch)).id
-            await asyncio.to_thread(logical_slots.stash, self.datadir, self.home, branch_id)
-            prepared = await asyncio.to_thread(self.store.materialize, self.branch, self.datadir)
+        # No lock across branches: the store hands each promotion its own timeline ID, so cold
+        # starts of different branches (restore, replay) run side by side.
+        await self._stop_stale()
+        branch_id = (await asyncio.to_thread(self.store.get_branch, self.branch)).id
+        await asyncio.to_thread(logical_slots.stash, self.datadir, self.home, branch_id)
+        prepared = await asyncio.to_thread(self.store.materialize, self.branch, self.datadir)
+        try:
             await asyncio.to_thread(self._restore_sync_slots, branch_id, prepared.needs_recovery)
             self._step("materialize")
             await asyncio.to_thread(self._write_config)
             self._step("config")
+            self.spawned_at = time.monotonic()
             await self._spawn()
-            try:
-                await self._wait_ready()
-                self._step("postmaster ready")
-                if prepared.needs_recovery:
-                    await asyncio.to_thread(self.store.note_timeline, self.branch, self.datadir)
-                else:
-                    await asyncio.to_thread(self.store.mark_running, self.branch)
-                self._step("catalog")
-                # The receiver is spawned, not waited for: with durability = "store" it is the
-                # synchronous standby, so a commit made before it streams waits for it like any
-                # other, and sessions need not wait for it to begin.
-                self._receiver = WalReceiver(self)
-                await self._receiver.start(wait_streaming=False)
-                self._step("WAL receiver spawned")
-            except BaseException:
-                await self.kill()
-                raise
+            await self._wait_ready()
+            self._step("postmaster ready")
+            if prepared.needs_recovery:
+                await asyncio.to_thread(self.store.note_timeline, self.branch, self.datadir, prepared.timeline)
+            else:
+                await asyncio.to_thread(self.store.mark_running, self.branch)
+            self._step("catalog")
+            # The WAL receiver is spawned but not waited for: with durability = "store" it is the
+            # synchronous standby, so a commit made before it streams waits for it like any other,
+            # and sessions need not wait for it to begin. (Spawned here rather than by a background
+            # task: pg_receivewal then runs even if the caller stops running the event loop.)
+            self._receiver = WalReceiver(self, ADMIN_ROLE)
+            await self._receiver.start(wait_streaming=False)
+            self._step("WAL receiver spawned")
+            self.ready_at = time.monotonic()
+        except BaseException:
+            self.store.release_timeline(prepared.timeline)
+            await self.kill()
+            raise
         log.info("compute started", extra={"branch": self.branch, "pid": self.pid,
                                            "seconds": round(time.monotonic() - started, 3),
                                            "replayed": prepared.needs_recovery})
@@ -216,6 +221,23 @@ class ComputeNode:
                                 f"{last_error_line(self.log_tail())}")
 
     # -- run ------------------------------------------------------------------------------------
+
+    def wal_dir(self) -> Path:
+        """Where the receiver stores this branch's WAL (the store's archive directory)."""
+        return self.store.wal_dir(self.branch)
+
+    async def replication_state(self) -> str | None:
+        """The receiver's state as the server sees it (``streaming`` once commits can complete)."""
+        conn = await self.connect()
+        try:
+            return await conn.fetchval(
+                "SELECT state FROM pg_stat_replication WHERE application_name = $1", RECEIVER_NAME)
+        finally:
+            await conn.close()
+
+    def durability_stalled(self) -> str | None:
+        """Why commits cannot become durable now, or None (see ``WalReceiver.stalled``)."""
+        return self._receiver.stalled if self._receiver is not None else None
 
     def alive(self) -> bool:
         return self._proc is not None and self._proc.returncode is None
