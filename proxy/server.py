@@ -156,14 +156,24 @@ class Proxy:
         assert self._sock is not None
         while True:
             try:
-                conn, addr = await loop.sock_accept(self._sock)
+                accepted = [await loop.sock_accept(self._sock)]
+                # Whatever else is already queued is taken now, without re-arming the listener
+                # for each connection (a burst of clients costs one wait, not one per client).
+                while len(accepted) < 64:
+                    try:
+                        conn, addr = self._sock.accept()
+                    except OSError:  # nothing more queued (or EMFILE: the next wait reports it)
+                        break
+                    conn.setblocking(False)
+                    accepted.append((conn, addr))
             except OSError as e:  # EMFILE and friends: back off instead of spinning
                 log.warning("accept failed", extra={"error": str(e)})
                 await asyncio.sleep(0.1)
                 continue
-            task = asyncio.create_task(self._session(conn, addr))
-            self._sessions.add(task)
-            task.add_done_callback(self._sessions.discard)
+            for conn, addr in accepted:
+                task = asyncio.create_task(self._session(conn, addr))
+                self._sessions.add(task)
+                task.add_done_callback(self._sessions.discard)
 
     # -- a session --------------------------------------------------------------------------------
 
