@@ -56,7 +56,7 @@ class ProxyConfig:
     wake_timeout: float = 30.0
     max_client_connections: int = 10000
     max_unauthenticated_per_address: int = 100
-    warm_backends: int = 8  # idle, reset backends kept per (branch, startup parameters); 0: none
+    warm_backends: int = 8  # idle, reset backends kept per branch (keyed by startup parameters); 0: none
     default_branch: str = "main"
 
 
