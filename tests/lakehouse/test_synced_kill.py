@@ -11,8 +11,10 @@ import json
 import signal
 import subprocess
 import sys
-from collections.abc import AsyncIterator
+import threading
+from collections.abc import Coroutine, Iterator
 from pathlib import Path
+from typing import Any, TypeVar
 
 import pyarrow as pa
 import pytest
@@ -31,18 +33,38 @@ REPO = Path(__file__).resolve().parents[2]
 COLS = ["id", "v", "n"]
 names = itertools.count()
 OUTCOMES: list[tuple[int, str]] = []
+T = TypeVar("T")
 
 
 @pytest.fixture(scope="module")
-async def addr(root: Path, service_user: ServiceUser, pg: PgBinaries) -> AsyncIterator[ComputeAddress]:
+def addr(root: Path, service_user: ServiceUser, pg: PgBinaries) -> Iterator[ComputeAddress]:
+    """A compute whose control plane runs on an event loop of its own thread: the test below is
+    synchronous (hypothesis drives it) and blocks its thread on child processes, while the compute
+    side (the WAL receiver a commit waits for, the endpoint's watch) must keep running."""
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_forever, daemon=True, name="compute-loop")
+    thread.start()
+
+    def on_loop(coro: Coroutine[Any, Any, T]) -> T:
+        return asyncio.run_coroutine_threadsafe(coro, loop).result(timeout=300)
+
     store = Store.open(root / "store", user=service_user, pg=pg)
     store.bootstrap()
     eps = Endpoints(store, computes_dir=root / "computes", user=service_user, pg=pg,
                     config=EndpointConfig(suspend_timeout=600))
-    await eps.start()
-    yield await eps.ensure_ready("main")
-    await eps.close()
-    store.close()
+
+    async def start() -> ComputeAddress:
+        await eps.start()
+        return await eps.ensure_ready("main")
+
+    try:
+        yield on_loop(start())
+    finally:
+        on_loop(eps.close())
+        store.close()
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(timeout=30)
+        loop.close()
 
 
 def run_child(addr: ComputeAddress, spec: SyncedTableSpec, kill_after: int) -> int:
