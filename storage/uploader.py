@@ -40,7 +40,6 @@ import zstandard
 
 from storage import wal
 from storage.backpressure import CommitHold
-from storage.errors import StorageError
 from storage.lease import Lease, LeaseLost
 from storage.objectstore import ObjectNotFound
 from storage.s3 import PreconditionFailed, S3Client, S3Error
@@ -424,4 +423,4 @@ def restore(client: S3Client, root: Path, state: dict[str, Any], files: dict[str
     return fetched
 
 
-__all__ = ["DATABASES", "StorageError", "Uploader", "read_marker", "restore", "write_marker"]
+__all__ = ["DATABASES", "UploadMetrics", "Uploader", "read_marker", "restore", "write_marker"]
