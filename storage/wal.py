@@ -67,11 +67,6 @@ def copy_history(src_dir: Path, history_dir: Path) -> list[int]:
         if not dest.exists():
             tmp = history_dir / f".{entry}.tmp"
             shutil.copyfile(src_dir / entry, tmp)
-            # Keep Postgres' owner: every compute's restore_command reads these (as the service
-            # user), and under the service's umask 077 a copy made as root would be unreadable.
-            st = os.stat(src_dir / entry)
-            if os.geteuid() == 0:
-                os.chown(tmp, st.st_uid, st.st_gid)
             os.replace(tmp, dest)
     return sorted(tlis)
 
