@@ -751,6 +751,9 @@ class Store:
         self.catalog.set_running(row.id, True)
         try:
             tlis = wal.copy_history(datadir / "pg_wal", self.history_dir)
+            # restore_command runs as the compute's user and must read them: a history file it
+            # cannot read counts as missing, and Postgres would promote onto a taken timeline.
+            self.user.own_tree(self.history_dir)
         finally:
             self.release_timeline(expected)
         if not tlis:
