@@ -15,6 +15,8 @@ COPY lakelet ./lakelet
 COPY proxy ./proxy
 COPY compute ./compute
 COPY storage ./storage
+COPY lakehouse ./lakehouse
+COPY dataapi ./dataapi
 RUN pip install --no-cache-dir .
 
 USER lakelet

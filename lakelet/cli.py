@@ -210,7 +210,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         if os.environ.get("LAKELET_DEBUG"):
             raise
         return _fail(f"{type(e).__name__}: {e}", args.json)
-    print(json.dumps(out, indent=2) if args.json else text)
+    try:
+        print(json.dumps(out, indent=2) if args.json else text, flush=True)
+    except BrokenPipeError:  # `lakelet status | head`: the reader left, which is no error
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
     return 0
 
 
