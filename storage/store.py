@@ -47,7 +47,7 @@ from storage.errors import (
 )
 from storage.objectstore import LocalObjectStore, ObjectStore, fsync_dir
 from storage.pagestore import PageStore
-from storage.postgres import PgBinaries, ServiceUser, last_error_line, repair_tree, run
+from storage.postgres import PgBinaries, ServiceUser, last_error_line, quote_literal, repair_tree, run
 
 log = logging.getLogger("lakelet.storage")
 
@@ -98,10 +98,6 @@ class GcReport:
     images_deleted: int
     wal_files_deleted: int
     bytes_freed: int
-
-
-def _pg_quote(value: str) -> str:
-    return "'" + value.replace("'", "''") + "'"
 
 
 def controldata(pg: PgBinaries, user: ServiceUser, datadir: Path) -> dict[str, str]:
@@ -936,7 +932,7 @@ def _write_recovery_settings(datadir: Path, settings: dict[str, str]) -> None:
     lines = conf.read_text().splitlines(keepends=True) if conf.exists() else []
     keep = [ln for ln in lines if not ln.lstrip().startswith(RECOVERY_KEYS) and "written by lakelet" not in ln]
     keep.append("# recovery settings, written by lakelet materialize\n")
-    keep += [f"{k} = {_pg_quote(v)}\n" for k, v in settings.items()]
+    keep += [f"{k} = {quote_literal(v)}\n" for k, v in settings.items()]
     conf.write_text("".join(keep))
     (datadir / "recovery.signal").touch()
 
