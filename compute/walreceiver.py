@@ -44,6 +44,7 @@ class ReceiverHost(Protocol):
     socket_dir: Path
     port: int
     home: Path
+    datadir: Path
     stopping: bool
 
     def alive(self) -> bool: ...
@@ -67,16 +68,22 @@ class WalReceiver:
                 f"application_name={RECEIVER_NAME}")
 
     async def start(self) -> None:
+        # A slot kept in the data dir from the last run (Postgres writes it under a temporary
+        # name and renames it once complete) needs no process spawned on every wake.
+        if not (self.host.datadir / "pg_replslot" / SLOT_NAME / "state").exists():
+            await self._create_slot()
+        await self._spawn()
+        self._task = asyncio.create_task(self._supervise(), name=f"walreceiver-{self.host.branch}")
+        if not await self._streaming(CONNECT_TIMEOUT):
+            raise WalReceiverError(f"WAL receiver for branch {self.host.branch!r} did not start streaming")
+
+    async def _create_slot(self) -> None:
         pg, user = self.host.pg, self.host.user
         rc, _, err = await run_async([pg["pg_receivewal"], "--create-slot", "--if-not-exists", "--slot", SLOT_NAME,
                                       "-d", self._dsn(), "-n"], user, check=False)
         if rc != 0:
             raise WalReceiverError(f"cannot create replication slot for branch {self.host.branch!r}: "
                                    f"{last_error_line(err)}")
-        await self._spawn()
-        self._task = asyncio.create_task(self._supervise(), name=f"walreceiver-{self.host.branch}")
-        if not await self._streaming(CONNECT_TIMEOUT):
-            raise WalReceiverError(f"WAL receiver for branch {self.host.branch!r} did not start streaming")
 
     async def _spawn(self) -> None:
         wal_dir = await asyncio.to_thread(self.host.wal_dir)

@@ -37,6 +37,7 @@ log = logging.getLogger("lakelet.lakehouse")
 
 SUPERVISE_EVERY = 0.5
 DRAIN_TIMEOUT = 25.0
+BRANCH_CHECK_EVERY = 5.0
 REPO = Path(__file__).resolve().parent.parent
 NAME_OK = set("abcdefghijklmnopqrstuvwxyz0123456789_")
 
@@ -94,6 +95,7 @@ class LakehouseSync:
         self.failures: dict[tuple[str, str, str], str] = {}
         # A worker that crashed is restarted after a growing pause (not in a hot loop).
         self.backoff: dict[tuple[str, str, str], tuple[int, float]] = {}
+        self._checked: dict[tuple[str, str, str], float] = {}
         self._task: asyncio.Task[None] | None = None
         self._lock = asyncio.Lock()
 
@@ -250,11 +252,21 @@ class LakehouseSync:
                 continue
             node = self.endpoints.active_node(cfg.branch)
             if node is None or node.stopping:
+                await self._check_branch(key, cfg)
                 continue
             try:
                 self.runs[key] = await self._spawn(cfg, node)
             except BranchNotFound:
                 self.failures[key] = f"branch {cfg.branch!r} no longer exists: disable this sync"
+
+    async def _check_branch(self, key: tuple[str, str, str], cfg: SyncConfig) -> None:
+        """A deleted branch's sync says so in status (checked every few seconds while inactive)."""
+        now = time.monotonic()
+        if now - self._checked.get(key, 0.0) < BRANCH_CHECK_EVERY:
+            return
+        self._checked[key] = now
+        if not await asyncio.to_thread(self.endpoints.has_branch, cfg.branch):
+            self.failures[key] = f"branch {cfg.branch!r} no longer exists: disable this sync"
 
     async def _spawn(self, cfg: SyncConfig, node: ComputeNode) -> _Run:
         branch_id = (await asyncio.to_thread(self.store.get_branch, cfg.branch)).id

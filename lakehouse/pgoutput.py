@@ -31,6 +31,8 @@ _U64 = struct.Struct("!Q")
 _I64 = struct.Struct("!q")
 _BEGIN = struct.Struct("!QqI")
 _COMMIT = struct.Struct("!BQQq")
+_I16_AT = _I16.unpack_from
+_I32_AT = _I32.unpack_from
 
 
 class DecodeError(Exception):
@@ -200,35 +202,33 @@ class _Reader:
 
 def _tuple_at(buf: bytes, pos: int) -> tuple[tuple[Value, ...], int]:
     """TupleData at ``pos`` → (values, position after it). The hot loop of the decoder: locals
-    only, no method calls per column."""
+    only, no method calls per column; reading past the end raises (IndexError / struct.error),
+    turned into one DecodeError."""
     size = len(buf)
-    if pos + 2 > size:
-        raise DecodeError("pgoutput tuple truncated before its column count")
-    ncols = _I16.unpack_from(buf, pos)[0]
-    pos += 2
     values: list[Value] = []
     append = values.append
-    for _ in range(ncols):
-        if pos >= size:
-            raise DecodeError("pgoutput tuple truncated")
-        kind = buf[pos]
-        pos += 1
-        if kind == 0x74:  # 't'
-            if pos + 4 > size:
-                raise DecodeError("pgoutput tuple truncated in a value length")
-            length = _I32.unpack_from(buf, pos)[0]
-            pos += 4
-            end = pos + length
-            if length < 0 or end > size:
-                raise DecodeError("pgoutput tuple: value length beyond the message")
-            append(buf[pos:end].decode())
-            pos = end
-        elif kind == 0x6E:  # 'n'
-            append(None)
-        elif kind == 0x75:  # 'u'
-            append(UNCHANGED)
-        else:
-            raise DecodeError(f"pgoutput tuple: unknown column kind {kind!r} (binary mode is not requested)")
+    try:
+        (ncols,) = _I16_AT(buf, pos)
+        pos += 2
+        for _ in range(ncols):
+            kind = buf[pos]
+            if kind == 0x74:  # 't'
+                (length,) = _I32_AT(buf, pos + 1)
+                start = pos + 5
+                pos = start + length
+                if length < 0 or pos > size:
+                    raise DecodeError("pgoutput tuple: value length beyond the message")
+                append(buf[start:pos].decode())
+            elif kind == 0x6E:  # 'n'
+                pos += 1
+                append(None)
+            elif kind == 0x75:  # 'u'
+                pos += 1
+                append(UNCHANGED)
+            else:
+                raise DecodeError(f"pgoutput tuple: unknown column kind {kind!r} (binary mode is not requested)")
+    except (IndexError, struct.error):
+        raise DecodeError("pgoutput tuple truncated") from None
     return tuple(values), pos
 
 

@@ -24,6 +24,7 @@ compares it to the raw rate).
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import logging
 import os
@@ -54,6 +55,7 @@ SNAPSHOT_BATCH = 50_000
 # publication covers), so not even its first update lacks the old row.
 IDENTITY_TRIGGER = """
 CREATE SCHEMA IF NOT EXISTS lakelet_sync;
+GRANT USAGE ON SCHEMA lakelet_sync TO PUBLIC;
 CREATE OR REPLACE FUNCTION lakelet_sync.replica_identity_full() RETURNS event_trigger
 LANGUAGE plpgsql AS $$
 DECLARE r record;
@@ -81,8 +83,6 @@ STATUS_EVERY = 0.5
 def slot_name(branch_id: int, database: str, schema: str) -> str:
     """The slot (also the publication and the Delta app id) of one sync: per branch *id*, so a
     restored or reset branch (a new id under the old name) never reuses its predecessor's slot."""
-    import hashlib
-
     digest = hashlib.sha1(f"{database}/{schema}".encode()).hexdigest()[:8]
     return f"lakelet_sync_{branch_id}_{digest}"
 
@@ -118,7 +118,7 @@ class SyncSpec:
     def base_uri(self) -> str:
         return f"{self.lakehouse_uri.rstrip('/')}/{self.branch}/{self.database}/{self.schema}"
 
-    def dsn(self, replication: bool = False) -> dict[str, Any]:
+    def dsn(self) -> dict[str, Any]:
         return {"host": self.host, "port": self.port, "user": self.user, "dbname": self.database,
                 "application_name": "lakelet_sync", "options": SESSION_OPTIONS}
 
@@ -252,7 +252,7 @@ class Syncer:
                                "create it or enable the sync for another --schema")
             cur.execute("SELECT c.relname, c.relkind, c.relreplident FROM pg_class c "
                         "JOIN pg_namespace n ON n.oid = c.relnamespace "
-                        "WHERE n.nspname = %s AND c.relkind IN ('r', 'p') AND NOT c.relispartition",
+                        "WHERE n.nspname = %s AND c.relkind IN ('r', 'p')",
                         (spec.schema,))
             found = {r[0]: (r[1], r[2]) for r in cur.fetchall()}
             if spec.tables is not None:
@@ -264,8 +264,8 @@ class Syncer:
             for name in scope:
                 kind, ident = found[name]
                 if kind == "p":
-                    self._fail_table(name, "partitioned tables are not synced: their partitions' rows arrive "
-                                           "under the partitions' own names; list the partitions in --tables")
+                    self._fail_table(name, "partitioned tables are not synced as one: each partition is synced "
+                                           "as its own table (lb_<partition>_history); list partitions in --tables")
                     continue
                 if ident != "f":
                     cur.execute(psql.SQL("ALTER TABLE {}.{} REPLICA IDENTITY FULL").format(

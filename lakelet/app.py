@@ -80,7 +80,9 @@ async def _serve_locked(config: Config, data_dir: Path) -> int:
     store = await asyncio.to_thread(
         open_store, config.store_uri or None, config.store_dir, user=user, pg=pg,
         retention_days=config.retention_days, upload_interval=config.wal_upload_interval,
-        cache_size=parse_size(config.cache_size), carry={"credentials": project.credentials_file(data_dir)},
+        cache_size=parse_size(config.cache_size), carry={
+            "credentials": project.credentials_file(data_dir),
+            **{f"tls/{name}": data_dir / "tls" / name for name in ("ca.crt", "server.crt", "server.key")}},
         on_lease_lost=on_lease_lost,
     )
     await asyncio.to_thread(store.bootstrap)
@@ -100,6 +102,8 @@ async def _serve_locked(config: Config, data_dir: Path) -> int:
         tls_key=Path(config.tls_key) if config.tls_key else None,
         require_tls=config.require_tls, auth_timeout=config.auth_timeout,
         wake_timeout=config.wake_timeout, max_client_connections=config.max_client_connections,
+        max_unauthenticated_per_address=config.max_unauthenticated_per_address,
+        warm_backends=config.warm_backends,
     ), registry=registry)
 
     synced = SyncedTables(BranchComputes(endpoints), data_dir / "synced_tables.json", registry)

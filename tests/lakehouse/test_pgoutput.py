@@ -10,6 +10,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from lakehouse import pgoutput as p
+from lakehouse.values import parse_array
 
 lsns = st.integers(0, 2**64 - 1)
 oids = st.integers(1, 2**32 - 1)
@@ -112,3 +113,26 @@ def test_out_of_order_messages_are_refused() -> None:
         d.feed(p.encode(p.Commit(0, 11, 12, T0)))
     with pytest.raises(p.DecodeError, match="unknown pgoutput message"):
         p.parse(b"S\0\0\0\1")
+
+
+@given(st.lists(st.none() | st.text(st.characters(blacklist_categories=("Cs",), blacklist_characters="\x00"),
+                                    max_size=10), max_size=6))
+def test_array_literals_parse_back(items: list[str | None]) -> None:
+    def quote(v: str | None) -> str:
+        return "NULL" if v is None else '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+    assert parse_array("{" + ",".join(quote(v) for v in items) + "}") == items
+
+
+def test_the_insert_fast_path_checks_like_parse() -> None:
+    d = p.Decoder()
+    d.feed(p.encode(p.Begin(10, T0, 1)))
+    d.feed(p.encode(REL))
+    raw = p.encode(p.Insert(REL.oid, ("1", "x")))
+    change = d.feed(raw, lsn=5)
+    assert isinstance(change, p.RowChange) and change.new == ("1", "x") and change.lsn == 5
+    for bad in (raw[:-1], raw + b"\0", raw[:5] + b"X" + raw[6:], raw[:3]):
+        with pytest.raises(p.DecodeError):
+            d.feed(bad)
+    with pytest.raises(p.DecodeError, match="before its Relation"):
+        d.feed(p.encode(p.Insert(999, ("1", "x"))))

@@ -68,7 +68,13 @@ def test_sync_with_scale_to_zero_and_restart(data_root: Path) -> None:
         with psycopg.connect(dsn, autocommit=True) as conn:
             conn.execute("UPDATE app.items SET note = 'B' WHERE id = 2")
             conn.execute("INSERT INTO app.items VALUES (3, 'c')")
+            # A table the (non-superuser) lakelet role creates later: picked up, whole old rows.
+            conn.execute("CREATE TABLE app.later (id int PRIMARY KEY, note text);"
+                         "INSERT INTO app.later VALUES (1, 'x'); UPDATE app.later SET id = 2")
         expected += [("update_preimage", 2, "b"), ("update_postimage", 2, "B"), ("insert", 3, "c")]
+        later = out["uri"] + "/lb_later_history"
+        _wait(lambda: _history(later) == [("insert", 1, "x"), ("update_preimage", 1, "x"),
+                                          ("update_postimage", 2, "x")], "a table created after enabling")
 
         # Idle: the compute scales to zero although the sync is connected, the sync drained first,
         # and the sync does not wake it again.

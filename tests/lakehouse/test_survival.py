@@ -148,6 +148,14 @@ async def test_children_do_not_inherit_and_restore_resnapshots(lake: Lake, lake_
         finally:
             await kid.close()
         assert sync.status("kid") == []
+        # A sync of a branch that is deleted says so instead of waiting forever.
+        await sync.enable("kid", "br")
+        await lake.endpoints.suspend("kid")
+        lake.store.delete_branch("kid")
+        lake.endpoints.forget("kid")
+        await wait_for(lambda: "no longer exists" in (sync.status("kid")[0]["error"] or ""), "deleted branch noticed")
+        assert sync.status("kid")[0]["state"] == "error"
+        await sync.disable("kid")
 
         # Restoring the branch re-points its sync: a fresh snapshot of the restored state, said in status.
         await conn.close()

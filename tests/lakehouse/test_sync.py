@@ -5,8 +5,23 @@ from __future__ import annotations
 
 from decimal import Decimal
 
+import pyarrow as pa
+from deltalake import DeltaTable, QueryBuilder
+
 from tests.lakehouse.conftest import Worker, connect, history, make_spec, wait_for, wait_lsn
 from tests.storage.conftest import Lake
+
+# The SCD2 "current rows" query from README.md (Lakehouse sync), verbatim.
+CURRENT_ROWS = """
+WITH h AS (
+  SELECT * FROM lb_orders_history
+  WHERE _sort_by > (SELECT coalesce(max(_sort_by), '') FROM lb_orders_history
+                    WHERE _pg_change_type = 'truncate')
+), latest AS (
+  SELECT *, row_number() OVER (PARTITION BY id ORDER BY _sort_by DESC) AS rn FROM h
+)
+SELECT * FROM latest WHERE rn = 1 AND _pg_change_type IN ('insert', 'update_postimage')
+"""
 
 
 def _rows(spec, table: str, *cols: str) -> list[tuple]:
@@ -47,6 +62,18 @@ async def test_snapshot_then_every_change_kind(lake: Lake) -> None:
             status = worker.status()
             assert status["tables"]["t"]["state"] == "streaming"
             assert "REPLICA IDENTITY set to FULL" in status["tables"]["t"]["note"]
+
+            # The README's "current rows" query, run by another Delta reader (DataFusion), gives the
+            # table as it is now — also across a key change.
+            await conn.execute("INSERT INTO kinds.t VALUES (5, 'five', NULL), (6, 'six', NULL)")
+            await conn.execute("UPDATE kinds.t SET id = 7 WHERE id = 5")
+            await conn.execute("UPDATE kinds.t SET v = 'SIX' WHERE id = 6")
+            await conn.execute("DELETE FROM kinds.t WHERE id = 4")
+            await wait_lsn(worker, conn)
+            reader = QueryBuilder().register("lb_t_history", DeltaTable(f"{spec.base_uri}/lb_t_history"))
+            current = pa.table(reader.execute(CURRENT_ROWS.replace("lb_orders_history", "lb_t_history")).read_all())
+            assert sorted((r["id"], r["v"]) for r in current.to_pylist()) == \
+                [(r["id"], r["v"]) for r in await conn.fetch("SELECT id, v FROM kinds.t ORDER BY id")]
         finally:
             worker.stop()
     finally:
@@ -102,6 +129,8 @@ async def test_schema_changes_new_tables_and_refusals(lake: Lake) -> None:
             CREATE TABLE evolve.t (id int PRIMARY KEY, a int);
             CREATE TABLE evolve.other (id int PRIMARY KEY);
             CREATE TABLE evolve.parted (id int, at date) PARTITION BY RANGE (at);
+            CREATE TABLE evolve.parted_2024 PARTITION OF evolve.parted FOR VALUES FROM ('2024-01-01') TO ('2025-01-01');
+            INSERT INTO evolve.parted VALUES (1, '2024-05-01');
             INSERT INTO evolve.t VALUES (1, 10);
         """)
         spec = make_spec(lake, "evolve")
@@ -110,6 +139,7 @@ async def test_schema_changes_new_tables_and_refusals(lake: Lake) -> None:
             await wait_for(lambda: worker.status().get("state") == "streaming", "streaming")
             status = worker.status()["tables"]
             assert status["parted"]["state"] == "error" and "partitioned" in status["parted"]["error"]
+            await conn.execute("INSERT INTO evolve.parted VALUES (2, '2024-06-01')")
             await conn.execute("ALTER TABLE evolve.t ADD COLUMN b text")
             await conn.execute("INSERT INTO evolve.t VALUES (2, 20, 'x')")
             await conn.execute("ALTER TABLE evolve.t DROP COLUMN a")
@@ -135,6 +165,7 @@ async def test_schema_changes_new_tables_and_refusals(lake: Lake) -> None:
             assert status["t"]["state"] == "error"
             assert "column 'b' changed type" in status["t"]["error"] and "re-enable" in status["t"]["error"]
             assert _rows(spec, "other", "id") == [("insert", 1)]
+            assert _rows(spec, "parted_2024", "id") == [("insert", 1), ("insert", 2)]  # snapshot, then streamed
             assert len(history(spec, "t")) == 3
         finally:
             worker.stop()
