@@ -311,8 +311,7 @@ class Store:
         lsn, kind = self._resolve_target(prow, at, head_lsn)
         with self.catalog.transaction() as db:
             branch_id = self.catalog.insert_branch(db, name, prow.id, lsn, kind)
-            db.execute("INSERT INTO roles SELECT ?, name, verifier FROM roles WHERE branch_id = ?",
-                       (branch_id, prow.id))
+            self.catalog.copy_roles(db, branch_id, prow.id)
         self._changed()
         return self.get_branch(name)
 
@@ -409,9 +408,7 @@ class Store:
         dropped = [i for b in doomed for i in self.catalog.images(b.id)]
         with self.catalog.transaction() as db:
             for b in doomed:
-                for table in ("timelines", "images", "roles", "running"):
-                    db.execute(f"DELETE FROM {table} WHERE branch_id = ?", (b.id,))
-                db.execute("DELETE FROM branches WHERE id = ?", (b.id,))
+                self.catalog.delete_branch(db, b.id)
         # Data goes only after the catalog forgot it (a crash in between leaves leftovers the next
         # open sweeps); unreferenced pages go at the next GC.
         self._changed()
@@ -433,7 +430,7 @@ class Store:
         row = self._row(old)
         self._check_new_name(new)
         with self.catalog.transaction() as db:
-            db.execute("UPDATE branches SET name = ? WHERE id = ?", (new, row.id))
+            self.catalog.rename_branch(db, row.id, new)
         self._changed()
 
     def reset_branch(self, name: str, *, head_lsn: str | None = None) -> Branch:
@@ -450,11 +447,7 @@ class Store:
         lsn, kind = self._resolve_target(prow, None, head_lsn)
         dropped = self.catalog.images(row.id)
         with self.catalog.transaction() as db:
-            db.execute("DELETE FROM timelines WHERE branch_id = ?", (row.id,))
-            db.execute("DELETE FROM images WHERE branch_id = ?", (row.id,))
-            db.execute("DELETE FROM running WHERE branch_id = ?", (row.id,))
-            db.execute("UPDATE branches SET parent_lsn = ?, target_kind = ?, created_at = ? WHERE id = ?",
-                       (lsn, kind, time.time(), row.id))
+            self.catalog.repoint_branch(db, row.id, lsn, kind)
         self._drop_image_files(dropped)
         shutil.rmtree(self.wal_root / str(row.id), ignore_errors=True)
         shutil.rmtree(self.wal_root / f"{row.id}.ckpt", ignore_errors=True)
@@ -468,9 +461,9 @@ class Store:
         backup = f"{name}_old_{datetime.now(UTC):%Y%m%d%H%M%S}"[:63]
         self._check_new_name(backup)
         with self.catalog.transaction() as db:
-            db.execute("UPDATE branches SET name = ? WHERE id = ?", (backup, row.id))
+            self.catalog.rename_branch(db, row.id, backup)
             new_id = self.catalog.insert_branch(db, name, row.id, lsn, kind)
-            db.execute("INSERT INTO roles SELECT ?, name, verifier FROM roles WHERE branch_id = ?", (new_id, row.id))
+            self.catalog.copy_roles(db, new_id, row.id)
             # Children follow the name: they keep their data (their parent_lsn is on the old line).
         self._changed()
         return self.get_branch(name), backup
@@ -817,7 +810,7 @@ class Store:
             keep, floors = self._needed()
             doomed = [i for i in self.catalog.images() if i.id not in keep]
             with self.catalog.transaction() as db:
-                db.executemany("DELETE FROM images WHERE id = ?", [(i.id,) for i in doomed])
+                self.catalog.delete_images(db, [i.id for i in doomed])
             freed = self._drop_image_files(doomed)
             wal_deleted, wal_freed = self._drop_wal_below(floors)
             self.commits.forget_missing()
