@@ -242,7 +242,7 @@ class ComputeNode:
 
     def wal_dir(self) -> Path:
         """Where the receiver stores this branch's WAL (the store's archive directory)."""
-        return self.store.wal_dir(self.branch)
+        return self.store.receiver_dir(self.branch)
 
     async def replication_state(self) -> str | None:
         """The receiver's state as the server sees it (``streaming`` once commits can complete)."""

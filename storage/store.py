@@ -224,6 +224,15 @@ class Store:
     def branch_names(self) -> list[str]:
         return [b.name for b in self.catalog.branches()]
 
+    def receiver_dir(self, branch: str) -> Path:
+        """``wal_dir``, made fit for ``pg_receivewal`` to resume in (short partials padded)."""
+        path = self.wal_dir(branch)
+        padded = wal.pad_partials(path, self._segment_size())
+        if padded:
+            log.warning("padded partial WAL segments a full disk left short", extra={"branch": branch,
+                                                                                    "segments": padded})
+        return path
+
     def wal_dir(self, branch: str) -> Path:
         path = self.wal_root / str(self._row(branch).id)
         if not path.exists():
@@ -656,7 +665,8 @@ class Store:
         try:
             fillers = self._timeline_fillers(datadir.parent / RESERVED_DIR, int(settings["recovery_target_timeline"]),
                                              tli)
-            settings["restore_command"] = wal.restore_command(dirs, self.history_dir, fillers)
+            settings["restore_command"] = wal.restore_command(dirs, self.history_dir, fillers,
+                                                              seg_size=self._segment_size())
             _write_recovery_settings(datadir, settings)
             self.user.own_tree(datadir)
         except BaseException:
