@@ -68,6 +68,9 @@ class ComputeNode:
         self.spawned_at = 0.0
         self.ready_at = 0.0
         self.timings: dict[str, float] = {}  # the last start's steps, in seconds
+        # Set when the start failed after the compute began serving (the background receiver start):
+        # the endpoint reports it as a failed start, not as a crash.
+        self.start_failure: str | None = None
         self._receiver_start: asyncio.Task[None] | None = None
         self._step_at = 0.0
 
@@ -181,6 +184,7 @@ class ComputeNode:
             # endpoint, and the next session starts a fresh one.
             log.error("WAL receiver did not start; stopping the compute",
                       extra={"branch": self.branch, "error": str(e)})
+            self.start_failure = f"the WAL receiver of branch {self.branch!r} did not start: {e}"
             await self.kill()
             return
         self.timings["WAL receiver streaming (background)"] = time.monotonic() - started
