@@ -642,7 +642,7 @@ class Store:
         row = self._row(branch)
         self.catalog.set_running(row.id, True)
         try:
-            tlis = wal.copy_history(datadir / "pg_wal", self.history_dir)
+            tlis = wal.copy_history(datadir / "pg_wal", self.history_dir, self.user)
         finally:
             self.release_timeline(expected)
         if not tlis:

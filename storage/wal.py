@@ -79,7 +79,7 @@ def segments(wal_dir: Path) -> dict[str, Path]:
     return out
 
 
-def copy_history(src_dir: Path, history_dir: Path) -> list[int]:
+def copy_history(src_dir: Path, history_dir: Path, user: ServiceUser | None = None) -> list[int]:
     """Copy every ``*.history`` in ``src_dir`` into the global history dir; returns their TLIs."""
     tlis = []
     for entry in os.listdir(src_dir):
@@ -91,6 +91,8 @@ def copy_history(src_dir: Path, history_dir: Path) -> list[int]:
         if not dest.exists():
             tmp = history_dir / f".{entry}.tmp"
             shutil.copyfile(src_dir / entry, tmp)
+            if user is not None:
+                user.own(tmp, 0o600)  # every compute's restore_command reads it, as the service user
             os.replace(tmp, dest)
     return sorted(tlis)
 
