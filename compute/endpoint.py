@@ -53,8 +53,8 @@ TRANSITIONS: dict[EndpointState, frozenset[EndpointState]] = {
     S.FAILED: frozenset({S.STARTING}),
     # ready; gave up; the branch was deleted under the start
     S.STARTING: frozenset({S.ACTIVE, S.FAILED, S.SUSPENDED}),
-    # a clean stop begins; the compute died (crash watch); its WAL receiver never started
-    S.ACTIVE: frozenset({S.SUSPENDING, S.SUSPENDED, S.FAILED}),
+    # a clean stop begins; the compute died (crash watch)
+    S.ACTIVE: frozenset({S.SUSPENDING, S.SUSPENDED}),
     S.SUSPENDING: frozenset({S.SUSPENDED}),
 }
 
@@ -251,12 +251,11 @@ class Endpoint:
         sampler = self._sampler
         self.node = None
         self._next_start_cu = self.cu
-        reason = node.start_failure or f"compute exited unexpectedly (exit code {code})"
+        reason = f"compute exited unexpectedly (exit code {code})"
         log.warning(f"{reason}; the next session wakes a fresh one from the store",
                     extra={"branch": self.branch, "exit_code": code})
         self.ctx.metrics.cu.labels(self.branch).set(0)
-        # A start that failed late (its receiver never streamed) is a failed start, said so in status.
-        self._set_state(S.FAILED if node.start_failure else S.SUSPENDED, reason)
+        self._set_state(S.SUSPENDED, reason)
         await node.kill()
         await sampler.close()
 

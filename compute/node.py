@@ -68,10 +68,6 @@ class ComputeNode:
         self.spawned_at = 0.0
         self.ready_at = 0.0
         self.timings: dict[str, float] = {}  # the last start's steps, in seconds
-        # Set when the start failed after the compute began serving (the background receiver start):
-        # the endpoint reports it as a failed start, not as a crash.
-        self.start_failure: str | None = None
-        self._receiver_start: asyncio.Task[None] | None = None
         self._step_at = 0.0
 
     # -- start ----------------------------------------------------------------------------------
@@ -158,43 +154,21 @@ class ComputeNode:
             else:
                 await asyncio.to_thread(self.store.mark_running, self.branch)
             self._step("catalog")
+            # The WAL receiver is spawned but not waited for: with durability = "store" it is the
+            # synchronous standby, so a commit made before it streams waits for it like any other,
+            # and sessions need not wait for it to begin. (Spawned here rather than by a background
+            # task: pg_receivewal then runs even if the caller stops running the event loop.)
+            self._receiver = WalReceiver(self, ADMIN_ROLE)
+            await self._receiver.start(wait_streaming=False)
+            self._step("WAL receiver spawned")
             self.ready_at = time.monotonic()
         except BaseException:
             self.store.release_timeline(prepared.timeline)
             await self.kill()
             raise
-        # The WAL receiver connects off the wake path: with durability = "store" it is the
-        # synchronous standby, so a commit made before it streams waits for it like any other;
-        # sessions need not wait for it to begin.
-        self._receiver = WalReceiver(self, ADMIN_ROLE)
-        self._receiver_start = asyncio.create_task(self._start_receiver(), name=f"walreceiver-start-{self.branch}")
         log.info("compute started", extra={"branch": self.branch, "pid": self.pid,
                                            "seconds": round(time.monotonic() - started, 3),
                                            "replayed": prepared.needs_recovery})
-
-    async def _start_receiver(self) -> None:
-        started = time.monotonic()
-        assert self._receiver is not None
-        try:
-            await self._receiver.start()
-        except Exception as e:
-            if self.stopping or not self.alive():
-                return
-            # Commits would wait forever: stop the compute instead, loudly; its exit is seen by the
-            # endpoint, and the next session starts a fresh one.
-            log.error("WAL receiver did not start; stopping the compute",
-                      extra={"branch": self.branch, "error": str(e)})
-            self.start_failure = f"the WAL receiver of branch {self.branch!r} did not start: {e}"
-            await self.kill()
-            return
-        self.timings["WAL receiver streaming (background)"] = time.monotonic() - started
-
-    async def _receiver_started(self) -> None:
-        """Let a receiver start in progress finish (it fails fast once the server is gone)."""
-        task = self._receiver_start
-        if task is not None and task is not asyncio.current_task():
-            with contextlib.suppress(Exception):
-                await task
 
     def _restore_sync_slots(self, branch_id: int, rebuilt: bool) -> None:
         """Lakehouse-sync slots survive a rebuilt data dir (see compute.logical_slots)."""
@@ -351,7 +325,6 @@ class ComputeNode:
             except TimeoutError:
                 await self.kill()
                 raise ComputeStartError(f"compute for branch {self.branch!r} did not shut down in 60s") from None
-        await self._receiver_started()
         if self._receiver is not None:
             await self._receiver.stop(drain=True)
             self._receiver = None
@@ -365,7 +338,6 @@ class ComputeNode:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(self._proc.pid, signal.SIGKILL)
             await self._proc.wait()
-        await self._receiver_started()
         if self._receiver is not None:
             await self._receiver.stop()
             self._receiver = None

@@ -67,14 +67,14 @@ class WalReceiver:
         return (f"host={self.host.socket_dir} port={self.host.port} user={self.admin_role} "
                 f"application_name={RECEIVER_NAME}")
 
-    async def start(self) -> None:
+    async def start(self, *, wait_streaming: bool = True) -> None:
         # A slot kept in the data dir from the last run (Postgres writes it under a temporary
         # name and renames it once complete) needs no process spawned on every wake.
         if not (self.host.datadir / "pg_replslot" / SLOT_NAME / "state").exists():
             await self._create_slot()
         await self._spawn()
         self._task = asyncio.create_task(self._supervise(), name=f"walreceiver-{self.host.branch}")
-        if not await self._streaming(CONNECT_TIMEOUT):
+        if wait_streaming and not await self._streaming(CONNECT_TIMEOUT):
             raise WalReceiverError(f"WAL receiver for branch {self.host.branch!r} did not start streaming")
 
     async def _create_slot(self) -> None:

@@ -83,7 +83,7 @@ async def _serve_locked(config: Config, data_dir: Path) -> int:
         cache_size=parse_size(config.cache_size), carry={
             "credentials": project.credentials_file(data_dir),
             **{f"tls/{name}": data_dir / "tls" / name for name in ("ca.crt", "server.crt", "server.key")}},
-        on_lease_lost=on_lease_lost,
+        on_lease_lost=on_lease_lost, registry=registry,
     )
     await asyncio.to_thread(store.bootstrap)
     endpoints = Endpoints(

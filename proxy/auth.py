@@ -7,6 +7,7 @@ are answered more and more slowly.
 from __future__ import annotations
 
 import asyncio
+import functools
 import time
 from collections.abc import Callable
 
@@ -43,18 +44,23 @@ class FailureThrottle:
         self._failures.pop(address, None)
 
 
+@functools.lru_cache(maxsize=4096)
+def _parse_verifier(text: str) -> Verifier | None:
+    """Parsed once per verifier text (three base64 decodes on every connection otherwise); an MD5 or
+    empty password gives None: not accepted here, it fails like a wrong one."""
+    try:
+        return Verifier.parse(text)
+    except ScramError:
+        return None
+
+
 async def authenticate(side: Side, *, role: str, verifier_text: str | None, cert_hash: bytes | None,
                        throttle: FailureThrottle, address: str, on_failure: Callable[[], None]) -> bytes:
     """Run the SCRAM exchange. On success, return SASLFinal + AuthenticationOk for the caller to
     send together with the compute's greeting: one write instead of two per connection, and a
     client never hears "ok" for a session the compute then fails to open."""
     failed_as = AuthError(f'password authentication failed for user "{role}"')
-    verifier: Verifier | None = None
-    if verifier_text:
-        try:
-            verifier = Verifier.parse(verifier_text)
-        except ScramError:
-            verifier = None  # an MD5 or empty password: not accepted here, fail like a wrong one
+    verifier = _parse_verifier(verifier_text) if verifier_text else None
     mechanisms = [MECHANISM_PLUS, MECHANISM] if cert_hash is not None else [MECHANISM]
     side.write(codec.auth_sasl(mechanisms))
     try:

@@ -107,8 +107,9 @@ def split_options(options: str) -> tuple[str | None, str]:
 
 def route(startup: Startup, has: Callable[[str], bool], default: str) -> str:
     """The branch: SNI's first label when it names one, else options' endpoint, else default."""
-    endpoint, rest = split_options(startup.params.get("options", ""))
-    if "options" in startup.params:
+    options = startup.params.get("options")
+    endpoint, rest = split_options(options) if options else (None, "")
+    if options is not None:
         if rest:
             startup.params["options"] = rest
         else:

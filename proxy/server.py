@@ -56,7 +56,7 @@ class ProxyConfig:
     wake_timeout: float = 30.0
     max_client_connections: int = 10000
     max_unauthenticated_per_address: int = 100
-    warm_backends: int = 8  # idle, reset backends kept per (branch, startup parameters); 0: none
+    warm_backends: int = 8  # idle, reset backends kept per branch (keyed by startup parameters); 0: none
     default_branch: str = "main"
 
 
@@ -156,14 +156,24 @@ class Proxy:
         assert self._sock is not None
         while True:
             try:
-                conn, addr = await loop.sock_accept(self._sock)
+                accepted = [await loop.sock_accept(self._sock)]
+                # Whatever else is already queued is taken now, without re-arming the listener
+                # for each connection (a burst of clients costs one wait, not one per client).
+                while len(accepted) < 64:
+                    try:
+                        conn, addr = self._sock.accept()
+                    except OSError:  # nothing more queued (or EMFILE: the next wait reports it)
+                        break
+                    conn.setblocking(False)
+                    accepted.append((conn, addr))
             except OSError as e:  # EMFILE and friends: back off instead of spinning
                 log.warning("accept failed", extra={"error": str(e)})
                 await asyncio.sleep(0.1)
                 continue
-            task = asyncio.create_task(self._session(conn, addr))
-            self._sessions.add(task)
-            task.add_done_callback(self._sessions.discard)
+            for conn, addr in accepted:
+                task = asyncio.create_task(self._session(conn, addr))
+                self._sessions.add(task)
+                task.add_done_callback(self._sessions.discard)
 
     # -- a session --------------------------------------------------------------------------------
 

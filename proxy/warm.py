@@ -24,6 +24,7 @@ import asyncio
 import logging
 import secrets
 import struct
+import time
 from collections import deque
 from dataclasses import dataclass
 
@@ -47,6 +48,7 @@ class WarmBackend:
     key: BackendKey  # the backend's own pid and secret, for forwarding cancels
     greeting: bytes  # what it said at startup (ParameterStatus …), replayed to each new client
     compute_pid: int  # its postmaster: a restarted compute's backends are not reused
+    parked_at: float = 0.0
     expiry: asyncio.TimerHandle | None = None
 
 
@@ -90,7 +92,9 @@ def pool_key(branch: str, params: dict[str, str]) -> PoolKey:
 
 
 class WarmPool:
-    """Idle, reset backends by (branch, startup parameters); at most ``per_key`` each."""
+    """Idle, reset backends by (branch, startup parameters); at most ``per_key`` per branch in all
+    (the oldest goes first), so clients with many different parameters — an application name per
+    process, say — cannot fill a small compute's ``max_connections`` with idle backends."""
 
     def __init__(self, per_key: int) -> None:
         self.per_key = per_key
@@ -150,11 +154,19 @@ class WarmPool:
             self._discard(backend, "its state after the client left is unknown")
             return
         side.buf.clear()
+        backend.parked_at = time.monotonic()
         queue = self._idle.setdefault(key, deque())
         queue.append(backend)
         backend.expiry = asyncio.get_running_loop().call_later(IDLE_LIMIT, self._expire, key, backend)
-        while len(queue) > self.per_key:
-            self._discard(queue.popleft(), "more than warm_backends are idle")
+        self._trim(key[0])
+
+    def _trim(self, branch: str) -> None:
+        queues = [q for k, q in self._idle.items() if k[0] == branch]
+        while sum(len(q) for q in queues) > self.per_key:
+            oldest = min((q for q in queues if q), key=lambda q: q[0].parked_at)
+            self._discard(oldest.popleft(), "more than warm_backends are idle on the branch")
+        for k in [k for k, q in self._idle.items() if k[0] == branch and not q]:
+            del self._idle[k]
 
     def _expire(self, key: PoolKey, backend: WarmBackend) -> None:
         backend.expiry = None

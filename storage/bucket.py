@@ -36,7 +36,16 @@ from storage.postgres import PgBinaries, ServiceUser
 from storage.s3 import S3Client, S3Error, parse_s3_uri
 from storage.s3objects import S3ObjectStore
 from storage.store import Store
-from storage.uploader import FILES_PREFIX, META_PREFIX, STATE_KEY, WAL_PREFIX, Uploader, read_marker, restore
+from storage.uploader import (
+    FILES_PREFIX,
+    META_PREFIX,
+    STATE_KEY,
+    WAL_PREFIX,
+    Uploader,
+    UploadMetrics,
+    read_marker,
+    restore,
+)
 
 log = logging.getLogger("lakelet.storage")
 
@@ -89,7 +98,8 @@ def _drop_unpublished_snapshots(client: S3Client, state: dict[str, Any]) -> None
 def open_store(uri: str | None, root: Path, *, user: ServiceUser, pg: PgBinaries, retention_days: float = 7.0,
                upload_interval: float = 1.0, cache_size: int = DEFAULT_CACHE_SIZE,
                carry: dict[str, Path] | None = None, lease_ttl: float = LEASE_TTL,
-               on_lease_lost: Callable[[str], None] | None = None, **store_args: Any) -> Store:
+               on_lease_lost: Callable[[str], None] | None = None, registry: Any = None,
+               **store_args: Any) -> Store:
     """The store ``uri`` names (``root`` is the local directory: the store itself, or the bucket's
     working copy). ``carry``: small files outside the store (the credentials) kept in the bucket too
     and put back when missing."""
@@ -144,6 +154,8 @@ def open_store(uri: str | None, root: Path, *, user: ServiceUser, pg: PgBinaries
             store.close()
             raise
         objects.uploader = uploader
+        if registry is not None:
+            registry.register(UploadMetrics(uploader))
         _drop_unpublished_snapshots(client, uploader.state)
         # Closers run last-registered first: the final upload round, then the lease goes.
         objects.closers += [lease.release, uploader.close]

@@ -256,9 +256,6 @@ class S3Client:
                 return
             token = page.get("NextContinuationToken")
 
-    def delete(self, name: str) -> None:
-        self._call("DELETE", name, lambda: self.c.delete_object(Bucket=self.bucket, Key=self.key(name)))
-
     def delete_many(self, names: list[str]) -> None:
         """Delete in batches of up to 1000 keys (one DeleteObjects request each)."""
         for i in range(0, len(names), DELETE_BATCH):

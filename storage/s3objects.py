@@ -258,6 +258,3 @@ class S3ObjectStore:
         """Put back keys taken by a round that failed before deleting them."""
         with self._lock:
             self._deletes[:0] = keys
-
-    def cached_bytes(self) -> int:
-        return self._held

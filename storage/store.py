@@ -642,6 +642,8 @@ class Store:
         row = self._row(branch)
         self.catalog.set_running(row.id, True)
         try:
+            # restore_command runs as the compute's user and must read them: a history file it
+            # cannot read counts as missing, and Postgres would promote onto a taken timeline.
             tlis = wal.copy_history(datadir / "pg_wal", self.history_dir, self.user)
         finally:
             self.release_timeline(expected)

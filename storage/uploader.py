@@ -40,7 +40,6 @@ import zstandard
 
 from storage import wal
 from storage.backpressure import CommitHold
-from storage.errors import StorageError
 from storage.lease import Lease, LeaseLost
 from storage.objectstore import ObjectNotFound
 from storage.s3 import PreconditionFailed, S3Client, S3Error
@@ -318,6 +317,26 @@ class Uploader:
         return superseded
 
 
+class UploadMetrics:
+    """Prometheus collector: how far the bucket is behind, and whether commits wait for it."""
+
+    def __init__(self, uploader: Uploader) -> None:
+        self.uploader = uploader
+
+    def collect(self) -> Iterator[Any]:
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+        u = self.uploader
+        yield GaugeMetricFamily("lakelet_store_upload_backlog_seconds",
+                                "Age of the oldest WAL change not yet in the bucket", value=u.backlog_seconds)
+        yield CounterMetricFamily("lakelet_store_uploaded_bytes", "Bytes uploaded to the bucket",
+                                  value=u.bytes_uploaded)
+        yield GaugeMetricFamily("lakelet_store_upload_failing", "1 while upload rounds to the bucket fail",
+                                value=1 if u.failing else 0)
+        yield GaugeMetricFamily("lakelet_store_commits_held", "1 while commits wait for the bucket to catch up",
+                                value=1 if u.hold.holding else 0)
+
+
 def _backup(path: Path) -> bytes:
     """SQLite's online backup of ``path`` (a consistent copy while others write), zstd-compressed."""
     tmp = path.with_name(f".{path.name}.snapshot")
@@ -404,4 +423,4 @@ def restore(client: S3Client, root: Path, state: dict[str, Any], files: dict[str
     return fetched
 
 
-__all__ = ["DATABASES", "StorageError", "Uploader", "read_marker", "restore", "write_marker"]
+__all__ = ["DATABASES", "UploadMetrics", "Uploader", "read_marker", "restore", "write_marker"]

@@ -1,5 +1,5 @@
-"""The one door synced tables use to reach a branch's compute (today ``compute.Endpoints``; the
-control plane of issue 11 replaces it here and nowhere else).
+"""The one door synced tables use to reach a branch's compute: the control plane
+(``compute.Endpoints``), for its branch set, its single-flight wake and its load signals.
 
 A run holds the branch the way a client session does: counted as a session while it runs, so the
 branch is not scaled to zero under it, and as activity when it ends. Between runs nothing is held:
@@ -8,7 +8,6 @@ a continuous sync whose source is idle lets the branch suspend.
 
 from __future__ import annotations
 
-import asyncio
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -28,8 +27,8 @@ class BranchComputes:
         self.endpoints = endpoints
 
     async def has_branch(self, branch: str) -> bool:
-        """Asks the catalog today (a SQLite query): off the event loop."""
-        return await asyncio.to_thread(self.endpoints.has_branch, branch)
+        """The control plane answers from memory (async here so a remote one can slot in)."""
+        return self.endpoints.has_branch(branch)
 
     @asynccontextmanager
     async def connect(self, branch: str, database: str) -> AsyncIterator[asyncpg.Connection]:

@@ -180,8 +180,9 @@ async def test_stalled_durability_is_reported_and_clears(lake: Lake) -> None:
         assert st.durability_stalled and "WAL receiver" in st.durability_stalled
         before, started = receiver.restarts, time.monotonic()
         await asyncio.sleep(3)
-        # Backing off: a few restarts in these seconds, not a dozen a second.
-        assert receiver.restarts - before <= 3 + (time.monotonic() - started), receiver.restarts - before
+        # Backing off: delays doubling from 50 ms allow at most ~7 restarts in 3 s whenever the
+        # window starts; a backoff reset on every spawn made a dozen a second (36 here).
+        assert receiver.restarts - before <= 10, (receiver.restarts - before, time.monotonic() - started)
         assert not commit.done()
     finally:
         for p, mode in modes.items():
@@ -191,29 +192,3 @@ async def test_stalled_durability_is_reported_and_clears(lake: Lake) -> None:
     await poll_until(lambda: not cp.stalled(), "the stall to clear", timeout=DEADLINE, every=0.1)
     assert await conn.fetchval("SELECT count(*) FROM t") == 2
     await conn.close()
-
-
-async def test_a_receiver_that_never_streams_is_a_failed_start_with_its_reason(lake: Lake) -> None:
-    """The receiver starts off the wake path; when it cannot stream at all, the compute is stopped
-    and the branch says ``failed`` with why, instead of looking like a crash."""
-    cp = lake.endpoints
-    await cp.create_branch("nowal", "main")
-    await sql(lake, "nowal", "SELECT 1")
-    await cp.suspend("nowal")
-    wal_dir = Path(await asyncio.to_thread(lake.store.wal_dir, "nowal"))
-    files = [p for p in wal_dir.iterdir() if p.is_file()]
-    modes = {p: p.stat().st_mode & 0o777 for p in [wal_dir, *files]}
-    for p in files:
-        os.chmod(p, 0o400)
-    os.chmod(wal_dir, 0o500)
-    try:
-        await cp.ensure_ready("nowal")
-        await poll_until(lambda: cp.endpoint("nowal").state == EndpointState.FAILED, "the failed start",
-                         timeout=DEADLINE + 30, every=0.1)
-        st = next(s for s in cp.status() if s.branch == "nowal")
-        assert st.state == "failed" and st.reason and "WAL receiver" in st.reason, st
-    finally:
-        for p, mode in modes.items():
-            os.chmod(p, mode)
-    assert await sql(lake, "nowal", "SELECT 1") == 1  # the next wake tries again
-    await cp.suspend("nowal")

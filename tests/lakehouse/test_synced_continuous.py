@@ -22,7 +22,7 @@ from lakehouse.synced.spec import SyncedTableSpec
 from storage import Store
 from storage.postgres import PgBinaries, ServiceUser
 from tests.conftest import poll_until
-from tests.lakehouse.synced_support import admin, assert_equal_at_recorded_version, write
+from tests.lakehouse.synced_support import assert_equal_at_recorded_version, write
 
 COLS = ["id", "v"]
 DEADLINE = 90.0  # generous: a loaded machine; only a hang should reach it
@@ -71,11 +71,9 @@ async def test_idle_source_lets_the_branch_suspend_and_a_new_version_wakes_it(ep
         await poll_until(lambda: service.get("main", "postgres", "public.events").version == 1,
                          "continuous apply after wake", timeout=DEADLINE, every=0.1)
         assert state(eps) == "active"
-        conn = await admin(await eps.ensure_ready("main"))
-        try:
+        # Counted as a session, so the branch's short suspend timeout cannot end it mid-compare.
+        async with BranchComputes(eps).connect("main", "postgres") as conn:
             await assert_equal_at_recorded_version(conn, spec, COLS)
-        finally:
-            await conn.close()
 
         # An incompatible change stops that table with the column named; the other keeps going.
         write(other, pa.table({"id": pa.array([9], pa.int64()), "v": pa.array([1.5])}), mode="overwrite",
@@ -131,11 +129,9 @@ async def test_compute_killed_during_a_run_is_retried_to_the_exact_table(eps: En
         failed = registry.get_sample_value("lakelet_synced_table_runs_total", {
             "branch": "main", "table": "public.bulk", "kind": "none", "outcome": "error"})
         assert failed and failed >= 1  # the kill did land inside a run
-        conn = await admin(await eps.ensure_ready("main"))
-        try:
+        # Counted as a session, so the branch's short suspend timeout cannot end it mid-compare.
+        async with BranchComputes(eps).connect("main", "postgres") as conn:
             await assert_equal_at_recorded_version(conn, spec, COLS)
-        finally:
-            await conn.close()
     finally:
         await service.close()
 

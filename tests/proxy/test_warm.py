@@ -192,3 +192,22 @@ async def test_an_idle_warm_backend_is_closed_after_a_while(harness: Harness, mo
         await _gone(conn, pid)
     finally:
         await conn.close()
+
+
+async def test_warm_backends_are_capped_per_branch_across_parameters(harness: Harness) -> None:
+    """An application name per process must not fill the compute's slots with idle backends."""
+    await harness.proxy.warm.close()
+    saved = harness.proxy.warm.per_key
+    harness.proxy.warm.per_key = 2
+    before = harness.proxy.warm.discarded
+    try:
+        for name in ("a", "b", "c", "d"):
+            conn = await asyncpg.connect(host="127.0.0.1", port=harness.proxy.port, user="app", password=PASSWORD,
+                                         database="postgres", ssl=False, server_settings={"application_name": name})
+            await conn.close()
+            await asyncio.sleep(0.2)
+        await poll_until(lambda: harness.proxy.warm.discarded - before == 2, "the oldest two closed",
+                         timeout=30, every=0.05)
+        assert len(harness.proxy.warm) == 2
+    finally:
+        harness.proxy.warm.per_key = saved

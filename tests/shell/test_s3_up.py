@@ -155,6 +155,10 @@ def test_kill_9_and_an_empty_data_dir_lose_nothing_acknowledged(s3: tuple[S3Serv
                 past = {r[0] for r in conn.execute("SELECT n FROM t")}
             assert past == set(range(1, before_outage))
 
+            status, metrics = second.http("/metrics")
+            assert status == 200 and "lakelet_store_upload_backlog_seconds" in metrics
+            assert "lakelet_store_commits_held 0.0" in metrics
+
             # A second up on the bucket in use refuses in one line.
             other = subprocess.run(
                 [sys.executable, "-m", "lakelet.cli", "up", "--data-dir", str(root / "other"), "--store", uri,
