@@ -21,7 +21,7 @@ import asyncpg
 from compute import logical_slots
 from compute.walreceiver import RECEIVER_NAME, SLOT_NAME, WalReceiver
 from storage import ADMIN_ROLE, Store
-from storage.postgres import PgBinaries, ServiceUser, last_error_line, run_async
+from storage.postgres import PgBinaries, ServiceUser, last_error_line, quote_literal, run_async
 from storage.store import WAL_SEGMENT_MB
 
 log = logging.getLogger("lakelet.compute")
@@ -43,10 +43,6 @@ def _postmaster_ready(pid_file: Path, pid: int | None) -> bool:
 
 class ComputeStartError(Exception):
     """The compute did not start; the message is the Postgres log line that says why."""
-
-
-def _conf_value(value: str) -> str:
-    return "'" + value.replace("'", "''") + "'"
 
 
 class ComputeNode:
@@ -104,7 +100,7 @@ class ComputeNode:
             "fsync": "on",
             **self.settings,
         }
-        text = "".join(f"{k} = {_conf_value(v)}\n" for k, v in conf.items())
+        text = "".join(f"{k} = {quote_literal(v)}\n" for k, v in conf.items())
         (self.datadir / "lakelet.conf").write_text(text)
         main_conf = self.datadir / "postgresql.conf"
         if INCLUDE_LINE not in main_conf.read_text():
@@ -224,7 +220,7 @@ class ComputeNode:
 
     def wal_dir(self) -> Path:
         """Where the receiver stores this branch's WAL (the store's archive directory)."""
-        return self.store.wal_dir(self.branch)
+        return self.store.receiver_dir(self.branch)
 
     async def replication_state(self) -> str | None:
         """The receiver's state as the server sees it (``streaming`` once commits can complete)."""
@@ -255,7 +251,7 @@ class ComputeNode:
         conn = await self.connect()
         try:
             for name, value in settings.items():
-                await conn.execute(f"ALTER SYSTEM SET {name} = {_conf_value(value)}")
+                await conn.execute(f"ALTER SYSTEM SET {name} = {quote_literal(value)}")
             await conn.execute("SELECT pg_reload_conf()")
         finally:
             await conn.close()

@@ -123,12 +123,8 @@ class ControlAPI:
     # -- endpoints ------------------------------------------------------------------------------
 
     async def list_endpoints(self, request: web.Request) -> web.Response:
-        out = []
-        for st in self.endpoints.status():
-            item = asdict(st)
-            item["connections"] = max(st.connections, self.proxy.connections(st.branch))
-            out.append(item)
-        return _json({"endpoints": out})
+        # connections: the proxy's own count (the control plane hands it the branch's one signals).
+        return _json({"endpoints": [asdict(st) for st in self.endpoints.status()]})
 
     async def suspend(self, request: web.Request) -> web.Response:
         branch = request.match_info["branch"]

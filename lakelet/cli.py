@@ -117,7 +117,13 @@ def _table(rows: list[dict[str, Any]], columns: Sequence[str]) -> str:
 
 def _status(c: ControlClient, a: argparse.Namespace) -> tuple[Output, str]:
     out = c.call("GET", "/api/v1/endpoints")
-    return out, _table(out["endpoints"], ["branch", "state", "cu", "pid", "host", "port", "connections"])
+    text = _table(out["endpoints"], ["branch", "state", "cu", "pid", "host", "port", "connections"])
+    # Why a branch failed to start, or why its commits wait: one line each under the table.
+    notes = [f"{e['branch']}: {e['state']}: {e['reason']}" for e in out["endpoints"]
+             if e.get("state") == "failed" and e.get("reason")]
+    notes += [f"{e['branch']}: durability stalled: {e['durability_stalled']}" for e in out["endpoints"]
+              if e.get("durability_stalled")]
+    return out, "\n".join([text, *notes])
 
 
 def _branch(c: ControlClient, a: argparse.Namespace) -> tuple[Output, str]:

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from compute import Endpoints
+from storage.postgres import quote_ident, quote_literal
 
 log = logging.getLogger("lakelet.project")
 
@@ -66,14 +67,6 @@ def check_role_name(name: str) -> None:
                         "(starting with a letter or _), at most 63 characters")
     if name in RESERVED_ROLES or name.startswith("pg_"):
         raise RoleError(f"role name {name!r} is reserved: choose another name")
-
-
-def quote_ident(name: str) -> str:
-    return '"' + name.replace('"', '""') + '"'
-
-
-def quote_literal(value: str) -> str:
-    return "'" + value.replace("'", "''") + "'"
 
 
 async def create_role(endpoints: Endpoints, branch: str, name: str, password: str, *,

@@ -153,6 +153,31 @@ class Catalog:
 
     # -- timelines ------------------------------------------------------------------------------
 
+    # Changes made inside a caller's ``transaction()`` (several steps that commit together).
+
+    def copy_roles(self, db: sqlite3.Connection, to_branch: int, from_branch: int) -> None:
+        db.execute("INSERT INTO roles SELECT ?, name, verifier FROM roles WHERE branch_id = ?",
+                   (to_branch, from_branch))
+
+    def rename_branch(self, db: sqlite3.Connection, branch_id: int, name: str) -> None:
+        db.execute("UPDATE branches SET name = ? WHERE id = ?", (name, branch_id))
+
+    def delete_branch(self, db: sqlite3.Connection, branch_id: int) -> None:
+        """The branch row and everything that hangs off it."""
+        for table in ("timelines", "images", "roles", "running"):
+            db.execute(f"DELETE FROM {table} WHERE branch_id = ?", (branch_id,))
+        db.execute("DELETE FROM branches WHERE id = ?", (branch_id,))
+
+    def repoint_branch(self, db: sqlite3.Connection, branch_id: int, parent_lsn: int, target_kind: str) -> None:
+        """A reset: the branch starts over at a new point of its parent, without its own history."""
+        for table in ("timelines", "images", "running"):
+            db.execute(f"DELETE FROM {table} WHERE branch_id = ?", (branch_id,))
+        db.execute("UPDATE branches SET parent_lsn = ?, target_kind = ?, created_at = ? WHERE id = ?",
+                   (parent_lsn, target_kind, time.time(), branch_id))
+
+    def delete_images(self, db: sqlite3.Connection, image_ids: list[int]) -> None:
+        db.executemany("DELETE FROM images WHERE id = ?", [(i,) for i in image_ids])
+
     def timelines(self, branch_id: int) -> list[tuple[int, int]]:
         """(tli, start_lsn) of a branch, oldest first."""
         with self._lock:

@@ -238,6 +238,16 @@ async def run_async(
     return rc, out.decode(), err.decode()
 
 
+def quote_literal(value: str) -> str:
+    """A Postgres string literal (also a configuration-file value): the one quoting helper."""
+    return "'" + value.replace("'", "''") + "'"
+
+
+def quote_ident(name: str) -> str:
+    """A Postgres identifier, always quoted."""
+    return '"' + name.replace('"', '""') + '"'
+
+
 def last_error_line(text: str) -> str:
     """The line of Postgres output that explains a failure (FATAL/ERROR/PANIC first)."""
     lines = [ln.strip() for ln in text.splitlines() if ln.strip()]

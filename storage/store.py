@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
-from storage import images, online, wal
+from storage import images, online, pitr, plan, retention, wal
 from storage import lsn as lsnmod
 from storage.catalog import BranchRow, Catalog, ImageRow
 from storage.commits import CommitIndex, HistoryPiece
@@ -47,7 +47,9 @@ from storage.errors import (
 )
 from storage.objectstore import LocalObjectStore, ObjectStore, fsync_dir
 from storage.pagestore import PageStore
-from storage.postgres import PgBinaries, ServiceUser, last_error_line, repair_tree, run
+from storage.pitr import parse_time
+from storage.postgres import PgBinaries, ServiceUser, last_error_line, quote_literal, repair_tree, run
+from storage.retention import FORKED_DIR, GcReport
 
 log = logging.getLogger("lakelet.storage")
 
@@ -55,8 +57,6 @@ ROOT_BRANCH = "main"
 ADMIN_ROLE = "lakelet_admin"
 BRANCH_NAME = re.compile(r"[a-z0-9][a-z0-9_-]{0,62}")  # whole name: fullmatch (``$`` allows a final newline)
 SOURCE_FILE = "lakelet-source.json"
-# Where a branch's archive keeps old-timeline WAL found past a timeline switch (a torn record).
-FORKED_DIR = "forked"
 # Next to a compute's data dir: placeholder history files that steer its promotion's timeline ID.
 RESERVED_DIR = "reserved-timelines"
 IMAGE_WAL_THRESHOLD = 256 << 20
@@ -91,17 +91,6 @@ class Materialized:
     needs_recovery: bool
     # The timeline the compute promotes onto (reserved for it by the store), None without recovery.
     timeline: int | None = None
-
-
-@dataclass(frozen=True)
-class GcReport:
-    images_deleted: int
-    wal_files_deleted: int
-    bytes_freed: int
-
-
-def _pg_quote(value: str) -> str:
-    return "'" + value.replace("'", "''") + "'"
 
 
 def controldata(pg: PgBinaries, user: ServiceUser, datadir: Path) -> dict[str, str]:
@@ -228,6 +217,15 @@ class Store:
     def branch_names(self) -> list[str]:
         return [b.name for b in self.catalog.branches()]
 
+    def receiver_dir(self, branch: str) -> Path:
+        """``wal_dir``, made fit for ``pg_receivewal`` to resume in (short partials padded)."""
+        path = self.wal_dir(branch)
+        padded = wal.pad_partials(path, self._segment_size())
+        if padded:
+            log.warning("padded partial WAL segments a full disk left short", extra={"branch": branch,
+                                                                                    "segments": padded})
+        return path
+
     def wal_dir(self, branch: str) -> Path:
         path = self.wal_root / str(self._row(branch).id)
         if not path.exists():
@@ -236,35 +234,13 @@ class Store:
         return path
 
     def _ancestry(self, row: BranchRow) -> list[tuple[BranchRow, int | None]]:
-        """[(branch, cutoff LSN)] from ``row`` up to the root; cutoff None = the branch's end."""
-        out: list[tuple[BranchRow, int | None]] = [(row, None)]
-        while row.parent_id is not None:
-            cutoff = row.parent_lsn
-            row = self.catalog.branch_by_id(row.parent_id)  # type: ignore[assignment]
-            out.append((row, cutoff))
-        return out
+        return plan.ancestry(self, row)
 
     def _tli_at(self, row: BranchRow, at: int | None) -> int:
-        """The timeline live on ``row``'s history at LSN ``at`` (None = its latest)."""
-        for branch, cutoff in self._ancestry(row):
-            limit = at if at is not None else cutoff
-            if cutoff is not None and limit is not None:
-                limit = min(limit, cutoff)
-            starts = [(start, t) for t, start in self.catalog.timelines(branch.id) if limit is None or start <= limit]
-            if starts:
-                return max(starts)[1]
-            at = limit
-        return 1
+        return plan.tli_at(self, row, at)
 
     def _dirs(self, row: BranchRow) -> list[Path]:
-        """Streamed WAL directories of ``row``'s ancestry, nearest first."""
-        out: list[Path] = []
-        for branch, _ in self._ancestry(row):
-            out.append(self.wal_root / str(branch.id))
-            legacy = self.wal_root / f"{branch.id}.ckpt"  # checkpoint copies of older stores
-            if legacy.is_dir():
-                out.append(legacy)
-        return out
+        return plan.dirs(self, row)
 
     def _ckpt_dir(self, manifest_key: str) -> Path:
         """Where an image keeps the WAL segment(s) holding its checkpoint record. Named after the
@@ -315,8 +291,7 @@ class Store:
         lsn, kind = self._resolve_target(prow, at, head_lsn)
         with self.catalog.transaction() as db:
             branch_id = self.catalog.insert_branch(db, name, prow.id, lsn, kind)
-            db.execute("INSERT INTO roles SELECT ?, name, verifier FROM roles WHERE branch_id = ?",
-                       (branch_id, prow.id))
+            self.catalog.copy_roles(db, branch_id, prow.id)
         self._changed()
         return self.get_branch(name)
 
@@ -338,49 +313,13 @@ class Store:
         return records[-1].lsn, "through"
 
     def _resolve_at(self, prow: BranchRow, at: str) -> tuple[int, str]:
-        if lsnmod.looks_like(at):
-            records = self._records(prow)
-            target = lsnmod.parse(at)
-            if not records or target > records[-1].lsn:
-                end = lsnmod.fmt(records[-1].lsn) if records else "none yet"
-                raise InvalidTarget(f"LSN {at} is beyond the end of branch {prow.name!r}'s WAL ({end})")
-            if target < records[0].lsn:
-                raise InvalidTarget(f"LSN {at} is older than the history kept for {prow.name!r} "
-                                    f"(oldest {lsnmod.fmt(records[0].lsn)})")
-            first_at_or_after = next(r for r in records if r.lsn >= target)
-            return first_at_or_after.lsn, "before"
-        when = parse_time(at)
-        now = datetime.now(UTC)
-        if when > now:
-            raise InvalidTarget(f"--at {at} is in the future: choose a moment before {now.isoformat()}")
-        if when < now - self.retention:
-            raise InvalidTarget(f"--at {at} is outside the retention window of {self.retention.days} days")
-        last = self.commits.last_commit(self._pieces(prow), when)
-        if last is None:
-            raise InvalidTarget(f"--at {at} is before the oldest commit kept for branch {prow.name!r}")
-        return last, "through"
+        return pitr.resolve_at(self, prow, at)
 
     def _pieces(self, row: BranchRow) -> Iterator[HistoryPiece]:
-        """Where ``row``'s history lies: per ancestor and timeline, the streamed segments and
-        which LSNs of them belong to it."""
-        for branch, cutoff in self._ancestry(row):
-            files = wal.segments(self.wal_root / str(branch.id))
-            tls = self.catalog.timelines(branch.id)
-            if branch.parent_id is None and not any(t == 1 for t, _ in tls):
-                tls = [(1, 0), *tls]
-            ends: list[int | None] = [start for _, start in tls[1:]]
-            ends.append(None)
-            for (tli, start), end in zip(tls, ends, strict=True):
-                yield HistoryPiece(files, tli, start, end, cutoff)
+        return pitr.pieces(self, row)
 
     def _records(self, row: BranchRow) -> list[wal.WalRecord]:
-        """Every WAL record on ``row``'s history (each ancestor up to its branch point), by LSN."""
-        out: list[wal.WalRecord] = []
-        for piece in self._pieces(row):
-            out += [r for r in wal.scan(self.pg, self.user, piece.files, piece.tli, self._segment_size())
-                    if piece.holds(r.lsn)]
-        out.sort(key=lambda r: r.lsn)
-        return out
+        return pitr.records(self, row)
 
     def list_branches(self) -> list[BranchInfo]:
         out = []
@@ -413,9 +352,7 @@ class Store:
         dropped = [i for b in doomed for i in self.catalog.images(b.id)]
         with self.catalog.transaction() as db:
             for b in doomed:
-                for table in ("timelines", "images", "roles", "running"):
-                    db.execute(f"DELETE FROM {table} WHERE branch_id = ?", (b.id,))
-                db.execute("DELETE FROM branches WHERE id = ?", (b.id,))
+                self.catalog.delete_branch(db, b.id)
         # Data goes only after the catalog forgot it (a crash in between leaves leftovers the next
         # open sweeps); unreferenced pages go at the next GC.
         self._changed()
@@ -437,7 +374,7 @@ class Store:
         row = self._row(old)
         self._check_new_name(new)
         with self.catalog.transaction() as db:
-            db.execute("UPDATE branches SET name = ? WHERE id = ?", (new, row.id))
+            self.catalog.rename_branch(db, row.id, new)
         self._changed()
 
     def reset_branch(self, name: str, *, head_lsn: str | None = None) -> Branch:
@@ -454,11 +391,7 @@ class Store:
         lsn, kind = self._resolve_target(prow, None, head_lsn)
         dropped = self.catalog.images(row.id)
         with self.catalog.transaction() as db:
-            db.execute("DELETE FROM timelines WHERE branch_id = ?", (row.id,))
-            db.execute("DELETE FROM images WHERE branch_id = ?", (row.id,))
-            db.execute("DELETE FROM running WHERE branch_id = ?", (row.id,))
-            db.execute("UPDATE branches SET parent_lsn = ?, target_kind = ?, created_at = ? WHERE id = ?",
-                       (lsn, kind, time.time(), row.id))
+            self.catalog.repoint_branch(db, row.id, lsn, kind)
         self._drop_image_files(dropped)
         shutil.rmtree(self.wal_root / str(row.id), ignore_errors=True)
         shutil.rmtree(self.wal_root / f"{row.id}.ckpt", ignore_errors=True)
@@ -472,9 +405,9 @@ class Store:
         backup = f"{name}_old_{datetime.now(UTC):%Y%m%d%H%M%S}"[:63]
         self._check_new_name(backup)
         with self.catalog.transaction() as db:
-            db.execute("UPDATE branches SET name = ? WHERE id = ?", (backup, row.id))
+            self.catalog.rename_branch(db, row.id, backup)
             new_id = self.catalog.insert_branch(db, name, row.id, lsn, kind)
-            db.execute("INSERT INTO roles SELECT ?, name, verifier FROM roles WHERE branch_id = ?", (new_id, row.id))
+            self.catalog.copy_roles(db, new_id, row.id)
             # Children follow the name: they keep their data (their parent_lsn is on the old line).
         self._changed()
         return self.get_branch(name), backup
@@ -495,16 +428,7 @@ class Store:
         return own[-1] if own else None
 
     def _image_for(self, row: BranchRow, at: int | None = None) -> ImageRow | None:
-        """Nearest image at or before ``at`` on ``row``'s ancestry (None = latest)."""
-        for branch, cutoff in self._ancestry(row):
-            limit = at if at is not None else cutoff
-            if cutoff is not None and limit is not None:
-                limit = min(limit, cutoff)
-            candidates = [i for i in self.catalog.images(branch.id) if limit is None or i.lsn <= limit]
-            if candidates:
-                return candidates[-1]
-            at = limit
-        return None
+        return plan.image_for(self, row, at)
 
     def _image(self, branch_id: int, datadir: Path) -> ImageRow:
         info = controldata(self.pg, self.user, datadir)
@@ -667,7 +591,8 @@ class Store:
         try:
             fillers = self._timeline_fillers(datadir.parent / RESERVED_DIR, int(settings["recovery_target_timeline"]),
                                              tli)
-            settings["restore_command"] = wal.restore_command(dirs, self.history_dir, fillers)
+            settings["restore_command"] = wal.restore_command(dirs, self.history_dir, fillers,
+                                                              seg_size=self._segment_size())
             _write_recovery_settings(datadir, settings)
             self.user.own_tree(datadir)
         except BaseException:
@@ -706,43 +631,10 @@ class Store:
         return fillers
 
     def _start_image(self, row: BranchRow) -> ImageRow | None:
-        """The image ``materialize`` starts ``row`` from: its nearest image at its end when it has
-        run (or is the root), else the nearest one at or before its branch point."""
-        if self.catalog.timelines(row.id) or row.parent_id is None:
-            return self._image_for(row)
-        return self._image_for(row, row.parent_lsn)
+        return plan.start_image(self, row)
 
     def _recovery_plan(self, row: BranchRow) -> tuple[ImageRow, dict[str, str], list[Path]]:
-        """(start image, recovery settings, WAL directories for ``restore_command``) for ``row``."""
-        image = self._start_image(row)
-        if image is None:
-            raise MaterializeError(f"no image of branch {row.name!r} or its ancestors: the store is incomplete")
-        own_ckpt = self._ckpt_dir(image.manifest_key)
-        if self.catalog.timelines(row.id) or row.parent_id is None:
-            # It has run: its state is the end of its WAL, so replay all of it (streamed segments
-            # first: the image's own checkpoint copy ends where the streamed one may go on).
-            return image, {"recovery_target_timeline": str(self._tli_at(row, None))}, [*self._dirs(row), own_ckpt]
-        target = row.parent_lsn
-        assert target is not None
-        if image.lsn == target and not image.online:
-            # Exactly at an image (the head of a parent that shut down cleanly): the image is the
-            # state. No recovery target: when the parent has not run since, nothing follows its
-            # shutdown checkpoint, and Postgres would end recovery before "reaching" any target.
-            # Only the image's own checkpoint copy is served, so replay cannot run on into WAL the
-            # parent wrote after the image; recovery reads the checkpoint and promotes.
-            return image, {"recovery_target_timeline": str(image.tli)}, [own_ckpt]
-        # An online image at the target takes the general path: replay through its backup end
-        # makes it consistent, and the record at the target (there is one: targets are records)
-        # stops recovery there.
-        kind = row.target_kind or "before"
-        settings = {
-            "recovery_target_lsn": lsnmod.fmt(target),
-            # "immediate" marks a checkpoint record at the target: replaying through it is the same.
-            "recovery_target_inclusive": "false" if kind == "before" else "true",
-            "recovery_target_action": "promote",
-            "recovery_target_timeline": str(self._tli_at(row, target)),
-        }
-        return image, settings, [*self._dirs(row), own_ckpt]
+        return plan.recovery_plan(self, row)
 
     def note_timeline(self, branch: str, datadir: Path, expected: int | None = None) -> None:
         """After a promotion: keep the new timeline's history file store-wide and record where the
@@ -750,10 +642,9 @@ class Store:
         row = self._row(branch)
         self.catalog.set_running(row.id, True)
         try:
-            tlis = wal.copy_history(datadir / "pg_wal", self.history_dir)
             # restore_command runs as the compute's user and must read them: a history file it
             # cannot read counts as missing, and Postgres would promote onto a taken timeline.
-            self.user.own_tree(self.history_dir)
+            tlis = wal.copy_history(datadir / "pg_wal", self.history_dir, self.user)
         finally:
             self.release_timeline(expected)
         if not tlis:
@@ -817,81 +708,11 @@ class Store:
     # -- retention ----------------------------------------------------------------------------------
 
     def gc(self) -> GcReport:
-        """Drop images and WAL that no branch and no instant inside the retention window can need,
-        then pages no remaining image references. The catalog forgets first and files go after,
-        so a crash at any point leaves every surviving branch materializable."""
-        with self._maintenance.exclusive():
-            keep, floors = self._needed()
-            doomed = [i for i in self.catalog.images() if i.id not in keep]
-            with self.catalog.transaction() as db:
-                db.executemany("DELETE FROM images WHERE id = ?", [(i.id,) for i in doomed])
-            freed = self._drop_image_files(doomed)
-            wal_deleted, wal_freed = self._drop_wal_below(floors)
-            self.commits.forget_missing()
-            live: set[bytes] = set()
-            for image in self.catalog.images():
-                live |= images.image_digests(self.objects, image.manifest_key)
-            freed += wal_freed + self.pages.collect(live)
-        return GcReport(len(doomed), wal_deleted, freed)
+        """Drop what no branch and no instant inside the retention window can need (``storage.retention``)."""
+        return retention.gc(self)
 
-    def _needed(self) -> tuple[set[int], dict[int, int]]:
-        """(IDs of images to keep, per branch the lowest LSN of its own WAL still needed).
 
-        A branch needs its images made inside the window plus the newest older one (every instant
-        in the window is at or after it); with no image older than the window, all of its own WAL
-        (instants before its first image replay from its branch point). Each branch also needs
-        the image ``materialize`` starts it from, and from there all WAL up its ancestry: the
-        branches between it and that image, whatever their own images, must keep WAL up to the
-        branch point."""
-        cutoff = time.time() - self.retention.total_seconds()
-        branches = self.catalog.branches()
-        keep: set[int] = set()
-        floors: dict[int, int] = {}
-        whole_history: set[int] = set()
-        for row in branches:
-            own = self.catalog.images(row.id)
-            old = [i for i in own if i.created_at < cutoff]
-            keep.update(i.id for i in own if i.created_at >= cutoff)
-            keep.update(i.id for i in old[-1:])
-            floors[row.id] = old[-1].lsn if old else 0
-            if not old:
-                whole_history.add(row.id)
-        for row in branches:
-            needed = [self._start_image(row)]
-            if row.parent_id is not None and row.id in whole_history:
-                needed.append(self._image_for(row, row.parent_lsn))
-            for image in needed:
-                if image is not None:
-                    keep.add(image.id)
-                    self._lower_floors(row, image, floors)
-        return keep, floors
 
-    def _lower_floors(self, row: BranchRow, image: ImageRow, floors: dict[int, int]) -> None:
-        for branch, _ in self._ancestry(row):
-            if branch.id == image.branch_id:
-                floors[branch.id] = min(floors[branch.id], image.lsn)
-                return
-            floors[branch.id] = 0
-
-    def _drop_wal_below(self, floors: dict[int, int]) -> tuple[int, int]:
-        """Delete streamed segments wholly below each branch's floor; (files, bytes)."""
-        seg_size = self._segment_size()
-        deleted = freed = 0
-        for branch_id, floor in floors.items():
-            for name, path in wal.segments(self.wal_root / str(branch_id)).items():
-                _, start = lsnmod.segment_start(name, seg_size)
-                if start + seg_size <= floor - seg_size:  # keep one segment of slack before the floor
-                    freed += path.stat().st_size
-                    path.unlink()
-                    deleted += 1
-            forked = self.wal_root / str(branch_id) / FORKED_DIR
-            cutoff = time.time() - self.retention.total_seconds()
-            for path in forked.glob("*") if forked.is_dir() else []:
-                if path.stat().st_mtime < cutoff:
-                    freed += path.stat().st_size
-                    path.unlink()
-                    deleted += 1
-        return deleted, freed
 
     def _segment_size(self) -> int:
         return WAL_SEGMENT_MB << 20
@@ -939,18 +760,11 @@ def _write_recovery_settings(datadir: Path, settings: dict[str, str]) -> None:
     lines = conf.read_text().splitlines(keepends=True) if conf.exists() else []
     keep = [ln for ln in lines if not ln.lstrip().startswith(RECOVERY_KEYS) and "written by lakelet" not in ln]
     keep.append("# recovery settings, written by lakelet materialize\n")
-    keep += [f"{k} = {_pg_quote(v)}\n" for k, v in settings.items()]
+    keep += [f"{k} = {quote_literal(v)}\n" for k, v in settings.items()]
     conf.write_text("".join(keep))
     (datadir / "recovery.signal").touch()
 
 
-def parse_time(text: str) -> datetime:
-    try:
-        when = datetime.fromisoformat(text.strip().replace("Z", "+00:00"))
-    except ValueError:
-        raise InvalidTarget(f"--at {text!r} is neither an ISO-8601 timestamp (2026-11-25T10:00:00Z) "
-                            "nor an LSN (0/16B3748)") from None
-    return when if when.tzinfo else when.replace(tzinfo=UTC)
 
 
 __all__ = ["Branch", "BranchInfo", "GcReport", "Materialized", "Store", "StorageError", "parse_time"]

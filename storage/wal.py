@@ -9,6 +9,7 @@ between branches, and the WAL a branch needs is simply what its ancestry's direc
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import shlex
@@ -30,17 +31,40 @@ WALDUMP_LINE = re.compile(r"lsn: ([0-9A-F]+/[0-9A-F]+), prev [0-9A-F]+/[0-9A-F]+
 COMMIT_TIME = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d(?:\.\d+)?) ?(UTC|[+-]\d\d)?")
 
 
-def restore_command(dirs: Iterable[Path], history_dir: Path, fillers: Path | None = None) -> str:
-    """A ``restore_command`` serving segments from ``dirs`` (in order; a zero-padded ``.partial``
-    stands in for the full segment) and history files from ``history_dir`` (then ``fillers``)."""
+def restore_command(dirs: Iterable[Path], history_dir: Path, fillers: Path | None = None, *,
+                    seg_size: int = 1 << 20) -> str:
+    """A ``restore_command`` serving segments from ``dirs`` (in order; a ``.partial`` stands in for
+    the full segment, zero-padded to ``seg_size``) and history files from ``history_dir`` (then
+    ``fillers``).
+
+    The receiver pads a ``.partial`` to full size when it opens it, but not when the disk filled
+    up meanwhile: Postgres refuses a short file ("has wrong size"), while zeros past the streamed
+    WAL read as its end."""
     search = " ".join(shlex.quote(str(d)) for d in [*dirs, history_dir, *([fillers] if fillers else [])])
     script = (
         f'for d in {search}; do '
         'if [ -f "$d/%f" ]; then exec cp "$d/%f" "%p"; fi; '
-        'if [ -f "$d/%f.partial" ]; then exec cp "$d/%f.partial" "%p"; fi; '
+        f'if [ -f "$d/%f.partial" ]; then cp "$d/%f.partial" "%p" && exec truncate -s {seg_size} "%p"; fi; '
         'done; exit 1'
     )
     return "sh -c " + shlex.quote(script)
+
+
+def pad_partials(wal_dir: Path, seg_size: int) -> list[str]:
+    """Zero-pad every short ``.partial`` in ``wal_dir`` to ``seg_size``; returns their names.
+
+    ``pg_receivewal`` refuses to resume into a partial segment that is neither empty nor full,
+    which is what it leaves when the disk filled up while it was padding a new one: without this,
+    its restarts fail for good even after space comes back."""
+    padded = []
+    for entry in os.listdir(wal_dir) if wal_dir.is_dir() else []:
+        if entry.endswith(".partial") and SEGMENT.match(entry):
+            path = wal_dir / entry
+            with contextlib.suppress(FileNotFoundError):
+                if 0 < path.stat().st_size < seg_size:
+                    os.truncate(path, seg_size)
+                    padded.append(entry)
+    return padded
 
 
 def segments(wal_dir: Path) -> dict[str, Path]:
@@ -55,7 +79,7 @@ def segments(wal_dir: Path) -> dict[str, Path]:
     return out
 
 
-def copy_history(src_dir: Path, history_dir: Path) -> list[int]:
+def copy_history(src_dir: Path, history_dir: Path, user: ServiceUser | None = None) -> list[int]:
     """Copy every ``*.history`` in ``src_dir`` into the global history dir; returns their TLIs."""
     tlis = []
     for entry in os.listdir(src_dir):
@@ -67,6 +91,8 @@ def copy_history(src_dir: Path, history_dir: Path) -> list[int]:
         if not dest.exists():
             tmp = history_dir / f".{entry}.tmp"
             shutil.copyfile(src_dir / entry, tmp)
+            if user is not None:
+                user.own(tmp, 0o600)  # every compute's restore_command reads it, as the service user
             os.replace(tmp, dest)
     return sorted(tlis)
 

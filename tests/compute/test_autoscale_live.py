@@ -13,9 +13,9 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 from compute import EndpointConfig, Endpoints, sizes
-from storage import Store
 from storage.postgres import PgBinaries, ServiceUser, run_async
 from tests.conftest import poll_until
+from tests.storage.conftest import close_lake, open_lake
 
 DEADLINE = 90.0  # generous: only a policy that never reacts should reach it
 
@@ -23,14 +23,10 @@ DEADLINE = 90.0  # generous: only a policy that never reacts should reach it
 @pytest.fixture(scope="module")
 async def endpoints(root: Path, service_user: ServiceUser, pg: PgBinaries,
                     registry: CollectorRegistry) -> AsyncIterator[Endpoints]:
-    store = Store.open(root / "store", user=service_user, pg=pg)
-    store.bootstrap()
-    eps = Endpoints(store, computes_dir=root / "computes", user=service_user, pg=pg, registry=registry,
-                    config=EndpointConfig(suspend_timeout=300, min_cu=0.25, max_cu=2, up_after=3, down_after=3))
-    await eps.start()
-    yield eps
-    await eps.close()
-    store.close()
+    lake = await open_lake(root, service_user, pg, registry=registry, cgroups=True,
+                           config=EndpointConfig(suspend_timeout=300, min_cu=0.25, max_cu=2, up_after=3, down_after=3))
+    yield lake.endpoints
+    await close_lake(lake)
 
 
 def current_cu(eps: Endpoints) -> float:

@@ -14,8 +14,8 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 from compute import ComputeAddress, EndpointConfig, Endpoints, UnknownBranch, WakeError
-from storage import Store
 from storage.postgres import PgBinaries, ServiceUser
+from tests.storage.conftest import open_lake
 
 DEADLINE = 30.0  # generous: only a hang should ever reach it
 
@@ -23,15 +23,13 @@ DEADLINE = 30.0  # generous: only a hang should ever reach it
 @pytest.fixture(scope="module")
 async def endpoints(root: Path, service_user: ServiceUser, pg: PgBinaries,
                     registry: CollectorRegistry) -> AsyncIterator[Endpoints]:
-    store = Store.open(root / "store", user=service_user, pg=pg)
-    store.bootstrap()
-    eps = Endpoints(store, computes_dir=root / "computes", user=service_user, pg=pg,
-                    config=EndpointConfig(suspend_timeout=300), registry=registry)
-    await eps.start()
+    lake = await open_lake(root, service_user, pg, registry=registry, cgroups=True,
+                           config=EndpointConfig(suspend_timeout=300))
+    eps = lake.endpoints
     yield eps
     await eps.close()
     assert all(s.state in ("suspended", "failed") for s in eps.status())
-    store.close()
+    lake.store.close()
 
 
 def starts(registry: CollectorRegistry, branch: str) -> float:

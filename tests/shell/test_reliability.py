@@ -138,3 +138,25 @@ def test_a_taken_port_is_explained() -> None:
             assert "ephemeral range" in message
     finally:
         taken.close()
+
+
+def test_status_says_why_a_branch_failed_or_waits() -> None:
+    """The CLI's status table is followed by one line per failed start and per durability stall
+    (what /api/v1/endpoints reports)."""
+    from lakelet.cli import _status
+
+    class Answer:
+        def call(self, method: str, path: str) -> dict:
+            assert (method, path) == ("GET", "/api/v1/endpoints")
+            row = {"cu": 0, "pid": None, "host": None, "port": None, "connections": 0}
+            return {"endpoints": [
+                {**row, "branch": "main", "state": "failed", "reason": "could not start: disk",
+                 "durability_stalled": None},
+                {**row, "branch": "dev", "state": "active", "reason": None, "durability_stalled": "receiver exits"},
+                {**row, "branch": "ok", "state": "suspended", "reason": None, "durability_stalled": None},
+            ]}
+
+    _, text = _status(Answer(), None)  # type: ignore[arg-type]
+    lines = text.splitlines()
+    assert lines[-2:] == ["main: failed: could not start: disk", "dev: durability stalled: receiver exits"]
+    assert not any(line.startswith("ok:") for line in lines)

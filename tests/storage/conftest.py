@@ -12,6 +12,7 @@ from pathlib import Path
 
 import asyncpg
 import pytest
+from prometheus_client import CollectorRegistry
 
 from compute import ComputeAddress, EndpointConfig, Endpoints
 from storage import Store
@@ -36,13 +37,15 @@ class Lake:
         return self.root / "computes"
 
 
-async def open_lake(root: Path, user: ServiceUser, pg: PgBinaries, store_uri: str | None = None,
-                    **store_args: object) -> Lake:
+async def open_lake(root: Path, user: ServiceUser, pg: PgBinaries, store_uri: str | None = None, *,
+                    config: EndpointConfig | None = None, registry: CollectorRegistry | None = None,
+                    cgroups: bool = False, **store_args: object) -> Lake:
+    """The one way the suites build "a store with a control plane over it" (bootstrapped, started)."""
     store = await asyncio.to_thread(open_store, store_uri, root / "store", user=user, pg=pg,
                                     **store_args)  # type: ignore[arg-type]
     await asyncio.to_thread(store.bootstrap)
     endpoints = Endpoints(store, computes_dir=root / "computes", user=user, pg=pg,
-                          config=EndpointConfig(suspend_timeout=3600), cgroups=False)
+                          config=config or EndpointConfig(suspend_timeout=3600), registry=registry, cgroups=cgroups)
     await endpoints.start()
     return Lake(root, store, endpoints)
 

@@ -19,13 +19,13 @@ from pathlib import Path
 import pytest
 from prometheus_client import CollectorRegistry
 
-from compute import EndpointConfig, Endpoints
-from storage import Store, wal
+from compute import EndpointConfig
 from storage import lsn as lsnmod
+from storage import wal
 from storage.catalog import Catalog, ImageRow
 from storage.postgres import PgBinaries, ServiceUser
 from storage.store import IMAGE_WAL_THRESHOLD
-from tests.storage.conftest import Lake, branch_at_head, close_lake, sql
+from tests.storage.conftest import Lake, branch_at_head, close_lake, open_lake, sql
 from tests.storage.test_crash import REPO, check_store
 
 THRESHOLD = 2 << 20  # two 1 MB segments: a few batches of rows pass it
@@ -44,14 +44,8 @@ class Imaged:
 async def lake(lake_root: Path, service_user: ServiceUser, pg: PgBinaries,
                registry: CollectorRegistry) -> AsyncIterator[Lake]:
     """A store with a small image threshold, and endpoints that check for it twice a second."""
-    store = await asyncio.to_thread(Store.open, lake_root / "store", user=service_user, pg=pg,
-                                    image_wal_threshold=THRESHOLD)
-    await asyncio.to_thread(store.bootstrap)
-    endpoints = Endpoints(store, computes_dir=lake_root / "computes", user=service_user, pg=pg,
-                          config=EndpointConfig(suspend_timeout=3600, image_check_every=0.5), registry=registry,
-                          cgroups=False)
-    await endpoints.start()
-    opened = Lake(lake_root, store, endpoints)
+    opened = await open_lake(lake_root, service_user, pg, image_wal_threshold=THRESHOLD, registry=registry,
+                             config=EndpointConfig(suspend_timeout=3600, image_check_every=0.5))
     yield opened
     await close_lake(opened)
 
