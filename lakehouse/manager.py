@@ -98,6 +98,7 @@ class LakehouseSync:
         self._checked: dict[tuple[str, str, str], float] = {}
         self._task: asyncio.Task[None] | None = None
         self._lock = asyncio.Lock()
+        self._tick_lock = asyncio.Lock()
 
     # -- lifecycle --------------------------------------------------------------------------------
 
@@ -231,6 +232,12 @@ class LakehouseSync:
             await asyncio.sleep(SUPERVISE_EVERY)
 
     async def _tick(self) -> None:
+        """One supervision round; rounds never overlap (``enable`` runs one at once besides the loop's),
+        so a sync never gets two workers racing for its slot and its Delta tables."""
+        async with self._tick_lock:
+            await self._tick_once()
+
+    async def _tick_once(self) -> None:
         for key, cfg in list(self.syncs.items()):
             run = self.runs.get(key)
             if run is not None:
