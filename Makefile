@@ -20,3 +20,4 @@ bench:
 	.venv/bin/python bench/proxy.py --quick
 	.venv/bin/python bench/wake.py --quick
 	.venv/bin/python bench/branching.py --quick
+	.venv/bin/python bench/data_api.py --quick

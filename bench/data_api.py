@@ -1,6 +1,6 @@
 """Data API throughput and latency against its floor: the same SQL sent straight through asyncpg.
 
-    .venv/bin/python bench/data_api.py [--seconds S] [--clients N] [--rounds R]
+    .venv/bin/python bench/data_api.py [--seconds S] [--clients N] [--rounds R] [--client wrk|aiohttp] [--quick]
 
 A real ``lakelet up`` (its own process, with ``--data-api``) serves a branch holding 100 categories
 × 100 items. Two workloads, each run by N concurrent clients for S seconds:
@@ -9,11 +9,12 @@ A real ``lakelet up`` (its own process, with ``--data-api``) serves a branch hol
 - ``embedded``: ``GET /categories?select=id,name,items(id,name,price)&id=eq.<random>`` — a 100-row
   embedded read.
 
-The floor runs, from the same client process and with the same concurrency, the exact statement the
-Data API builds for each request (taken from its planner), through an asyncpg pool connected to
-the compute's Unix socket: what Postgres alone costs, with no HTTP, no JSON parsing, no
-transaction, no role switch. Rounds alternate Data API / floor so machine noise hits both. Printed:
-requests/s, p50 and p99 latency, and the ratios. Goals (issue #15): single ≥ 0.5× its floor with
+The HTTP load comes from wrk when it is installed (``scripts/setup.sh --bench``), else from aiohttp
+in this process. The floor runs, with the same concurrency, the exact statement the Data API builds
+for each request (taken from its planner) through an asyncpg pool connected to the compute's Unix
+socket: what Postgres alone costs, with no HTTP, no transaction, no role switch. Rounds alternate
+Data API / floor so machine noise hits both. Printed: requests/s, p50 and p99 latency, the ratios,
+and the CPU the lakelet process spent per request. Goals (issue #15): single ≥ 0.5× its floor with
 p99 ≤ 10 ms; embedded ≥ 0.5× its floor.
 """
 
@@ -70,6 +71,13 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU of one process (not its children: the computes are lakelet's children)."""
+    with open(f"/proc/{pid}/stat", "rb") as f:
+        fields = f.read().rsplit(b")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def pct(values: list[float], q: float) -> float:
@@ -149,7 +157,7 @@ async def run(args: argparse.Namespace) -> None:
     os.chmod(root, 0o755)
     data_dir = root / "data"
     pg_port, http_port, api_port = free_port(), free_port(), free_port()
-    env = {**os.environ, "LAKELET_DATA_API_ANON_ROLE": "bench_anon", "LAKELET_DATA_API_POOL_SIZE": str(args.clients),
+    env = {**os.environ, "LAKELET_DATA_API_ANON_ROLE": "bench_anon", "LAKELET_DATA_API_POOL_SIZE": str(args.pool),
            "LAKELET_LOG_LEVEL": "warning"}
     log = open(root / "up.log", "w")  # noqa: SIM115
     proc = subprocess.Popen(
@@ -199,14 +207,16 @@ async def run(args: argparse.Namespace) -> None:
                 await drive(args.clients, 1.0, via_asyncpg)
                 api_runs, floor_runs = [], []
                 for n in range(args.rounds):
+                    cpu_before = cpu_seconds(proc.pid)
                     if use_wrk:
                         rps, p50, p99 = await asyncio.to_thread(
                             run_wrk, f"http://127.0.0.1:{api_port}", w.wrk_path, w.wrk_keys, args.clients,
                             args.seconds, root, n + 1)
-                        api_runs.append((rps, p50, p99))
+                        api_runs.append((rps, p50, p99, (cpu_seconds(proc.pid) - cpu_before) / (rps * args.seconds)))
                     else:
                         rate, lat = await drive(args.clients, args.seconds, via_api)
-                        api_runs.append((rate, pct(lat, 0.5), pct(lat, 0.99)))
+                        api_runs.append((rate, pct(lat, 0.5), pct(lat, 0.99),
+                                         (cpu_seconds(proc.pid) - cpu_before) / len(lat)))
                     rate, lat = await drive(args.clients, args.seconds, via_asyncpg)
                     floor_runs.append((rate, pct(lat, 0.5), pct(lat, 0.99)))
                 report(w.name, api_runs, floor_runs, args, "wrk" if use_wrk else "aiohttp")
@@ -233,6 +243,7 @@ def report(name: str, api_runs: list, floor_runs: list, args: argparse.Namespace
         "ratio_rps": round(med(api_runs, 0) / med(floor_runs, 0), 3),
         "data_api_p50_ms": round(med(api_runs, 1) * 1000, 2), "data_api_p99_ms": round(med(api_runs, 2) * 1000, 2),
         "asyncpg_p50_ms": round(med(floor_runs, 1) * 1000, 2), "asyncpg_p99_ms": round(med(floor_runs, 2) * 1000, 2),
+        "data_api_cpu_us_per_request": round(med(api_runs, 3) * 1e6),
     }), flush=True)
 
 
@@ -244,7 +255,14 @@ def main() -> None:
     parser.add_argument("--keep", action="store_true", help="keep the data dir and log")
     parser.add_argument("--client", choices=["auto", "wrk", "aiohttp"], default="auto",
                         help="HTTP load generator (auto: wrk when installed, else aiohttp in this process)")
+    parser.add_argument("--pool", type=int, default=None,
+                        help="the Data API's connections per branch (data_api_pool_size; default: --clients, "
+                             "as many as the floor's pool)")
+    parser.add_argument("--quick", action="store_true", help="one round of 2 s (make bench)")
     args = parser.parse_args()
+    args.pool = args.pool or args.clients
+    if args.quick:
+        args.rounds, args.seconds = 1, 2.0
     try:
         import uvloop
         uvloop.install()

@@ -14,7 +14,8 @@ the floor for a relay written in Python on uvloop: TCP in, the compute's socket 
 chunk and nothing else — the proxy's cost above it is the proxy's; its cost above PgBouncer is
 the runtime's.
 
-Goals: proxy TPS ≥ 0.9 × direct; proxy CPU per transaction no worse than PgBouncer's.
+Goals: proxy TPS ≥ PgBouncer's and CPU per transaction ≤ PgBouncer's; connection rate ≥ direct (the proxy
+hands new clients warm backends, reset with DISCARD ALL).
 
 Idle clients: a proxied session also holds a Postgres backend, and ``max_connections`` follows the
 compute size, so at most a compute's worth of *authenticated* idle sessions is measured; the full
@@ -556,7 +557,7 @@ def report(s: Settings, select: dict[str, list[Run]], connect: dict[str, list[Ru
     print(f"CPU: the Lakelet process (proxy + control plane; idle background {idle_cpu * 100:.1f}% of a core), "
           "the bare relay's and the pgbouncer process; sys = kernel share.")
     print("direct and bare-relay log in with trust on the compute's socket (no SCRAM); pgbouncer keeps server "
-          "connections across clients in session mode, the proxy opens a backend per client.")
+          "connections across clients in session mode, the proxy keeps warm backends (reset with DISCARD ALL).")
     if idle:
         print(f"{'idle clients':<26}{'clients':>9}{'RSS before':>12}{'RSS after':>11}{'KiB/client':>12}")
         for r in idle:
@@ -573,6 +574,15 @@ def report(s: Settings, select: dict[str, list[Run]], connect: dict[str, list[Ru
     if p is not None and floor is not None:
         print(f"; CPU/txn proxy/bare-relay: {p / floor:.2f}", end="")
     print()
+    if "pgbouncer" in select:
+        b_tps, b_conn = median_tps(select["pgbouncer"]), median_tps(connect["pgbouncer"])
+        p_tps, p_conn = median_tps(select["proxy"]), median_tps(connect["proxy"])
+        line = (f"proxy/pgbouncer: select TPS {p_tps / b_tps:.2f} (goal ≥ 1), connections/s {p_conn / b_conn:.2f}; "
+                f"proxy/direct connections/s {p_conn / direct_conn:.2f} (goal ≥ 1)")
+        p_c, b_c = median_cpu(connect["proxy"]), median_cpu(connect["pgbouncer"])
+        if p_c is not None and b_c is not None:
+            line += f"; CPU/connection proxy/pgbouncer {p_c / b_c:.2f}"
+        print(line)
 
 
 def run(args: argparse.Namespace, cleanup: Cleanup) -> None:

@@ -2,6 +2,9 @@
 
     suspended → starting → active → suspending → suspended        (failed: a start gave up)
 
+The states are ``EndpointState`` and the legal moves are ``TRANSITIONS``: ``_set_state`` refuses
+any other, so a move the design did not intend fails at once instead of leaving a wrong state.
+
 ``ensure_ready`` is single flight: however many sessions ask at once, one start runs and every
 caller gets its result. A compute that dies is noticed at once (we wait on its process) and the
 endpoint falls back to ``suspended``; the next session wakes a fresh compute from the store.
@@ -15,6 +18,7 @@ import logging
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from enum import StrEnum
 from pathlib import Path
 
 from compute import sizes
@@ -33,6 +37,30 @@ START_ATTEMPTS = 3
 ROLE_SYNC_EVERY = 5.0
 IMAGE_CHECK_EVERY = 30.0
 BEFORE_STOP_TIMEOUT = 30.0
+
+
+class EndpointState(StrEnum):
+    SUSPENDED = "suspended"
+    STARTING = "starting"
+    ACTIVE = "active"
+    SUSPENDING = "suspending"
+    FAILED = "failed"  # the last start gave up after its attempts; the next wake tries again
+
+
+S = EndpointState
+TRANSITIONS: dict[EndpointState, frozenset[EndpointState]] = {
+    S.SUSPENDED: frozenset({S.STARTING}),
+    S.FAILED: frozenset({S.STARTING}),
+    # ready; gave up; the branch was deleted under the start
+    S.STARTING: frozenset({S.ACTIVE, S.FAILED, S.SUSPENDED}),
+    # a clean stop begins; the compute died (crash watch)
+    S.ACTIVE: frozenset({S.SUSPENDING, S.SUSPENDED}),
+    S.SUSPENDING: frozenset({S.SUSPENDED}),
+}
+
+
+class IllegalTransition(RuntimeError):
+    """A state change the endpoint's table does not allow (a bug, never a user error)."""
 
 
 class WakeError(Exception):
@@ -95,15 +123,16 @@ class Context:
 
 
 class Endpoint:
-    def __init__(self, ctx: Context, branch: str, config: EndpointConfig) -> None:
+    def __init__(self, ctx: Context, branch: str, config: EndpointConfig, signals: LoadSignals | None = None) -> None:
         self.ctx = ctx
         self.branch = branch
         self.config = config
-        self.state = "suspended"
+        self.state = EndpointState.SUSPENDED
         self.reason: str | None = None
         self.node: ComputeNode | None = None
         self.cu = config.min_cu
-        self.signals = LoadSignals()
+        # Owned by the control plane when it made this endpoint: they outlive it.
+        self.signals = signals if signals is not None else LoadSignals()
         self.last_sample: Sample | None = None
         self._policy = PolicyState(self.cu)
         self._sampler = ComputeSampler()
@@ -114,10 +143,12 @@ class Endpoint:
         self._next_start_cu = config.min_cu
         self._image_job: asyncio.Task[None] | None = None
         self._image_checked = 0.0
-        self._set_state("suspended")
+        ctx.metrics.set_state(branch, self.state)
         ctx.metrics.cu.labels(branch).set(0)
 
-    def _set_state(self, state: str, reason: str | None = None) -> None:
+    def _set_state(self, state: EndpointState, reason: str | None = None) -> None:
+        if state not in TRANSITIONS.get(self.state, frozenset()):
+            raise IllegalTransition(f"endpoint {self.branch!r}: {self.state} → {state} is not a legal move")
         self.state = state
         self.reason = reason
         self.ctx.metrics.set_state(self.branch, state)
@@ -127,7 +158,7 @@ class Endpoint:
     async def ensure_ready(self) -> ComputeNode:
         while True:
             node = self.node
-            if self.state == "active" and node is not None:
+            if self.state == S.ACTIVE and node is not None:
                 if node.alive():
                     return node
                 await self._lost(node, await node.wait_exit())  # exited: returns at once
@@ -149,7 +180,7 @@ class Endpoint:
 
     async def _start(self) -> ComputeNode:
         started = time.monotonic()
-        self._set_state("starting")
+        self._set_state(S.STARTING)
         # After an idle suspend the next session starts small; after a crash it starts at the size
         # the load had reached (so the restart-only settings of that size finally apply).
         self.cu = max(self.config.min_cu, min(self.config.max_cu, self._next_start_cu))
@@ -165,7 +196,7 @@ class Endpoint:
                 await node.start()
             except BranchNotFound as e:
                 await node.kill()
-                self._set_state("suspended", str(e))
+                self._set_state(S.SUSPENDED, str(e))
                 raise WakeError(f"branch {self.branch!r} no longer exists: {e}") from None
             except Exception as e:
                 last_error = str(e)
@@ -180,7 +211,7 @@ class Endpoint:
             self._active_since = time.monotonic()
             self._image_checked = self._active_since
             self.signals.last_activity = time.monotonic()
-            self._set_state("active")
+            self._set_state(S.ACTIVE)
             self.ctx.metrics.starts.labels(self.branch).inc()
             self.ctx.metrics.start_seconds.observe(time.monotonic() - started)
             self.ctx.metrics.cu.labels(self.branch).set(self.cu)
@@ -192,7 +223,7 @@ class Endpoint:
             self._spawn(self._sync_roles(node))
             return node
         message = f"could not start the compute for branch {self.branch!r} ({START_ATTEMPTS} attempts): {last_error}"
-        self._set_state("failed", message)
+        self._set_state(S.FAILED, message)
         raise WakeError(message)
 
     async def _sync_roles(self, node: ComputeNode) -> None:
@@ -215,7 +246,7 @@ class Endpoint:
     async def _lost(self, node: ComputeNode, code: int | None) -> None:
         """The postmaster died outside a suspend (kill -9, OOM): clean up what is left of it (its WAL
         receiver) and go back to ``suspended``; acknowledged commits are in the store already."""
-        if self.node is not node or self.state != "active":
+        if self.node is not node or self.state != S.ACTIVE:
             return
         sampler = self._sampler
         self.node = None
@@ -224,7 +255,7 @@ class Endpoint:
         log.warning(f"{reason}; the next session wakes a fresh one from the store",
                     extra={"branch": self.branch, "exit_code": code})
         self.ctx.metrics.cu.labels(self.branch).set(0)
-        self._set_state("suspended", reason)
+        self._set_state(S.SUSPENDED, reason)
         await node.kill()
         await sampler.close()
 
@@ -236,10 +267,10 @@ class Endpoint:
             with contextlib.suppress(Exception):
                 await asyncio.shield(self._wake)
         if self._suspending is None:
-            if self.state != "active" or self.node is None:
+            if self.state != S.ACTIVE or self.node is None:
                 return
             # "suspending" from this instant: a session arriving now must wait, not get this node.
-            self._set_state("suspending")
+            self._set_state(S.SUSPENDING)
             self._suspending = asyncio.create_task(self._suspend(self.node), name=f"suspend-{self.branch}")
             self._suspending.add_done_callback(self._suspend_done)
         await asyncio.shield(self._suspending)
@@ -272,7 +303,7 @@ class Endpoint:
             self.node = None
             self._next_start_cu = self.config.min_cu
             self.ctx.metrics.cu.labels(self.branch).set(0)
-            self._set_state("suspended")
+            self._set_state(S.SUSPENDED)
 
     # -- background images ----------------------------------------------------------------------
 
@@ -282,7 +313,7 @@ class Endpoint:
         days leaves all of it for GC to keep and for a crash recovery to replay. One job per
         branch at a time; the compute serves on meanwhile."""
         node = self.node
-        if self.state != "active" or node is None or self._image_job is not None:
+        if self.state != S.ACTIVE or node is None or self._image_job is not None:
             return
         if now - self._image_checked < self.config.image_check_every:
             return
@@ -307,7 +338,7 @@ class Endpoint:
         try:
             if not await asyncio.to_thread(store.needs_image, self.branch):
                 return
-            if self.state != "active" or self.node is not node or node.stopping:
+            if self.state != S.ACTIVE or self.node is not node or node.stopping:
                 return  # suspending: the clean image at shutdown covers it
             started = time.monotonic()
             image = await asyncio.to_thread(store.take_online_image, self.branch, host=str(node.socket_dir),
@@ -331,17 +362,17 @@ class Endpoint:
     async def tick(self) -> None:
         """Once a second while active: scale to zero when idle, else sample and maybe resize."""
         node = self.node
-        if self.state != "active" or node is None or not node.alive():
+        if self.state != S.ACTIVE or node is None or not node.alive():
             return
         sample = await self._sampler.sample(node.process_ids(), node.connect, self.signals.sessions)
-        if self.state != "active" or self.node is not node:
+        if self.state != S.ACTIVE or self.node is not node:
             return  # suspended or lost while we were reading it
         self.last_sample = sample
         now = time.monotonic()
         if sample.active_backends > 0:
             # Queries from clients that bypass the proxy (the control plane, direct tools) count too.
             self.signals.last_activity = now
-        if self.idle_for(now) >= self.config.suspend_timeout and self.state == "active":
+        if self.idle_for(now) >= self.config.suspend_timeout and self.state == S.ACTIVE:
             log.info("idle; scaling to zero", extra={"branch": self.branch,
                                                      "idle_seconds": round(self.idle_for(now), 1)})
             self._spawn(self.suspend())

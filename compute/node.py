@@ -28,10 +28,17 @@ log = logging.getLogger("lakelet.compute")
 
 PORT = 5432
 START_TIMEOUT = 600.0
+READY_POLL = 0.002  # how often postmaster.pid is read while a compute starts
 INCLUDE_LINE = "include_if_exists = 'lakelet.conf'"
-# Materialize → promote → note the new timeline must not interleave between computes (two
-# promotions at once could choose the same timeline ID).
-_promotion_lock = asyncio.Lock()
+
+
+def _postmaster_ready(pid_file: Path, pid: int | None) -> bool:
+    """postmaster.pid names ``pid`` (not a previous run's) and its status line says "ready"."""
+    try:
+        lines = pid_file.read_text().split("\n")
+    except OSError:
+        return False
+    return len(lines) > 7 and lines[0].strip() == str(pid) and lines[7].strip() == "ready"
 
 
 class ComputeStartError(Exception):
@@ -61,13 +68,19 @@ class ComputeNode:
         self._receiver: WalReceiver | None = None
         self._computes_dir = computes_dir
         self.stopping = False
+        # When this start spawned Postgres and when it was ready to serve (monotonic seconds).
+        self.spawned_at = 0.0
+        self.ready_at = 0.0
+        self.timings: dict[str, float] = {}  # the last start's steps, in seconds
+        self._receiver_start: asyncio.Task[None] | None = None
+        self._step_at = 0.0
 
     # -- start ----------------------------------------------------------------------------------
 
     def _prepare_dirs(self) -> None:
         for d in (self._computes_dir, self.home, self.socket_dir):
             d.mkdir(parents=True, exist_ok=True)
-        os.chmod(self._computes_dir, 0o711)
+        self.user.share_dir(self._computes_dir)
         self.user.own(self.home, 0o700)
         self.user.own(self.socket_dir, 0o700)
 
@@ -117,31 +130,71 @@ class ComputeNode:
             await run_async([self.pg["pg_ctl"], "stop", "-D", str(self.datadir), "-m", "immediate", "-w"],
                             self.user, check=False)
 
+    def _step(self, name: str) -> None:
+        """Time since the previous step, kept by name (bench/wake.py prints where a wake goes)."""
+        now = time.monotonic()
+        self.timings[name] = now - self._step_at
+        self._step_at = now
+
     async def start(self) -> None:
-        started = time.monotonic()
+        started = self._step_at = time.monotonic()
         self._prepare_dirs()
-        async with _promotion_lock:
-            await self._stop_stale()
-            branch_id = (await asyncio.to_thread(self.store.get_branch, self.branch)).id
-            await asyncio.to_thread(logical_slots.stash, self.datadir, self.home, branch_id)
-            prepared = await asyncio.to_thread(self.store.materialize, self.branch, self.datadir)
+        # No lock across branches: the store hands each promotion its own timeline ID, so cold
+        # starts of different branches (restore, replay) run side by side.
+        await self._stop_stale()
+        branch_id = (await asyncio.to_thread(self.store.get_branch, self.branch)).id
+        await asyncio.to_thread(logical_slots.stash, self.datadir, self.home, branch_id)
+        prepared = await asyncio.to_thread(self.store.materialize, self.branch, self.datadir)
+        try:
             await asyncio.to_thread(self._restore_sync_slots, branch_id, prepared.needs_recovery)
+            self._step("materialize")
             await asyncio.to_thread(self._write_config)
+            self._step("config")
+            self.spawned_at = time.monotonic()
             await self._spawn()
-            try:
-                await self._wait_ready()
-                if prepared.needs_recovery:
-                    await asyncio.to_thread(self.store.note_timeline, self.branch, self.datadir)
-                else:
-                    await asyncio.to_thread(self.store.mark_running, self.branch)
-                self._receiver = WalReceiver(self)
-                await self._receiver.start()
-            except BaseException:
-                await self.kill()
-                raise
+            await self._wait_ready()
+            self._step("postmaster ready")
+            if prepared.needs_recovery:
+                await asyncio.to_thread(self.store.note_timeline, self.branch, self.datadir, prepared.timeline)
+            else:
+                await asyncio.to_thread(self.store.mark_running, self.branch)
+            self._step("catalog")
+            self.ready_at = time.monotonic()
+        except BaseException:
+            self.store.release_timeline(prepared.timeline)
+            await self.kill()
+            raise
+        # The WAL receiver connects off the wake path: with durability = "store" it is the
+        # synchronous standby, so a commit made before it streams waits for it like any other;
+        # sessions need not wait for it to begin.
+        self._receiver = WalReceiver(self, ADMIN_ROLE)
+        self._receiver_start = asyncio.create_task(self._start_receiver(), name=f"walreceiver-start-{self.branch}")
         log.info("compute started", extra={"branch": self.branch, "pid": self.pid,
                                            "seconds": round(time.monotonic() - started, 3),
                                            "replayed": prepared.needs_recovery})
+
+    async def _start_receiver(self) -> None:
+        started = time.monotonic()
+        assert self._receiver is not None
+        try:
+            await self._receiver.start()
+        except Exception as e:
+            if self.stopping or not self.alive():
+                return
+            # Commits would wait forever: stop the compute instead, loudly; its exit is seen by the
+            # endpoint, and the next session starts a fresh one.
+            log.error("WAL receiver did not start; stopping the compute",
+                      extra={"branch": self.branch, "error": str(e)})
+            await self.kill()
+            return
+        self.timings["WAL receiver streaming (background)"] = time.monotonic() - started
+
+    async def _receiver_started(self) -> None:
+        """Let a receiver start in progress finish (it fails fast once the server is gone)."""
+        task = self._receiver_start
+        if task is not None and task is not asyncio.current_task():
+            with contextlib.suppress(Exception):
+                await task
 
     def _restore_sync_slots(self, branch_id: int, rebuilt: bool) -> None:
         """Lakehouse-sync slots survive a rebuilt data dir (see compute.logical_slots)."""
@@ -173,28 +226,40 @@ class ComputeNode:
         return "\n".join(ln for ln in text.splitlines() if "the database system is starting up" not in ln)
 
     async def _wait_ready(self) -> None:
+        """Until the postmaster accepts connections outside recovery. It says so itself: line 8 of
+        postmaster.pid becomes "ready" (with hot_standby off, only once recovery has ended). The
+        file is read every 2 ms (pg_ctl reads it every 100 ms) — a read of a page-cached file,
+        where a probe connection would fork a backend each time."""
         deadline = time.monotonic() + START_TIMEOUT
+        pid_file = self.datadir / "postmaster.pid"
         while time.monotonic() < deadline:
             if self._proc is None or self._proc.returncode is not None:
                 raise ComputeStartError(f"compute for branch {self.branch!r} exited during start: "
                                         f"{last_error_line(self.log_tail())}")
-            try:
-                conn = await asyncio.wait_for(self.connect(), 5)
-            except (TimeoutError, OSError, asyncpg.PostgresError):
-                await asyncio.sleep(0.05)
-                continue
-            try:
-                if not await conn.fetchval("SELECT pg_is_in_recovery()"):
-                    return
-            except asyncpg.PostgresError:
-                pass
-            finally:
-                await conn.close()
-            await asyncio.sleep(0.05)
+            if _postmaster_ready(pid_file, self.pid):
+                return
+            await asyncio.sleep(READY_POLL)
         raise ComputeStartError(f"compute for branch {self.branch!r} not ready after {START_TIMEOUT:.0f}s: "
                                 f"{last_error_line(self.log_tail())}")
 
     # -- run ------------------------------------------------------------------------------------
+
+    def wal_dir(self) -> Path:
+        """Where the receiver stores this branch's WAL (the store's archive directory)."""
+        return self.store.wal_dir(self.branch)
+
+    async def replication_state(self) -> str | None:
+        """The receiver's state as the server sees it (``streaming`` once commits can complete)."""
+        conn = await self.connect()
+        try:
+            return await conn.fetchval(
+                "SELECT state FROM pg_stat_replication WHERE application_name = $1", RECEIVER_NAME)
+        finally:
+            await conn.close()
+
+    def durability_stalled(self) -> str | None:
+        """Why commits cannot become durable now, or None (see ``WalReceiver.stalled``)."""
+        return self._receiver.stalled if self._receiver is not None else None
 
     def alive(self) -> bool:
         return self._proc is not None and self._proc.returncode is None
@@ -286,6 +351,7 @@ class ComputeNode:
             except TimeoutError:
                 await self.kill()
                 raise ComputeStartError(f"compute for branch {self.branch!r} did not shut down in 60s") from None
+        await self._receiver_started()
         if self._receiver is not None:
             await self._receiver.stop(drain=True)
             self._receiver = None
@@ -299,6 +365,7 @@ class ComputeNode:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(self._proc.pid, signal.SIGKILL)
             await self._proc.wait()
+        await self._receiver_started()
         if self._receiver is not None:
             await self._receiver.stop()
             self._receiver = None

@@ -1,8 +1,13 @@
 """The compute's WAL receiver: ``pg_receivewal --synchronous`` into the store's WAL archive.
 
 The server names it in ``synchronous_standby_names``, so commits wait for it. If it dies, it is
-restarted; commits wait meanwhile instead of being acknowledged without durability. A physical
+restarted with a growing delay (reset only once it streams again, so an unwritable store costs a
+restart every few seconds, not a dozen a second); commits wait meanwhile instead of being
+acknowledged without durability, and ``stalled`` says why, for status and /healthz. A physical
 replication slot keeps the server from recycling WAL the receiver has not yet stored.
+
+It knows its compute only through ``ReceiverHost`` (no import of ``compute.node``), and writes its
+pid next to the compute's data dir, so a Lakelet that died can find and stop it at the next start.
 """
 
 from __future__ import annotations
@@ -11,89 +16,122 @@ import asyncio
 import contextlib
 import logging
 import time
-from typing import TYPE_CHECKING
+from pathlib import Path
+from typing import Protocol
 
-from storage import ADMIN_ROLE
-from storage.postgres import last_error_line, run_async
-
-if TYPE_CHECKING:
-    from compute.node import ComputeNode
+from storage.postgres import PgBinaries, ServiceUser, last_error_line, run_async
 
 log = logging.getLogger("lakelet.compute.wal")
 
 RECEIVER_NAME = "lakelet_wal"
 SLOT_NAME = "lakelet_wal"
 CONNECT_TIMEOUT = 30.0
+PID_FILE = "receiver.pid"
+FIRST_DELAY = 0.05
+MAX_DELAY = 5.0
 
 
 class WalReceiverError(RuntimeError):
     pass
 
 
+class ReceiverHost(Protocol):
+    """What the receiver needs of its compute."""
+
+    branch: str
+    pg: PgBinaries
+    user: ServiceUser
+    socket_dir: Path
+    port: int
+    home: Path
+    datadir: Path
+    stopping: bool
+
+    def alive(self) -> bool: ...
+    def wal_dir(self) -> Path: ...
+    async def replication_state(self) -> str | None: ...
+
+
 class WalReceiver:
-    def __init__(self, node: ComputeNode) -> None:
-        self.node = node
+    def __init__(self, host: ReceiverHost, admin_role: str) -> None:
+        self.host = host
+        self.admin_role = admin_role
         self.restarts = 0
+        # Why commits cannot become durable now (the receiver exited and does not stream yet).
+        self.stalled: str | None = None
         self._proc: asyncio.subprocess.Process | None = None
         self._task: asyncio.Task[None] | None = None
         self._stopping = False
 
     def _dsn(self) -> str:
-        return (f"host={self.node.socket_dir} port={self.node.port} user={ADMIN_ROLE} "
+        return (f"host={self.host.socket_dir} port={self.host.port} user={self.admin_role} "
                 f"application_name={RECEIVER_NAME}")
 
     async def start(self) -> None:
-        pg, user = self.node.pg, self.node.user
+        # A slot kept in the data dir from the last run (Postgres writes it under a temporary
+        # name and renames it once complete) needs no process spawned on every wake.
+        if not (self.host.datadir / "pg_replslot" / SLOT_NAME / "state").exists():
+            await self._create_slot()
+        await self._spawn()
+        self._task = asyncio.create_task(self._supervise(), name=f"walreceiver-{self.host.branch}")
+        if not await self._streaming(CONNECT_TIMEOUT):
+            raise WalReceiverError(f"WAL receiver for branch {self.host.branch!r} did not start streaming")
+
+    async def _create_slot(self) -> None:
+        pg, user = self.host.pg, self.host.user
         rc, _, err = await run_async([pg["pg_receivewal"], "--create-slot", "--if-not-exists", "--slot", SLOT_NAME,
                                       "-d", self._dsn(), "-n"], user, check=False)
         if rc != 0:
-            raise WalReceiverError(f"cannot create replication slot for branch {self.node.branch!r}: "
+            raise WalReceiverError(f"cannot create replication slot for branch {self.host.branch!r}: "
                                    f"{last_error_line(err)}")
-        await self._spawn()
-        self._task = asyncio.create_task(self._supervise(), name=f"walreceiver-{self.node.branch}")
-        await self._wait_streaming()
 
     async def _spawn(self) -> None:
-        wal_dir = await asyncio.to_thread(self.node.store.wal_dir, self.node.branch)
+        wal_dir = await asyncio.to_thread(self.host.wal_dir)
         self._proc = await asyncio.create_subprocess_exec(
-            self.node.pg["pg_receivewal"], "-D", str(wal_dir), "--slot", SLOT_NAME, "--synchronous",
+            self.host.pg["pg_receivewal"], "-D", str(wal_dir), "--slot", SLOT_NAME, "--synchronous",
             "--no-loop", "-n", "-d", self._dsn(),
             stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE,
-            preexec_fn=self.node.user.preexec, env=self.node.user.child_env(), start_new_session=True, cwd="/",
+            preexec_fn=self.host.user.preexec, env=self.host.user.child_env(), start_new_session=True, cwd="/",
         )
+        (self.host.home / PID_FILE).write_text(f"{self._proc.pid}\n")
 
-    async def _wait_streaming(self) -> None:
-        """Ready means the server sees us as its synchronous standby: commits can complete."""
-        deadline = time.monotonic() + CONNECT_TIMEOUT
+    async def _streaming(self, timeout: float) -> bool:
+        """Whether the server sees us as its synchronous standby within ``timeout``: commits can
+        complete."""
+        deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            conn = await self.node.connect()
-            try:
-                state = await conn.fetchval(
-                    "SELECT state FROM pg_stat_replication WHERE application_name = $1", RECEIVER_NAME)
-            finally:
-                await conn.close()
-            if state == "streaming":
-                return
+            if self._proc is None or self._proc.returncode is not None:
+                return False
+            with contextlib.suppress(OSError, asyncio.TimeoutError):
+                if await self.host.replication_state() == "streaming":
+                    return True
             await asyncio.sleep(0.02)
-        raise WalReceiverError(f"WAL receiver for branch {self.node.branch!r} did not start streaming")
+        return False
 
     async def _supervise(self) -> None:
-        backoff = 0.05
+        delay = FIRST_DELAY
         while not self._stopping:
             assert self._proc is not None
             _, err = await self._proc.communicate()
-            if self._stopping or self.node.stopping or not self.node.alive():
+            if self._stopping or self.host.stopping or not self.host.alive():
                 return
             self.restarts += 1
+            why = last_error_line(err.decode(errors="replace"))
+            self.stalled = f"the WAL receiver keeps exiting, commits wait: {why}"
             log.warning("WAL receiver exited; restarting (commits wait meanwhile)",
-                        extra={"branch": self.node.branch, "error": last_error_line(err.decode(errors="replace"))})
-            await asyncio.sleep(backoff)
-            backoff = min(backoff * 2, 2.0)
-            if self._stopping or not self.node.alive():
+                        extra={"branch": self.host.branch, "error": why, "delay": delay})
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, MAX_DELAY)
+            if self._stopping or not self.host.alive():
                 return
-            with contextlib.suppress(OSError):
+            try:
                 await self._spawn()
-                backoff = 0.05
+            except OSError as e:
+                self.stalled = f"the WAL receiver cannot start, commits wait: {e}"
+                continue
+            if await self._streaming(CONNECT_TIMEOUT):
+                self.stalled = None
+                delay = FIRST_DELAY
 
     def pid(self) -> int | None:
         return self._proc.pid if self._proc is not None and self._proc.returncode is None else None
@@ -117,3 +155,4 @@ class WalReceiver:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
+        (self.host.home / PID_FILE).unlink(missing_ok=True)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from typing import Any
+from urllib.parse import quote
 
 import asyncpg
 
@@ -39,6 +40,8 @@ class Result:
     headers: dict[str, str] = field(default_factory=dict)
     response_headers: str | None = None   # response.headers as a function left it
     response_status: str | None = None
+    override_headers: dict[str, str] = field(default_factory=dict)   # parsed from response.headers
+    override_status: int | None = None                                 # parsed from response.status
     scalar: bool = False           # the body is one value, not an array of rows
 
 
@@ -134,7 +137,7 @@ async def _mutate(conn: asyncpg.Connection, ctx: Context, table: TableInfo, b: B
                        f"The query affects {result.page} rows", None)
     if ctx.prefs.return_ == "headers-only" and table.pk and result.page:
         first = json.loads(result.body or "[]")[0]
-        query = "&".join(f"{k}=eq.{first.get(k)}" for k in table.pk)
+        query = "&".join(f"{k}=eq.{quote(str(first.get(k)), safe='')}" for k in table.pk)
         result.headers["Location"] = f"/{table.name}?{query}"
     if ctx.prefs.return_ != "representation" and not ctx.singular:
         result.body = None
@@ -343,6 +346,17 @@ async def call(conn: asyncpg.Connection, ctx: Context, fn: FunctionInfo, args: d
     result.body = result.body if result.body is not None else "null"
     result.scalar = True
     return result
+
+
+def json_body_text(raw: bytes) -> str:
+    """A body passed whole to a function of one json argument: checked to be JSON, sent as text."""
+    if not raw.strip():
+        return "{}"
+    try:
+        json.loads(raw)
+        return raw.decode()
+    except (ValueError, UnicodeDecodeError, RecursionError):
+        raise body_error("Empty or invalid json") from None
 
 
 def rpc_args_from_body(raw: bytes) -> dict[str, Any]:

@@ -86,7 +86,12 @@ class Database:
         if self.pool is not None and self.pid == address.pid and self.cache is not None:
             return
         async with self._lock:
-            if self.pool is not None and self.pid == address.pid and self.cache is not None:
+            if self.pool is not None and self.pid == address.pid:
+                if self.cache is None:  # a failed reload: load again, keep the pool others are using
+                    await self.reload()
+                    if self.cache is None:
+                        raise ApiError(503, "PGRST002", "Could not query the database for the schema cache",
+                                       None, "Retry the request")
                 return
             await self.close()
             try:
@@ -246,8 +251,4 @@ class Databases:
         return self._dbs.get((branch, database))
 
 
-def conn_error(e: BaseException) -> ApiError:
-    return ApiError(503, "PGRST001", "Database connection lost", str(e), "Retry the request")
-
-
-__all__ = ["Computes", "Database", "Databases", "PoolSettings", "conn_error"]
+__all__ = ["Computes", "Database", "Databases", "PoolSettings"]

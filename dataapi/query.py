@@ -17,7 +17,7 @@ same select.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 from urllib.parse import parse_qsl
 
@@ -67,8 +67,6 @@ class Params:
 class Statement:
     sql: str
     params: list[Any]
-    count_sql: str | None = None     # for count=planned/estimated: the query to EXPLAIN
-    count_params: list[Any] = field(default_factory=list)
 
 
 @dataclass
@@ -103,6 +101,13 @@ class Builder:
     def field_sql(self, alias: str, table: TableInfo, f: Field) -> tuple[str, str]:
         """SQL for a column with its JSON arrows, and the type of the result."""
         col = table.columns.get(f.name)
+        if col is None and f.name in table.computed:
+            fn_schema, fn_name, rettype = table.computed[f.name]
+            sql, typ = f"{qualified(fn_schema, fn_name)}({alias})", rettype
+            for step in f.path:
+                key = self.params.add(step.key, "int") if isinstance(step.key, int) else self.params.add(step.key)
+                sql, typ = f"{sql}{step.arrow}{key}", "text" if step.arrow == "->>" else "jsonb"
+            return sql, typ
         if col is None and table.kind != "c":
             raise _unknown_column(table, f.name)
         sql = f"{alias}.{ident(f.name)}"
@@ -185,13 +190,15 @@ class Builder:
                 if not is_agg:
                     grouped.append(len(cols))
             else:
-                if for_count and item.join != "inner":
-                    continue
-                col_sql, join_sql, body_ref = self._embed(a, table, item, path, for_count)
+                if for_count and item.join != "inner" and item.key not in self._filtered_names(path):
+                    continue  # counting needs only the embeddings that can drop rows
+                grouping = any(isinstance(i, Column) and i.aggregate for i in items)
+                col_sql, join_sql, body_ref = self._embed(a, table, item, path, for_count, grouping)
                 joins.append(join_sql)
-                embeds[item.key] = body_ref
-                if item.join == "inner":
-                    wheres.append(f"{body_ref} IS NOT NULL")
+                if body_ref is not None:
+                    embeds[item.key] = body_ref
+                    if item.join == "inner":
+                        wheres.append(f"{body_ref} IS NOT NULL")
                 if col_sql:
                     cols.append(col_sql)
                     grouped.append(len(cols))
@@ -236,9 +243,9 @@ class Builder:
         return sql, name, c.aggregate is not None
 
     def _embed(self, parent_alias: str, parent: TableInfo, e: Embed, path: Path,
-               for_count: bool) -> tuple[str | None, str, str]:
+               for_count: bool, grouped: bool = False) -> tuple[str | None, str, str | None]:
         rel = self.cache.relationship(parent, e.relation, e.hint)
-        child_path = path + (e.key,)
+        child_path = self._embed_path(path, e)
         self._used_paths.add(child_path)
         target = rel.target
         if rel.junction is None:
@@ -257,21 +264,65 @@ class Builder:
         sub = self.node(target, qualified(target.schema, target.name), items, child_path, link=link,
                         limit=limit, offset=offset, for_count=False)
         lat = self.alias()
-        if e.spread:
-            if not rel.to_one:
-                raise ApiError(400, "PGRST119", f"A spread operation on '{e.relation}' is not possible", None,
-                               "A spread needs a many-to-one or one-to-one relationship")
+        if e.spread and rel.to_one:
+            # The embedded columns join the parent's row; !inner is the join itself.
             kind = "JOIN" if e.join == "inner" else "LEFT JOIN"
-            return (None if for_count else f"{lat}.*", f"{kind} LATERAL ({sub}) AS {lat} ON TRUE",
-                    f"{lat}.*")  # body_ref unused for spread filters
+            return (None if for_count else f"{lat}.*", f"{kind} LATERAL ({sub}) AS {lat} ON TRUE", None)
+        if e.spread:
+            # To-many spread (PostgREST 13): each embedded column becomes an array of its values.
+            row = self.alias()
+            names = self._output_names(target, items)
+            aggs = "".join(f"coalesce(json_agg({row}.{ident(n)}), '[]'::json) AS {ident(n)}, " for n in names)
+            join = f"LEFT JOIN LATERAL (SELECT {aggs}count(*) AS pgrst_n FROM ({sub}) AS {row}) AS {lat} ON TRUE"
+            cols = ", ".join(f"{lat}.{ident(n)}" for n in names)
+            return (None if for_count or not names else cols), join, f"nullif({lat}.pgrst_n, 0)"
         row = self.alias()
         if rel.to_one:
             join = f"LEFT JOIN LATERAL (SELECT row_to_json({row}.*) AS body FROM ({sub}) AS {row}) AS {lat} ON TRUE"
-            col = f"{lat}.body AS {ident(e.key)}"
+            # Grouped next to aggregates, the embedding must be comparable: jsonb has equality, json not.
+            col = f"{lat}.body{'::jsonb' if grouped else ''} AS {ident(e.key)}"
         else:
             join = f"LEFT JOIN LATERAL (SELECT json_agg({row}.*) AS body FROM ({sub}) AS {row}) AS {lat} ON TRUE"
-            col = f"COALESCE({lat}.body, '[]'::json) AS {ident(e.key)}"
+            col = f"COALESCE({lat}.body, '[]'::json){'::jsonb' if grouped else ''} AS {ident(e.key)}"
         return (None if for_count or not e.select else col), join, f"{lat}.body"
+
+    def _embed_path(self, path: Path, e: Embed) -> Path:
+        """Filters, order and limit name an aliased embedding by its alias, or — as PostgREST also
+        accepts — by its relation when the alias is not used."""
+        by_key = path + (e.key,)
+        by_relation = path + (e.relation,)
+        mappings = (self.query.conditions, self.query.order, self.query.limit, self.query.offset)
+        if e.alias and not any(k[:len(by_key)] == by_key for m in mappings for k in m) and any(
+                k[:len(by_relation)] == by_relation for m in mappings for k in m):
+            return by_relation
+        return by_key
+
+    def _filtered_names(self, path: Path) -> set[str]:
+        """Names the filters at ``path`` refer to (an embedding filtered with is.null counts)."""
+        names: set[str] = set()
+        todo: list[Condition] = list(self.query.conditions.get(path, []))
+        while todo:
+            cond = todo.pop()
+            if isinstance(cond, Logic):
+                todo.extend(cond.children)
+            else:
+                names.add(cond.field.name)
+        return names
+
+    def _output_names(self, table: TableInfo, items: list[SelectItem]) -> list[str]:
+        """The column names a level's SELECT produces (for a to-many spread's arrays)."""
+        names: list[str] = []
+        for item in items:
+            if isinstance(item, Star):
+                names += list(table.columns)
+            elif isinstance(item, Column):
+                names.append(item.alias or (item.aggregate if item.aggregate else item.field.default_alias))
+            elif item.spread:
+                raise ApiError(400, "PGRST119", "A spread inside a to-many spread is not supported", None,
+                               "Spread the inner relationship on its own level, or embed it without '...'")
+            elif item.select:
+                names.append(item.key)
+        return names
 
     def order_sql(self, a: str, table: TableInfo, t: OrderTerm) -> str:
         if t.relation is not None:
@@ -295,8 +346,10 @@ class Builder:
         for mapping in (self.query.conditions, self.query.order, self.query.limit, self.query.offset):
             for path in mapping:
                 if path not in self._used_paths:
-                    name = ".".join(path)
-                    raise ApiError(400, "PGRST108", f"'{name}' is not an embedded resource in this request", None,
+                    known = max(n for n in range(len(path) + 1) if path[:n] in self._used_paths)
+                    name = path[known]
+                    raise ApiError(400, "PGRST108", f"Cannot apply filter because '{name}' is not an embedded "
+                                   "resource in this request", None,
                                    f"Verify that '{name}' is included in the 'select' query parameter.")
 
     # -- the statement around a read ----------------------------------------------------------------
@@ -453,6 +506,9 @@ def delete_cte(b: Builder, table: TableInfo) -> str:
 def call_source(b: Builder, fn: FunctionInfo, args: dict[str, Any]) -> str:
     """``FROM jsonb_to_record($n) AS pgrst_args(a int, …), LATERAL fn(a := pgrst_args.a, …)``: named
     arguments, each converted to its parameter's type by Postgres from the JSON value."""
+    if fn.single_json:
+        body = b.params.add(args.get("", "{}"))
+        return f"{qualified(fn.schema, fn.name)}(CAST({body} AS {fn.args[0].type}))"
     given = [a for a in fn.args if a.name in args]
     named = ", ".join(f"{ident(a.name)} := pgrst_args.{ident(a.name)}" for a in given)
     call = f"{qualified(fn.schema, fn.name)}({named})"

@@ -14,6 +14,7 @@ Grammar, as PostgREST documents it:
 
 from __future__ import annotations
 
+import json
 import re
 from dataclasses import dataclass, field
 from typing import Literal
@@ -34,7 +35,7 @@ AGGREGATES = {"count", "sum", "avg", "max", "min"}
 MAX_LOGIC_DEPTH = 32
 MAX_SELECT_DEPTH = 16
 
-IDENT = r"[^\s,.:()!\"\->]+"
+IDENT = r"[^\s,.:()!\">]+"  # a dash is allowed (field-with_sep); arrows are split off before
 _IDENT_RE = re.compile(IDENT)
 _CAST_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_ ]*(\[\])?$")
 _JSON_OP = re.compile(r"(->>|->)")
@@ -125,7 +126,6 @@ class Preferences:
     handling: Literal["strict", "lenient"] | None = None
     tx: Literal["commit", "rollback"] | None = None
     max_affected: int | None = None
-    applied: list[str] = field(default_factory=list)
 
 
 Path = tuple[str, ...]  # the embedding path a filter/order/limit applies to; () = the top level
@@ -190,7 +190,7 @@ def parse_list(text: str, what: str) -> tuple[str, ...]:
     if not (text.startswith("(") and text.endswith(")")):
         raise parse_error(f'"failed to parse filter ({what})"', f"expected a list in parentheses, got {text!r}")
     inner = text[1:-1]
-    if inner == "":
+    if inner.strip() == "":
         return ()
     return tuple(unquote(p.strip()) for p in split_top(inner))
 
@@ -294,7 +294,9 @@ def parse_filter_value(field_: Field, text: str) -> Filter:
         negate, text = True, text[4:]
     op_text, dot, value = text.partition(".")
     if not dot:
-        raise parse_error(f'"failed to parse filter ({text})"', "a filter is operator.value (for example eq.5)")
+        raise ApiError(400, "PGRST104", "Unexpected param or filter missing operator",
+                       f"Failed to parse [({json.dumps(field_.name)},{json.dumps(text)})]",
+                       "A filter is operator.value, for example id=eq.5")
     m = _OP_RE.match(op_text)
     if not m:
         raise parse_error(f'"failed to parse filter ({text})"', f"unknown operator {op_text!r}")
@@ -352,18 +354,13 @@ def parse_logic(op: str, text: str, negate: bool, depth: int = 0) -> Logic:
         if m:
             children.append(parse_logic(m.group(2), m.group(3), bool(m.group(1)), depth + 1))
             continue
-        name, dot, rest = _split_field(item)
+        name, dot, rest = item.partition(".")
         if not dot:
             raise parse_error(f'"failed to parse logic tree ({text})"', f"{item!r} is not field.operator.value")
         children.append(parse_filter_value(parse_field(name), rest))
     if not children:
         raise parse_error(f'"failed to parse logic tree ({text})"', "an empty and/or")
     return Logic(op, tuple(children), negate)  # type: ignore[arg-type]
-
-
-def _split_field(item: str) -> tuple[str, str, str]:
-    """Split ``field.rest`` where field may hold JSON arrows whose keys contain no dot."""
-    return item.partition(".")
 
 
 # -- order ----------------------------------------------------------------------------------------
@@ -497,7 +494,10 @@ MEDIA_JSON = "application/json"
 MEDIA_OBJECT = "application/vnd.pgrst.object+json"
 MEDIA_CSV = "text/csv"
 MEDIA_OPENAPI = "application/openapi+json"
-_PRODUCED = (MEDIA_JSON, MEDIA_OBJECT, MEDIA_CSV, MEDIA_OPENAPI)
+MEDIA_TEXT = "text/plain"
+MEDIA_BINARY = "application/octet-stream"
+RAW_MEDIA = (MEDIA_TEXT, MEDIA_BINARY)  # one selected column, values concatenated
+_PRODUCED = (MEDIA_JSON, MEDIA_OBJECT, MEDIA_CSV, MEDIA_OPENAPI, *RAW_MEDIA)
 
 
 def negotiate(accept: str | None, *, openapi: bool = False) -> str:
@@ -524,4 +524,4 @@ def negotiate(accept: str | None, *, openapi: bool = False) -> str:
             return MEDIA_OBJECT
         if media in _PRODUCED and (openapi or media != MEDIA_OPENAPI):
             return media
-    raise ApiError(406, "PGRST107", f"None of these media types are available: {accept}")
+    raise ApiError(415, "PGRST107", f"None of these Content-Types are available: {accept}")

@@ -69,6 +69,9 @@ class TableInfo:
     pk: tuple[str, ...] = ()
     uniques: tuple[tuple[str, ...], ...] = ()
     description: str | None = None
+    # Computed fields: functions of this table's row type (full_name(authors) → select=full_name),
+    # name → (function schema, function name, return type). Filled once, while loading.
+    computed: dict[str, tuple[str, str, str]] = field(default_factory=dict, compare=False)
 
     @property
     def qualified(self) -> tuple[str, str]:
@@ -125,6 +128,7 @@ class FunctionInfo:
     kind: Literal["scalar", "composite", "void"]
     volatility: Literal["i", "s", "v"]
     result: TableInfo | None = None   # the columns of a composite/table result
+    single_json: bool = False         # one unnamed json/jsonb parameter: a POST body is the argument
 
     @property
     def arg_names(self) -> frozenset[str]:
@@ -184,13 +188,11 @@ class SchemaCache:
         if len(candidates) == 1:
             return candidates[0]
         if not candidates:
-            what = f"'{source.name}' and '{name}'"
-            raise ApiError(400, "PGRST200", f"Could not find a relationship between {what} in the schema cache",
-                           f"Searched for a foreign key relationship between {what}"
-                           + (f" using the hint '{hint}'" if hint else "")
-                           + f" in the schema '{source.schema}', but no matches were found.",
-                           "Check the name of the embedded resource, or reload the schema cache if the foreign "
-                           "key was just created: NOTIFY pgrst, 'reload schema'")
+            raise ApiError(400, "PGRST200", f"Could not find a relationship between '{source.name}' and '{name}' "
+                           "in the schema cache", None,
+                           f"Verify that '{source.name}' and '{name}' exist in the schema '{source.schema}' and that "
+                           "there is a foreign key relationship between them. If a new relationship was created, "
+                           "try reloading the schema cache.")
         options = [f"'{name}!{r.constraint if r.junction is None else r.junction.name}'" for r in candidates]
         raise ApiError(300, "PGRST201",
                        f"Could not embed because more than one relationship was found for '{source.name}' and "
@@ -263,13 +265,24 @@ SELECT con.conname, con.contype::text, con.conrelid, con.confrelid,
        ARRAY(SELECT attname FROM unnest(con.confkey) WITH ORDINALITY k(n, i)
              JOIN pg_attribute ON attrelid = con.confrelid AND attnum = k.n ORDER BY k.i)
 FROM pg_constraint con
-WHERE con.contype IN ('p', 'u', 'f') AND con.conrelid = ANY($1::oid[])
+WHERE con.contype IN ('p', 'u', 'f') AND con.conrelid = ANY($1::oid[]) AND con.conparentid = 0
+"""
+# Which base-table columns each view reads (the view's rewrite rule depends on them): a view column
+# with the same name as such a column stands for it, so the base table's keys and foreign keys carry
+# over to the view, as PostgREST infers them. Renamed view columns are not followed.
+_VIEW_COLUMNS = """
+SELECT DISTINCT r.ev_class, d.refobjid, a.attname
+FROM pg_rewrite r
+JOIN pg_depend d ON d.classid = 'pg_rewrite'::regclass AND d.objid = r.oid AND d.refclassid = 'pg_class'::regclass
+JOIN pg_attribute a ON a.attrelid = d.refobjid AND a.attnum = d.refobjsubid
+WHERE r.ev_class = ANY($1::oid[]) AND d.refobjid <> r.ev_class AND d.refobjsubid > 0
 """
 _FUNCTIONS = """
 SELECT n.nspname, p.proname, p.provolatile::text, p.proretset, p.prorettype::regtype::text, t.typtype::text, t.typrelid,
        coalesce(p.proargnames, '{}'), coalesce(p.proargmodes::text[], '{}'),
        coalesce(p.proallargtypes::regtype[]::text[], p.proargtypes::oid[]::regtype[]::text[]),
-       p.pronargs, p.pronargdefaults
+       p.pronargs, p.pronargdefaults,
+       CASE WHEN p.pronargs = 1 THEN (SELECT typrelid FROM pg_type WHERE oid = p.proargtypes[0]) END
 FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace JOIN pg_type t ON t.oid = p.prorettype
 WHERE n.nspname = ANY($1::text[]) AND p.prokind = 'f'
 """
@@ -283,16 +296,40 @@ async def load(conn: asyncpg.Connection, schemas: tuple[str, ...]) -> SchemaCach
     columns: dict[int, dict[str, ColumnInfo]] = {}
     for oid, name, typ, nullable, default, generated in await conn.fetch(_COLUMNS, oids):
         columns.setdefault(oid, {})[name] = ColumnInfo(name, typ, nullable, default, generated)
+    view_oids = [r[0] for r in rels if r[3] in ("v", "m")]
+    reads: dict[int, dict[int, set[str]]] = {}  # view -> base table -> columns it reads
+    for view, base, col in (await conn.fetch(_VIEW_COLUMNS, view_oids)) if view_oids else []:
+        reads.setdefault(view, {}).setdefault(base, set()).add(col)
+    bases = {b for per_view in reads.values() for b in per_view} - set(oids)
     pks: dict[int, tuple[str, ...]] = {}
     uniques: dict[int, list[tuple[str, ...]]] = {}
     fk_rows = []
-    for conname, contype, conrelid, confrelid, cols, refcols in await conn.fetch(_CONSTRAINTS, oids):
+    for conname, contype, conrelid, confrelid, cols, refcols in await conn.fetch(_CONSTRAINTS, oids + list(bases)):
         if contype == "p":
             pks[conrelid] = tuple(cols)
         elif contype == "u":
             uniques.setdefault(conrelid, []).append(tuple(cols))
         else:
             fk_rows.append((conname, conrelid, confrelid, tuple(cols), tuple(refcols)))
+    # Every exposed relation standing for a base table, with the base columns it carries.
+    stands_for: dict[int, list[tuple[int, set[str]]]] = {oid: [(oid, set(columns.get(oid, {})))] for oid in oids}
+    for view, per_base in reads.items():
+        for base, cols in per_base.items():
+            stands_for.setdefault(base, []).append((view, cols & set(columns.get(view, {}))))
+    for _ in range(4):  # views over views (an exposed view reading another exposed view)
+        grown = False
+        for entries in stands_for.values():
+            for rel, carried in list(entries):
+                for reader, per_base in reads.items():
+                    if rel in per_base and all(r != reader for r, _ in entries):
+                        entries.append((reader, carried & per_base[rel] & set(columns.get(reader, {}))))
+                        grown = True
+        if not grown:
+            break
+    for base, entries in stands_for.items():
+        for rel, carried in entries:
+            if base in pks and rel not in pks and set(pks[base]) <= carried:
+                pks[rel] = pks[base]
     by_oid: dict[int, TableInfo] = {}
     tables: dict[tuple[str, str], TableInfo] = {}
     for oid, nspname, relname, relkind, description in rels:
@@ -300,15 +337,26 @@ async def load(conn: asyncpg.Connection, schemas: tuple[str, ...]) -> SchemaCach
                          tuple(uniques.get(oid, ())), description)
         by_oid[oid] = info
         tables[info.qualified] = info
-    fks = tuple(ForeignKey(name, by_oid[rel].qualified, cols, by_oid[ref].qualified, refcols)
-                for name, rel, ref, cols, refcols in fk_rows if rel in by_oid and ref in by_oid)
+    seen: set[tuple[str, int, int]] = set()
+    fk_list: list[ForeignKey] = []
+    for name, rel, ref, cols, refcols in fk_rows:
+        for src, src_cols in stands_for.get(rel, []):
+            for dst, dst_cols in stands_for.get(ref, []):
+                if (src in by_oid and dst in by_oid and set(cols) <= src_cols and set(refcols) <= dst_cols
+                        and (name, src, dst) not in seen):
+                    seen.add((name, src, dst))
+                    fk_list.append(ForeignKey(name, by_oid[src].qualified, cols, by_oid[dst].qualified, refcols))
+    fks = tuple(fk_list)
     functions: dict[tuple[str, str], list[FunctionInfo]] = {}
     for (nspname, proname, volatility, retset, rettype, typtype, typrelid, argnames, argmodes, argtypes,
-         nargs, ndefaults) in funcs:
+         nargs, ndefaults, row_of) in funcs:
+        if row_of in by_oid and not retset and rettype not in ("void", "record") and volatility in ("i", "s"):
+            by_oid[row_of].computed.setdefault(proname, (nspname, proname, rettype))
         modes = list(argmodes) or ["i"] * len(argtypes)
         inputs = [(argnames[i] if i < len(argnames) else "", argtypes[i]) for i, m in enumerate(modes)
                   if m in ("i", "b", "v")]
-        if any(not name for name, _ in inputs):
+        single_json = len(inputs) == 1 and not inputs[0][0] and inputs[0][1] in ("json", "jsonb")
+        if any(not name for name, _ in inputs) and not single_json:
             continue  # unnamed parameters cannot be called with named arguments
         args = tuple(FunctionArg(name, typ, i >= nargs - ndefaults) for i, (name, typ) in enumerate(inputs))
         outs = [(argnames[i], argtypes[i]) for i, m in enumerate(modes) if m in ("o", "b", "t")]
@@ -326,5 +374,5 @@ async def load(conn: asyncpg.Connection, schemas: tuple[str, ...]) -> SchemaCach
         else:
             kind = "scalar"
         functions.setdefault((nspname, proname), []).append(
-            FunctionInfo(nspname, proname, args, rettype, retset, kind, volatility, result))
+            FunctionInfo(nspname, proname, args, rettype, retset, kind, volatility, result, single_json))
     return SchemaCache(schemas, tables, fks, {k: tuple(v) for k, v in functions.items()})

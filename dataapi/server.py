@@ -18,6 +18,7 @@ import logging
 import time
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import quote
 
 import asyncpg
 from aiohttp import web
@@ -31,9 +32,12 @@ from dataapi.metrics import UNKNOWN, DataAPIMetrics
 from dataapi.openapi import describe
 from dataapi.query import ident
 from dataapi.request import (
+    MEDIA_BINARY,
     MEDIA_CSV,
     MEDIA_OBJECT,
     MEDIA_OPENAPI,
+    MEDIA_TEXT,
+    RAW_MEDIA,
     RESERVED,
     looks_like_filter,
     negotiate,
@@ -64,6 +68,7 @@ def begin_script(readonly: bool, role: str, settings: dict[str, str]) -> str:
 
 
 BRANCH_KEY = web.RequestKey("lakelet_branch", str)  # the metrics label, set once the branch exists
+MAX_CONTENT_LOCATION = 4096
 ALLOW_TABLE = "OPTIONS,GET,HEAD,POST,PUT,PATCH,DELETE"
 
 
@@ -101,6 +106,27 @@ def parse_route(path: str) -> Route:
             return Route(parts[0], parts[1], "rpc", rest[1])
     raise ApiError(404, "PGRST125", "Invalid path specified in request URL", None,
                    "Use /<branch>/<database>/rest/v1/<table> or /<branch>/<database>/rest/v1/rpc/<function>")
+
+
+def response_overrides(result: actions.Result) -> None:
+    """Read ``response.headers`` / ``response.status`` as the request's functions left them; an
+    invalid value is PGRST111/PGRST112 — raised inside the transaction, so it rolls back."""
+    if result.response_headers:
+        try:
+            extra = json.loads(result.response_headers)
+        except ValueError:
+            extra = None
+        if not isinstance(extra, list) or not all(isinstance(item, dict) for item in extra):
+            raise ApiError(500, "PGRST111", "response.headers guc must be a JSON array composed of objects with "
+                           "a single key and a string value")
+        for item in extra:
+            for k, v in item.items():
+                result.override_headers[str(k)] = str(v)
+    if result.response_status:
+        value = result.response_status.strip()
+        if not value.isdigit() or not 100 <= int(value) <= 599:
+            raise ApiError(500, "PGRST112", "response.status guc must be a valid status code")
+        result.override_status = int(value)
 
 
 def error_response(e: ApiError) -> web.Response:
@@ -217,11 +243,14 @@ class DataAPI:
             args: dict[str, Any] = {}
             table = None
             if route.kind == "rpc":
-                if method == "POST":
+                overloads = cache.functions.get((schema, route.name), ())
+                if method == "POST" and len(overloads) == 1 and overloads[0].single_json:
+                    fn = overloads[0]  # fn(json): the whole body is the one argument
+                    args = {"": actions.json_body_text(raw)}
+                elif method == "POST":
                     args = actions.rpc_args_from_body(raw)
                     fn = cache.function(schema, route.name, frozenset(args))
                 else:
-                    overloads = cache.functions.get((schema, route.name), ())
                     known = {a.name for f in overloads for a in f.args}
                     arg_names = frozenset(k for k, v in params if k in known or (
                         k not in RESERVED and "." not in k and not looks_like_filter(v)))
@@ -240,14 +269,39 @@ class DataAPI:
                                              table, fn, args, raw, body_type)
             except asyncpg.PostgresError as e:
                 raise from_postgres(e, authenticated=identity.authenticated) from None
+            except (OSError, asyncpg.exceptions.ConnectionDoesNotExistError) as e:
+                # Before the generic InterfaceError below, of which a lost connection is a subclass.
+                raise ApiError(503, "PGRST001", "Database connection lost", str(e), "Retry the request") from None
             except (asyncpg.InterfaceError, asyncpg.DataError, ValueError, OverflowError) as e:
                 raise ApiError(400, "PGRST100", "A value could not be sent to the database", str(e),
                                "Check the filter and body values") from None
-            except (OSError, asyncpg.exceptions.ConnectionDoesNotExistError) as e:
-                raise ApiError(503, "PGRST001", "Database connection lost", str(e), "Retry the request") from None
         response = self._respond(request, method, media, prefs, ctx, result, route)
         self.databases.note_response(route.branch, response.content_length or 0)
         return response
+
+    @staticmethod
+    def _raw(method: str, media: str, status: int, headers: dict[str, str], body: str,
+             scalar: bool) -> web.Response:
+        """``text/plain`` / ``application/octet-stream``: the values of the one selected column,
+        concatenated (bytea values as their bytes), as PostgREST serves binary output."""
+        rows = json.loads(body)
+        values = [rows] if scalar else rows
+        if not scalar and any(not isinstance(r, dict) or len(r) != 1 for r in rows):
+            raise ApiError(406, "PGRST502", f"{media} requested but more than one column was selected")
+        data = b""
+        for row in values:
+            value = next(iter(row.values())) if isinstance(row, dict) else row
+            if value is None:
+                continue
+            if media == MEDIA_BINARY and isinstance(value, str) and value.startswith("\\x"):
+                try:
+                    data += bytes.fromhex(value[2:])
+                    continue
+                except ValueError:
+                    pass
+            data += (value if isinstance(value, str) else json.dumps(value)).encode()
+        headers["Content-Type"] = media + ("; charset=utf-8" if media == MEDIA_TEXT else "")
+        return web.Response(status=status, headers=headers, body=None if method == "HEAD" else data)
 
     def _schema(self, request: web.Request, method: str) -> str:
         header = "Accept-Profile" if method in ("GET", "HEAD") else "Content-Profile"
@@ -283,6 +337,7 @@ class DataAPI:
                 result = await actions.update(conn, ctx, table, raw, body_type)
             else:
                 result = await actions.delete(conn, ctx, table)
+            response_overrides(result)
             if ctx.singular and not result.scalar and result.page != 1:
                 raise ApiError(406, "PGRST116", "JSON object requested, multiple (or no) rows returned",
                                f"The result contains {result.page} rows", None)
@@ -303,6 +358,10 @@ class DataAPI:
                 applied.append(f"{name}={value}")
         if applied:
             headers["Preference-Applied"] = ", ".join(applied)
+        if method in ("GET", "HEAD") and route.kind == "table":
+            ordered = "&".join(f"{quote(k, safe='')}={quote(v, safe='')}" for k, v in sorted(request.query.items()))
+            if len(ordered) <= MAX_CONTENT_LOCATION:  # a 5,000-value in-list would break clients' header limits
+                headers["Content-Location"] = f"/{route.name}" + (f"?{ordered}" if ordered else "")
         total = "*" if result.total is None else str(result.total)
         if route.kind == "table" and method == "POST":
             headers["Content-Range"] = f"*/{total}"
@@ -322,30 +381,17 @@ class DataAPI:
             if reading and result.total is not None and (result.offset > 0
                                                          or result.offset + result.page < result.total):
                 status = 206
-        if result.response_headers:
-            try:
-                extra = json.loads(result.response_headers)
-                assert isinstance(extra, list)
-                for item in extra:
-                    assert isinstance(item, dict)
-                    for k, v in item.items():
-                        headers[str(k)] = str(v)
-            except (ValueError, AssertionError):
-                raise ApiError(500, "PGRST111", "response.headers guc must be a JSON array composed of objects with "
-                               "a single key and a string value") from None
-        if result.response_status:
-            try:
-                status = int(result.response_status)
-                if not 100 <= status <= 599:
-                    raise ValueError
-            except ValueError:
-                raise ApiError(500, "PGRST112", "response.status guc must be a valid status code") from None
+        headers.update(result.override_headers)
+        if result.override_status is not None:
+            status = result.override_status
         body = result.body
         if body is None or status == 204:
             return web.Response(status=status, headers=headers)
         if ctx.singular and not result.scalar:
             rows = json.loads(body)
             body = json.dumps(rows[0]) if rows else "null"
+        if media in RAW_MEDIA:
+            return self._raw(method, media, status, headers, body, result.scalar)
         if media == MEDIA_CSV and not result.scalar:
             text = to_csv(body, route.name)
             ctype = "text/csv"

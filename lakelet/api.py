@@ -53,8 +53,6 @@ class ControlAPI:
         self.token = token
         self.lakehouse = lakehouse
         self.ready = False
-        # Branch operations change the catalog and stop computes: one at a time keeps them simple.
-        self._branch_ops = asyncio.Lock()
 
     def app(self) -> web.Application:
         app = web.Application(middlewares=[self._errors, self._auth])
@@ -112,6 +110,10 @@ class ControlAPI:
     async def healthz(self, request: web.Request) -> web.Response:
         if not self.ready:
             return _json({"status": "starting"}, 503)
+        stalled = self.endpoints.stalled()
+        if stalled:
+            # Commits on these branches wait for the store: say so instead of "ok".
+            return _json({"status": "degraded", "durability_stalled": stalled}, 503)
         return _json({"status": "ok"})
 
     async def metrics(self, request: web.Request) -> web.Response:
@@ -130,7 +132,6 @@ class ControlAPI:
 
     async def suspend(self, request: web.Request) -> web.Response:
         branch = request.match_info["branch"]
-        await asyncio.to_thread(self.store.get_branch, branch)
         await self.endpoints.suspend(branch)
         return _json({"branch": branch, "state": "suspended"})
 
@@ -146,8 +147,7 @@ class ControlAPI:
         }
 
     async def list_branches(self, request: web.Request) -> web.Response:
-        infos = await asyncio.to_thread(self.store.list_branches)
-        physical = await asyncio.to_thread(self.store.physical_bytes)
+        infos, physical = await self.endpoints.list_branches()
         return _json({"branches": [self._branch_json(i) for i in infos], "store_physical_bytes": physical})
 
     async def _body(self, request: web.Request) -> dict[str, Any]:
@@ -161,65 +161,32 @@ class ControlAPI:
             raise web.HTTPBadRequest(reason="request body must be a JSON object")
         return body
 
-    async def _head_lsn(self, branch: str) -> str | None:
-        """The parent's durable head when its compute runs (a restore point made durable in the
-        store); None lets the store use the end of what it already holds."""
-        node = self.endpoints.active_node(branch)
-        return await node.branch_point() if node is not None else None
-
     async def create_branch(self, request: web.Request) -> web.Response:
         body = await self._body(request)
-        name = str(body.get("name") or "")
-        parent = str(body.get("parent") or "main")
-        at = body.get("at")
-        async with self._branch_ops:
-            head = None if at else await self._head_lsn(parent)
-            branch = await asyncio.to_thread(self.store.create_branch, name, parent, at=at, head_lsn=head)
-        log.info("branch created", extra={"branch": name, "parent": parent, "at": at or "head"})
+        branch = await self.endpoints.create_branch(body.get("name") or "", body.get("parent") or "main",
+                                                    at=body.get("at"))
         return _json({"name": branch.name, "parent": branch.parent, "parent_lsn": branch.parent_lsn}, 201)
 
     async def delete_branch(self, request: web.Request) -> web.Response:
         name = request.match_info["name"]
         force = request.query.get("force", "") in ("1", "true", "yes")
-        async with self._branch_ops:
-            await asyncio.to_thread(self.store.get_branch, name)
-            await self.endpoints.suspend(name)
-            await asyncio.to_thread(self.store.delete_branch, name, force=force)
-            self.endpoints.forget(name)
-        log.info("branch deleted", extra={"branch": name})
+        await self.endpoints.delete_branch(name, force=force)
         return _json({"deleted": name})
 
     async def reset_branch(self, request: web.Request) -> web.Response:
-        name = request.match_info["name"]
-        async with self._branch_ops:
-            branch = await asyncio.to_thread(self.store.get_branch, name)
-            if branch.parent is None:
-                raise storage.ProtectedBranch(f"branch {name!r} has no parent to reset to")
-            head = await self._head_lsn(branch.parent)
-            await self.endpoints.suspend(name)
-            self.endpoints.forget(name)
-            branch = await asyncio.to_thread(self.store.reset_branch, name, head_lsn=head)
-        log.info("branch reset", extra={"branch": name, "parent_lsn": branch.parent_lsn})
+        branch = await self.endpoints.reset_branch(request.match_info["name"])
         return _json({"name": branch.name, "parent": branch.parent, "parent_lsn": branch.parent_lsn})
 
     async def restore_branch(self, request: web.Request) -> web.Response:
         name = request.match_info["name"]
-        at = (await self._body(request)).get("at")
-        if not at:
-            raise web.HTTPBadRequest(reason="restore needs a point in time: pass --at TIMESTAMP|LSN")
-        async with self._branch_ops:
-            await asyncio.to_thread(self.store.get_branch, name)
-            await self.endpoints.suspend(name)
-            self.endpoints.forget(name)
-            branch, backup = await asyncio.to_thread(self.store.restore_branch, name, str(at))
-        log.info("branch restored", extra={"branch": name, "at": at, "backup": backup})
+        branch, backup = await self.endpoints.restore_branch(name, (await self._body(request)).get("at"))
         return _json({"name": branch.name, "parent_lsn": branch.parent_lsn, "backup": backup})
 
     # -- roles ----------------------------------------------------------------------------------
 
     async def list_roles(self, request: web.Request) -> web.Response:
         branch = request.query.get("branch", "main")
-        roles = await asyncio.to_thread(self.store.roles, branch)
+        roles = self.endpoints.roles(branch)
         return _json({"branch": branch, "roles": [
             {"name": name, "login": verifier is not None} for name, verifier in sorted(roles.items())
             if name not in project.RESERVED_ROLES
@@ -233,7 +200,7 @@ class ControlAPI:
         generated = not password
         password = str(password) if password else secrets.token_urlsafe(18)
         project.check_role_name(name)
-        await asyncio.to_thread(self.store.get_branch, branch)
+        self.endpoints.roles(branch)  # 404 for an unknown branch, before anything wakes
         await project.create_role(self.endpoints, branch, name, password)
         log.info("role created", extra={"branch": branch, "role": name})
         return _json({"name": name, "branch": branch, "password": password if generated else None}, 201)
@@ -242,7 +209,7 @@ class ControlAPI:
 
     async def connstr(self, request: web.Request) -> web.Response:
         branch = request.query.get("branch", "main")
-        await asyncio.to_thread(self.store.get_branch, branch)
+        self.endpoints.roles(branch)  # 404 for an unknown branch
         creds = project.read_credentials(self.config.data_dir)
         host, _ = self.config.listen_addr
         host = "localhost" if host in ("127.0.0.1", "0.0.0.0", "::", "::1") else host

@@ -23,14 +23,14 @@ from compute import EndpointConfig, Endpoints
 from lakehouse.manager import LakehouseSync
 from lakehouse.synced.compute import BranchComputes
 from lakehouse.synced.service import SyncedTables
-from lakelet import dataapi_wiring, project
+from lakelet import dataapi_wiring, ports, project
 from lakelet.api import ControlAPI
 from lakelet.config import Config
 from lakelet.rundir import DataDirLock, remove_run_info, write_run_info
 from lakelet.synced_api import SyncedTablesAPI
 from proxy import Proxy, ProxyConfig
 from storage.bucket import open_store, parse_size
-from storage.postgres import find_binaries, make_reachable, resolve_service_user
+from storage.postgres import find_binaries, make_reachable, repair_tree, resolve_service_user
 
 log = logging.getLogger("lakelet")
 
@@ -38,9 +38,12 @@ STOP_GRACE_SECONDS = 12.0
 
 
 def prepare_data_dir(config: Config) -> Path:
+    """Everything under the data dir is the service's alone: files we create are 0600 (umask
+    077 for the whole process), and the data dir lets only the compute user pass through."""
+    os.umask(0o077)
     data_dir = config.data_dir.resolve()
     data_dir.mkdir(parents=True, exist_ok=True)
-    os.chmod(data_dir, 0o711)
+    os.chmod(data_dir, 0o700)
     config.data_dir = data_dir
     return data_dir
 
@@ -60,6 +63,10 @@ async def _serve_locked(config: Config, data_dir: Path) -> int:
     pg = find_binaries()
     user = resolve_service_user(config.user or None)
     make_reachable(data_dir, user)
+    user.share_dir(data_dir)
+    for entry in os.scandir(data_dir):
+        if entry.name not in ("store", "computes"):  # (those two repair themselves at open)
+            repair_tree(Path(entry.path))
     registry = CollectorRegistry()
 
     loop = asyncio.get_running_loop()
@@ -73,7 +80,9 @@ async def _serve_locked(config: Config, data_dir: Path) -> int:
     store = await asyncio.to_thread(
         open_store, config.store_uri or None, config.store_dir, user=user, pg=pg,
         retention_days=config.retention_days, upload_interval=config.wal_upload_interval,
-        cache_size=parse_size(config.cache_size), carry={"credentials": project.credentials_file(data_dir)},
+        cache_size=parse_size(config.cache_size), carry={
+            "credentials": project.credentials_file(data_dir),
+            **{f"tls/{name}": data_dir / "tls" / name for name in ("ca.crt", "server.crt", "server.key")}},
         on_lease_lost=on_lease_lost,
     )
     await asyncio.to_thread(store.bootstrap)
@@ -93,6 +102,8 @@ async def _serve_locked(config: Config, data_dir: Path) -> int:
         tls_key=Path(config.tls_key) if config.tls_key else None,
         require_tls=config.require_tls, auth_timeout=config.auth_timeout,
         wake_timeout=config.wake_timeout, max_client_connections=config.max_client_connections,
+        max_unauthenticated_per_address=config.max_unauthenticated_per_address,
+        warm_backends=config.warm_backends,
     ), registry=registry)
 
     synced = SyncedTables(BranchComputes(endpoints), data_dir / "synced_tables.json", registry)
@@ -115,8 +126,9 @@ async def _serve_locked(config: Config, data_dir: Path) -> int:
         runner = web.AppRunner(web_app, access_log=None, handle_signals=False)
         await runner.setup()
         http_host, http_port = config.http_addr
-        await web.TCPSite(runner, http_host, http_port).start()
-        await proxy.start()
+        await ports.listen("the control API", http_host, http_port, "--http",
+                           web.TCPSite(runner, http_host, http_port).start)
+        await ports.listen("Postgres clients", host, port, "--listen", proxy.start)
         data_api = await dataapi_wiring.start(config, endpoints, registry)
         await synced.start()
         collector = asyncio.create_task(_collect_garbage(store, config.gc_interval), name="store-gc")

@@ -179,7 +179,7 @@ def _fail(message: str, as_json: bool) -> int:
 
 
 def _up(a: argparse.Namespace) -> int:
-    from lakelet import app, logs
+    from lakelet import app, logs, ports
     from lakelet.rundir import DataDirBusy
     from storage.errors import StorageError
     from storage.postgres import PostgresNotFound, find_binaries
@@ -192,7 +192,7 @@ def _up(a: argparse.Namespace) -> int:
     try:
         find_binaries()
         return app.run(conf)
-    except (PostgresNotFound, DataDirBusy, PermissionError, StorageError) as e:
+    except (PostgresNotFound, DataDirBusy, PermissionError, StorageError, ports.BindError) as e:
         return _fail(str(e), a.json)
 
 

@@ -35,6 +35,8 @@ class Config:
     auth_timeout: float = 60.0
     wake_timeout: float = 30.0
     max_client_connections: int = 10000
+    max_unauthenticated_per_address: int = 100
+    warm_backends: int = 8
     suspend_timeout: float = 300.0
     min_cu: float = 0.25
     max_cu: float = 2.0
@@ -84,6 +86,7 @@ SECTIONS: dict[str, str] = {
     "data_dir": "lakelet", "log_format": "lakelet", "log_level": "lakelet", "http": "lakelet",
     "listen": "proxy", "require_tls": "proxy", "tls_cert": "proxy", "tls_key": "proxy",
     "auth_timeout": "proxy", "wake_timeout": "proxy", "max_client_connections": "proxy",
+    "max_unauthenticated_per_address": "proxy", "warm_backends": "proxy",
     "suspend_timeout": "compute", "min_cu": "compute", "max_cu": "compute", "durability": "compute",
     "user": "compute", "retention_days": "storage", "gc_interval": "storage", "superuser": "project",
     "store_uri": "storage", "wal_upload_interval": "storage", "cache_size": "storage",
@@ -188,6 +191,10 @@ def validate(c: Config) -> None:
         raise ConfigError("auth_timeout and wake_timeout must be positive numbers of seconds")
     if c.max_client_connections < 1:
         raise ConfigError("max_client_connections must be at least 1")
+    if c.max_unauthenticated_per_address < 1:
+        raise ConfigError("max_unauthenticated_per_address must be at least 1")
+    if c.warm_backends < 0:
+        raise ConfigError("warm_backends must be 0 (off) or more")
     if bool(c.tls_cert) != bool(c.tls_key):
         raise ConfigError("tls_cert and tls_key go together: set both, or neither for a self-signed certificate")
     parse_hostport(c.listen, "listen")

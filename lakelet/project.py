@@ -19,7 +19,7 @@ from compute import Endpoints
 log = logging.getLogger("lakelet.project")
 
 LOGIN_ROLE = "lakelet"
-ROLE_NAME = re.compile(r"^[a-z_][a-z0-9_]{0,62}$")
+ROLE_NAME = re.compile(r"[a-z_][a-z0-9_]{0,62}")  # fullmatch: ``$`` would allow a final newline
 RESERVED_ROLES = {"lakelet_admin"}
 OWNER_GRANTS = ("pg_checkpoint", "pg_read_all_stats", "pg_signal_backend")
 
@@ -61,7 +61,7 @@ def write_credentials(data_dir: Path, creds: Credentials) -> None:
 
 
 def check_role_name(name: str) -> None:
-    if not ROLE_NAME.match(name):
+    if not isinstance(name, str) or not ROLE_NAME.fullmatch(name):
         raise RoleError(f"role name {name!r} is not allowed: use lower-case letters, digits and _ "
                         "(starting with a letter or _), at most 63 characters")
     if name in RESERVED_ROLES or name.startswith("pg_"):

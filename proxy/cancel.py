@@ -1,5 +1,8 @@
-"""Cancel keys: clients get proxy-issued BackendKeyData; a CancelRequest carrying one is
-forwarded to the compute backend it stands for. Unknown keys are ignored, as Postgres does."""
+"""Cancel keys. A client's BackendKeyData holds its compute backend's real process id (so
+``pg_backend_pid()``, NOTIFY's sender pid and ``pg_stat_activity`` agree with what the client was
+told) and a secret the proxy issues. The secret is unique across every compute the proxy serves,
+so a CancelRequest is found by (pid, secret) and forwarded with the backend's own key; a forged,
+stale or mixed-up key cancels nothing, as in Postgres."""
 
 from __future__ import annotations
 
@@ -15,7 +18,7 @@ from proxy.codec import encode_cancel
 log = logging.getLogger("lakelet.proxy")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class BackendKey:
     socket_path: str
     pid: int
@@ -24,31 +27,43 @@ class BackendKey:
 
 class CancelMap:
     def __init__(self) -> None:
-        self._keys: dict[tuple[int, int], BackendKey] = {}
+        self._by_secret: dict[int, BackendKey] = {}
 
     def issue(self, backend: BackendKey) -> tuple[int, int]:
+        """The key a client is given for ``backend``: its real pid and a fresh secret."""
         while True:
-            key = (secrets.randbits(31), secrets.randbits(31) - (1 << 30))
-            if key not in self._keys:
-                self._keys[key] = backend
-                return key
+            secret = secrets.randbits(32) - (1 << 31)
+            if secret not in self._by_secret:
+                self._by_secret[secret] = backend
+                return backend.pid, secret
 
     def drop(self, key: tuple[int, int] | None) -> None:
         if key is not None:
-            self._keys.pop(key, None)
+            backend = self._by_secret.get(key[1])
+            if backend is not None and backend.pid == key[0]:
+                del self._by_secret[key[1]]
 
     def __len__(self) -> int:
-        return len(self._keys)
+        return len(self._by_secret)
+
+    def find(self, pid: int, secret: int) -> BackendKey | None:
+        backend = self._by_secret.get(secret)
+        return backend if backend is not None and backend.pid == pid else None
 
     async def forward(self, pid: int, secret: int) -> bool:
-        backend = self._keys.get((pid, secret))
+        backend = self.find(pid, secret)
         if backend is None:
             return False
-        with contextlib.suppress(OSError, asyncio.TimeoutError):
-            _, writer = await asyncio.wait_for(asyncio.open_unix_connection(backend.socket_path), 5)
-            writer.write(encode_cancel(backend.pid, backend.secret))
-            await writer.drain()
-            writer.close()
-            return True
-        log.info("cancel could not reach the compute", extra={"socket": os.path.basename(backend.socket_path)})
-        return False
+        return await cancel_backend(backend)
+
+
+async def cancel_backend(backend: BackendKey) -> bool:
+    """Send the compute a CancelRequest with the backend's own key."""
+    with contextlib.suppress(OSError, asyncio.TimeoutError):
+        _, writer = await asyncio.wait_for(asyncio.open_unix_connection(backend.socket_path), 5)
+        writer.write(encode_cancel(backend.pid, backend.secret))
+        await writer.drain()
+        writer.close()
+        return True
+    log.info("cancel could not reach the compute", extra={"socket": os.path.basename(backend.socket_path)})
+    return False

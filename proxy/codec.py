@@ -62,15 +62,22 @@ class StartupMessage:
 FirstPacket = SSLRequest | GSSENCRequest | CancelRequest | StartupMessage
 
 
+class InvalidStartupLength(ProtocolError):
+    """The first packet's length word is out of range: not a Postgres client at all (or one that
+    sent Terminate, ``X``, before any startup packet, read as a 1.4 GB length). Postgres logs
+    "invalid length of startup packet" and closes without a word; so does the proxy."""
+
+
 def first_packet_length(header: bytes) -> int:
     """Validate a first packet's 4-byte length word and return the whole packet's length."""
     if len(header) < 4:
         raise ProtocolError("incomplete startup packet")
     (length,) = _I32.unpack_from(header)
     if length < 8:
-        raise ProtocolError("invalid length of startup packet")
+        raise InvalidStartupLength("invalid length of startup packet")
     if length > MAX_STARTUP_PACKET:
-        raise ProtocolError(f"startup packet of {length} bytes is over the {MAX_STARTUP_PACKET}-byte limit")
+        raise InvalidStartupLength(f"invalid length of startup packet: {length} bytes is over the "
+                                   f"{MAX_STARTUP_PACKET}-byte limit")
     return length
 
 

@@ -21,6 +21,13 @@ class HandshakeError(SessionError):
     outcome = "protocol_error"
 
 
+class InvalidStartupPacket(HandshakeError):
+    """Bytes that are not a startup packet at all: logged and counted, the socket closed quietly,
+    as Postgres does — a client that already gave up must not read an error as its own."""
+
+    outcome = "invalid_startup_packet"
+
+
 class RoutingError(SessionError):
     sqlstate = "3D000"
     outcome = "unknown_endpoint"

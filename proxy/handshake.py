@@ -9,7 +9,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from proxy import codec
-from proxy.errors import HandshakeError, RoutingError, SessionError
+from proxy.errors import HandshakeError, InvalidStartupPacket, RoutingError, SessionError
 from proxy.pipe import Side
 
 
@@ -32,6 +32,9 @@ async def read_first_packet(side: Side) -> codec.FirstPacket:
     header = await side.read_exact(4)
     try:
         length = codec.first_packet_length(header)
+    except codec.InvalidStartupLength as e:
+        raise InvalidStartupPacket(str(e)) from None
+    try:
         return codec.parse_first_packet(header + await side.read_exact(length - 4))
     except codec.ProtocolError as e:
         raise HandshakeError(str(e), e.sqlstate) from None

@@ -35,6 +35,9 @@ class ProxyMetrics:
         self.wake_wait = Histogram("lakelet_proxy_wake_wait_seconds", "Time sessions were held for a compute",
                                    buckets=(0.005, 0.05, 0.25, 0.5, 1, 2, 5, 10, 30), **kw)
         self.auth_failures = Counter("lakelet_proxy_auth_failures_total", "Failed authentications", **kw)
+        self.invalid_startup_packets = Counter(
+            "lakelet_proxy_invalid_startup_packets_total",
+            "Connections closed quietly because their first bytes were not a startup packet", **kw)
         self.protocol_errors = Counter("lakelet_proxy_protocol_errors_total", "Protocol violations by clients", **kw)
         if registry is not None:
             registry.register(_SignalsCollector(branches))

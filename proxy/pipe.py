@@ -9,18 +9,21 @@ other side's* reading: a slow reader slows its writer down instead of growing ou
 from __future__ import annotations
 
 import asyncio
+import struct
 from collections.abc import Callable
 
 from compute import LoadSignals
 from proxy.codec import Message, complete_messages, split_message
 
 HANDSHAKE_BUFFER_LIMIT = 256 * 1024
+TERMINATE = b"X\x00\x00\x00\x04"
+_LENGTH = struct.Struct("!i")
 
 
 class Side(asyncio.Protocol):
     # Slots: two of these live as long as each session, idle ones included.
     __slots__ = ("name", "transport", "buf", "peer", "_forward", "signals", "inbound", "closed", "_waiter",
-                 "_paused_peer", "_loop", "_ended")
+                 "_paused_peer", "_loop", "_ended", "track", "_skip", "_partial")
 
     def __init__(self, name: str) -> None:
         self.name = name
@@ -35,7 +38,13 @@ class Side(asyncio.Protocol):
         self._paused_peer = False
         # Kept: asyncio.get_running_loop() costs a getpid() system call on every call.
         self._loop = asyncio.get_running_loop()
-        self._ended: asyncio.Future[None] | None = None  # shared by both sides while relaying
+        self._ended: asyncio.Future[Side] | None = None  # shared by both sides while relaying
+        # A client side whose backend may be kept warm follows message boundaries (headers only)
+        # so that its Terminate is answered here, as Postgres answers it, by closing — and never
+        # reaches the backend. warm.py then proves the backend's state before keeping it.
+        self.track = False
+        self._skip = 0  # bytes of the current message still to come
+        self._partial = b""  # a header split across chunks
 
     # -- asyncio.Protocol -------------------------------------------------------------------------
 
@@ -47,6 +56,12 @@ class Side(asyncio.Protocol):
         # (Idle time is measured from session close, so it needs no clock read here.)
         forward = self._forward
         if forward is not None:
+            if self.track and self._terminated(data):
+                data = data[:-5]
+                if data:
+                    forward(data)
+                self.transport.close()  # type: ignore[union-attr]
+                return
             forward(data)
             s = self.signals
             if s is not None:
@@ -60,6 +75,31 @@ class Side(asyncio.Protocol):
             self.transport.pause_reading()
         self._wake()
 
+    def _terminated(self, data: bytes) -> bool:
+        """Walk the message headers in ``data``; True when its last message is a Terminate."""
+        if self._partial:
+            data = self._partial + data
+            self._partial = b""
+        n = len(data)
+        pos = self._skip
+        if pos >= n:
+            self._skip = pos - n
+            return False
+        last = -1
+        while pos + 5 <= n:
+            last = pos
+            length = _LENGTH.unpack_from(data, pos + 1)[0]
+            if length < 4:  # not the protocol: the backend will say so; stop following
+                self.track = False
+                return False
+            pos += 1 + length
+        if pos < n:
+            self._partial = data[pos:]
+            self._skip = 0
+            return False
+        self._skip = pos - n
+        return pos == n and last == n - 5 and data[last:] == TERMINATE
+
     def eof_received(self) -> bool:
         self._wake()
         return False  # the protocol has no half-close: closing one end closes the session
@@ -67,10 +107,13 @@ class Side(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
         self._wake()
+        peer = self.peer
+        if peer is not None:
+            peer._forward = None  # what the peer still sends stays in its buffer, for warm.py or nobody
         if self._ended is not None and not self._ended.done():
-            self._ended.set_result(None)
-        if self.peer is not None and self.peer.transport is not None:
-            self.peer.transport.close()
+            self._ended.set_result(self)  # the session closes the other side, or keeps it warm
+        elif peer is not None and peer.transport is not None:
+            peer.transport.close()
 
     def pause_writing(self) -> None:
         if self.peer is not None and self.peer.transport is not None:
@@ -98,6 +141,10 @@ class Side(asyncio.Protocol):
             await self._waiter
         finally:
             self._waiter = None
+
+    async def wait_for_data(self) -> None:
+        """Until more bytes arrive (ConnectionResetError once closed)."""
+        await self._wait()
 
     async def read_exact(self, n: int) -> bytes:
         while len(self.buf) < n:
@@ -136,7 +183,17 @@ class Side(asyncio.Protocol):
 
     # -- relay --------------------------------------------------------------------------------------
 
-    def relay_to(self, peer: Side, signals: LoadSignals, *, inbound: bool, ended: asyncio.Future[None]) -> None:
+    def detach(self) -> None:
+        """Stop relaying: from now on bytes are buffered for awaiting readers again."""
+        self._forward = None
+        self.peer = None
+        self.signals = None
+        self._ended = None
+        self._paused_peer = False
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.resume_reading()
+
+    def relay_to(self, peer: Side, signals: LoadSignals, *, inbound: bool, ended: asyncio.Future[Side]) -> None:
         """From now on, bytes go straight to ``peer``; what was read ahead goes first. ``ended``
         (one future for both sides) completes when either side's connection is lost."""
         self._ended = ended
@@ -144,7 +201,7 @@ class Side(asyncio.Protocol):
         self.inbound = inbound
         self.peer = peer
         assert peer.transport is not None
-        self._forward = peer.transport.write
+        self._forward = None if peer.closed else peer.transport.write
         if self.buf:
             pending = bytes(self.buf)
             self.buf.clear()
@@ -152,7 +209,6 @@ class Side(asyncio.Protocol):
         if self.transport is not None:
             self.transport.resume_reading()
         if self.closed:
+            peer._forward = None
             if not ended.done():
-                ended.set_result(None)
-            if peer.transport is not None:
-                peer.transport.close()
+                ended.set_result(self)

@@ -21,19 +21,27 @@ from prometheus_client import CollectorRegistry
 
 from compute import LoadSignals, UnknownBranch, WakeError
 from proxy import codec, tls
+from proxy.admission import PreAuthGate
 from proxy.auth import FailureThrottle, authenticate
 from proxy.backend import ComputeProvider
 from proxy.cancel import CancelMap
-from proxy.connect import open_session
-from proxy.errors import HandshakeError, RoutingError, SessionError, TooManyConnections, WakeTimeout
+from proxy.connect import ServerSession, open_session
+from proxy.errors import (
+    HandshakeError,
+    InvalidStartupPacket,
+    RoutingError,
+    SessionError,
+    TooManyConnections,
+    WakeTimeout,
+)
 from proxy.handshake import Cancel, negotiate, route
 from proxy.metrics import ProxyMetrics
 from proxy.pipe import Side
+from proxy.warm import PoolKey, WarmBackend, WarmPool, pool_key
 
 log = logging.getLogger("lakelet.proxy")
 
 TLS_HANDSHAKE_BYTE = 0x16
-PEEK_TIMEOUT = 60.0
 
 
 @dataclass
@@ -47,6 +55,8 @@ class ProxyConfig:
     auth_timeout: float = 60.0
     wake_timeout: float = 30.0
     max_client_connections: int = 10000
+    max_unauthenticated_per_address: int = 100
+    warm_backends: int = 8  # idle, reset backends kept per (branch, startup parameters); 0: none
     default_branch: str = "main"
 
 
@@ -58,6 +68,10 @@ class _Session:
     outcome: str = "error"
     key: tuple[int, int] | None = None
     signals: LoadSignals | None = None
+    address: str | None = None  # set while counted as not yet authenticated from this address
+    admitted: bool = False  # counted against max_client_connections
+    warm: WarmBackend | None = None  # the backend, kept warm after the client leaves if it proves clean
+    pool_key: PoolKey | None = None
 
 
 class Proxy:
@@ -66,6 +80,7 @@ class Proxy:
         self.provider = provider
         self.config = config
         self.cancels = CancelMap()
+        self.warm = WarmPool(config.warm_backends)
         self.throttle = FailureThrottle()
         self._branches: dict[str, LoadSignals] = {}
         self.metrics = ProxyMetrics(registry, lambda: self._branches)
@@ -80,7 +95,9 @@ class Proxy:
         self._sock: socket.socket | None = None
         self._accepting: asyncio.Task[None] | None = None
         self._sessions: set[asyncio.Task[None]] = set()
-        self._clients = 0
+        self._sockets = 0
+        self._authenticated = 0
+        self.gate = PreAuthGate(config.max_unauthenticated_per_address)
 
     @property
     def port(self) -> int:
@@ -90,7 +107,16 @@ class Proxy:
     @property
     def open_clients(self) -> int:
         """Client connections the proxy holds now, in any stage."""
-        return self._clients
+        return self._sockets
+
+    def unauthenticated(self, address: str) -> int:
+        """Sockets from ``address`` that have not authenticated yet."""
+        return self.gate.active(address)
+
+    @property
+    def authenticated_clients(self) -> int:
+        """Sessions past authentication: what max_client_connections limits."""
+        return self._authenticated
 
     def connections(self, branch: str) -> int:
         s = self._branches.get(branch)
@@ -123,6 +149,7 @@ class Proxy:
         for task in list(self._sessions):
             task.cancel()
         await asyncio.gather(*self._sessions, return_exceptions=True)
+        await self.warm.close()
 
     async def _accept_loop(self) -> None:
         loop = asyncio.get_running_loop()
@@ -141,26 +168,46 @@ class Proxy:
     # -- a session --------------------------------------------------------------------------------
 
     async def _session(self, conn: socket.socket, addr: tuple) -> None:
-        self._clients += 1
-        client: Side | None = None
+        loop = asyncio.get_running_loop()
+        # One deadline for everything before authentication: first byte, TLS, startup, SCRAM.
+        deadline = loop.time() + self.config.auth_timeout
+        address = str(addr[0])
         s = _Session()
+        self.gate.per_address = self.config.max_unauthenticated_per_address  # the config may change live
+        admitted = self.gate.admit(address)
+        if admitted is False:
+            self._refuse(conn, address)
+            return
+        self._sockets += 1
+        client: Side | None = None
         try:
+            if admitted is not True:  # in line behind this address's other handshakes
+                try:
+                    async with asyncio.timeout_at(deadline):
+                        await admitted
+                except BaseException:
+                    self.gate.give_up(address, admitted)
+                    raise
+            s.address = address
             # Small messages both ways (a query, its answer) must not wait for Nagle's timer.
             conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            direct = await self._peek_direct_tls(conn)
-            loop = asyncio.get_running_loop()
-            _, client = await loop.connect_accepted_socket(
-                lambda: Side("client"), conn, ssl=self._direct_ssl if direct else None)
+            async with asyncio.timeout_at(deadline):
+                direct = await self._peek_direct_tls(conn)
+                _, client = await loop.connect_accepted_socket(
+                    lambda: Side("client"), conn, ssl=self._direct_ssl if direct else None)
             if direct and client.transport is not None:
                 obj = client.transport.get_extra_info("ssl_object")
                 if obj is None or obj.selected_alpn_protocol() != tls.ALPN:
                     raise HandshakeError("direct TLS connections must use ALPN protocol postgresql")
-            if self._clients > self.config.max_client_connections:
-                raise TooManyConnections("sorry, too many clients already")
-            opened = await self._open(client, str(addr[0]), direct, s)
+            opened = await self._open(client, address, direct, s, deadline)
             if opened is not None:
                 s.outcome = "ok"
-                await self._passthrough(client, *opened, loop)
+                await self._passthrough(client, *opened, loop, s)
+        except InvalidStartupPacket as e:
+            s.outcome = e.outcome
+            self.metrics.invalid_startup_packets.inc()
+            log.info("closed a connection without a startup packet",
+                     extra={"client": address, "error": str(e)})
         except SessionError as e:
             s.outcome = e.outcome
             if isinstance(e, HandshakeError):
@@ -180,7 +227,10 @@ class Proxy:
             if client is not None:
                 client.write(codec.fatal("57P01", "terminating connection because the proxy is shutting down"))
         finally:
-            self._clients -= 1
+            self._sockets -= 1
+            self._leave_unauthenticated(s)
+            if s.admitted:
+                self._authenticated -= 1
             self.cancels.drop(s.key)
             if s.signals is not None:
                 s.signals.sessions -= 1
@@ -191,12 +241,36 @@ class Proxy:
                 conn.close()
             self.metrics.connections.labels(s.branch, s.outcome).inc()
 
+    def _refuse(self, conn: socket.socket, address: str) -> None:
+        """Over the per-address cap of sockets not yet authenticated: one FATAL, written without
+        waiting (a client that does not read it loses nothing), and the socket closes now."""
+        with contextlib.suppress(OSError):
+            conn.send(codec.fatal("53300", f"too many connections waiting to authenticate from {address}",
+                                  hint="finish authenticating the connections already open, or raise "
+                                       "max_unauthenticated_per_address"))
+        conn.close()
+        self.metrics.connections.labels("-", "too_many_unauthenticated").inc()
+
+    def _leave_unauthenticated(self, s: _Session) -> None:
+        if s.address is not None:
+            self.gate.release(s.address)
+            s.address = None
+
+    def _admit(self, s: _Session) -> None:
+        """Authenticated: the socket leaves its address's pre-auth count and takes a session slot —
+        only these count against max_client_connections."""
+        self._leave_unauthenticated(s)
+        if self._authenticated >= self.config.max_client_connections:
+            raise TooManyConnections("sorry, too many clients already")
+        self._authenticated += 1
+        s.admitted = True
+
     async def _open(self, client: Side, address: str, direct: bool,
-                    s: _Session) -> tuple[Side, LoadSignals] | None:
+                    s: _Session, deadline: float) -> tuple[Side, LoadSignals] | None:
         """Handshake, auth, wake and connect: the compute's side of a session ready to relay and
         its branch's signals, or None for a cancel request. The startup packet, the greeting and
         the rest end with this call, so an idle session keeps only its two protocols."""
-        async with asyncio.timeout(self.config.auth_timeout):
+        async with asyncio.timeout_at(deadline):
             startup = await negotiate(client, self._ssl, direct_tls=direct, require_tls=self.config.require_tls)
             if isinstance(startup, Cancel):
                 s.outcome = "cancel"
@@ -211,8 +285,16 @@ class Proxy:
             accepted = await authenticate(
                 client, role=role, verifier_text=self.provider.role_verifier(branch, role), cert_hash=cert_hash,
                 throttle=self.throttle, address=address, on_failure=self.metrics.auth_failures.inc)
+        self._admit(s)
         compute = await self._wake(branch)
-        server = await open_session(compute, startup.params, branch)
+        s.pool_key = pool_key(branch, startup.params)
+        warm = self.warm.take(s.pool_key, compute.pid)
+        if warm is not None:
+            server = ServerSession(warm.side, warm.key, warm.greeting, codec.ready_for_query(b"I"))
+        else:
+            server = await open_session(compute, startup.params, branch)
+            warm = WarmBackend(server.side, server.key, server.greeting, compute.pid)
+        s.warm = warm
         s.key = self.cancels.issue(server.key)
         client.write(accepted + server.greeting + codec.backend_key_data(*s.key) + server.ready)
         signals = self._signals(branch)
@@ -232,9 +314,7 @@ class Proxy:
             ready = loop.create_future()
             loop.add_reader(conn.fileno(), lambda: ready.done() or ready.set_result(None))
             try:
-                await asyncio.wait_for(ready, PEEK_TIMEOUT)
-            except TimeoutError:
-                raise ConnectionError("client sent nothing") from None
+                await ready  # bounded by the caller's auth_timeout deadline
             finally:
                 loop.remove_reader(conn.fileno())
             try:
@@ -267,16 +347,22 @@ class Proxy:
             self.metrics.wake_wait.observe(time.monotonic() - started)
 
     async def _passthrough(self, client: Side, server: Side, signals: LoadSignals,
-                           loop: asyncio.AbstractEventLoop) -> None:
-        """Relay until either side closes; both protocols then close the other."""
-        ended: asyncio.Future[None] = loop.create_future()
+                           loop: asyncio.AbstractEventLoop, s: _Session) -> None:
+        """Relay until either side closes. When the client left first, the backend goes to the
+        warm pool (which keeps it only if a reset proves it clean); otherwise both close."""
+        ended: asyncio.Future[Side] = loop.create_future()
+        client.track = self.warm.per_key > 0
         client.relay_to(server, signals, inbound=True, ended=ended)
         server.relay_to(client, signals, inbound=False, ended=ended)
+        first: Side | None = None
         try:
-            await ended
+            first = await ended
         finally:
             client.close()
-            server.close()
+            if first is client and not server.closed and s.warm is not None and s.pool_key is not None:
+                self.warm.park(s.pool_key, s.warm)
+            else:
+                server.close()
 
 
 def _remember_sni(obj: ssl.SSLObject | ssl.SSLSocket, name: str | None, ctx: ssl.SSLContext) -> None:

@@ -66,6 +66,8 @@ fi
 
 if [ "$want_bench" = 1 ]; then
   command -v pgbouncer >/dev/null 2>&1 || apt_install pgbouncer || die "pgbouncer is missing: install it (Debian/Ubuntu: apt-get install pgbouncer)"
+  # The Data API bench's HTTP load generator; without it bench/data_api.py uses a slower Python client.
+  command -v wrk >/dev/null 2>&1 || apt_install wrk || say "wrk is missing: bench/data_api.py falls back to aiohttp"
 fi
 
 # --- the virtual environment ---------------------------------------------------------------------

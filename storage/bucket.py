@@ -17,22 +17,26 @@ tail not yet uploaded is only here) and a bounded cache of packs. Opening one:
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+import os
 import re
 import shutil
+import signal
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from storage.backpressure import receivers
 from storage.lease import LEASE_TTL, Lease
 from storage.objectstore import ObjectNotFound
 from storage.postgres import PgBinaries, ServiceUser
 from storage.s3 import S3Client, S3Error, parse_s3_uri
 from storage.s3objects import S3ObjectStore
 from storage.store import Store
-from storage.uploader import STATE_KEY, WAL_PREFIX, Uploader, read_marker, restore
+from storage.uploader import FILES_PREFIX, META_PREFIX, STATE_KEY, WAL_PREFIX, Uploader, read_marker, restore
 
 log = logging.getLogger("lakelet.storage")
 
@@ -62,6 +66,24 @@ def local_root(uri: str | None, default: Path) -> Path:
     if uri and not is_bucket(uri):
         raise S3Error(f"store_uri {uri!r} is neither file://PATH nor s3://BUCKET[/PREFIX]")
     return default
+
+
+def _stop_orphan_receivers(wal_root: Path) -> None:
+    """WAL receivers still writing into this store belong to a ``lakelet up`` that died (this one
+    holds the data dir and the lease): it may have paused them (storage.backpressure), and a paused
+    process never exits by itself."""
+    for pid in receivers(wal_root):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+            log.warning("stopped a WAL receiver left by a previous lakelet up", extra={"pid": pid})
+
+
+def _drop_unpublished_snapshots(client: S3Client, state: dict[str, Any]) -> None:
+    """Snapshots uploaded by a round that died before switching ``state.json`` to them."""
+    published = set(state.get("files", {}).values())
+    stale = [k for k, _ in client.list(META_PREFIX) if not k.startswith(FILES_PREFIX) and k not in published]
+    if stale:
+        client.delete_many(stale)
 
 
 def open_store(uri: str | None, root: Path, *, user: ServiceUser, pg: PgBinaries, retention_days: float = 7.0,
@@ -108,6 +130,7 @@ def open_store(uri: str | None, root: Path, *, user: ServiceUser, pg: PgBinaries
         elif has_local and marker.get("uri") != location.uri:
             raise S3Error(f"{root} holds a store that is not in {location.uri}: moving a local store into a bucket "
                           "is not supported; start on an empty data dir, or keep store_uri = file://")
+        _stop_orphan_receivers(root / "wal")
         listing = dict(client.list(WAL_PREFIX))
         objects = S3ObjectStore(client, root / "cache", cache_size)
         objects.fence = lease.check
@@ -121,6 +144,7 @@ def open_store(uri: str | None, root: Path, *, user: ServiceUser, pg: PgBinaries
             store.close()
             raise
         objects.uploader = uploader
+        _drop_unpublished_snapshots(client, uploader.state)
         # Closers run last-registered first: the final upload round, then the lease goes.
         objects.closers += [lease.release, uploader.close]
         uploader.start()

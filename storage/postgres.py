@@ -118,6 +118,15 @@ class ServiceUser:
         if mode is not None:
             os.chmod(path, mode)
 
+    def share_dir(self, path: Path) -> None:
+        """A directory of ours this user must pass through but not read: owned by us, group of
+        this user, mode 0710 (0700 when this user is us). Nobody else can even enter it."""
+        if os.geteuid() == 0 and not self.is_current:
+            os.chown(path, os.geteuid(), self.gid)
+            os.chmod(path, 0o710)
+        else:
+            os.chmod(path, 0o700)
+
     def own_tree(self, root: Path) -> None:
         if os.geteuid() != 0 or self.is_current:
             return
@@ -127,9 +136,16 @@ class ServiceUser:
                 os.lchown(os.path.join(dirpath, name), self.uid, self.gid)
 
 
+DEFAULT_SERVICE_USER = "lakelet"
+
+
 def resolve_service_user(configured: str | None = None) -> ServiceUser:
-    """As root: the configured user, else ``postgres``, else a ``lakelet`` system user we create.
-    Not root: the current user (a configured one must then be the current user)."""
+    """As root: the configured user, else a dedicated ``lakelet`` system user (created when
+    missing). Not root: the current user (a configured one must then be the current user).
+
+    Not the shared ``postgres`` user: computes trust every connection on their private socket,
+    so whoever runs as the service user can reach every branch's data. Other clusters on the
+    host (and their extensions, archive commands, …) run as ``postgres``."""
     if os.geteuid() != 0:
         entry = pwd.getpwuid(os.geteuid())
         if configured and configured != entry.pw_name:
@@ -138,13 +154,12 @@ def resolve_service_user(configured: str | None = None) -> ServiceUser:
                 f"running as {entry.pw_name!r}, remove compute_user from the config"
             )
         return ServiceUser(entry.pw_name, entry.pw_uid, entry.pw_gid, entry.pw_dir)
-    for name in ([configured] if configured else ["postgres", "lakelet"]):
-        try:
-            entry = pwd.getpwnam(name)
-            return ServiceUser(entry.pw_name, entry.pw_uid, entry.pw_gid, entry.pw_dir or "/")
-        except KeyError:
-            continue
-    name = configured or "lakelet"
+    name = configured or DEFAULT_SERVICE_USER
+    try:
+        entry = pwd.getpwnam(name)
+        return ServiceUser(entry.pw_name, entry.pw_uid, entry.pw_gid, entry.pw_dir or "/")
+    except KeyError:
+        pass
     subprocess.run(
         ["useradd", "--system", "--no-create-home", "--home-dir", "/nonexistent", "--shell",
          "/usr/sbin/nologin", name],
@@ -152,6 +167,31 @@ def resolve_service_user(configured: str | None = None) -> ServiceUser:
     )
     entry = pwd.getpwnam(name)
     return ServiceUser(entry.pw_name, entry.pw_uid, entry.pw_gid, "/")
+
+
+def repair_tree(root: Path, *, owner: ServiceUser | None = None) -> None:
+    """Make everything under ``root`` private: directories 0700, files 0600, owned by ``owner``
+    when given (and we are root). Data dirs made before Lakelet kept them private, or by hand,
+    are put right at open."""
+    chown = owner is not None and os.geteuid() == 0 and not owner.is_current
+    if not root.is_dir():
+        _fix(str(root), 0o600, owner if chown else None)
+        return
+    for dirpath, _, filenames in os.walk(root):
+        _fix(dirpath, 0o700, owner if chown else None)
+        for name in filenames:
+            _fix(os.path.join(dirpath, name), 0o600, owner if chown else None)
+
+
+def _fix(path: str, mode: int, owner: ServiceUser | None) -> None:
+    try:
+        st = os.lstat(path)
+        if owner is not None and (st.st_uid, st.st_gid) != (owner.uid, owner.gid):
+            os.lchown(path, owner.uid, owner.gid)
+        if not os.path.islink(path) and st.st_mode & 0o7777 & ~mode:
+            os.chmod(path, st.st_mode & mode)
+    except FileNotFoundError:
+        pass  # removed meanwhile
 
 
 def make_reachable(path: Path, user: ServiceUser) -> None:

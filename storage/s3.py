@@ -140,7 +140,8 @@ class S3Client:
 
     # -- the one retry policy -------------------------------------------------------------------
 
-    def _call(self, what: str, name: str, fn: Callable[[], T], *, retry_for: float | None = None) -> T:
+    def _call(self, what: str, name: str, fn: Callable[[], T], *, retry_for: float | None = None,
+              warn: bool = True) -> T:
         deadline = time.monotonic() + (self.retry_for if retry_for is None else retry_for)
         delay = 0.1
         attempt = 0
@@ -171,7 +172,7 @@ class S3Client:
             if time.monotonic() + delay > deadline:
                 raise S3Unavailable(f"{what} {self.where(name)} kept failing for {attempt} attempts: "
                                     f"{_describe(last)}; check that {self.endpoint or 'S3'} is reachable") from None
-            if attempt == 3:
+            if attempt == 3 and warn:
                 log.warning("S3 request failing; retrying with backoff",
                             extra={"operation": what, "key": name, "error": _describe(last)})
             time.sleep(delay * (0.5 + random.random()))
@@ -182,7 +183,8 @@ class S3Client:
     def check(self) -> None:
         """At start: the bucket exists and takes these credentials, or one line saying which not."""
         try:
-            self._call("HEAD bucket", "", lambda: self.c.head_bucket(Bucket=self.bucket), retry_for=10)
+            # Quiet: at start a failure is the one line lakelet up ends with.
+            self._call("HEAD bucket", "", lambda: self.c.head_bucket(Bucket=self.bucket), retry_for=10, warn=False)
         except ObjectNotFound:
             raise BucketMissing(f"bucket {self.bucket!r} does not exist at {self.endpoint or 'AWS S3'}: "
                                 "create it or fix store_uri") from None

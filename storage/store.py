@@ -25,7 +25,7 @@ import shutil
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -47,14 +47,18 @@ from storage.errors import (
 )
 from storage.objectstore import LocalObjectStore, ObjectStore, fsync_dir
 from storage.pagestore import PageStore
-from storage.postgres import PgBinaries, ServiceUser, last_error_line, run
+from storage.postgres import PgBinaries, ServiceUser, last_error_line, repair_tree, run
 
 log = logging.getLogger("lakelet.storage")
 
 ROOT_BRANCH = "main"
 ADMIN_ROLE = "lakelet_admin"
-BRANCH_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
+BRANCH_NAME = re.compile(r"[a-z0-9][a-z0-9_-]{0,62}")  # whole name: fullmatch (``$`` allows a final newline)
 SOURCE_FILE = "lakelet-source.json"
+# Where a branch's archive keeps old-timeline WAL found past a timeline switch (a torn record).
+FORKED_DIR = "forked"
+# Next to a compute's data dir: placeholder history files that steer its promotion's timeline ID.
+RESERVED_DIR = "reserved-timelines"
 IMAGE_WAL_THRESHOLD = 256 << 20
 # Small WAL segments: a branch that wrote a little holds a little, in the archive and in copies.
 WAL_SEGMENT_MB = 1
@@ -85,6 +89,8 @@ class BranchInfo:
 class Materialized:
     datadir: Path
     needs_recovery: bool
+    # The timeline the compute promotes onto (reserved for it by the store), None without recovery.
+    timeline: int | None = None
 
 
 @dataclass(frozen=True)
@@ -118,7 +124,7 @@ class Store:
         # WAL a branch may stream past its newest image before ``needs_image`` asks for another.
         self.image_wal_threshold = image_wal_threshold
         root.mkdir(parents=True, exist_ok=True)
-        os.chmod(root, 0o711)
+        user.share_dir(root)
         self.catalog = Catalog(root / "catalog.db")
         # Packs and manifests: this directory, or a bucket (storage.bucket.open_store passes it).
         self.objects: ObjectStore = objects if objects is not None else LocalObjectStore(root / "objects")
@@ -135,13 +141,41 @@ class Store:
         shutil.rmtree(self.tmp_root, ignore_errors=True)
         self.tmp_root.mkdir()
         user.own(self.tmp_root, 0o700)
-        # Materialize → promote → note_timeline must not interleave between two branches, or both
-        # could pick the same new timeline ID. Callers hold this across the three steps.
-        self.promotion_lock = threading.Lock()
+        # Timeline IDs are unique store-wide and handed out here (``_reserve_timeline``): a
+        # counter under a lock held for an increment, never across a replay.
+        self._tli_lock = threading.Lock()
+        self._next_tli = max([*wal.history_tlis(self.history_dir), 1]) + 1
+        self._reserved: set[int] = set()
         # GC decides which pages are live from the catalog, but an image's pages exist before its
         # catalog row does, and a restore reads packs GC may rewrite: GC runs alone.
         self._maintenance = SharedExclusiveLock()
+        # Called with a branch name after its roles changed, or None after the branch set changed
+        # (in the thread that made the change): the control plane keeps its memory current so.
+        self._listeners: list[Callable[[str | None], None]] = []
+        self._make_private()
         self._sweep_crash_leftovers()
+
+    def _make_private(self) -> None:
+        """Check and repair modes: the catalog (with every role's verifier), the page store and
+        the packs (every row) are ours alone; the WAL archive belongs to the service user, which
+        streams into it and replays from it. The store dir itself only lets that user through."""
+        for entry in os.scandir(self.root):
+            if entry.is_file(follow_symlinks=False):
+                repair_tree(Path(entry.path))
+        repair_tree(self.root / "objects")
+        repair_tree(self.wal_root, owner=self.user)
+
+    def subscribe(self, listener: Callable[[str | None], None]) -> None:
+        """Call ``listener(branch)`` after a branch's roles change, ``listener(None)`` after the
+        branch set changes (create, delete, rename, reset, restore)."""
+        self._listeners.append(listener)
+
+    def _changed(self, branch: str | None = None) -> None:
+        for listener in self._listeners:
+            try:
+                listener(branch)
+            except Exception:
+                log.exception("store change listener failed")
 
     @classmethod
     def open(cls, root: Path, *, user: ServiceUser, pg: PgBinaries, retention_days: float = 7.0,
@@ -262,10 +296,11 @@ class Store:
         self._image(branch_id, datadir)
         shutil.rmtree(work, ignore_errors=True)
         log.info("created root branch", extra={"branch": ROOT_BRANCH})
+        self._changed()
         return self.get_branch(ROOT_BRANCH)
 
     def _check_new_name(self, name: str) -> None:
-        if not BRANCH_NAME.match(name or ""):
+        if not isinstance(name, str) or not BRANCH_NAME.fullmatch(name):
             raise InvalidName(f"branch name {name!r} is not allowed: use 1-63 characters of a-z, 0-9, _ and -, "
                               "starting with a letter or digit")
         if self.catalog.branch_by_name(name) is not None:
@@ -282,6 +317,7 @@ class Store:
             branch_id = self.catalog.insert_branch(db, name, prow.id, lsn, kind)
             db.execute("INSERT INTO roles SELECT ?, name, verifier FROM roles WHERE branch_id = ?",
                        (branch_id, prow.id))
+        self._changed()
         return self.get_branch(name)
 
     def _resolve_target(self, prow: BranchRow, at: str | None, head_lsn: str | None) -> tuple[int, str]:
@@ -382,16 +418,27 @@ class Store:
                 db.execute("DELETE FROM branches WHERE id = ?", (b.id,))
         # Data goes only after the catalog forgot it (a crash in between leaves leftovers the next
         # open sweeps); unreferenced pages go at the next GC.
+        self._changed()
         self._drop_image_files(dropped)
         for b in doomed:
             shutil.rmtree(self.wal_root / str(b.id), ignore_errors=True)
             shutil.rmtree(self.wal_root / f"{b.id}.ckpt", ignore_errors=True)
+
+    def subtree(self, name: str) -> list[str]:
+        """``name`` and every branch descending from it, parents before children."""
+        rows = [self._row(name)]
+        i = 0
+        while i < len(rows):
+            rows += self.catalog.children(rows[i].id)
+            i += 1
+        return [r.name for r in rows]
 
     def rename_branch(self, old: str, new: str) -> None:
         row = self._row(old)
         self._check_new_name(new)
         with self.catalog.transaction() as db:
             db.execute("UPDATE branches SET name = ? WHERE id = ?", (new, row.id))
+        self._changed()
 
     def reset_branch(self, name: str, *, head_lsn: str | None = None) -> Branch:
         """Re-point ``name`` to its parent's current head, dropping its own changes."""
@@ -415,6 +462,7 @@ class Store:
         self._drop_image_files(dropped)
         shutil.rmtree(self.wal_root / str(row.id), ignore_errors=True)
         shutil.rmtree(self.wal_root / f"{row.id}.ckpt", ignore_errors=True)
+        self._changed()
         return self.get_branch(name)
 
     def restore_branch(self, name: str, at: str) -> tuple[Branch, str]:
@@ -428,12 +476,14 @@ class Store:
             new_id = self.catalog.insert_branch(db, name, row.id, lsn, kind)
             db.execute("INSERT INTO roles SELECT ?, name, verifier FROM roles WHERE branch_id = ?", (new_id, row.id))
             # Children follow the name: they keep their data (their parent_lsn is on the old line).
+        self._changed()
         return self.get_branch(name), backup
 
     # -- roles ------------------------------------------------------------------------------------
 
     def set_roles(self, branch: str, roles: dict[str, str | None]) -> None:
         self.catalog.set_roles(self._row(branch).id, roles)
+        self._changed(branch)
 
     def roles(self, branch: str) -> dict[str, str | None]:
         return self.catalog.roles(self._row(branch).id)
@@ -594,8 +644,8 @@ class Store:
             return False
         if latest is None or source != {"branch_id": row.id, "image_id": latest.id}:
             return False
-        if not (datadir / "PG_VERSION").exists():
-            return False
+        if not (datadir / "PG_VERSION").exists() or datadir.stat().st_uid != self.user.uid:
+            return False  # (another owner: made for an earlier service user; rebuilt for this one)
         info = controldata(self.pg, self.user, datadir)
         return (info.get("Database cluster state") == "shut down"
                 and lsnmod.parse(info["Latest checkpoint location"]) == latest.lsn)
@@ -613,10 +663,47 @@ class Store:
         shutil.rmtree(datadir, ignore_errors=True)
         with self._maintenance.shared():
             images.restore_image(self.pages, self.objects, image.manifest_key, datadir)
-        settings["restore_command"] = wal.restore_command(dirs, self.history_dir)
-        _write_recovery_settings(datadir, settings)
-        self.user.own_tree(datadir)
-        return Materialized(datadir, needs_recovery=True)
+        tli = self._reserve_timeline()
+        try:
+            fillers = self._timeline_fillers(datadir.parent / RESERVED_DIR, int(settings["recovery_target_timeline"]),
+                                             tli)
+            settings["restore_command"] = wal.restore_command(dirs, self.history_dir, fillers)
+            _write_recovery_settings(datadir, settings)
+            self.user.own_tree(datadir)
+        except BaseException:
+            self.release_timeline(tli)
+            raise
+        return Materialized(datadir, needs_recovery=True, timeline=tli)
+
+    def _reserve_timeline(self) -> int:
+        with self._tli_lock:
+            tli = self._next_tli
+            self._next_tli += 1
+            self._reserved.add(tli)
+            return tli
+
+    def release_timeline(self, tli: int | None) -> None:
+        """A start that reserved ``tli`` is over (promoted and noted, or given up)."""
+        with self._tli_lock:
+            self._reserved.discard(tli)  # type: ignore[arg-type]
+
+    def _timeline_fillers(self, fillers: Path, target: int, tli: int) -> Path:
+        """Make Postgres promote onto ``tli``, which the store reserved for this start.
+
+        At promotion Postgres takes the first timeline after ``target`` that has no history file
+        (asking ``restore_command``). IDs between them belong to other branches: finished ones
+        have a history file in the store, the others (reserved by starts still replaying) get a
+        placeholder here, so the probe runs on to ``tli`` whatever the others do meanwhile. Only
+        the existence of these files is ever checked: the target's own history is real."""
+        shutil.rmtree(fillers, ignore_errors=True)
+        fillers.mkdir(parents=True)
+        real = set(wal.history_tlis(self.history_dir))
+        for other in range(target + 1, tli):
+            if other not in real:
+                (fillers / f"{other:08X}.history").write_text(f"# timeline {other} belongs to another branch\n")
+        self.user.own_tree(fillers)
+        self.user.own(fillers, 0o700)
+        return fillers
 
     def _start_image(self, row: BranchRow) -> ImageRow | None:
         """The image ``materialize`` starts ``row`` from: its nearest image at its end when it has
@@ -657,34 +744,60 @@ class Store:
         }
         return image, settings, [*self._dirs(row), own_ckpt]
 
-    def note_timeline(self, branch: str, datadir: Path) -> None:
+    def note_timeline(self, branch: str, datadir: Path, expected: int | None = None) -> None:
         """After a promotion: keep the new timeline's history file store-wide and record where the
-        branch's new timeline starts."""
+        branch's new timeline starts (``expected``: the timeline ``materialize`` reserved)."""
         row = self._row(branch)
         self.catalog.set_running(row.id, True)
-        tlis = wal.copy_history(datadir / "pg_wal", self.history_dir)
+        try:
+            tlis = wal.copy_history(datadir / "pg_wal", self.history_dir)
+        finally:
+            self.release_timeline(expected)
         if not tlis:
             return
         tli = tlis[-1]
+        if expected is not None and tli != expected:
+            raise MaterializeError(f"branch {branch!r} promoted onto timeline {tli}, not the reserved {expected}")
         start = wal.history_switch_lsn(self.history_dir / f"{tli:08X}.history")
         self.catalog.add_timeline(row.id, tli, start)
         self._seed_timeline_start(branch, datadir, tli, start)
 
     def _seed_timeline_start(self, branch: str, datadir: Path, tli: int, start: int) -> None:
-        """When the new timeline begins exactly at a segment boundary, put its first segment in the
-        archive as a ``.partial``, before the WAL receiver starts.
+        """Make the branch's archive end where the new timeline begins, before the WAL receiver
+        starts: move aside older timelines' segments that lie wholly past the switch point, and
+        put the new timeline's segment holding the switch point in as a ``.partial``.
 
-        The receiver resumes after the newest segment in the archive, on that segment's timeline.
-        When the archive ends exactly where the new timeline begins (the old WAL ended with a
-        segment switch, as every online image's backup does), that is the switch point on the old
-        timeline, and the server answers such a request with "next timeline" instead of WAL, which
-        pg_receivewal cannot handle: it would never stream. With this file it resumes at the
-        boundary on the new timeline and overwrites the file with what it streams."""
+        ``pg_receivewal`` resumes after the newest segment in its directory (highest segment
+        number, then highest timeline), on that segment's timeline. A crash in the middle of a
+        record larger than what is left of a segment (or a disk that filled up) can leave whole
+        segments of the old timeline past the point where recovery ended, which is where the new
+        timeline forks: resuming there, the server answers "not in this server's history" and the
+        receiver never streams. Those segments hold only the torn record's bytes (recovery ends at
+        the end of valid WAL, and every branch point and commit lies before it), so no history
+        needs them; they go to ``forked/`` (out of every reader's way), which GC empties after
+        the retention window.
+
+        With the new timeline's first segment present as a ``.partial`` (same segment number as
+        the old one holding the switch point, higher timeline), the receiver resumes at that
+        segment's start on the new timeline, for any switch LSN, aligned or not, and overwrites
+        the file with what it streams."""
         seg = self._segment_size()
-        if start % seg:
-            return
-        name = lsnmod.segment_name(tli, start, seg)
         archive = self.wal_dir(branch)
+        first = start - start % seg
+        for entry in os.listdir(archive):
+            m = wal.SEGMENT.match(entry)
+            if m is None:
+                continue
+            old_tli, seg_start = lsnmod.segment_start(m.group(1), seg)
+            if old_tli != tli and seg_start >= start:
+                path = archive / entry
+                forked = archive / FORKED_DIR
+                forked.mkdir(exist_ok=True)
+                self.user.own(forked, 0o700)
+                os.replace(path, forked / entry)
+                log.warning("moved aside WAL past a timeline switch", extra={
+                    "branch": branch, "segment": path.name, "switch_lsn": lsnmod.fmt(start)})
+        name = lsnmod.segment_name(tli, first, seg)
         src = datadir / "pg_wal" / name
         if name in wal.segments(archive) or not src.exists():
             return
@@ -692,6 +805,7 @@ class Store:
         shutil.copyfile(src, tmp)
         self.user.own(tmp, 0o600)
         os.replace(tmp, archive / f"{name}.partial")
+        fsync_dir(archive)
 
     def mark_running(self, branch: str) -> None:
         """A compute started on the branch: until its next clean image, WAL may run past it."""
@@ -764,6 +878,13 @@ class Store:
             for name, path in wal.segments(self.wal_root / str(branch_id)).items():
                 _, start = lsnmod.segment_start(name, seg_size)
                 if start + seg_size <= floor - seg_size:  # keep one segment of slack before the floor
+                    freed += path.stat().st_size
+                    path.unlink()
+                    deleted += 1
+            forked = self.wal_root / str(branch_id) / FORKED_DIR
+            cutoff = time.time() - self.retention.total_seconds()
+            for path in forked.glob("*") if forked.is_dir() else []:
+                if path.stat().st_mtime < cutoff:
                     freed += path.stat().st_size
                     path.unlink()
                     deleted += 1

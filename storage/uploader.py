@@ -225,7 +225,8 @@ class Uploader:
             self.last_round_at = started
 
     def _walk(self, top: Path) -> Iterator[Path]:
-        for dirpath, _, files in os.walk(top):
+        for dirpath, dirnames, files in os.walk(top):
+            dirnames[:] = [d for d in dirnames if not d.startswith(".")]  # a WAL copy being made
             for name in files:
                 if not name.startswith("."):
                     yield Path(dirpath) / name
@@ -366,7 +367,7 @@ def restore(client: S3Client, root: Path, state: dict[str, Any], files: dict[str
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, root / name)
-    wal_keys = [(k, size) for k, size in client.list(WAL_PREFIX) if not k.rsplit("/", 1)[-1].startswith(".")]
+    wal_keys = [(k, size) for k, size in client.list(WAL_PREFIX) if not any(p.startswith(".") for p in k.split("/"))]
 
     def fetch(item: tuple[str, int]) -> int:
         key, size = item
@@ -394,6 +395,8 @@ def restore(client: S3Client, root: Path, state: dict[str, Any], files: dict[str
             data = client.get(FILES_PREFIX + name)
         except ObjectNotFound:
             continue
+        if not path.parent.exists():
+            path.parent.mkdir(mode=0o700, parents=True)
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(fd, "wb") as f:
             f.write(data)

@@ -30,10 +30,10 @@ WALDUMP_LINE = re.compile(r"lsn: ([0-9A-F]+/[0-9A-F]+), prev [0-9A-F]+/[0-9A-F]+
 COMMIT_TIME = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d(?:\.\d+)?) ?(UTC|[+-]\d\d)?")
 
 
-def restore_command(dirs: Iterable[Path], history_dir: Path) -> str:
+def restore_command(dirs: Iterable[Path], history_dir: Path, fillers: Path | None = None) -> str:
     """A ``restore_command`` serving segments from ``dirs`` (in order; a zero-padded ``.partial``
-    stands in for the full segment) and history files from ``history_dir``."""
-    search = " ".join(shlex.quote(str(d)) for d in [*dirs, history_dir])
+    stands in for the full segment) and history files from ``history_dir`` (then ``fillers``)."""
+    search = " ".join(shlex.quote(str(d)) for d in [*dirs, history_dir, *([fillers] if fillers else [])])
     script = (
         f'for d in {search}; do '
         'if [ -f "$d/%f" ]; then exec cp "$d/%f" "%p"; fi; '
@@ -69,6 +69,13 @@ def copy_history(src_dir: Path, history_dir: Path) -> list[int]:
             shutil.copyfile(src_dir / entry, tmp)
             os.replace(tmp, dest)
     return sorted(tlis)
+
+
+def history_tlis(history_dir: Path) -> list[int]:
+    """The timelines with a history file in ``history_dir``, ascending."""
+    if not history_dir.is_dir():
+        return []
+    return sorted(int(m.group(1), 16) for m in map(HISTORY.match, os.listdir(history_dir)) if m)
 
 
 def history_switch_lsn(history_file: Path) -> int:

@@ -172,7 +172,7 @@ async def _snapshot(conn: asyncpg.Connection, spec: SyncedTableSpec, dt: DeltaTa
                 columns=list(types.items()), primary_key=list(spec.primary_key), rows=rows,
                 null_keys=counter.null_keys, kind="snapshot"))
     finally:
-        stream.close()
+        await asyncio.to_thread(stream.close)
     log.info("synced table loaded", extra={"table": spec.name, "branch": spec.branch, "version": latest.version,
                                           "rows": rows, "fallback": fallback})
     return RunResult("snapshot", latest.version, latest.commit_time, rows, loaded=rows,

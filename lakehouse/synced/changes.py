@@ -98,13 +98,8 @@ def newest_per_key(table: pa.Table, keys: tuple[str, ...], timeseries_key: str) 
     """One row per key: the one with the greatest ``timeseries_key`` (NULL counts as oldest)."""
     if table.num_rows == 0:
         return table
-    indexed = table.append_column("_i", pa.array(range(table.num_rows), pa.int64()))
-    order = [(k, "ascending") for k in keys] + [(timeseries_key, "ascending"), ("_i", "ascending")]
-    ordered = indexed.sort_by(order) if not _has_nulls(table, timeseries_key) else indexed.take(
-        pc.sort_indices(indexed, sort_keys=order, null_placement="at_start"))
-    last = ordered.filter(pc.invert(_same_key_as_next(ordered, keys)))
-    return last.drop_columns(["_i"])
-
-
-def _has_nulls(table: pa.Table, column: str) -> bool:
-    return table.column(column).null_count > 0
+    # Descending with NULLs at the end (Arrow's default placement): each key's first row wins.
+    ordered = table.sort_by([(k, "ascending") for k in keys] + [(timeseries_key, "descending")])
+    same_next = _same_key_as_next(ordered, keys)
+    first = pa.concat_arrays([pa.array([True]), pc.invert(same_next.slice(0, ordered.num_rows - 1))])
+    return ordered.filter(first)

@@ -8,6 +8,7 @@ a continuous sync whose source is idle lets the branch suspend.
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -26,16 +27,14 @@ class BranchComputes:
     def __init__(self, endpoints: Endpoints) -> None:
         self.endpoints = endpoints
 
-    def has_branch(self, branch: str) -> bool:
-        return self.endpoints.has_branch(branch)
-
-    def is_active(self, branch: str) -> bool:
-        return self.endpoints.active_node(branch) is not None
+    async def has_branch(self, branch: str) -> bool:
+        """Asks the catalog today (a SQLite query): off the event loop."""
+        return await asyncio.to_thread(self.endpoints.has_branch, branch)
 
     @asynccontextmanager
     async def connect(self, branch: str, database: str) -> AsyncIterator[asyncpg.Connection]:
         """A connection as Lakelet's own role to ``database`` on ``branch``, waking it if needed."""
-        if not self.has_branch(branch):
+        if not await self.has_branch(branch):
             raise UnknownBranch(f"branch {branch!r} does not exist")
         signals = self.endpoints.signals(branch)
         signals.sessions += 1

@@ -40,6 +40,7 @@ from lakehouse.synced.spec import Mode, SyncedTableSpec
 log = logging.getLogger("lakelet.synced")
 
 POLL_SECONDS = 0.5  # how often a continuous table looks at its source's log
+LAG_POLL_SECONDS = 5.0  # how often the lag of a snapshot or triggered table is measured
 MAX_BACKOFF_SECONDS = 30.0
 UNREADABLE = "cannot read the source"
 
@@ -185,7 +186,7 @@ class SyncedTables:
         (a bad source, a missing key column, duplicate keys, a name taken) leaves nothing behind."""
         if spec.key in self._entries:
             raise AlreadyExists(f"synced table {spec.name} exists on branch {spec.branch!r}: refresh or delete it")
-        if not self.computes.has_branch(spec.branch):
+        if not await self.computes.has_branch(spec.branch):
             raise NotFound(f"branch {spec.branch!r} does not exist: see `lakelet branch list`")
         dt = await asyncio.to_thread(src.open_table, spec.source)
         latest = await asyncio.to_thread(src.describe, dt)
@@ -216,7 +217,7 @@ class SyncedTables:
             with contextlib.suppress(asyncio.CancelledError):
                 await entry.watcher
         async with entry.lock:
-            if self.computes.has_branch(branch):
+            if await self.computes.has_branch(branch):
                 async with self.computes.connect(branch, entry.spec.database) as conn:
                     await tgt.ensure_setup(conn)
                     await tgt.release(conn, entry.spec.schema, entry.spec.table, drop=drop_table)
@@ -287,12 +288,16 @@ class SyncedTables:
     # -- continuous -----------------------------------------------------------------------------
 
     def _watch(self, entry: Entry) -> None:
-        if entry.spec.mode is Mode.CONTINUOUS and not self._closed:
+        if not self._closed:
             entry.watcher = asyncio.create_task(self._watch_loop(entry), name=f"synced-{entry.spec.name}")
 
     async def _watch_loop(self, entry: Entry) -> None:
-        """Read the source's log every ``POLL_SECONDS`` (no compute involved); run — waking the
-        branch — only when there is a version the table does not hold. Failures back off."""
+        """Read the source's log (no compute involved) and keep the lag current. A continuous
+        table is watched every ``POLL_SECONDS`` and run — waking the branch — only when there is a
+        version it does not hold (failures back off); the others only every ``LAG_POLL_SECONDS``,
+        for the lag, since they run on request."""
+        auto = entry.spec.mode is Mode.CONTINUOUS
+        every = POLL_SECONDS if auto else LAG_POLL_SECONDS
         dt: DeltaTable | None = None
         backoff = 0.0
         retry_at = 0.0
@@ -310,11 +315,11 @@ class SyncedTables:
             except Exception as e:  # unreadable source: say so, open it afresh next time
                 entry.last_error = f"{UNREADABLE}: {_one_line(e)}"
                 dt = None
-                await asyncio.sleep(max(POLL_SECONDS, backoff))
+                await asyncio.sleep(max(every, backoff))
                 backoff = min(max(backoff * 2, 1.0), MAX_BACKOFF_SECONDS)
                 continue
             behind = entry.version is None or dt.version() != entry.version
-            if behind and not entry.stopped and time.monotonic() >= retry_at:
+            if auto and behind and not entry.stopped and time.monotonic() >= retry_at:
                 try:
                     await self._run(entry)
                     backoff = 0.0
@@ -323,4 +328,4 @@ class SyncedTables:
                 except Exception:  # recorded by _run; try again later, waiting longer each time
                     backoff = min(max(backoff * 2, 1.0), MAX_BACKOFF_SECONDS)
                     retry_at = time.monotonic() + backoff
-            await asyncio.sleep(POLL_SECONDS)
+            await asyncio.sleep(every)

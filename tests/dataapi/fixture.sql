@@ -62,6 +62,11 @@ CREATE FUNCTION teapot() RETURNS void LANGUAGE plpgsql AS $$ BEGIN
   PERFORM set_config('response.status', '418', true);
   PERFORM set_config('response.headers', '[{"X-Tea": "earl grey"}]', true);
 END $$;
+CREATE FUNCTION bad_headers() RETURNS int LANGUAGE plpgsql VOLATILE AS $$ BEGIN
+  INSERT INTO kv (k, v) VALUES ('bad-headers', 1);
+  PERFORM set_config('response.headers', '{"not": "an array"}', true);
+  RETURN 1;
+END $$;
 CREATE FUNCTION pay() RETURNS void LANGUAGE plpgsql AS $$ BEGIN
   RAISE sqlstate 'PT402' USING message = 'Payment Required', detail = 'Quota exceeded', hint = 'Upgrade';
 END $$;
@@ -83,6 +88,12 @@ CREATE FUNCTION pre_request() RETURNS void LANGUAGE plpgsql AS $$ BEGIN
       'X-Pre-Request', current_user))::text, true);
   END IF;
 END $$;
+CREATE FUNCTION label(books) RETURNS text LANGUAGE sql STABLE
+  AS $$ SELECT $1.title || ' (' || $1.year || ')' $$;
+CREATE FUNCTION age_at_publication(books) RETURNS int LANGUAGE sql STABLE
+  AS $$ SELECT $1.year - extract(year FROM a.born)::int FROM authors a WHERE a.id = $1.author_id $$;
+CREATE FUNCTION echo_total(jsonb) RETURNS jsonb LANGUAGE sql IMMUTABLE
+  AS $$ SELECT jsonb_build_object('keys', (SELECT count(*) FROM jsonb_object_keys($1)), 'doc', $1) $$;
 GRANT EXECUTE ON ALL FUNCTIONS IN SCHEMA public TO web_anon, web_user;
 
 CREATE SCHEMA extra;
@@ -93,3 +104,23 @@ INSERT INTO extra.books VALUES (1, 'Only in extra');
 GRANT USAGE ON SCHEMA extra TO web_anon, web_user;
 GRANT SELECT ON ALL TABLES IN SCHEMA extra TO web_anon;
 GRANT ALL ON ALL TABLES IN SCHEMA extra TO web_user;
+
+-- PostgREST's common layout: tables in a private schema, views in the exposed one.
+CREATE SCHEMA private;
+CREATE TABLE private.shelves (id int PRIMARY KEY, label text);
+CREATE TABLE private.shelf_books (id int PRIMARY KEY, shelf_id int REFERENCES private.shelves(id),
+                                  book_id int REFERENCES books(id));
+INSERT INTO private.shelves VALUES (1, 'front'), (2, 'back');
+INSERT INTO private.shelf_books VALUES (1, 1, 1), (2, 1, 3), (3, 2, 5);
+CREATE VIEW shelves AS SELECT id, label FROM private.shelves;
+CREATE VIEW shelf_books AS SELECT id, shelf_id, book_id FROM private.shelf_books;
+CREATE VIEW book_titles AS SELECT id, title AS name, author_id FROM books;
+GRANT SELECT ON shelves, shelf_books, book_titles TO web_anon;
+CREATE TABLE odd_names (id int PRIMARY KEY, "field-with_sep" int, "Mixed Case" text);
+INSERT INTO odd_names VALUES (1, 7, 'x');
+GRANT SELECT ON odd_names TO web_anon;
+CREATE VIEW shelf_books_v2 AS SELECT id, shelf_id, book_id FROM shelf_books WHERE id > 1;
+GRANT SELECT ON shelf_books_v2 TO web_anon;
+CREATE TABLE blobs (id int PRIMARY KEY, data bytea, label text);
+INSERT INTO blobs VALUES (1, '\x89504e47'::bytea, 'png'), (2, '\x0001ff'::bytea, 'raw');
+GRANT SELECT ON blobs TO web_anon;

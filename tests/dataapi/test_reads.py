@@ -29,6 +29,13 @@ async def test_select_columns_aliases_casts_and_json_paths(api: Api) -> None:
     assert status == 200 and set(body[0]) >= {"id", "title", "author_id", "price", "labels", "window_years"}
 
 
+async def test_aggregates_grouped_by_an_embedding(api: Api) -> None:
+    _, _, body = await api.get("books?select=n:count(),total:price.sum(),authors(country)&author_id=in.(1,2,3)")
+    assert sorted(body, key=lambda r: r["authors"]["country"]) == [
+        {"n": 2, "total": 12.0, "authors": {"country": "GB"}}, {"n": 2, "total": 8.0, "authors": {"country": "PL"}},
+        {"n": 2, "total": 22.49, "authors": {"country": "US"}}]
+
+
 async def test_aggregates_group_by_the_other_columns(api: Api) -> None:
     status, _, body = await api.get("books?select=author_id,n:count(),total:price.sum(),newest:year.max()"
                                     "&author_id=in.(1,2)&order=author_id")
@@ -121,6 +128,9 @@ async def test_limit_offset_range_and_content_range(api: Api) -> None:
     assert status == 416 and body["code"] == "PGRST103"
     status, headers, body = await api.get("books?id=eq.999")
     assert status == 200 and body == [] and headers["Content-Range"] == "*/*"
+    assert headers["Content-Location"] == "/books?id=eq.999"
+    _, headers, body = await api.get("books?select=id&id=in.(   )")
+    assert body == [] and headers["Content-Location"] == "/books?id=in.%28%20%20%20%29&select=id"
 
 
 async def test_planned_and_estimated_counts(api: Api) -> None:
@@ -161,7 +171,12 @@ async def test_csv(api: Api) -> None:
 
 async def test_unknown_media_type_is_406(api: Api) -> None:
     status, _, body = await api.get("books", headers={"Accept": "text/xml"})
-    assert status == 406 and body["code"] == "PGRST107"
+    assert status == 415 and body == {"code": "PGRST107", "details": None, "hint": None,
+                                      "message": "None of these Content-Types are available: text/xml"}
+    status, headers, _ = await api.get("books?select=id", headers={"Accept": "text/xml, */*"})
+    assert status == 200 and headers["Content-Type"].startswith("application/json")
+    status, headers, _ = await api.get("books?select=id", headers={"Accept": "text/csv; version=1, application/json"})
+    assert status == 200 and headers["Content-Type"] == "text/csv; charset=utf-8"
 
 
 # -- embedding -------------------------------------------------------------------------------------
@@ -193,8 +208,9 @@ async def test_inner_left_and_filters_on_embedded(api: Api) -> None:
     assert body == [{"name": "Ursula K. Le Guin", "books": []}, {"name": "Stanislaw Lem", "books": []}]
     _, _, body = await api.get("authors?select=name,books(title)&books=is.null&order=id&id=lt.5")
     assert [r["name"] for r in body] == ["Anonymous"]
-    _, _, body = await api.get("authors?select=name,books()&books.title=eq.Solaris&books=not.is.null")
-    assert body == [{"name": "Stanislaw Lem"}]
+    _, headers, body = await api.get("authors?select=name,books()&books.title=eq.Solaris&books=not.is.null",
+                                     headers={"Prefer": "count=exact"})
+    assert body == [{"name": "Stanislaw Lem"}] and headers["Content-Range"] == "0-0/1"
     _, _, body = await api.get("authors?select=name,books(title)&id=eq.1&books.limit=1&books.order=year.desc")
     assert body == [{"name": "Ursula K. Le Guin", "books": [{"title": "The Dispossessed"}]}]
     _, _, body = await api.get("authors?select=name,books(title)&id=eq.1&books.or=(year.eq.1969,year.eq.1800)")
@@ -210,7 +226,14 @@ async def test_nested_embedding_and_spread(api: Api) -> None:
         {"title": "The Dispossessed", "publishers": {"name": "Ace"}, "tags": []}]}]
     _, _, body = await api.get("books?select=title,...authors(author:name,country)&id=eq.5")
     assert body == [{"title": "Pride and Prejudice", "author": "Jane Austen", "country": "GB"}]
-    status, _, body = await api.get("authors?select=name,...books(title)")
+    _, _, body = await api.get("authors?select=name,...books(title,year)&id=in.(2,4)&order=id&books.order=year")
+    assert body == [{"name": "Stanislaw Lem", "title": ["Solaris", "The Cyberiad"], "year": [1961, 1965]},
+                    {"name": "Anonymous", "title": [], "year": []}]
+    _, _, body = await api.get("authors?select=name,...books!inner(title)&books.year=lt.1814")
+    assert body == [{"name": "Jane Austen", "title": ["Pride and Prejudice"]}]
+    _, _, body = await api.get("books?select=title,...authors!inner(name,country)&authors.country=is.null")
+    assert body == []
+    status, _, body = await api.get("authors?select=name,...books(...publishers(name))")
     assert status == 400 and body["code"] == "PGRST119"
 
 
@@ -230,7 +253,12 @@ async def test_hints_and_ambiguity(api: Api) -> None:
     status, _, body = await api.get("books?select=title,nothing(*)")
     assert status == 400 and body["code"] == "PGRST200"
     status, _, body = await api.get("books?select=title&authors.name=eq.x")
-    assert status == 400 and body["code"] == "PGRST108"
+    assert status == 400 and body == {
+        "code": "PGRST108", "details": None,
+        "message": "Cannot apply filter because 'authors' is not an embedded resource in this request",
+        "hint": "Verify that 'authors' is included in the 'select' query parameter."}
+    status, _, body = await api.get("authors?select=name,books(title)&books.tags2.name=eq.x")
+    assert status == 400 and "'tags2'" in body["message"]
     status, _, body = await api.get("authors?select=name,books(title)&books=eq.1")
     assert status == 400 and body["code"] == "PGRST120"
 
@@ -270,6 +298,9 @@ async def test_rpc_errors(api: Api) -> None:
 async def test_functions_set_response_status_and_headers(api: Api) -> None:
     status, headers, body = await api.request("POST", "rpc/teapot")
     assert status == 418 and headers["X-Tea"] == "earl grey"
+    status, _, body = await api.request("POST", "rpc/bad_headers", token=user_token())
+    assert status == 500 and body["code"] == "PGRST111"
+    assert not await api.admin("SELECT 1 FROM kv WHERE k = 'bad-headers'")  # rolled back
 
 
 async def test_request_settings_reach_the_database(api: Api) -> None:
@@ -284,8 +315,9 @@ async def test_request_settings_reach_the_database(api: Api) -> None:
 async def test_postgrest_errors(api: Api) -> None:
     cases = [
         ("nope", 404, "PGRST205"), ("books?nope=eq.1", 400, "42703"), ("books?select=nope", 400, "42703"),
-        ("books?id=eq.abc", 400, "22P02"), ("books?id=bogus.1", 400, "PGRST100"), ("books?id=eq", 400, "PGRST100"),
-        ("books?select=title,", 400, "PGRST100"), ("books?order=id.sideways", 400, "PGRST100"),
+        ("books?id=eq.abc", 400, "22P02"), ("books?id=bogus.1", 400, "PGRST100"), ("books?id=eq", 400, "PGRST104"),
+        ("books?select=title,", 400, "PGRST100"), ("books?id=0", 400, "PGRST104"),
+        ("books?order=id.sideways", 400, "PGRST100"),
         ("books?limit=-1", 400, "PGRST100"), ("books?or=(id.eq.1", 400, "PGRST100"),
         ("books?id=in.1,2", 400, "PGRST100"), ("books?price=is.maybe", 400, "PGRST100"),
     ]
@@ -514,3 +546,63 @@ async def test_random_query_strings_never_500(api: Api) -> None:
         assert status < 500, (table, parts, body)
         if status >= 400:
             assert isinstance(body, dict) and set(body) == {"code", "details", "hint", "message"}, (parts, body)
+
+
+async def test_embedding_through_views(api: Api) -> None:
+    _, _, body = await api.get("shelves?select=label,shelf_books(books(title))&order=id&shelf_books.order=id")
+    assert body == [{"label": "front", "shelf_books": [{"books": {"title": "The Left Hand of Darkness"}},
+                                                       {"books": {"title": "Solaris"}}]},
+                    {"label": "back", "shelf_books": [{"books": {"title": "Pride and Prejudice"}}]}]
+    _, _, body = await api.get("books?select=title,shelf_books(shelves(label))&id=eq.5")
+    assert body == [{"title": "Pride and Prejudice", "shelf_books": [{"shelves": {"label": "back"}}]}]
+    _, _, body = await api.get("book_titles?select=name,authors(name)&id=eq.3")
+    assert body == [{"name": "Solaris", "authors": {"name": "Stanislaw Lem"}}]
+    _, _, body = await api.get("shelf_books_v2?select=id,books(title),shelves(label)&order=id")
+    assert body == [{"id": 2, "books": {"title": "Solaris"}, "shelves": {"label": "front"}},
+                    {"id": 3, "books": {"title": "Pride and Prejudice"}, "shelves": {"label": "back"}}]
+
+
+async def test_aliased_embeddings_filtered_by_alias_or_relation(api: Api) -> None:
+    _, _, body = await api.get("authors?select=name,old:books(title),new:books(title)&id=eq.1"
+                               "&old.year=lt.1970&new.year=gte.1970")
+    assert body == [{"name": "Ursula K. Le Guin", "old": [{"title": "The Left Hand of Darkness"}],
+                     "new": [{"title": "The Dispossessed"}]}]
+    _, _, body = await api.get("authors?select=name,written:books(title)&id=eq.1&books.order=year.desc")
+    assert body == [{"name": "Ursula K. Le Guin", "written": [{"title": "The Dispossessed"},
+                                                              {"title": "The Left Hand of Darkness"}]}]
+
+
+async def test_computed_fields(api: Api) -> None:
+    _, _, body = await api.get("books?select=id,label,age:age_at_publication&id=eq.3")
+    assert body == [{"id": 3, "label": "Solaris (1961)", "age": 40}]
+    _, _, body = await api.get("books?select=title&age_at_publication=lt.40&order=age_at_publication.desc")
+    assert body == [{"title": "Pride and Prejudice"}]  # 1813 - 1775 = 38; Emma is 40
+    _, _, body = await api.get("authors?select=name,books(label)&id=eq.3&books.order=year")
+    assert body == [{"name": "Jane Austen", "books": [{"label": "Pride and Prejudice (1813)"},
+                                                      {"label": "Emma (1815)"}]}]
+
+
+async def test_function_of_one_json_argument_takes_the_body(api: Api) -> None:
+    status, _, body = await api.request("POST", "rpc/echo_total", json={"a": 1, "b": [1, 2]})
+    assert status == 200 and body == {"keys": 2, "doc": {"a": 1, "b": [1, 2]}}
+    status, _, body = await api.request("POST", "rpc/echo_total", data=b"{nope",
+                                        headers={"Content-Type": "application/json"})
+    assert status == 400 and body["code"] == "PGRST102"
+
+
+async def test_column_names_with_dashes_and_quotes(api: Api) -> None:
+    _, _, body = await api.get('odd_names?select=id,field-with_sep,"Mixed Case"&field-with_sep=eq.7')
+    assert body == [{"id": 1, "field-with_sep": 7, "Mixed Case": "x"}]
+    status, _, body = await api.get("books?select=title,nothing(*)")
+    assert status == 400 and body["details"] is None and body["hint"].startswith("Verify that 'books' and 'nothing'")
+
+
+async def test_raw_text_and_binary_output(api: Api) -> None:
+    status, headers, body = await api.get("books?select=title&id=eq.3", headers={"Accept": "text/plain"})
+    assert (status, body, headers["Content-Type"]) == (200, "Solaris", "text/plain; charset=utf-8")
+    async with api.session.get(api.url("blobs?select=data&order=id"),
+                               headers={"Accept": "application/octet-stream"}) as r:
+        assert r.status == 200 and r.headers["Content-Type"] == "application/octet-stream"
+        assert await r.read() == bytes.fromhex("89504e47") + bytes.fromhex("0001ff")
+    status, _, body = await api.get("blobs?select=data,label", headers={"Accept": "application/octet-stream"})
+    assert status == 406 and body["code"] == "PGRST502"

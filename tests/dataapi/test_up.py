@@ -37,12 +37,9 @@ def lakelet() -> Iterator[Lakelet]:
         try:
             yield server
         finally:
-            try:
-                server.stop()
-            finally:
-                server.kill()
-                if saved is not None:
-                    os.environ["LAKELET_PASSWORD"] = saved
+            server.kill()  # stopped by the last test; killed here if a test failed before it
+            if saved is not None:
+                os.environ["LAKELET_PASSWORD"] = saved
 
 
 def password_of(data_dir: Path) -> str:
@@ -88,3 +85,9 @@ def test_url_tokens_and_wake(lakelet: Lakelet) -> None:
     assert status == 200 and body == [{"name": "g60"}]
     main = next(e for e in cli_json("status", data_dir=lakelet.data_dir)["endpoints"] if e["branch"] == "main")
     assert main["state"] == "active"
+
+
+def test_sigterm_stops_up_with_the_data_api_cleanly(lakelet: Lakelet) -> None:
+    assert lakelet.stop(timeout=30) == 0
+    assert "data API is up" in lakelet.output()
+    assert "Traceback" not in lakelet.output()

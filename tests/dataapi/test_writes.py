@@ -171,6 +171,21 @@ async def test_form_bodies_empty_objects_and_counts(api: Api) -> None:
     assert status == 204 and headers["Content-Range"] == "0-1/*" and "Content-Type" not in headers
 
 
+async def test_concurrent_writes_and_reads(api: Api) -> None:
+    """More requests at once than the pool has connections: each is its own transaction, none is
+    lost or answered for another."""
+    tok = user_token()
+    writes = [api.request("POST", "kv?select=k,v", token=tok, headers=REPR, json={"k": f"c{n}", "v": n})
+              for n in range(60)]
+    reads = [api.get(f"kv?select=v&k=eq.c{n}") for n in range(60)]
+    results = await asyncio.gather(*writes, *reads)
+    for n, (status, _, body) in enumerate(results[:60]):
+        assert status == 201 and body == [{"k": f"c{n}", "v": n}]
+    assert all(status == 200 and body in ([], [{"v": n}]) for n, (status, _, body) in enumerate(results[60:]))
+    rows = await api.admin("SELECT count(*) AS n, sum(v) AS total FROM kv WHERE k ~ '^c[0-9]+$'")
+    assert rows[0]["n"] == 60 and rows[0]["total"] == sum(range(60))
+
+
 async def test_rls_on_writes(api: Api) -> None:
     status, _, body = await api.request("POST", "notes?select=owner,body", token=user_token("bob"), headers=REPR,
                                         json={"body": "from bob"})
@@ -309,3 +324,22 @@ async def test_suspended_branch_wakes_on_request(api: Api) -> None:
     status, _, body = await api.request("POST", "kv?select=k", token=user_token(), headers=REPR,
                                         json={"k": "after-wake", "v": 1})
     assert status == 201 and body == [{"k": "after-wake"}]
+
+
+async def test_branch_scales_to_zero_after_http_traffic_and_wakes_again(api: Api) -> None:
+    from compute import EndpointConfig
+
+    eps = api.endpoints
+    before = eps.endpoint("main").config
+    eps.configure("main", EndpointConfig(suspend_timeout=2, min_cu=before.min_cu, max_cu=before.max_cu,
+                                         durability=before.durability))
+    try:
+        for _ in range(5):
+            status, _, _ = await api.get("books?select=id&limit=1")
+            assert status == 200
+        await poll_until(lambda: next(s for s in eps.status() if s.branch == "main").state == "suspended",
+                         "main scaled to zero after the HTTP traffic stopped", timeout=60, every=0.2)
+        status, _, body = await api.get("books?select=title&id=eq.5")
+        assert status == 200 and body == [{"title": "Pride and Prejudice"}]
+    finally:
+        eps.configure("main", before)

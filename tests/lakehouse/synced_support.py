@@ -37,10 +37,24 @@ def _normal(value: Any) -> Any:
     return value
 
 
-def delta_rows(uri: Path | str, version: int, columns: list[str], keys: tuple[str, ...]) -> list[tuple]:
+def delta_rows(uri: Path | str, version: int, columns: list[str], keys: tuple[str, ...],
+               timeseries_key: str | None = None) -> list[tuple]:
+    """The rows a synced table of this Delta version must hold, in key order: with a timeseries
+    key, the row with the greatest value per key (NULL lowest; equal values must be equal rows)."""
     table = DeltaTable(str(uri), version=version).to_pyarrow_table(columns=columns)
     rows = [tuple(_normal(r[c]) for c in columns) for r in table.to_pylist()]
     positions = [columns.index(k) for k in keys]
+    if timeseries_key is not None:
+        ts = columns.index(timeseries_key)
+        newest: dict[tuple, tuple] = {}
+        for row in rows:
+            key = tuple(row[p] for p in positions)
+            best = newest.get(key)
+            if best is None or (row[ts] is not None and (best[ts] is None or row[ts] > best[ts])):
+                newest[key] = row
+            elif row[ts] == best[ts]:
+                assert row == best, f"key {key}: two different rows with the same {timeseries_key}"
+        rows = list(newest.values())
     return sorted(rows, key=lambda r: tuple(r[p] for p in positions))
 
 
@@ -60,7 +74,7 @@ async def assert_equal_at_recorded_version(conn: asyncpg.Connection, spec: Synce
     """The Postgres table equals the Delta table at the version recorded beside it; returns it."""
     applied = await target.read_applied(conn, spec.name)
     assert applied is not None, f"{spec.name} has no recorded version"
-    expected = delta_rows(spec.source, applied.version, columns, spec.primary_key)
+    expected = delta_rows(spec.source, applied.version, columns, spec.primary_key, spec.timeseries_key)
     got = await pg_rows(conn, spec, columns)
     assert got == expected, f"{spec.name} differs from version {applied.version}"
     assert applied.rows == len(got)

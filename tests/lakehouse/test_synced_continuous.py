@@ -15,6 +15,7 @@ from deltalake import DeltaTable
 from prometheus_client import CollectorRegistry
 
 from compute import EndpointConfig, Endpoints
+from lakehouse.synced import service as service_module
 from lakehouse.synced.compute import BranchComputes
 from lakehouse.synced.service import SyncedTables
 from lakehouse.synced.spec import SyncedTableSpec
@@ -135,5 +136,29 @@ async def test_compute_killed_during_a_run_is_retried_to_the_exact_table(eps: En
             await assert_equal_at_recorded_version(conn, spec, COLS)
         finally:
             await conn.close()
+    finally:
+        await service.close()
+
+
+async def test_a_triggered_table_reports_its_lag_without_running(eps: Endpoints, root: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(service_module, "LAG_POLL_SECONDS", 0.2)
+    registry = CollectorRegistry()
+    service = SyncedTables(BranchComputes(eps), root / "triggered.json", registry)
+    await service.start()
+    uri = root / "ondemand"
+    write(uri, table([1], "a"))
+    try:
+        await service.create(SyncedTableSpec.make(source=str(uri), branch="main", target="ondemand",
+                                                  primary_key="id", mode="triggered"))
+        entry = service.get("main", "postgres", "ondemand")
+        write(uri, table([2], "b"))
+        labels = {"branch": "main", "table": "public.ondemand"}
+        await poll_until(lambda: (registry.get_sample_value("lakelet_synced_table_lag_seconds", labels) or 0) > 0,
+                         "the lag of a table behind its source", timeout=DEADLINE, every=0.1)
+        assert (entry.version, entry.source_version) == (0, 1)  # measured, not run: triggered waits
+        status = await service.refresh("main", "postgres", "ondemand")
+        assert (status["version"], status["lag_seconds"]) == (1, 0.0)
+        assert registry.get_sample_value("lakelet_synced_table_lag_seconds", labels) == 0
     finally:
         await service.close()

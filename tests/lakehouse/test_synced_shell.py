@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 import os
 import re
+import urllib.error
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -14,6 +16,7 @@ import pyarrow as pa
 import pytest
 from deltalake import DeltaTable
 
+from lakelet.rundir import read_run_info
 from tests.conftest import scratch_dir
 from tests.lakehouse.synced_support import write
 from tests.shell.lakelet_process import Lakelet, cli, cli_json
@@ -133,3 +136,32 @@ def test_a_child_branch_has_the_data_but_is_not_synced(lakelet: Lakelet, data_ro
     out = cli_json("synced-table", "create", str(uri), "--target", "feed", "--primary-key", "sku", "--mode",
                    "triggered", "--branch", "dev", data_dir=d)
     assert (out["last_run"], out["version"], out["rows"]) == ("incremental", 1, 3)
+
+
+def test_the_control_api_answers_with_the_right_status(lakelet: Lakelet, data_root: Path) -> None:
+    uri = data_root / "api"
+    write(uri, products([1], "a"))
+    token = read_run_info(lakelet.data_dir).token  # type: ignore[union-attr]
+
+    def call(method: str, path: str, body: dict | None = None) -> tuple[int, dict]:
+        req = urllib.request.Request(f"http://127.0.0.1:{lakelet.http_port}{path}", method=method,
+                                     data=json.dumps(body).encode() if body is not None else None,
+                                     headers={"Authorization": f"Bearer {token}", "Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(req, timeout=60) as r:
+                return r.status, json.loads(r.read())
+        except urllib.error.HTTPError as e:
+            return e.code, json.loads(e.read())
+
+    body = {"source": str(uri), "target": "api_t", "primary_key": "sku", "mode": "snapshot"}
+    assert call("POST", "/api/v1/synced-tables", body)[0] == 201
+    status, out = call("POST", "/api/v1/synced-tables", body)
+    assert status == 409 and "exists" in out["error"]
+    status, out = call("GET", "/api/v1/synced-tables/public.nope")
+    assert status == 404 and "no synced table public.nope" in out["error"]
+    status, out = call("POST", "/api/v1/synced-tables", dict(body, target="api_u", mode="later"))
+    assert status == 400 and "mode 'later'" in out["error"]
+    status, out = call("GET", "/api/v1/synced-tables/api_t")
+    assert status == 200 and out["rows"] == 1 and out["mode"] == "snapshot"
+    status, out = call("DELETE", "/api/v1/synced-tables/api_t?drop_table=1")
+    assert status == 200 and out["table_dropped"] is True

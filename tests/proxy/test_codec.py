@@ -120,7 +120,7 @@ def test_arbitrary_messages_raise_only_protocol_errors(data: bytes) -> None:
     ("packet", "needle"),
     [
         (struct.pack("!i", 4), "invalid length"),
-        (struct.pack("!iI", 20_000, 196608), "over the"),
+        (struct.pack("!iI", 20_000, 196608), "over the"),  # quiet: InvalidStartupLength
         (struct.pack("!iI", 8, 2 << 16), "unsupported frontend protocol 2.0"),
         (codec.encode_startup({"database": "x"}), "no PostgreSQL user"),
         (struct.pack("!iI", 9, 196608) + b"u", "not terminated"),

@@ -9,6 +9,7 @@ on a bucket in use refuses in one line, and so do a missing bucket and missing c
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -24,7 +25,7 @@ import psycopg
 import pytest
 
 from tests.conftest import scratch_dir
-from tests.s3server import FaultyRelay, S3Server, aws_env, moto_server
+from tests.s3server import FaultyRelay, S3Server, aws_env, free_port, moto_server
 from tests.shell.lakelet_process import Lakelet, cli, cli_json
 
 UPLOAD_INTERVAL = 0.5
@@ -97,6 +98,7 @@ def test_kill_9_and_an_empty_data_dir_lose_nothing_acknowledged(s3: tuple[S3Serv
         first.start()
         try:
             password = password_of(data_dir)
+            ca = (data_dir / "tls" / "ca.crt").read_bytes()
             acked: dict[int, float] = {}
             with psycopg.connect(first.dsn("lakelet", password), autocommit=True) as conn:
                 conn.execute("CREATE TABLE t (n int PRIMARY KEY)")
@@ -134,6 +136,7 @@ def test_kill_9_and_an_empty_data_dir_lose_nothing_acknowledged(s3: tuple[S3Serv
         second.start()
         try:
             assert password_of(data_dir) == password  # the project's credentials came back too
+            assert (data_dir / "tls" / "ca.crt").read_bytes() == ca  # and its CA: sslrootcert still verifies
             branches = {b["name"] for b in cli_json("branch", "list", data_dir=data_dir)["branches"]}
             assert branches == {"main", "feature"}
             with psycopg.connect(second.dsn("lakelet", password), autocommit=True) as conn:
@@ -160,12 +163,22 @@ def test_kill_9_and_an_empty_data_dir_lose_nothing_acknowledged(s3: tuple[S3Serv
             assert other.returncode != 0
             lines = other.stderr.strip().splitlines()
             assert len(lines) == 1 and "is in use by lakelet pid" in lines[0], other.stderr
+
+            # Another lakelet takes the bucket over: this one stops writing to it and exits.
+            bucket = uri.split("/")[2]
+            client = server.client()
+            lease = json.loads(client.get_object(Bucket=bucket, Key="lake/lease.json")["Body"].read())
+            lease.update(token=lease["token"] + 1, holder={"host": "elsewhere", "pid": 1}, renewed_at=time.time())
+            client.put_object(Bucket=bucket, Key="lake/lease.json", Body=json.dumps(lease).encode())
+            assert second.proc is not None
+            assert second.proc.wait(120) == 1
+            assert "was taken by another lakelet up; this one stopped writing to it" in second.output()
         finally:
-            assert second.stop() == 0
+            second.kill()
             kill_leftovers(data_dir)
 
 
-def test_missing_bucket_or_credentials_fail_at_start_in_one_line(s3: tuple[S3Server, FaultyRelay],
+def test_missing_bucket_credentials_or_endpoint_fail_at_start_in_one_line(s3: tuple[S3Server, FaultyRelay],
                                                                  workdir: Path) -> None:
     server, _ = s3
 
@@ -184,3 +197,6 @@ def test_missing_bucket_or_credentials_fail_at_start_in_one_line(s3: tuple[S3Ser
     env["AWS_SHARED_CREDENTIALS_FILE"] = env["AWS_CONFIG_FILE"] = str(workdir / "none")
     lines = start(f"s3://{server.new_bucket()}", env)
     assert len(lines) == 1 and "credentials" in lines[0], lines
+    nobody = f"http://127.0.0.1:{free_port()}"  # nothing listens there
+    lines = start(f"s3://{server.new_bucket()}", aws_env(nobody))
+    assert len(lines) == 1 and f"check that {nobody} is reachable" in lines[0], lines

@@ -68,10 +68,11 @@ def s3_server() -> Iterator[S3Server]:
                     os.environ[k] = v
 
 
-# Modules whose tests also run on a store in a bucket (moto's S3 server on loopback): branches,
-# durability and GC cover what the bucket changes (packs through the cache, WAL uploads, deferred
-# deletes). LAKELET_TEST_S3=all runs every module that can on both backends (it adds ~5 minutes).
-S3_MODULES = {"test_branches", "test_durability", "test_gc"}
+# Modules whose tests also run on a store in a bucket (moto's S3 server on loopback): durability
+# and GC cover what the bucket changes (packs through the cache, WAL uploads, deferred deletes);
+# test_s3_store covers branches and point in time on it. LAKELET_TEST_S3=all runs every module
+# that can on both backends (about 5 minutes more).
+S3_MODULES = {"test_durability", "test_gc"}
 # These open the store as a local directory themselves (their own fixture; child processes).
 LOCAL_ONLY = {"test_background_image", "test_crash"}
 
