@@ -196,6 +196,7 @@ async def main() -> None:
     eps = Endpoints(store, computes_dir=root / "computes", user=user, pg=pg,
                     config=EndpointConfig(suspend_timeout=3600), cgroups=False)
     await eps.start()
+    eps.require_logical("main")
     try:
         addr = await eps.ensure_ready("main")
         conn = await asyncpg.connect(host=addr.socket_dir, port=addr.port, user=ADMIN, database="postgres")

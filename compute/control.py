@@ -190,6 +190,13 @@ class ControlPlane:
         """Run ``hook(branch, node)`` before any compute stops cleanly (lakehouse sync drains there)."""
         self.ctx.before_stop.append(hook)
 
+    def require_logical(self, branch: str, on: bool = True) -> None:
+        """Start the branch's computes with ``wal_level = logical`` (restart-only: from its next start)."""
+        if on:
+            self.ctx.logical_branches.add(branch)
+        else:
+            self.ctx.logical_branches.discard(branch)
+
     def signals(self, branch: str) -> LoadSignals:
         """The branch's load signals: one object for the branch's whole life, whatever happens to
         its endpoint, so the proxy may keep it."""

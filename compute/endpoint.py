@@ -120,6 +120,8 @@ class Context:
     # Called (branch, node) before a compute is stopped cleanly, e.g. so lakehouse sync drains
     # the compute's WAL first; each bounded by BEFORE_STOP_TIMEOUT, failures only logged.
     before_stop: list[Callable[[str, ComputeNode], Awaitable[None]]] = field(default_factory=list)
+    # Branches whose computes start with wal_level = logical (a lakehouse sync is enabled there).
+    logical_branches: set[str] = field(default_factory=set)
 
 
 class Endpoint:
@@ -189,8 +191,11 @@ class Endpoint:
         delay = 0.5
         last_error = ""
         for attempt in range(1, START_ATTEMPTS + 1):
+            settings = sizes.settings_for(self.cu)
+            if self.branch in self.ctx.logical_branches:
+                settings["wal_level"] = "logical"
             node = ComputeNode(self.ctx.store, self.branch, computes_dir=self.ctx.computes_dir, user=self.ctx.user,
-                               pg=self.ctx.pg, settings=sizes.settings_for(self.cu),
+                               pg=self.ctx.pg, settings=settings,
                                durability=self.config.durability)
             try:
                 await node.start()

@@ -85,8 +85,8 @@ class ComputeNode:
             "unix_socket_directories": str(self.socket_dir),
             "unix_socket_permissions": "0700",
             "port": str(self.port),
-            # Logical: a lakehouse sync may run on any branch (restart-only, so always on).
-            "wal_level": "logical",
+            # "logical" where a lakehouse sync runs (settings, or a sync slot in the data dir).
+            "wal_level": "replica",
             "max_wal_senders": "10",
             "max_replication_slots": "10",
             # Replay runs without hot standby, so a compute may restart at a smaller size than the
@@ -172,8 +172,10 @@ class ComputeNode:
 
     def _restore_sync_slots(self, branch_id: int, rebuilt: bool) -> None:
         """Lakehouse-sync slots survive a rebuilt data dir (see compute.logical_slots)."""
-        logical_slots.restore(self.datadir, self.home, branch_id, wal_dirs=[self.store.wal_dir(self.branch)],
-                              seg_size=WAL_SEGMENT_MB << 20, user=self.user, rebuilt=rebuilt)
+        slots = logical_slots.restore(self.datadir, self.home, branch_id, wal_dirs=[self.store.wal_dir(self.branch)],
+                                      seg_size=WAL_SEGMENT_MB << 20, user=self.user, rebuilt=rebuilt)
+        if slots:  # Postgres refuses to start with a logical slot under a lower wal_level
+            self.settings["wal_level"] = "logical"
 
     async def _spawn(self) -> None:
         self.log_file.touch()

@@ -98,6 +98,7 @@ class LakehouseSync:
         self._checked: dict[tuple[str, str, str], float] = {}
         self._task: asyncio.Task[None] | None = None
         self._lock = asyncio.Lock()
+        self._tick_lock = asyncio.Lock()
 
     # -- lifecycle --------------------------------------------------------------------------------
 
@@ -106,6 +107,7 @@ class LakehouseSync:
         for item in await asyncio.to_thread(self._load):
             cfg = SyncConfig(**item)
             self.syncs[cfg.key] = cfg
+            self.endpoints.require_logical(cfg.branch)
         self.endpoints.on_before_stop(self._drain)
         self._task = asyncio.create_task(self._supervise(), name="lakehouse-sync")
 
@@ -153,7 +155,13 @@ class LakehouseSync:
             self.syncs[cfg.key] = cfg
             self.failures.pop(cfg.key, None)
             await asyncio.to_thread(self._save)
-        await self.endpoints.node(branch)  # the user asked: take the snapshot now
+        self.endpoints.require_logical(branch)
+        node = await self.endpoints.node(branch)  # the user asked: take the snapshot now
+        if node.settings.get("wal_level") != "logical":
+            # wal_level is restart-only: a compute that was running without it restarts once now.
+            log.info("restarting the compute with wal_level = logical for lakehouse sync", extra={"branch": branch})
+            await self.endpoints.suspend(branch)
+            await self.endpoints.node(branch)
         await self._tick()
         return self.status_of(cfg)
 
@@ -172,6 +180,8 @@ class LakehouseSync:
                 self.failures.pop(key, None)
                 await self._drop_slot(cfg)
                 await asyncio.to_thread(shutil.rmtree, self.state_dir(cfg), True)
+            if not any(k[0] == branch for k in self.syncs):
+                self.endpoints.require_logical(branch, False)  # from the compute's next start
             await asyncio.to_thread(self._save)
         return [f"{k[1]}.{k[2]}" for k in keys]
 
@@ -231,6 +241,12 @@ class LakehouseSync:
             await asyncio.sleep(SUPERVISE_EVERY)
 
     async def _tick(self) -> None:
+        """One supervision round; rounds never overlap (``enable`` runs one at once besides the loop's),
+        so a sync never gets two workers racing for its slot and its Delta tables."""
+        async with self._tick_lock:
+            await self._tick_once()
+
+    async def _tick_once(self) -> None:
         for key, cfg in list(self.syncs.items()):
             run = self.runs.get(key)
             if run is not None:

@@ -11,6 +11,7 @@ Commands arrive as lines on stdin: ``drain LSN`` (flush and confirm through LSN;
 
 from __future__ import annotations
 
+import fcntl
 import logging
 import signal
 import sys
@@ -35,6 +36,15 @@ def _commands(syncer: Syncer) -> None:
 def main(argv: list[str]) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s lakehouse-sync %(message)s")
     spec = SyncSpec.load(Path(argv[0]))
+    # One worker per sync, whoever starts it: a second one would race the first for the slot and
+    # the Delta tables. The lock goes with the process (also on kill -9).
+    Path(spec.state_dir).mkdir(parents=True, exist_ok=True)
+    lock = open(Path(spec.state_dir) / "worker.lock", "w")  # noqa: SIM115 - held for the process' life
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        print("another worker runs this sync; exiting", file=sys.stderr)
+        return 3
     syncer = Syncer(spec)
     signal.signal(signal.SIGTERM, lambda *_: setattr(syncer, "stop_requested", True))
     if not (len(argv) > 1 and argv[1] == "--no-stdin"):

@@ -37,6 +37,7 @@ def lake_root(service_user: ServiceUser) -> Iterator[Path]:
 @pytest.fixture(scope="module")
 async def lake(lake_root: Path, service_user: ServiceUser, pg: PgBinaries) -> AsyncIterator[Lake]:
     opened = await open_lake(lake_root, service_user, pg)
+    opened.endpoints.require_logical("main")  # the tests here run syncers without the manager
     yield opened
     await close_lake(opened)
 
