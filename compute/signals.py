@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import asyncpg
 
@@ -28,6 +30,19 @@ class LoadSignals:
         self.bytes_in = 0
         self.bytes_out = 0
         self.last_activity = time.monotonic()
+
+    @contextmanager
+    def held(self) -> Iterator[None]:
+        """Count the block as one session, as a client's would be: the autoscaler sees it and
+        scale-to-zero waits for it; its end is activity. For rooms other than the proxy (the Data
+        API's requests, synced-table runs), whose work is not a proxied session."""
+        self.sessions += 1
+        self.last_activity = time.monotonic()
+        try:
+            yield
+        finally:
+            self.sessions -= 1
+            self.last_activity = time.monotonic()
 
 
 def _cpu_ticks(pid: int) -> int | None:

@@ -39,10 +39,10 @@ class Address(Protocol):
 
 
 class Signals(Protocol):
-    sessions: int
     bytes_in: int
     bytes_out: int
-    last_activity: float
+
+    def held(self) -> contextlib.AbstractContextManager[None]: ...
 
 
 class Computes(Protocol):
@@ -212,26 +212,23 @@ class Databases:
             raise ApiError(503, "PGRST000", "Could not connect with the database", str(e),
                            "The branch's compute failed to start; retry, or see lakelet status") from None
         signals = self.computes.signals(branch)
-        signals.sessions += 1
         signals.bytes_in += body_bytes
-        signals.last_activity = time.monotonic()
         db = self._dbs.get((branch, database))
         if db is None:
             db = self._dbs[(branch, database)] = Database(branch, database, self.schemas, self.settings)
         db.in_flight += 1
-        try:
+        with signals.held():
             try:
-                await db.ready(address)
-            except ApiError:
-                if db.pool is None and db.in_flight == 1:
-                    self._dbs.pop((branch, database), None)  # a wrong database name leaves nothing behind
-                raise
-            yield db
-        finally:
-            db.in_flight -= 1
-            db.last_used = time.monotonic()
-            signals.sessions -= 1
-            signals.last_activity = time.monotonic()
+                try:
+                    await db.ready(address)
+                except ApiError:
+                    if db.pool is None and db.in_flight == 1:
+                        self._dbs.pop((branch, database), None)  # a wrong database name leaves nothing behind
+                    raise
+                yield db
+            finally:
+                db.in_flight -= 1
+                db.last_used = time.monotonic()
 
     def note_response(self, branch: str, nbytes: int) -> None:
         with contextlib.suppress(Exception):

@@ -8,7 +8,6 @@ a continuous sync whose source is idle lets the branch suspend.
 
 from __future__ import annotations
 
-import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
@@ -35,9 +34,7 @@ class BranchComputes:
         """A connection as Lakelet's own role to ``database`` on ``branch``, waking it if needed."""
         if not await self.has_branch(branch):
             raise UnknownBranch(f"branch {branch!r} does not exist")
-        signals = self.endpoints.signals(branch)
-        signals.sessions += 1
-        try:
+        with self.endpoints.signals(branch).held():
             addr = await self.endpoints.ensure_ready(branch)
             try:
                 conn = await asyncpg.connect(host=addr.socket_dir, port=addr.port, user=ADMIN_ROLE,
@@ -49,6 +46,3 @@ class BranchComputes:
                 yield conn
             finally:
                 await conn.close()
-        finally:
-            signals.sessions -= 1
-            signals.last_activity = time.monotonic()
