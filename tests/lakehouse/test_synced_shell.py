@@ -4,8 +4,6 @@ proxy, the control API's errors, metrics, a branch, and a restart that keeps the
 from __future__ import annotations
 
 import json
-import os
-import re
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
@@ -17,30 +15,20 @@ import pytest
 from deltalake import DeltaTable
 
 from lakelet.rundir import read_run_info
-from tests.conftest import scratch_dir
 from tests.lakehouse.synced_support import write
-from tests.shell.lakelet_process import Lakelet, cli, cli_json
+from tests.shell.lakelet_process import Lakelet, cli, cli_json, password_of, running
 
 
 @pytest.fixture(scope="module")
-def data_root() -> Iterator[Path]:
-    with scratch_dir("lakelet-synced-") as path:
-        yield path
+def lakelet() -> Iterator[Lakelet]:
+    with running("lakelet-synced-", "--suspend-timeout", "600") as server:
+        yield server
 
 
 @pytest.fixture(scope="module")
-def lakelet(data_root: Path) -> Iterator[Lakelet]:
-    env = {k: v for k, v in os.environ.items() if k == "LAKELET_PASSWORD"}
-    os.environ.pop("LAKELET_PASSWORD", None)
-    server = Lakelet(data_root / "data", extra_args=["--suspend-timeout", "600"])
-    server.start()
-    yield server
-    server.kill()
-    os.environ.update(env)
-
-
-def password(data_dir: Path) -> str:
-    return re.search(r"^password=(.*)$", (data_dir / "credentials").read_text(), re.M).group(1)  # type: ignore
+def data_root(lakelet: Lakelet) -> Path:
+    """The module's scratch dir (the running server's data dir is ``data`` in it)."""
+    return lakelet.data_dir.parent
 
 
 def products(ids: list[int], tag: str) -> pa.Table:
@@ -56,7 +44,7 @@ def test_create_list_status_refresh_delete(lakelet: Lakelet, data_root: Path) ->
                    "--mode", "triggered", data_dir=d)
     assert (out["name"], out["version"], out["rows"], out["state"]) == ("shop.products", 0, 3, "ok")
 
-    dsn = lakelet.dsn("lakelet", password(d))
+    dsn = lakelet.dsn("lakelet", password_of(d))
     with psycopg.connect(dsn, autocommit=True) as conn:
         assert conn.execute("SELECT name FROM shop.products WHERE sku = 2").fetchone() == ("p2",)
         with pytest.raises(psycopg.errors.InsufficientPrivilege, match="permission denied for table products"):
@@ -130,7 +118,7 @@ def test_a_child_branch_has_the_data_but_is_not_synced(lakelet: Lakelet, data_ro
     cli_json("synced-table", "refresh", "feed", data_dir=d)
     assert [t["branch"] for t in cli_json("synced-table", "list", data_dir=d)["synced_tables"]
             if t["name"] == "public.feed"] == ["main"]
-    with psycopg.connect(lakelet.dsn("lakelet", password(d), branch="dev")) as conn:
+    with psycopg.connect(lakelet.dsn("lakelet", password_of(d), branch="dev")) as conn:
         assert conn.execute("SELECT count(*) FROM feed").fetchone() == (2,)  # as of the branch point
     # Asked to, the child continues from the version it inherited.
     out = cli_json("synced-table", "create", str(uri), "--target", "feed", "--primary-key", "sku", "--mode",

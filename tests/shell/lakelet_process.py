@@ -4,16 +4,20 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
 import sys
 import time
 import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from lakelet.client import wait_healthy
+from tests.conftest import scratch_dir
 
 
 def free_port() -> int:
@@ -93,3 +97,27 @@ class Lakelet:
             parts.append(f"options=endpoint={branch}")
         parts += [f"{k}={v}" for k, v in params.items()]
         return " ".join(parts)
+
+
+def password_of(data_dir: Path) -> str:
+    """The ``lakelet`` role's password, which ``up`` printed once and keeps in the credentials file."""
+    found = re.search(r"^password=(.*)$", (data_dir / "credentials").read_text(), re.M)
+    assert found is not None, f"no password in {data_dir / 'credentials'}"
+    return found.group(1)
+
+
+@contextmanager
+def running(prefix: str, *extra_args: str) -> Iterator[Lakelet]:
+    """A ``lakelet up`` in a scratch dir of its own (for a test module), with a generated password."""
+    saved = os.environ.pop("LAKELET_PASSWORD", None)
+    try:
+        with scratch_dir(prefix) as root:
+            server = Lakelet(root / "data", extra_args=list(extra_args))
+            server.start()
+            try:
+                yield server
+            finally:
+                server.kill()
+    finally:
+        if saved is not None:
+            os.environ["LAKELET_PASSWORD"] = saved

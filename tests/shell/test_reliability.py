@@ -7,7 +7,6 @@ from __future__ import annotations
 import asyncio
 import os
 import pwd
-import re
 import socket
 import stat
 import subprocess
@@ -20,13 +19,11 @@ import pytest
 
 from lakelet import ports
 from tests.conftest import scratch_dir
-from tests.shell.lakelet_process import Lakelet, cli
+from tests.shell.lakelet_process import Lakelet, cli, password_of
 
 NOBODY = 65534
 
 
-def password_of(data_dir: Path) -> str:
-    return re.search(r"^password=(.*)$", (data_dir / "credentials").read_text(), re.M).group(1)  # type: ignore[union-attr]
 
 
 def naming(path: Path) -> list[tuple[int, str]]:

@@ -26,7 +26,7 @@ import pytest
 
 from tests.conftest import scratch_dir
 from tests.s3server import FaultyRelay, S3Server, aws_env, free_port, moto_server
-from tests.shell.lakelet_process import Lakelet, cli, cli_json
+from tests.shell.lakelet_process import Lakelet, cli, cli_json, password_of
 
 UPLOAD_INTERVAL = 0.5
 # Commits acknowledged this long before the kill must all come back (the promise is one upload
@@ -63,9 +63,6 @@ def kill_leftovers(data_dir: Path) -> None:
                 pass
 
 
-def password_of(data_dir: Path) -> str:
-    lines = (data_dir / "credentials").read_text().splitlines()
-    return dict(line.split("=", 1) for line in lines)["password"]
 
 
 def up(data_dir: Path, uri: str, endpoint: str) -> Lakelet:

@@ -4,7 +4,6 @@ psql/psycopg through the proxy, the control API, metrics, restart and shutdown."
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
 import stat
@@ -16,8 +15,7 @@ from pathlib import Path
 import psycopg
 import pytest
 
-from tests.conftest import scratch_dir
-from tests.shell.lakelet_process import Lakelet, cli, cli_json
+from tests.shell.lakelet_process import Lakelet, cli, cli_json, password_of, running
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -25,25 +23,15 @@ PSQL = shutil.which("psql") or "/usr/lib/postgresql/15/bin/psql"
 
 
 @pytest.fixture(scope="module")
-def data_root() -> Iterator[Path]:
-    with scratch_dir("lakelet-up-") as path:
-        yield path
+def lakelet() -> Iterator[Lakelet]:
+    with running("lakelet-up-", "--suspend-timeout", "600") as server:
+        yield server
 
 
 @pytest.fixture(scope="module")
-def lakelet(data_root: Path) -> Iterator[Lakelet]:
-    env = {k: v for k, v in os.environ.items() if k == "LAKELET_PASSWORD"}
-    os.environ.pop("LAKELET_PASSWORD", None)
-    server = Lakelet(data_root / "data", extra_args=["--suspend-timeout", "600"])
-    server.start()
-    yield server
-    server.kill()
-    os.environ.update(env)
-
-
-def password_of(data_dir: Path) -> str:
-    text = (data_dir / "credentials").read_text()
-    return re.search(r"^password=(.*)$", text, re.M).group(1)  # type: ignore[union-attr]
+def data_root(lakelet: Lakelet) -> Path:
+    """The module's scratch dir (the running server's data dir is ``data`` in it)."""
+    return lakelet.data_dir.parent
 
 
 def test_first_start_creates_the_project(lakelet: Lakelet) -> None:
