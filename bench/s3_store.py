@@ -35,6 +35,8 @@ import asyncpg
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+import branching  # noqa: E402 - bench/branching.py, beside this file
+
 from compute import EndpointConfig, Endpoints  # noqa: E402
 from storage import Store  # noqa: E402
 from storage.bucket import open_store  # noqa: E402
@@ -43,7 +45,6 @@ from storage.s3objects import S3ObjectStore  # noqa: E402
 from tests.s3server import moto_server  # noqa: E402
 
 MB = 1 << 20
-ROW_BYTES = 1000
 
 
 @dataclass
@@ -83,16 +84,8 @@ async def connect(lake: Lake, branch: str) -> asyncpg.Connection:
 
 
 async def fill(lake: Lake, target_mb: int) -> int:
-    conn = await connect(lake, "main")
-    try:
-        rows = target_mb * MB // ROW_BYTES
-        await conn.execute("CREATE TABLE big AS SELECT g AS n, (SELECT string_agg(md5(g::text || i::text), '') "
-                           f"FROM generate_series(1, 30) i) AS pad FROM generate_series(1, {rows}) g")
-        await conn.execute("VACUUM big")
-        size = int(await conn.fetchval("SELECT pg_database_size('postgres')"))
-    finally:
-        await conn.close()
-    await lake.eps.suspend("main")
+    """``bench/branching.py``'s table of ~``target_mb`` MB, its image stored, then synced to disk."""
+    size = await branching.fill(lake.eps, target_mb)
     await asyncio.to_thread(os.sync)
     return size
 
