@@ -19,7 +19,7 @@ from pathlib import Path
 
 from prometheus_client import CollectorRegistry
 
-from compute import LoadSignals, UnknownBranch, WakeError
+from compute import ComputeAddress, LoadSignals, UnknownBranch, WakeError
 from proxy import codec, tls
 from proxy.admission import PreAuthGate
 from proxy.auth import FailureThrottle, authenticate
@@ -42,6 +42,7 @@ from proxy.warm import PoolKey, WarmBackend, WarmPool, pool_key
 log = logging.getLogger("lakelet.proxy")
 
 TLS_HANDSHAKE_BYTE = 0x16
+OUT_OF_SLOTS_RETRIES = 5  # a closed backend frees its slot when its process exits: milliseconds
 
 
 @dataclass
@@ -56,7 +57,7 @@ class ProxyConfig:
     wake_timeout: float = 30.0
     max_client_connections: int = 10000
     max_unauthenticated_per_address: int = 100
-    warm_backends: int = 8  # idle, reset backends kept per branch (keyed by startup parameters); 0: none
+    warm_backends: int = 32  # idle, reset backends kept per branch (keyed by startup parameters); 0: none
     default_branch: str = "main"
 
 
@@ -298,11 +299,11 @@ class Proxy:
         self._admit(s)
         compute = await self._wake(branch)
         s.pool_key = pool_key(branch, startup.params)
-        warm = self.warm.take(s.pool_key, compute.pid)
+        warm = await self.warm.take_or_wait(s.pool_key, compute.pid)
         if warm is not None:
             server = ServerSession(warm.side, warm.key, warm.greeting, codec.ready_for_query(b"I"))
         else:
-            server = await open_session(compute, startup.params, branch)
+            server = await self._open_backend(compute, startup.params, branch)
             warm = WarmBackend(server.side, server.key, server.greeting, compute.pid)
         s.warm = warm
         s.key = self.cancels.issue(server.key)
@@ -313,6 +314,20 @@ class Proxy:
         signals.last_activity = time.monotonic()
         s.signals = signals  # from here on, the session's end undoes the count
         return server.side, signals
+
+    async def _open_backend(self, compute: ComputeAddress, params: dict[str, str], branch: str) -> ServerSession:
+        """A new backend; when the compute has no slot left (53300) and idle warm backends hold
+        some, they are closed and the open retried while their processes exit."""
+        for attempt in range(OUT_OF_SLOTS_RETRIES + 1):
+            try:
+                return await open_session(compute, params, branch)
+            except SessionError as e:
+                if e.sqlstate != "53300" or attempt == OUT_OF_SLOTS_RETRIES:
+                    raise
+                if not self.warm.drop_idle(branch) and attempt == 0:
+                    raise
+                await asyncio.sleep(0.05 * (attempt + 1))
+        raise AssertionError("unreachable")
 
     async def _peek_direct_tls(self, conn: socket.socket) -> bool:
         """Look at the first byte without consuming it; 0x16 starts a TLS ClientHello. It has
