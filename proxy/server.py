@@ -36,7 +36,7 @@ from proxy.errors import (
 )
 from proxy.handshake import Cancel, negotiate, route
 from proxy.metrics import ProxyMetrics
-from proxy.pipe import Side
+from proxy.pipe import Side, tcp_bytes
 from proxy.warm import PoolKey, WarmBackend, WarmPool, pool_key
 
 log = logging.getLogger("lakelet.proxy")
@@ -84,7 +84,8 @@ class Proxy:
         self.warm = WarmPool(config.warm_backends)
         self.throttle = FailureThrottle()
         self._branches: dict[str, LoadSignals] = {}
-        self.metrics = ProxyMetrics(registry, lambda: self._branches)
+        self._relaying: dict[Side, str] = {}  # client side → branch, while relayed
+        self.metrics = ProxyMetrics(registry, lambda: self._branches, self._live_bytes)
         self.material = tls.load(config.tls_dir, config.tls_cert, config.tls_key)
         self._ssl = self._direct_ssl = None
         if self.material is not None:
@@ -118,6 +119,16 @@ class Proxy:
     def authenticated_clients(self) -> int:
         """Sessions past authentication: what max_client_connections limits."""
         return self._authenticated
+
+    def _live_bytes(self) -> dict[str, tuple[int, int]]:
+        """Bytes (in, out) per branch on the connections of sessions still relayed (a session adds
+        its own to the branch's signals when it ends), read from the kernel at scrape time."""
+        live: dict[str, tuple[int, int]] = {}
+        for client, branch in list(self._relaying.items()):
+            received, sent = tcp_bytes(client.transport)
+            was = live.get(branch, (0, 0))
+            live[branch] = (was[0] + received, was[1] + sent)
+        return live
 
     def connections(self, branch: str) -> int:
         s = self._branches.get(branch)
@@ -377,12 +388,17 @@ class Proxy:
         warm pool (which keeps it only if a reset proves it clean); otherwise both close."""
         ended: asyncio.Future[Side] = loop.create_future()
         client.track = self.warm.per_key > 0
-        client.relay_to(server, signals, inbound=True, ended=ended)
-        server.relay_to(client, signals, inbound=False, ended=ended)
+        client.relay_to(server, ended=ended)
+        server.relay_to(client, ended=ended)
+        self._relaying[client] = s.branch
         first: Side | None = None
         try:
             first = await ended
         finally:
+            del self._relaying[client]
+            received, sent = client.take_final_bytes()  # the kernel's counts, before the socket closes
+            signals.bytes_in += received
+            signals.bytes_out += sent
             client.close()
             if first is client and not server.closed and s.warm is not None and s.pool_key is not None:
                 self.warm.park(s.pool_key, s.warm)
