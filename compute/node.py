@@ -19,6 +19,7 @@ from pathlib import Path
 import asyncpg
 
 from compute import logical_slots
+from compute.spawn import Child, spawn
 from compute.walreceiver import RECEIVER_NAME, SLOT_NAME, WalReceiver
 from storage import ADMIN_ROLE, Store
 from storage.postgres import PgBinaries, ServiceUser, last_error_line, quote_literal, run_async
@@ -60,7 +61,7 @@ class ComputeNode:
         self.log_file = self.home / "postgres.log"
         self.port = PORT
         self.pid: int | None = None
-        self._proc: asyncio.subprocess.Process | None = None
+        self._proc: Child | asyncio.subprocess.Process | None = None
         self._receiver: WalReceiver | None = None
         self._computes_dir = computes_dir
         self.stopping = False
@@ -182,11 +183,9 @@ class ComputeNode:
         self.user.own(self.log_file, 0o600)
         log_fd = os.open(self.log_file, os.O_WRONLY | os.O_APPEND)
         try:
-            self._proc = await asyncio.create_subprocess_exec(
-                self.pg["postgres"], "-D", str(self.datadir),
-                stdin=asyncio.subprocess.DEVNULL, stdout=log_fd, stderr=log_fd,
-                preexec_fn=self.user.preexec, start_new_session=True, env=self.user.child_env(), cwd="/",
-            )
+            # vfork + setpriv, not a fork of Lakelet: see compute/spawn.py (on every wake's path).
+            self._proc = await spawn(self.user, [self.pg["postgres"], "-D", str(self.datadir)],
+                                     env=self.user.child_env(), stdout=log_fd, stderr=log_fd)
         finally:
             os.close(log_fd)
         self.pid = self._proc.pid

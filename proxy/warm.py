@@ -14,11 +14,13 @@ and then a query that selects a random nonce, and keeps the backend only if the 
 ends with exactly: DISCARD ALL completed, ReadyForQuery idle, then the nonce's row, its
 completion and ReadyForQuery idle. The nonce is unguessable, so that output can only come from the
 server running our two queries as whole messages, in order, outside any transaction — which is
-a clean session. A client that left inside a transaction gets what Postgres gives it on disconnect: the
-transaction is rolled back. The reset then fails inside the transaction (ReadyForQuery "failed"),
-so it is sent once more after a ``ROLLBACK``, with a new nonce, and must prove itself again. Anything
-else (a COPY in progress, a query still running at the deadline, a closed socket, a second failed
-proof) closes the backend.
+a clean session. A client that left inside an open transaction gets what Postgres gives it on
+disconnect: the transaction is rolled back. The reset tells that case apart by DISCARD ALL's own
+refusal (SQLSTATE 25001, "cannot run inside a transaction block"), so it is sent once more after
+a ``ROLLBACK``, with a new nonce, and must prove itself again. A client that left in a *failed*
+transaction (25P02: an error or a cancel it never rolled back — typically an interrupted client)
+has its backend closed, as its backend would end on Postgres. Anything else (a COPY in progress, a
+query still running at the deadline, a closed socket, a second failed proof) closes it too.
 
 A new client that finds no idle backend waits for one whose reset is in flight (a reset is one
 round trip; a new backend is a fork and a catalog load) rather than opening another; the reset
@@ -47,6 +49,8 @@ RESET_TIMEOUT = 2.0
 IDLE_LIMIT = 30.0
 _DISCARDED = codec.encode_message(b"C", b"DISCARD ALL\x00") + codec.ready_for_query(b"I")
 _FAILED = (codec.ready_for_query(b"E"), codec.ready_for_query(b"T"))
+_OPEN_TRANSACTION = b"C25001\x00"  # ErrorResponse code field: active_sql_transaction
+_ABORTED_TRANSACTION = b"C25P02\x00"  # in_failed_sql_transaction
 
 
 @dataclass(slots=True, eq=False)  # compared by identity
@@ -72,9 +76,19 @@ def reset_request(nonce: str, *, rollback: bool = False) -> bytes:
 
 
 def in_failed_transaction(buf: bytes | bytearray) -> bool:
-    """The output ends in ReadyForQuery "in a failed transaction": the reset ran into a transaction
-    the client left open (DISCARD ALL refuses to run there), and a ROLLBACK first may fix it."""
+    """The output ends in ReadyForQuery "in a failed transaction"."""
     return buf.endswith(_FAILED[0])
+
+
+def left_in_open_transaction(buf: bytes | bytearray) -> bool:
+    """The reset failed because the client left a transaction open (DISCARD ALL answered 25001)
+    and not because it left one failed (25P02): a ROLLBACK first ends it as Postgres would."""
+    if not in_failed_transaction(buf):
+        return False
+    refused = buf.rfind(_OPEN_TRANSACTION)
+    # Our SELECT after the refused DISCARD ALL fails with 25P02 in either case: only a 25P02
+    # *before* the refusal means the transaction had failed already.
+    return refused >= 0 and buf.rfind(_ABORTED_TRANSACTION, 0, refused) < 0
 
 
 def reset_outcome(buf: bytes | bytearray, nonce: str) -> bool | None:
@@ -220,7 +234,7 @@ class WarmPool:
                     await side.wait_for_data()
                 if ok:
                     return True
-                if not in_failed_transaction(side.buf):
+                if not left_in_open_transaction(side.buf):
                     return False
                 # Inside a transaction: roll it back and prove again. Output of the first attempt
                 # may still arrive (its queries' errors), so "failed" only means "not yet" now.

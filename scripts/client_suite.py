@@ -78,9 +78,9 @@ def start_plain(root: Path) -> tuple[subprocess.Popen[bytes], str]:
     return proc, f"host=127.0.0.1 port={port} user=app password={PASSWORD} dbname=postgres sslmode=disable"
 
 
-def start_lakelet(root: Path) -> tuple[subprocess.Popen[bytes], str]:
+def start_lakelet(root: Path, extra_env: dict[str, str]) -> tuple[subprocess.Popen[bytes], str]:
     port, http = free_port(), free_port()
-    env = {**os.environ, "LAKELET_PASSWORD": PASSWORD, "LAKELET_DATA_API": ""}
+    env = {**os.environ, "LAKELET_PASSWORD": PASSWORD, "LAKELET_DATA_API": "", **extra_env}
     log = open(root / "lakelet-up.log", "wb")  # noqa: SIM115 - kept open for the child's lifetime
     proc = subprocess.Popen([sys.executable, "-m", "lakelet.cli", "up", "--data-dir", str(root / "data"),
                              "--listen", f"127.0.0.1:{port}", "--http", f"127.0.0.1:{http}"],
@@ -127,6 +127,8 @@ def main() -> int:
     ap.add_argument("folder", type=Path, help="the client's test folder (its rootdir, holding tests/)")
     ap.add_argument("--dsn-var", default="PSYCOPG_TEST_DSN", help="environment variable the suite reads")
     ap.add_argument("--keep", action="store_true", help="keep the temp dir (logs, XML)")
+    ap.add_argument("--lakelet-env", action="append", default=[], metavar="KEY=VALUE",
+                    help="environment for lakelet up, e.g. LAKELET_WARM_BACKENDS=0 (repeatable)")
     ap.add_argument("pytest_args", nargs=argparse.REMAINDER, help="after --: arguments for pytest")
     args = ap.parse_args()
     if args.pytest_args[:1] == ["--"]:
@@ -141,7 +143,7 @@ def main() -> int:
         direct = run_suite(args.folder, plain_dsn, args.dsn_var, root / "direct.xml", args.pytest_args,
                            root / "direct.log")
         stop(plain, signal.SIGINT)
-        lake, lake_dsn = start_lakelet(root)
+        lake, lake_dsn = start_lakelet(root, dict(kv.split("=", 1) for kv in args.lakelet_env))
         procs.append((lake, signal.SIGTERM))
         print(f"proxy:  {lake_dsn}", flush=True)
         proxied = run_suite(args.folder, lake_dsn, args.dsn_var, root / "proxy.xml", args.pytest_args,

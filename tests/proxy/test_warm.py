@@ -13,7 +13,7 @@ import pytest
 
 from lakelet.project import create_role
 from proxy import codec
-from proxy.warm import reset_outcome
+from proxy.warm import left_in_open_transaction, reset_outcome
 from tests.conftest import poll_until
 from tests.proxy.harness import PASSWORD, Harness
 
@@ -45,6 +45,21 @@ def test_reset_outcome_needs_the_whole_proof() -> None:
     idle = codec.ready_for_query(b"I")
     squeezed = clean.replace(idle + b"T", idle + codec.parameter_status("x", "y") + b"T", 1)
     assert reset_outcome(squeezed, NONCE) is False
+
+
+def test_an_open_transaction_is_told_from_a_failed_one() -> None:
+    def error(code: str) -> bytes:
+        return codec.error_response("ERROR", code, "x") + codec.ready_for_query(b"E")
+
+    # Left open: DISCARD ALL refused (25001), then our SELECT fails (25P02) — roll back and retry.
+    assert left_in_open_transaction(error("25001") + error("25P02"))
+    assert left_in_open_transaction(error("25001"))  # the SELECT's answer may not have arrived yet
+    # Left failed: everything answers 25P02 — the backend is closed.
+    assert not left_in_open_transaction(error("25P02") + error("25P02"))
+    # A 25P02 of the client's own before our refusal: it had failed already.
+    assert not left_in_open_transaction(error("25P02") + error("25001") + error("25P02"))
+    # Not ending in a failed transaction at all.
+    assert not left_in_open_transaction(error("25001") + codec.ready_for_query(b"I"))
 
 
 async def _idle_warm(harness: Harness, n: int) -> None:
@@ -109,26 +124,42 @@ async def test_a_client_that_leaves_mid_transaction_has_it_rolled_back(harness: 
     await _idle_warm(harness, 1)
 
     rolled_back = harness.proxy.warm.rolled_back
-    for failed in (False, True):  # an open transaction, and one already failed by an error
-        conn = await harness.apg()
-        await conn.execute("BEGIN")
-        await conn.execute("INSERT INTO warm_left VALUES (1)")
-        await conn.execute("SET LOCAL work_mem = '1234kB'")
-        if failed:
-            with pytest.raises(asyncpg.DivisionByZeroError):
-                await conn.execute("SELECT 1/0")
-        pid = conn.get_server_pid()
-        await conn.close()  # Terminate with the transaction open
-        await _idle_warm(harness, 1)
-        conn = await harness.apg()
-        try:
-            assert conn.get_server_pid() == pid
-            assert await conn.fetchval("SELECT count(*) FROM warm_left") == 0
-            assert await conn.fetchval("SHOW work_mem") != "1234kB"
-            assert not conn.is_in_transaction()  # the server said idle, not in a transaction
-        finally:
-            await conn.close()
-    assert harness.proxy.warm.rolled_back == rolled_back + 2
+    conn = await harness.apg()
+    await conn.execute("BEGIN")
+    await conn.execute("INSERT INTO warm_left VALUES (1)")
+    await conn.execute("SET LOCAL work_mem = '1234kB'")
+    pid = conn.get_server_pid()
+    await conn.close()  # Terminate with the transaction open
+    await _idle_warm(harness, 1)
+    conn = await harness.apg()
+    try:
+        assert conn.get_server_pid() == pid
+        assert await conn.fetchval("SELECT count(*) FROM warm_left") == 0
+        assert await conn.fetchval("SHOW work_mem") != "1234kB"
+        assert not conn.is_in_transaction()  # the server said idle, not in a transaction
+    finally:
+        await conn.close()
+    assert harness.proxy.warm.rolled_back == rolled_back + 1
+
+
+async def test_a_client_that_leaves_a_failed_transaction_does_not_lend_its_backend(harness: Harness) -> None:
+    """An error or cancel never rolled back (an interrupted client, typically): the backend ends,
+    as it would on Postgres when that client goes — tools watching its pid see it go."""
+    await harness.proxy.warm.close()
+    conn = await harness.apg()
+    await conn.execute("BEGIN")
+    with pytest.raises(asyncpg.DivisionByZeroError):
+        await conn.execute("SELECT 1/0")
+    pid = conn.get_server_pid()
+    discarded = harness.proxy.warm.discarded
+    await conn.close()
+    await poll_until(lambda: harness.proxy.warm.discarded > discarded, "the backend closed", timeout=30, every=0.05)
+    conn = await harness.apg()
+    try:
+        assert conn.get_server_pid() != pid
+        await _gone(conn, pid)
+    finally:
+        await conn.close()
 
 
 async def test_a_client_arriving_during_a_reset_waits_for_that_backend(harness: Harness) -> None:
