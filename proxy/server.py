@@ -400,7 +400,8 @@ class Proxy:
             signals.bytes_in += received
             signals.bytes_out += sent
             client.close()
-            if first is client and not server.closed and s.warm is not None and s.pool_key is not None:
+            if (first is client and not server.closed and s.warm is not None and s.pool_key is not None
+                    and not self.cancels.was_cancelled(s.key)):
                 self.warm.park(s.pool_key, s.warm)
             else:
                 server.close()

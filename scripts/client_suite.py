@@ -72,9 +72,16 @@ def start_plain(root: Path) -> tuple[subprocess.Popen[bytes], str]:
     grants = ", ".join(OWNER_GRANTS)
     sql = (f"CREATE ROLE app LOGIN CREATEDB CREATEROLE PASSWORD '{PASSWORD}'; GRANT {grants} TO app; "
            "ALTER DATABASE postgres OWNER TO app;")
-    subprocess.run([pg["psql"], "-h", str(sock), "-p", str(port), "-U", "admin", "-d", "postgres", "-v",
-                    "ON_ERROR_STOP=1", "-c", sql], check=True, capture_output=True, preexec_fn=user.preexec,
-                   env=user.child_env(), cwd="/")
+    deadline = time.monotonic() + 60
+    while True:  # the socket accepts while the server is still starting up
+        out = subprocess.run([pg["psql"], "-h", str(sock), "-p", str(port), "-U", "admin", "-d", "postgres", "-v",
+                              "ON_ERROR_STOP=1", "-c", sql], capture_output=True, text=True,
+                             preexec_fn=user.preexec, env=user.child_env(), cwd="/")
+        if out.returncode == 0:
+            break
+        if time.monotonic() > deadline:
+            raise SystemExit(f"client_suite: setting up the plain server failed: {out.stderr.strip()}")
+        time.sleep(0.2)
     return proc, f"host=127.0.0.1 port={port} user=app password={PASSWORD} dbname=postgres sslmode=disable"
 
 

@@ -162,6 +162,27 @@ async def test_a_client_that_leaves_a_failed_transaction_does_not_lend_its_backe
         await conn.close()
 
 
+async def test_a_client_that_cancelled_a_query_does_not_lend_its_backend(harness: Harness) -> None:
+    """An interrupted client (Ctrl-C: cancel, roll back, leave): its backend ends with it, as on
+    Postgres, where tools and drivers' tests watch the pid go away."""
+    await harness.proxy.warm.close()
+    conn = await harness.apg()
+    pid = conn.get_server_pid()
+    task = asyncio.create_task(conn.execute("SELECT pg_sleep(30)"))
+    await asyncio.sleep(0.3)
+    task.cancel()  # asyncpg sends a CancelRequest
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert await conn.fetchval("SELECT 1") == 1
+    await conn.close()  # a clean Terminate from an idle session
+    other = await harness.apg()
+    try:
+        assert other.get_server_pid() != pid
+        await _gone(other, pid)
+    finally:
+        await other.close()
+
+
 async def test_a_client_arriving_during_a_reset_waits_for_that_backend(harness: Harness) -> None:
     await harness.proxy.warm.close()
     conn = await harness.apg()
