@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import shutil
 import signal
 import subprocess
 from collections.abc import Sequence
@@ -20,17 +19,6 @@ from pathlib import Path
 from typing import IO
 
 from storage.postgres import ServiceUser
-
-SETPRIV = shutil.which("setpriv") or shutil.which("setpriv", path="/usr/bin:/bin")
-
-
-def as_user(user: ServiceUser, argv: Sequence[str]) -> tuple[list[str], bool]:
-    """``argv`` run as ``user``: (the command, whether a preexec_fn must still drop privileges)."""
-    if user.is_current:
-        return list(argv), False
-    if SETPRIV is None:
-        return list(argv), True
-    return [SETPRIV, f"--reuid={user.uid}", f"--regid={user.gid}", "--clear-groups", *argv], False
 
 
 class Child:
@@ -88,7 +76,7 @@ async def spawn(user: ServiceUser, argv: Sequence[str], *, env: dict[str, str],
                 stdout: int | IO[bytes] | None = subprocess.DEVNULL,
                 stderr: int | IO[bytes] | None = subprocess.DEVNULL) -> Child | asyncio.subprocess.Process:
     """Start ``argv`` as ``user`` in a new session, stdin from /dev/null, cwd /."""
-    command, needs_preexec = as_user(user, argv)
+    command, needs_preexec = user.command(argv)
     if needs_preexec:
         return await asyncio.create_subprocess_exec(
             *command, stdin=subprocess.DEVNULL, stdout=stdout, stderr=stderr, preexec_fn=user.preexec,
