@@ -97,14 +97,20 @@ class Side(asyncio.Protocol):
         if forward is None:  # the compute side is gone: keep the bytes for nobody
             self._buffer(data)
             return
-        if self.track and self._terminated(data):
-            data = data[:-5]
-            if data:
-                forward(data)
-            self.take_final_bytes()
-            self.transport.close()  # type: ignore[union-attr]
-            self._unhook_peer()
-            return
+        if self.track:
+            if not self._skip and not self._partial and len(data) >= 5 \
+                    and _unpack_length(data, 1)[0] + 1 == len(data):
+                terminate = data == TERMINATE  # the usual chunk: one whole message
+            else:
+                terminate = self._terminated(data)
+            if terminate:
+                data = data[:-5]
+                if data:
+                    forward(data)
+                self.take_final_bytes()
+                self.transport.close()  # type: ignore[union-attr]
+                self._unhook_peer()
+                return
         forward(data)
 
     def _set_receiver(self, receiver: Callable[[bytes], None]) -> None:
