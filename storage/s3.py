@@ -188,6 +188,12 @@ class S3Client:
         except ObjectNotFound:
             raise BucketMissing(f"bucket {self.bucket!r} does not exist at {self.endpoint or 'AWS S3'}: "
                                 "create it or fix store_uri") from None
+        except CredentialsRefused:
+            # A HEAD answer has no body: ask once more with a GET to name the reason
+            # (InvalidAccessKeyId, SignatureDoesNotMatch, AccessDenied) in the line.
+            self._call("LIST", "", lambda: self.c.list_objects_v2(Bucket=self.bucket, MaxKeys=1), retry_for=10,
+                       warn=False)
+            raise
         except S3Error as e:
             if "400" in str(e) or "Bad Request" in str(e):
                 raise CredentialsRefused(f"{self.where()} refused the request (400): check the region "
