@@ -254,6 +254,12 @@ class S3ObjectStore:
         with self._lock:
             self._doomed.difference_update(keys)
 
+    def queue_delete(self, bucket_key: str) -> None:
+        """Delete ``bucket_key`` (any key, not only under ``objects/``) after the next publish."""
+        self.fence()
+        with self._lock:
+            self._deletes.append(bucket_key)
+
     def requeue_deletes(self, keys: list[str]) -> None:
         """Put back keys taken by a round that failed before deleting them."""
         with self._lock:

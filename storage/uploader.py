@@ -42,6 +42,7 @@ from storage import wal
 from storage.backpressure import CommitHold
 from storage.lease import Lease, LeaseLost
 from storage.objectstore import ObjectNotFound
+from storage.remotewal import RemoteWal
 from storage.s3 import PreconditionFailed, S3Client, S3Error
 from storage.s3objects import S3ObjectStore
 
@@ -87,8 +88,12 @@ def write_marker(root: Path, uri: str, seq: int) -> None:
 class Uploader:
     def __init__(self, client: S3Client, root: Path, objects: S3ObjectStore, lease: Lease, *,
                  interval: float, maintenance: Callable[[], contextlib.AbstractContextManager[object]],
-                 files: dict[str, Path] | None = None, hold_after: float | None = None) -> None:
+                 files: dict[str, Path] | None = None, hold_after: float | None = None,
+                 remote_wal: RemoteWal | None = None) -> None:
         self.client = client
+        # Finished segments go from local disk once in the bucket (None: keep every one locally).
+        self.remote_wal = remote_wal
+        self.evicted = 0
         self.root = root
         self.wal_root = root / "wal"
         self.objects = objects
@@ -128,8 +133,22 @@ class Uploader:
             sig = _sig(local)
             if sig is not None and sig[0] == size and not key.endswith(".partial"):
                 self._uploaded[key] = sig
+            elif sig is None and self.remote_wal is not None and offloadable(key[len(WAL_PREFIX):]):
+                self.remote_wal.offload(key[len(WAL_PREFIX):], size, time.time())
             elif sig is None:
                 self._uploaded[key] = (size, 0)  # in the bucket only: deleted after the first publish
+
+    def drop_orphans(self, branch_dirs: set[str]) -> None:
+        """Forget offloaded segments of branches the catalog does not have (a crash between a
+        branch delete and the bucket delete), and of timelines with no history file (see
+        ``_drop_unknown_timelines``): they go with the next round's deletes."""
+        if self.remote_wal is None:
+            return
+        known = {1} | {int(p.name[:8], 16) for p in (self.wal_root / "history").glob("*.history")}
+        for rel in self.remote_wal.all():
+            branch_dir, name = rel.split("/", 1)
+            if branch_dir not in branch_dirs or int(name[:8], 16) not in known:
+                self.remote_wal.forget(rel)
 
     def start(self) -> None:
         self._thread = threading.Thread(target=self._run, name="lakelet-uploader", daemon=True)
@@ -202,6 +221,7 @@ class Uploader:
             doomed = self.objects.take_deletes()
             try:
                 gone = self._upload_tree(self.wal_root, WAL_PREFIX)
+                self._evict()
                 snapshots = self._snapshot()
                 self._upload_tree(self.wal_root / "history", WAL_PREFIX + "history/")
                 self._upload_tree(self.wal_root / "ckpt", WAL_PREFIX + "ckpt/")
@@ -215,13 +235,35 @@ class Uploader:
                 try:
                     self.client.delete_many(doomed)
                 except BaseException:
-                    self.objects.requeue_deletes([k for k in doomed if k.startswith("objects/")])
+                    self.objects.requeue_deletes([k for k in doomed if k.startswith("objects/") or (
+                        k.startswith(WAL_PREFIX) and k not in gone)])
                     raise
                 self.objects.deleted(doomed)
                 for key in gone:
                     self._uploaded.pop(key, None)
             self.rounds += 1
             self.last_round_at = started
+
+    def _evict(self) -> None:
+        """Drop the local copy of every finished segment the bucket has, but the newest of each
+        branch directory (``pg_receivewal`` resumes after it)."""
+        if self.remote_wal is None:
+            return
+        for entry in os.scandir(self.wal_root):
+            if not (entry.is_dir() and entry.name.isdigit()):
+                continue
+            finished = sorted((lsn_order(name), name) for name in os.listdir(entry.path)
+                              if (m := wal.SEGMENT.match(name)) and m.group(2) is None)
+            for _, name in finished[:-1]:
+                path = Path(entry.path) / name
+                key = f"{WAL_PREFIX}{entry.name}/{name}"
+                sig = _sig(path)
+                if sig is None or self._uploaded.get(key) != sig:
+                    continue
+                self.remote_wal.offload(f"{entry.name}/{name}", sig[0], sig[1] / 1e9)
+                path.unlink(missing_ok=True)
+                del self._uploaded[key]
+                self.evicted += 1
 
     def _walk(self, top: Path) -> Iterator[Path]:
         for dirpath, dirnames, files in os.walk(top):
@@ -337,6 +379,17 @@ class UploadMetrics:
                                 value=1 if u.hold.holding else 0)
 
 
+def lsn_order(segment: str) -> tuple[int, int]:
+    """(segment number, timeline): ``pg_receivewal``'s order for "the newest segment"."""
+    return int(segment[8:16], 16) << 32 | int(segment[16:24], 16), int(segment[:8], 16)
+
+
+def offloadable(rel: str) -> bool:
+    """A finished segment directly in a branch's archive ("<branch-id>/<segment>")."""
+    parts = rel.split("/")
+    return len(parts) == 2 and parts[0].isdigit() and bool((m := wal.SEGMENT.match(parts[1])) and m.group(2) is None)
+
+
 def _backup(path: Path) -> bytes:
     """SQLite's online backup of ``path`` (a consistent copy while others write), zstd-compressed."""
     tmp = path.with_name(f".{path.name}.snapshot")
@@ -387,6 +440,16 @@ def restore(client: S3Client, root: Path, state: dict[str, Any], files: dict[str
             os.fsync(f.fileno())
         os.replace(tmp, root / name)
     wal_keys = [(k, size) for k, size in client.list(WAL_PREFIX) if not any(p.startswith(".") for p in k.split("/"))]
+    # Locally only the tail: finished segments stay in the bucket (storage.remotewal), but the
+    # newest of each branch directory, which pg_receivewal resumes after.
+    segs = [(k, size) for k, size in wal_keys if offloadable(k[len(WAL_PREFIX):])]
+    wal_keys = [item for item in wal_keys if item not in segs]
+    newest: dict[str, tuple[tuple[int, int], tuple[str, int]]] = {}
+    for key, size in segs:
+        branch_dir, name = key[len(WAL_PREFIX):].split("/")
+        if branch_dir not in newest or lsn_order(name) > newest[branch_dir][0]:
+            newest[branch_dir] = (lsn_order(name), (key, size))
+    wal_keys += [item for _, item in newest.values()]
 
     def fetch(item: tuple[str, int]) -> int:
         key, size = item

@@ -26,6 +26,11 @@ from tests.s3server import S3Server
 from tests.storage.conftest import branch_at_head, close_lake, open_lake, rows, sql, suspend_all
 
 
+def finished(wal_dir: Path) -> set[str]:
+    """Finished (not .partial) segments in a branch's local WAL directory."""
+    return {p.name for p in wal_dir.iterdir() if len(p.name) == 24} if wal_dir.is_dir() else set()
+
+
 async def test_bucket_alone_brings_back_the_project(s3_server: S3Server, service_user: ServiceUser,
                                                      pg: PgBinaries) -> None:
     uri = f"s3://{s3_server.new_bucket()}/project"
@@ -33,11 +38,30 @@ async def test_bucket_alone_brings_back_the_project(s3_server: S3Server, service
         lake = await open_lake(first_root, service_user, pg, uri, upload_interval=0.2)
         try:
             await sql(lake, "main", "CREATE TABLE t (n int PRIMARY KEY)")
-            await sql(lake, "main", "INSERT INTO t SELECT generate_series(1, 50)")
+            for first in range(1, 51, 10):  # commits spread over several finished segments
+                await sql(lake, "main", "INSERT INTO t SELECT generate_series($1::int, $1::int + 9)", first)
+                await sql(lake, "main", "SELECT pg_switch_wal()")
             await asyncio.sleep(1.2)
             moment = datetime.now(UTC).isoformat()
             await asyncio.sleep(1.2)
             await sql(lake, "main", "INSERT INTO t SELECT generate_series(51, 100)")
+            await sql(lake, "main", "SELECT pg_switch_wal()")
+            await sql(lake, "main", "SELECT pg_switch_wal()")
+
+            # Local disk keeps only the tail: once uploaded, every finished segment but the newest
+            # is in the bucket alone.
+            main_id = lake.store.get_branch("main").id
+            main_wal = first_root / "store" / "wal" / str(main_id)
+            await poll_until(lambda: len(finished(main_wal)) == 1 and len(lake.store._offloaded(main_id)) >= 5,
+                             "finished segments leaving local disk", timeout=60, every=0.2)
+            offloaded = lake.store._offloaded(main_id)
+            in_bucket = {k.rsplit("/", 1)[1] for k, _ in lake.store.objects.client.list(f"wal/{main_id}/")}
+            assert set(offloaded) <= in_bucket and not set(offloaded) & finished(main_wal)
+            # A branch at a moment whose WAL is only in the bucket: the commit index and the
+            # replay read it from there.
+            await asyncio.to_thread(lake.store.create_branch, "early", "main", at=moment)
+            assert await rows(lake, "early", "t") == list(range(1, 51))
+            assert not (first_root / "computes" / "early" / "staged-wal").exists()
             await branch_at_head(lake, "child", "main")
             await sql(lake, "child", "INSERT INTO t VALUES (1000)")
             await sql(lake, "main", "CREATE ROLE alice LOGIN PASSWORD 'wonderland'")
@@ -58,7 +82,10 @@ async def test_bucket_alone_brings_back_the_project(s3_server: S3Server, service
         cache_size = 256 << 10
         lake = await open_lake(second_root, service_user, pg, uri, upload_interval=0.2, cache_size=cache_size)
         try:
-            assert sorted(lake.store.branch_names()) == ["child", "main"]
+            assert sorted(lake.store.branch_names()) == ["child", "early", "main"]
+            # Restored with only the tail of each branch's WAL locally.
+            assert len(finished(second_root / "store" / "wal" / str(main_id))) == 1
+            assert set(lake.store._offloaded(main_id)) >= set(offloaded)
             assert "alice" in lake.store.roles("main")
             assert str(lake.store.roles("main")["alice"]).startswith("SCRAM-SHA-256$")
             assert await rows(lake, "main", "t") == list(range(1, 101))
