@@ -78,6 +78,12 @@ def local_root(uri: str | None, default: Path) -> Path:
     return default
 
 
+def upload_status(store: Store) -> dict[str, Any] | None:
+    """A bucket store's upload state (``Uploader.status``), None for a local store."""
+    uploader = getattr(store.objects, "uploader", None)
+    return uploader.status() if uploader is not None else None
+
+
 def _stop_orphan_receivers(wal_root: Path) -> None:
     """WAL receivers still writing into this store belong to a ``lakelet up`` that died (this one
     holds the data dir and the lease): it may have paused them (storage.backpressure), and a paused
@@ -144,7 +150,8 @@ def open_store(uri: str | None, root: Path, *, user: ServiceUser, pg: PgBinaries
         _stop_orphan_receivers(root / "wal")
         listing = dict(client.list(WAL_PREFIX))
         objects = S3ObjectStore(client, root / "cache", cache_size)
-        objects.fence = lease.check
+        objects.fence, objects.check = lease.confirm, lease.check
+        client.fence = lease.check
         store = Store.open(root, user=user, pg=pg, retention_days=retention_days, objects=objects, **store_args)
         try:
             remote_wal = RemoteWal(client, objects.queue_delete)

@@ -108,6 +108,7 @@ class Uploader:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._round_lock = threading.Lock()
+        self._confirmed = False  # this round confirmed the lease (see _confirm)
         self.failing: str | None = None
         self.rounds = 0
         self.last_round_at = 0.0  # wall time at which the last successful round started
@@ -118,6 +119,7 @@ class Uploader:
         self._pending_since: dict[str, tuple[Signature | None, float]] = {}
         self._watchdog: threading.Thread | None = None
         self.backlog_seconds = 0.0  # the watchdog's latest backlog_age()
+        self.bytes_behind = 0  # and the size of the WAL files changed since their last upload
 
     # -- start ----------------------------------------------------------------------------------
 
@@ -160,13 +162,16 @@ class Uploader:
         """Seconds since the oldest WAL change not yet in the bucket was first seen (0: none)."""
         now = time.monotonic()
         seen: dict[str, tuple[Signature | None, float]] = {}
+        behind = 0
         for path in self._walk(self.wal_root):
             key = WAL_PREFIX + str(path.relative_to(self.wal_root))
             sig, done = _sig(path), self._uploaded.get(key)
             if sig is not None and done != sig:
                 before = self._pending_since.get(key)
                 seen[key] = before if before is not None and before[0] == done else (done, now)
+                behind += sig[0]
         self._pending_since = seen
+        self.bytes_behind = behind
         return now - min(t for _, t in seen.values()) if seen else 0.0
 
     def _watch(self) -> None:
@@ -180,6 +185,20 @@ class Uploader:
                                f"({self.failing or 'the upload is behind'}); they complete once it is uploaded")
             elif age < self.hold_after / 2:
                 self.hold.release()
+
+    def status(self) -> dict[str, Any]:
+        """How far the bucket is behind, for ``lakelet status`` and ``/healthz`` (no I/O: what the
+        watchdog measured last). ``stalled`` is why commits cannot become durable in the bucket
+        now (None while it keeps up): the oldest change not yet uploaded is older than the point
+        where commits start waiting for it."""
+        stalled = None
+        if self.hold.holding or self.backlog_seconds > self.hold_after:
+            stalled = (f"the WAL not yet in {self.client.where()} is {self.backlog_seconds:.0f}s old "
+                       f"({self.failing or 'the upload is behind'})")
+        return {"store": self.client.where(), "bytes_behind": self.bytes_behind,
+                "backlog_seconds": round(self.backlog_seconds, 3),
+                "last_upload": self.last_round_at or None, "failing": self.failing,
+                "commits_held": self.hold.holding, "stalled": stalled}
 
     def _run(self) -> None:
         while not self._stop.wait(self.interval):
@@ -218,6 +237,7 @@ class Uploader:
         with self._round_lock:
             started = time.time()
             self.lease.check()
+            self._confirmed = False
             doomed = self.objects.take_deletes()
             try:
                 gone = self._upload_tree(self.wal_root, WAL_PREFIX)
@@ -232,6 +252,7 @@ class Uploader:
                 raise
             doomed += gone + superseded
             if doomed:
+                self._confirm()
                 try:
                     self.client.delete_many(doomed)
                 except BaseException:
@@ -265,6 +286,14 @@ class Uploader:
                 del self._uploaded[key]
                 self.evicted += 1
 
+    def _confirm(self) -> None:
+        """Before a round's first write: the fencing token is still ours (a conditional PUT on
+        the lease object; ``LeaseLost`` once another took it). A round with nothing to write
+        sends nothing, so an idle store costs no requests."""
+        if not self._confirmed:
+            self.lease.confirm()
+            self._confirmed = True
+
     def _walk(self, top: Path) -> Iterator[Path]:
         for dirpath, dirnames, files in os.walk(top):
             dirnames[:] = [d for d in dirnames if not d.startswith(".")]  # a WAL copy being made
@@ -283,7 +312,7 @@ class Uploader:
             if sig is not None and self._uploaded.get(key) != sig:
                 todo.append((key, path, sig))
         if todo:
-            self.lease.check()
+            self._confirm()
             with ThreadPoolExecutor(UPLOAD_THREADS, thread_name_prefix="lakelet-upload") as pool:
                 list(pool.map(lambda t: self._upload_one(*t), todo))
         return [k for k in self._uploaded if k.startswith(prefix) and k not in present]
@@ -313,6 +342,7 @@ class Uploader:
             key = FILES_PREFIX + name
             sig = _sig(path)
             if sig is not None and self._uploaded.get(key) != sig:
+                self._confirm()
                 self.client.put(key, path.read_bytes())
                 self._uploaded[key] = sig
 
@@ -333,11 +363,14 @@ class Uploader:
         """Upload new snapshots and switch ``state.json`` to them; returns keys now superseded."""
         if not snapshots and not force:
             return []
+        self._confirm()
         seq = int(self.state.get("seq", 0)) + 1
         files = dict(self.state.get("files", {}))
         superseded = []
         for name, blob in snapshots.items():
-            key = f"{META_PREFIX}{seq:012d}/{name}.zst"
+            # Keyed by the holder's token too: a write still in flight when another took the lease
+            # can never replace a snapshot the new holder published under the same seq.
+            key = f"{META_PREFIX}{seq:012d}-{self.lease.token}/{name}.zst"
             self.client.put(key, blob)
             self.bytes_uploaded += len(blob)
             if name in files:

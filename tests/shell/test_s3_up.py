@@ -109,12 +109,35 @@ def test_kill_9_and_an_empty_data_dir_lose_nothing_acknowledged(s3: tuple[S3Serv
                 # The bucket answers 503 SlowDown for a while: commits go on (fsynced locally) until
                 # the WAL not yet uploaded is HOLD_AFTER seconds old, then they wait until the
                 # upload has caught up.
+                # Meanwhile /healthz and `lakelet status` say the store's durability is stalled.
+                health: list[tuple[int, str]] = []
+                status_text: list[str] = []
+                sampled = threading.Event()
+
+                def sample() -> None:
+                    while not sampled.wait(0.5):
+                        health.append(first.http("/healthz"))
+                        if health[-1][0] == 503 and not status_text:
+                            status_text.append(cli("status", data_dir=data_dir).stdout)
+
+                sampler = threading.Thread(target=sample, daemon=True)
                 relay.failing.set()
                 threading.Timer(OUTAGE, relay.failing.clear).start()
+                sampler.start()
                 longest = write_for(conn, "t", OUTAGE + 2.0, max(acked) + 1, acked)
+                sampled.set()
+                sampler.join()
                 assert relay.refused > 0 and not relay.failing.is_set()
                 assert longest > 2.0  # some commit waited for the bucket
+                stalled = [json.loads(body) for code, body in health if code == 503]
+                assert stalled and "not yet in s3://" in stalled[0]["durability_stalled"]["store"], health
+                assert status_text and "store: durability stalled: the WAL not yet in" in status_text[0]
                 write_for(conn, "t", WINDOW + 4.0, max(acked) + 1, acked)
+                deadline = time.monotonic() + 60
+                while first.http("/healthz")[0] != 200 and time.monotonic() < deadline:
+                    time.sleep(0.2)
+                assert first.http("/healthz")[0] == 200  # caught up: durable again
+                assert "of WAL not yet uploaded, last upload" in cli("status", data_dir=data_dir).stdout
             with psycopg.connect(first.dsn("lakelet", password, branch="feature"), autocommit=True) as conn:
                 conn.execute("INSERT INTO t VALUES (-1)")
             feature_acked = time.monotonic()

@@ -153,3 +153,64 @@ async def test_store_whose_lease_was_taken_stops_writing(s3_server: S3Server, se
             k["Key"] for k in client.list_objects_v2(Bucket=bucket).get("Contents", [])]
     finally:
         store.close()
+
+
+def bucket_state(server: S3Server, bucket: str) -> dict[str, str]:
+    """Every object but the lease, with its ETag."""
+    listed = server.client().list_objects_v2(Bucket=bucket).get("Contents", [])
+    return {o["Key"]: o["ETag"] for o in listed if not o["Key"].endswith("lease.json")}
+
+
+async def test_store_whose_lease_was_stolen_writes_nothing_after(s3_server: S3Server, service_user: ServiceUser,
+                                                                 pg: PgBinaries, monkeypatch: pytest.MonkeyPatch
+                                                                 ) -> None:
+    """Two stores on one bucket: B takes the lease while A still believes it holds it (B's clock
+    runs an hour ahead, so A's lease looks expired to it; A renews only every 150 s). A goes on
+    writing — WAL of new commits, a pack, a new branch in its catalog — and none of it reaches the
+    bucket: the write path confirms the fencing token with a conditional PUT first. The project
+    restored afterwards is exactly B's."""
+    bucket = s3_server.new_bucket()
+    uri = f"s3://{bucket}/p"
+    lost: list[str] = []
+    with scratch_dir("lakelet-s3-a-") as a_root, scratch_dir("lakelet-s3-b-") as b_root, \
+            scratch_dir("lakelet-s3-c-") as c_root:
+        a = await open_lake(a_root, service_user, pg, uri, upload_interval=0.2, lease_ttl=600,
+                            on_lease_lost=lost.append)
+        b = None
+        try:
+            await sql(a, "main", "CREATE TABLE t (n int PRIMARY KEY)")
+            await sql(a, "main", "INSERT INTO t SELECT generate_series(1, 20)")
+            uploader = a.store.objects.uploader  # type: ignore[attr-defined]
+            await poll_until(lambda: uploader.pending()[0] == 0, "A's WAL in the bucket", timeout=60, every=0.1)
+
+            import storage.lease as lease_module
+            monkeypatch.setattr(lease_module, "_wall", lambda: time.time() + 3600)
+            b = await open_lake(b_root, service_user, pg, uri, upload_interval=0.2, lease_ttl=600)
+            monkeypatch.undo()
+            await sql(b, "main", "INSERT INTO t SELECT generate_series(21, 30)")
+            await suspend_all(b)
+            b_uploader = b.store.objects.uploader  # type: ignore[attr-defined]
+            await poll_until(lambda: b_uploader.pending()[0] == 0, "B's WAL in the bucket", timeout=60, every=0.1)
+            b_uploader.round()  # anything B had left is published: B is idle from here on
+            before = bucket_state(s3_server, bucket)
+            assert not lost
+
+            # A, stale, goes on writing.
+            await sql(a, "main", "INSERT INTO t SELECT generate_series(1000, 1009)")
+            await asyncio.to_thread(a.store.create_branch, "a-only", "main")
+            await poll_until(lambda: lost, "A noticing the stolen lease", timeout=60, every=0.1)
+            assert "taken by another lakelet up" in lost[0]
+            with pytest.raises(LeaseLost):
+                await asyncio.to_thread(a.store.objects.put, "packs/late.pack", b"x")
+            assert bucket_state(s3_server, bucket) == before
+        finally:
+            await close_lake(a)
+            if b is not None:
+                await close_lake(b)
+
+        c = await open_lake(c_root, service_user, pg, uri, upload_interval=0.2)
+        try:
+            assert sorted(c.store.branch_names()) == ["main"]
+            assert await rows(c, "main", "t") == list(range(1, 31))
+        finally:
+            await close_lake(c)
