@@ -598,7 +598,7 @@ class Store:
         shutil.rmtree(datadir, ignore_errors=True)
         with self._maintenance.shared():
             images.restore_image(self.pages, self.objects, image.manifest_key, datadir)
-        staged = self._stage_wal(row, image, settings, datadir.parent / STAGED_WAL_DIR)
+        staged = self._stage_wal(row, image, settings, dirs, datadir.parent / STAGED_WAL_DIR)
         if staged is not None:
             dirs = [staged, *dirs]
         tli = self._reserve_timeline()
@@ -781,13 +781,16 @@ class Store:
         finally:
             shutil.rmtree(work, ignore_errors=True)
 
-    def _stage_wal(self, row: BranchRow, image: ImageRow, settings: dict[str, str], staged: Path) -> Path | None:
+    def _stage_wal(self, row: BranchRow, image: ImageRow, settings: dict[str, str], dirs: list[Path],
+                   staged: Path) -> Path | None:
         """With a bucket store: put every finished segment replay from ``image`` may ask for into
         ``staged`` (links to local ones, downloads of offloaded ones), so the compute's
         ``restore_command`` serves them whatever the uploader evicts while it replays. Segments
-        from the image's redo point on, up to each ancestor's branch point and the target."""
+        from the image's redo point on, up to each ancestor's branch point and the target, of the
+        archive directories the plan serves (none when it serves only the image's own WAL copy)."""
         shutil.rmtree(staged, ignore_errors=True)
-        if self.remote_wal is None:
+        served = {d.name for d in dirs if d.parent == self.wal_root}
+        if self.remote_wal is None or not served:
             return None
         seg = self._segment_size()
         start = image.redo_lsn if image.redo_lsn is not None else image.lsn
@@ -795,6 +798,8 @@ class Store:
         staged.mkdir(parents=True)
         fetched = 0
         for branch, cutoff in self._ancestry(row):
+            if str(branch.id) not in served:
+                continue
             for name, path in self.wal_files(branch.id).items():
                 if path.name.endswith(".partial"):
                     continue  # growing: served from the archive itself

@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 
 from storage.bucket import open_store
+from storage.commits import _UNREAD
 from storage.lease import LeaseLost, StoreInUse
 from storage.postgres import PgBinaries, ServiceUser
 from storage.s3objects import S3ObjectStore
@@ -61,6 +62,8 @@ async def test_bucket_alone_brings_back_the_project(s3_server: S3Server, service
             # replay read it from there.
             await asyncio.to_thread(lake.store.create_branch, "early", "main", at=moment)
             assert await rows(lake, "early", "t") == list(range(1, 51))
+            learned = {k for k in lake.store.commits._earliest if k.startswith(f"{main_id}/")}
+            assert learned  # the commit index read main's segments (from the bucket)
             assert not (first_root / "computes" / "early" / "staged-wal").exists()
             await branch_at_head(lake, "child", "main")
             await sql(lake, "child", "INSERT INTO t VALUES (1000)")
@@ -86,6 +89,12 @@ async def test_bucket_alone_brings_back_the_project(s3_server: S3Server, service
             # Restored with only the tail of each branch's WAL locally.
             assert len(finished(second_root / "store" / "wal" / str(main_id))) == 1
             assert set(lake.store._offloaded(main_id)) >= set(offloaded)
+            # The commit index came back with it and still answers for those segments: a point in
+            # time after a restore does not read the WAL again.
+            commits = lake.store.commits
+            known = {f"{main_id}/{n}" for n, p in lake.store.wal_files(main_id).items()
+                     if commits._known(p) is not _UNREAD}
+            assert learned <= known
             assert "alice" in lake.store.roles("main")
             assert str(lake.store.roles("main")["alice"]).startswith("SCRAM-SHA-256$")
             assert await rows(lake, "main", "t") == list(range(1, 101))
