@@ -125,6 +125,19 @@ async def test_bucket_alone_brings_back_the_project(s3_server: S3Server, service
         finally:
             await close_lake(lake)
 
+        # The same data dir again (a restart, not a rebuild: the sentinel survives): the segments
+        # only in the bucket are known from its listing, and point in time still reads them.
+        sentinel = second_root / "store" / "not-rebuilt"
+        sentinel.touch()
+        lake = await open_lake(second_root, service_user, pg, uri, upload_interval=0.2)
+        try:
+            assert sentinel.exists()
+            assert set(lake.store._offloaded(main_id)) >= set(offloaded)
+            await asyncio.to_thread(lake.store.create_branch, "past-again", "main", at=moment)
+            assert await rows(lake, "past-again", "t") == list(range(1, 51))
+        finally:
+            await close_lake(lake)
+
 
 def test_second_store_on_the_bucket_refuses(s3_server: S3Server, service_user: ServiceUser, pg: PgBinaries,
                                             workdir: Path) -> None:
