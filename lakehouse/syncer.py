@@ -42,13 +42,14 @@ from psycopg2 import sql as psql
 
 from lakehouse import pgoutput
 from lakehouse.history import HistoryTable, Pending, TableSyncError, history_uri
-from lakehouse.pgoutput import Relation, RelationColumn, RowChange, TransactionEnd, TruncateChange
+from lakehouse.pgoutput import InsertRun, Relation, RelationColumn, RowChange, TransactionEnd, TruncateChange
 
 log = logging.getLogger("lakelet.lakehouse")
 
 # Every value crosses in its text form under these settings (lakehouse.values relies on them).
 SESSION_OPTIONS = "-c DateStyle=ISO -c TimeZone=UTC -c bytea_output=hex -c IntervalStyle=postgres"
 SNAPSHOT_BATCH = 50_000
+READ_BATCH = 10_000  # messages read off the stream before they are decoded as one batch
 
 # A schema-wide sync picks up tables created later; this event trigger gives each of them REPLICA
 # IDENTITY FULL in the same transaction that creates it (a table in a schema some lakelet_sync
@@ -453,14 +454,35 @@ class Syncer:
                 cur.execute(psql.SQL("ALTER TABLE {}.{} REPLICA IDENTITY FULL").format(
                     psql.Identifier(rel.namespace), psql.Identifier(rel.name)))
 
-    def handle(self, payload: bytes, lsn: int) -> None:
-        event = self.decoder.feed(payload, lsn)
-        if type(event) is RowChange:
-            self._row(event)
-        elif isinstance(event, TransactionEnd):
-            self.last_end = event.end_lsn
-            self.status.received_lsn = fmt_lsn(event.end_lsn)
-        elif isinstance(event, Relation):
+    def handle(self, payloads: list[bytes], lsns: list[int], repl: Any) -> None:
+        """Decode a batch of messages read off the stream into the tables' buffers; between
+        transactions, take a finished flush's outcome and start the next flush when one is due."""
+        for event in self.decoder.feed_many(payloads, lsns):
+            kind = type(event)
+            if kind is RowChange:
+                self._row(event)  # type: ignore[arg-type]
+            elif kind is InsertRun:
+                self._inserts(event)  # type: ignore[arg-type]
+            elif kind is TransactionEnd:
+                self.last_end = event.end_lsn  # type: ignore[union-attr]
+                if self._inflight is not None:
+                    self._collect(repl, block=False)
+                if self._flush_due(idle=False):
+                    self.flush(repl)
+            else:
+                self._event(event)
+        if self.last_end:
+            self.status.received_lsn = fmt_lsn(self.last_end)
+
+    def _inserts(self, run: InsertRun) -> None:
+        tx = run.tx
+        table = self._live(run.relation, tx.commit_lsn)
+        if table is not None:
+            table.add_inserts(run.relation, run.columns, run.lsns, 2 * run.seq, tx.xid, tx.commit_lsn,
+                              tx.commit_time)
+
+    def _event(self, event: pgoutput.Event | None) -> None:
+        if isinstance(event, Relation):
             self._note_relation(event)
         elif isinstance(event, TruncateChange):
             for rel in event.relations:
@@ -528,16 +550,22 @@ class Syncer:
         repl.start_replication(slot_name=self.spec.slot, decode=False, status_interval=5,
                                options={"proto_version": "1", "publication_names": self.spec.slot})
         last_ping = 0.0
+        read = repl.read_message
         while not self.stop_requested:
-            msg = repl.read_message()
-            if msg is not None:
-                self.handle(msg.payload, msg.data_start)
-                if self.decoder.state is pgoutput.TxState.IDLE:
-                    if self._inflight is not None:
-                        self._collect(repl, block=False)
-                    if self._flush_due(idle=False):
-                        self.flush(repl)
-                continue
+            # Whatever has arrived (up to READ_BATCH messages) is read first, then decoded as one
+            # batch: runs of inserts are decoded column by column (pgoutput.feed_many).
+            payloads: list[bytes] = []
+            lsns: list[int] = []
+            while len(payloads) < READ_BATCH:
+                msg = read()
+                if msg is None:
+                    break
+                payloads.append(msg.payload)
+                lsns.append(msg.data_start)
+            if payloads:
+                self.handle(payloads, lsns, repl)
+                if len(payloads) == READ_BATCH:
+                    continue
             self._collect(repl, block=False)
             if self._flush_due(idle=True):
                 self.flush(repl)
