@@ -49,6 +49,7 @@ log = logging.getLogger("lakelet.lakehouse")
 # Every value crosses in its text form under these settings (lakehouse.values relies on them).
 SESSION_OPTIONS = "-c DateStyle=ISO -c TimeZone=UTC -c bytea_output=hex -c IntervalStyle=postgres"
 SNAPSHOT_BATCH = 50_000
+BACKPRESSURE = 4  # × max_buffered_rows buffered while a commit is in flight: then wait for it
 READ_BATCH = 10_000  # messages read off the stream before they are decoded as one batch
 
 # A schema-wide sync picks up tables created later; this event trigger gives each of them REPLICA
@@ -535,6 +536,10 @@ class Syncer:
             return False
         if self._buffer_since is None:  # nothing buffered: only the slot position to move on
             return self.last_end > self.confirmed and self._inflight is None and self.drain_target is None
+        if self._inflight is not None and not self._inflight.done():
+            # The previous commit is still being written: keep decoding (the next commit grows
+            # meanwhile), unless the buffer is this large, then wait for it (bounded memory).
+            return self._buffered() >= BACKPRESSURE * self.spec.max_buffered_rows
         age = time.monotonic() - self._buffer_since
         if age >= max(1.0, self.spec.flush_interval) or self._buffered() >= self.spec.max_buffered_rows:
             return True
