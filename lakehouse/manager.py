@@ -30,6 +30,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge
 
 from compute import Endpoints
 from compute.node import ComputeNode
+from lakehouse import location
 from lakehouse.syncer import SyncSpec, parse_lsn, slot_name
 from storage import ADMIN_ROLE, BranchNotFound, Store
 
@@ -147,6 +148,10 @@ class LakehouseSync:
         if not self.endpoints.has_branch(branch):
             raise SyncError(f"branch {branch!r} does not exist: create it first (lakelet branch create)")
         cfg = SyncConfig(branch, schema, database, sorted(set(tables)) if tables else None, uri or self.default_uri)
+        try:  # a bucket that is not there or refuses the credentials: say so now, not in a worker log
+            await asyncio.to_thread(location.check, cfg.uri)
+        except location.LocationError as e:
+            raise SyncError(str(e)) from None
         async with self._lock:
             old = self.syncs.get(cfg.key)
             if old is not None and old != cfg:

@@ -40,7 +40,7 @@ import psycopg2
 import psycopg2.extras
 from psycopg2 import sql as psql
 
-from lakehouse import pgoutput
+from lakehouse import location, pgoutput
 from lakehouse.history import HistoryTable, Pending, TableSyncError, history_uri
 from lakehouse.pgoutput import InsertRun, Relation, RelationColumn, RowChange, TransactionEnd, TruncateChange
 
@@ -179,6 +179,8 @@ class Syncer:
         self.state_dir.mkdir(parents=True, exist_ok=True)
         self.status = Status(slot=spec.slot)
         self.tables: dict[str, HistoryTable] = {}
+        self.storage_options = (spec.storage_options if spec.storage_options is not None
+                                else location.storage_options(spec.lakehouse_uri))
         self.decoder = pgoutput.Decoder()
         self.confirmed = 0
         self.last_end = 0
@@ -225,7 +227,7 @@ class Syncer:
         table = self.tables.get(name)
         if table is None:
             table = HistoryTable(history_uri(self.spec.base_uri, name), self.spec.slot,
-                                 storage_options=self.spec.storage_options)
+                                 storage_options=self.storage_options)
             self.tables[name] = table
             self._table_status(name)
         return table
@@ -604,6 +606,12 @@ class Syncer:
     # -- run --------------------------------------------------------------------------------------
 
     def run(self) -> None:
+        try:
+            location.check(self.spec.lakehouse_uri)
+        except location.LocationError as e:
+            if e.transient:
+                raise
+            raise StopSync(str(e)) from None
         conn = self._connect()
         try:
             self.prepare(conn)
