@@ -175,7 +175,7 @@ class ComputeNode:
         slots = logical_slots.restore(self.datadir, self.home, branch_id, wal_dirs=[self.store.wal_dir(self.branch)],
                                       seg_size=WAL_SEGMENT_MB << 20, user=self.user, rebuilt=rebuilt)
         if slots:  # Postgres refuses to start with a logical slot under a lower wal_level
-            self.settings["wal_level"] = "logical"
+            self.settings.update(logical_slots.SETTINGS)
 
     async def _spawn(self) -> None:
         self.log_file.touch()

@@ -189,6 +189,7 @@ class Syncer:
         self._buffer_since: float | None = None
         self._status_written = 0.0
         self._identity_fixed: set[int] = set()
+        self._lost_limit = ""
         self.scope: list[str] = []
         self._flusher = ThreadPoolExecutor(1, thread_name_prefix="delta-flush")
         self._inflight: Future[tuple[int, list[tuple[str, int, int, str | None]]]] | None = None
@@ -306,14 +307,20 @@ class Syncer:
 
     # -- snapshot ---------------------------------------------------------------------------------
 
-    def _slot_exists(self, conn: psycopg2.extensions.connection) -> bool:
+    def _slot_state(self, conn: psycopg2.extensions.connection) -> str | None:
+        """None (no slot), 'lost' (Postgres invalidated it: it held more WAL than
+        ``max_slot_wal_keep_size`` while no one read it) or 'ok' (``confirmed`` set from it)."""
         with conn.cursor() as cur:
-            cur.execute("SELECT confirmed_flush_lsn::text FROM pg_replication_slots WHERE slot_name = %s",
-                        (self.spec.slot,))
+            cur.execute("SELECT confirmed_flush_lsn::text, wal_status FROM pg_replication_slots "
+                        "WHERE slot_name = %s", (self.spec.slot,))
             row = cur.fetchone()
+            if row is not None and row[1] == "lost":
+                cur.execute("SHOW max_slot_wal_keep_size")
+                self._lost_limit = str(cur.fetchone()[0])  # type: ignore[index]
+                return "lost"
         if row is not None and row[0]:
             self.confirmed = parse_lsn(row[0])
-        return row is not None
+        return None if row is None else "ok"
 
     def snapshot(self, conn: psycopg2.extensions.connection, repl: Any, reason: str | None) -> None:
         spec = self.spec
@@ -592,13 +599,17 @@ class Syncer:
                 select.select([repl], [], [], 0.05)
         self._collect(repl, block=True)
 
-    def _resnapshot_reason(self, progress: dict[str, Any], exists: bool) -> str | None:
+    def _resnapshot_reason(self, progress: dict[str, Any], slot: str | None) -> str | None:
         if not progress.get("snapshot_done"):
             return None  # the first snapshot (or one a crash interrupted)
         if progress.get("slot") != self.spec.slot:
             return (f"the branch was restored or reset (now slot {self.spec.slot}, was {progress.get('slot')}): "
                     "history replaced by a fresh snapshot")
-        if not exists:
+        if slot == "lost":
+            return (f"slot {self.spec.slot} was invalidated by Postgres: it held more than max_slot_wal_keep_size "
+                    f"({self._lost_limit}) of WAL that no worker read (the sync was failing or stopped): "
+                    "history replaced by a fresh snapshot")
+        if slot is None:
             return (f"slot {self.spec.slot} was lost (the compute was rebuilt from an image without it): "
                     "history replaced by a fresh snapshot")
         return None
@@ -616,13 +627,13 @@ class Syncer:
         try:
             self.prepare(conn)
             progress = self._progress()
-            exists = self._slot_exists(conn)
+            slot = self._slot_state(conn)
             repl_conn = psycopg2.connect(connection_factory=psycopg2.extras.LogicalReplicationConnection,
                                          **self.spec.dsn())
             try:
                 repl = repl_conn.cursor()
-                if not (exists and progress.get("slot") == self.spec.slot and progress.get("snapshot_done")):
-                    self.snapshot(conn, repl, self._resnapshot_reason(progress, exists))
+                if not (slot == "ok" and progress.get("slot") == self.spec.slot and progress.get("snapshot_done")):
+                    self.snapshot(conn, repl, self._resnapshot_reason(progress, slot))
                 conn.close()
                 self.stream(repl)
             finally:
