@@ -157,11 +157,13 @@ class LakehouseSync:
             if old is not None and old != cfg:
                 raise SyncError(f"a sync of {database}.{schema} on branch {branch!r} is enabled with other settings: "
                                 "disable it first")
+        node = await self.endpoints.node(branch)  # the user asked: take the snapshot now
+        await self._check_source(node, cfg)
+        async with self._lock:
             self.syncs[cfg.key] = cfg
             self.failures.pop(cfg.key, None)
             await asyncio.to_thread(self._save)
         self.endpoints.require_logical(branch)
-        node = await self.endpoints.node(branch)  # the user asked: take the snapshot now
         if node.settings.get("wal_level") != "logical":
             # wal_level is restart-only: a compute that was running without it restarts once now.
             log.info("restarting the compute with wal_level = logical for lakehouse sync", extra={"branch": branch})
@@ -169,6 +171,30 @@ class LakehouseSync:
             await self.endpoints.node(branch)
         await self._tick()
         return self.status_of(cfg)
+
+    async def _check_source(self, node: ComputeNode, cfg: SyncConfig) -> None:
+        """The database, schema and listed tables exist: a typo is refused at ``enable`` in one line."""
+        import asyncpg
+
+        try:
+            conn = await asyncpg.connect(host=str(node.socket_dir), port=node.port, user=ADMIN_ROLE,
+                                         database=cfg.database, timeout=30)
+        except asyncpg.InvalidCatalogNameError:
+            raise SyncError(f"database {cfg.database!r} does not exist on branch {cfg.branch!r}: "
+                            "create it or pass another --database") from None
+        try:
+            if not await conn.fetchval("SELECT true FROM pg_namespace WHERE nspname = $1", cfg.schema):
+                raise SyncError(f"schema {cfg.schema!r} does not exist in database {cfg.database!r} on branch "
+                                f"{cfg.branch!r}: create it first or pass another --schema")
+            missing = await conn.fetchval(
+                "SELECT string_agg(t, ', ') FROM unnest($1::text[]) t WHERE NOT EXISTS ("
+                "  SELECT 1 FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace "
+                "  WHERE n.nspname = $2 AND c.relname = t AND c.relkind IN ('r', 'p'))", cfg.tables or [], cfg.schema)
+            if missing:
+                raise SyncError(f"no table {missing} in {cfg.database}.{cfg.schema} on branch {cfg.branch!r}: "
+                                "create it first or leave it out of --tables")
+        finally:
+            await conn.close()
 
     async def disable(self, branch: str, schema: str | None = None, *, database: str | None = None) -> list[str]:
         """Stop the branch's syncs (of ``schema`` only, if given), drop their slots and publications.
