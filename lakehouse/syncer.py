@@ -309,7 +309,8 @@ class Syncer:
 
     def _slot_state(self, conn: psycopg2.extensions.connection) -> str | None:
         """None (no slot), 'lost' (Postgres invalidated it: it held more WAL than
-        ``max_slot_wal_keep_size`` while no one read it) or 'ok' (``confirmed`` set from it)."""
+        ``max_slot_wal_keep_size`` while no one read it), 'gone' (WAL it needs was found missing by
+        the last run) or 'ok' (``confirmed`` set from it)."""
         with conn.cursor() as cur:
             cur.execute("SELECT confirmed_flush_lsn::text, wal_status FROM pg_replication_slots "
                         "WHERE slot_name = %s", (self.spec.slot,))
@@ -318,6 +319,8 @@ class Syncer:
                 cur.execute("SHOW max_slot_wal_keep_size")
                 self._lost_limit = str(cur.fetchone()[0])  # type: ignore[index]
                 return "lost"
+        if row is not None and self._progress().get("wal_gone"):
+            return "gone"
         if row is not None and row[0]:
             self.confirmed = parse_lsn(row[0])
         return None if row is None else "ok"
@@ -609,6 +612,9 @@ class Syncer:
             return (f"slot {self.spec.slot} was invalidated by Postgres: it held more than max_slot_wal_keep_size "
                     f"({self._lost_limit}) of WAL that no worker read (the sync was failing or stopped): "
                     "history replaced by a fresh snapshot")
+        if slot == "gone":
+            return (f"WAL that slot {self.spec.slot} needs is gone ({progress.get('wal_gone')}): "
+                    "history replaced by a fresh snapshot")
         if slot is None:
             return (f"slot {self.spec.slot} was lost (the compute was rebuilt from an image without it): "
                     "history replaced by a fresh snapshot")
@@ -635,7 +641,16 @@ class Syncer:
                 if not (slot == "ok" and progress.get("slot") == self.spec.slot and progress.get("snapshot_done")):
                     self.snapshot(conn, repl, self._resnapshot_reason(progress, slot))
                 conn.close()
-                self.stream(repl)
+                try:
+                    self.stream(repl)
+                except psycopg2.Error as e:
+                    # The slot is there but WAL it needs is not (a data dir rebuilt from an image whose
+                    # slot is older than the archive GC kept, say): the next run starts over, and says why.
+                    if "has already been removed" not in str(e):
+                        raise
+                    progress["wal_gone"] = str(e).strip().splitlines()[0]
+                    _write_json(self.state_dir / "progress.json", progress)
+                    raise
             finally:
                 repl_conn.close()
         finally:

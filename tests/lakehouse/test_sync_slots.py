@@ -167,3 +167,46 @@ async def test_a_slot_no_one_reads_is_bounded_and_its_loss_is_said(lake: Lake) -
         worker.stop()
     finally:
         await conn.close()
+
+
+async def test_wal_the_slot_needs_gone_is_said_and_resnapshotted(lake: Lake) -> None:
+    """The slot is there but the WAL from its restart point is not (here removed by hand; in life a
+    data dir rebuilt from an image whose slot is older than what the archive kept): the worker
+    records why, and the next one takes a fresh snapshot saying so — no silent gap, no crash loop."""
+    conn = await connect(lake)
+    try:
+        await conn.execute("CREATE SCHEMA gone; CREATE TABLE gone.t (id int PRIMARY KEY, v text);"
+                           "INSERT INTO gone.t VALUES (1, 'one')")
+        await conn.execute("CREATE TABLE IF NOT EXISTS public.filler (n int, pad text)")
+        spec = make_spec(lake, "gone", flush_interval=0.05)
+        worker = Worker(spec)
+        await wait_for(lambda: worker.status().get("state") == "streaming", "snapshot")
+        await wait_lsn(worker, conn)
+        worker.stop()
+        await conn.execute("INSERT INTO gone.t VALUES (2, 'two')")  # in WAL about to disappear
+        for _ in range(3):
+            await conn.execute(FILLER)
+        await conn.execute("CHECKPOINT")
+        first = await conn.fetchval("SELECT pg_walfile_name(restart_lsn) FROM pg_replication_slots "
+                                    "WHERE slot_name = $1", spec.slot)
+        redo = await conn.fetchval("SELECT pg_walfile_name(redo_lsn) FROM pg_control_checkpoint()")
+        node = lake.endpoints.active_node("main")
+        assert node is not None
+        doomed = [p for p in (node.datadir / "pg_wal").iterdir() if len(p.name) == 24 and first <= p.name < redo]
+        assert doomed, (first, redo)
+        for p in doomed:
+            p.unlink()
+
+        worker = Worker(spec)
+        await wait_for(lambda: worker.proc.poll() is not None, "the worker to find the WAL gone")
+        assert "has already been removed" in worker.log_text() + str(worker.status())
+        worker = Worker(spec)
+        await wait_for(lambda: worker.status().get("state") == "streaming" or worker.proc.poll() is not None,
+                       "a fresh snapshot")
+        assert worker.proc.poll() is None, worker.log_text()
+        note = worker.status().get("snapshot_note") or ""
+        assert note.startswith(f"WAL that slot {spec.slot} needs is gone (") and "fresh snapshot" in note, note
+        assert sorted((r["_pg_change_type"], r["id"]) for r in history(spec, "t")) == [("insert", 1), ("insert", 2)]
+        worker.stop()
+    finally:
+        await conn.close()
