@@ -75,13 +75,20 @@ def stash(datadir: Path, home: Path, branch_id: int) -> None:
 
 
 def restore(datadir: Path, home: Path, branch_id: int, *, wal_dirs: list[Path], seg_size: int,
-            user: ServiceUser, rebuilt: bool) -> list[str]:
+            user: ServiceUser, rebuilt: bool, enabled: bool = True) -> tuple[list[str], list[str]]:
     """Put this branch's sync slots back into a rebuilt data dir and seed the WAL they need.
-    Returns the names of the slots it holds afterwards."""
+    ``enabled``: the branch has a sync enabled; if not, its slots are orphans (the backup branch
+    a restore leaves, a sync disabled while the compute was away) and are removed, so that no
+    one's slot holds WAL on a compute no syncer reads. Returns (slots kept, slots removed)."""
     root = datadir / "pg_replslot"
+    removed = []
     for slot in _own_slots(datadir):
-        if not slot.name.startswith(f"{PREFIX}{branch_id}_"):
-            shutil.rmtree(slot)  # inherited from a parent's image: not this branch's sync
+        if not enabled or not slot.name.startswith(f"{PREFIX}{branch_id}_"):
+            shutil.rmtree(slot)  # inherited from a parent's image, or no sync of this branch now
+            removed.append(slot.name)
+    if not enabled:
+        shutil.rmtree(home / STASH, ignore_errors=True)
+        return [], removed
     src = home / STASH
     try:
         stashed = json.loads((src / "branch.json").read_text()).get("branch_id") == branch_id
@@ -100,7 +107,7 @@ def restore(datadir: Path, home: Path, branch_id: int, *, wal_dirs: list[Path], 
     user.own_tree(datadir / "pg_replslot")
     user.own_tree(datadir / "pg_logical")
     user.own_tree(datadir / "pg_wal")
-    return [s.name for s in slots]
+    return [s.name for s in slots], removed
 
 
 def _seed_wal(datadir: Path, start_lsn: int, wal_dirs: list[Path], seg_size: int) -> None:
