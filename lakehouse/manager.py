@@ -73,12 +73,14 @@ class SyncMetrics:
 
 
 class _Run:
-    """One worker process and what the metrics have already counted of it."""
+    """One worker process and what the metrics have already counted of it. Until the worker
+    streams (its start, a snapshot), it holds the compute awake like a session (``hold``)."""
 
-    def __init__(self, proc: asyncio.subprocess.Process, spec: SyncSpec) -> None:
+    def __init__(self, proc: asyncio.subprocess.Process, spec: SyncSpec, hold: contextlib.ExitStack) -> None:
         self.proc = proc
         self.spec = spec
         self.counted: dict[str, tuple[int, int]] = {}
+        self.hold = hold
 
 
 class LakehouseSync:
@@ -157,19 +159,23 @@ class LakehouseSync:
             if old is not None and old != cfg:
                 raise SyncError(f"a sync of {database}.{schema} on branch {branch!r} is enabled with other settings: "
                                 "disable it first")
-        node = await self.endpoints.node(branch)  # the user asked: take the snapshot now
-        await self._check_source(node, cfg)
-        async with self._lock:
-            self.syncs[cfg.key] = cfg
-            self.failures.pop(cfg.key, None)
-            await asyncio.to_thread(self._save)
-        self.endpoints.require_logical(branch)
-        if node.settings.get("wal_level") != "logical":
-            # wal_level is restart-only: a compute that was running without it restarts once now.
-            log.info("restarting the compute with wal_level = logical for lakehouse sync", extra={"branch": branch})
-            await self.endpoints.suspend(branch)
-            await self.endpoints.node(branch)
-        await self._tick()
+        # The user asked: take the snapshot now (the compute is held awake until the worker runs,
+        # which then holds it until it streams).
+        with self.endpoints.signals(branch).held():
+            node = await self.endpoints.node(branch)
+            await self._check_source(node, cfg)
+            async with self._lock:
+                self.syncs[cfg.key] = cfg
+                self.failures.pop(cfg.key, None)
+                await asyncio.to_thread(self._save)
+            self.endpoints.require_logical(branch)
+            if node.settings.get("wal_level") != "logical":
+                # wal_level is restart-only: a compute that was running without it restarts once now.
+                log.info("restarting the compute with wal_level = logical for lakehouse sync",
+                         extra={"branch": branch})
+                await self.endpoints.suspend(branch)
+                await self.endpoints.node(branch)
+            await self._tick()
         return self.status_of(cfg)
 
     async def _check_source(self, node: ComputeNode, cfg: SyncConfig) -> None:
@@ -281,9 +287,12 @@ class LakehouseSync:
         for key, cfg in list(self.syncs.items()):
             run = self.runs.get(key)
             if run is not None:
-                await asyncio.to_thread(self._count, cfg, run)
+                state = await asyncio.to_thread(self._count, cfg, run)
                 if run.proc.returncode is None:
+                    if state == "streaming":
+                        run.hold.close()  # from here on its connection is no client activity
                     continue
+                run.hold.close()
                 self.runs.pop(key, None)
                 rc = run.proc.returncode
                 if rc == 2:
@@ -333,12 +342,15 @@ class LakehouseSync:
             os.close(log_fd)
         log.info("lakehouse sync worker started", extra={"branch": cfg.branch, "schema": cfg.schema,
                                                          "pid": proc.pid})
-        return _Run(proc, spec)
+        hold = contextlib.ExitStack()
+        hold.enter_context(self.endpoints.signals(cfg.branch).held())
+        return _Run(proc, spec, hold)
 
-    def _count(self, cfg: SyncConfig, run: _Run) -> None:
+    def _count(self, cfg: SyncConfig, run: _Run) -> str | None:
+        """Count the worker's progress into the metrics; returns its state."""
         st = self._read_status(cfg)
         if st.get("pid") != run.proc.pid:
-            return
+            return None
         for name, t in st.get("tables", {}).items():
             label = (cfg.branch, f"{cfg.schema}.{name}")
             rows, nbytes = int(t.get("rows", 0)), int(t.get("bytes", 0))
@@ -349,9 +361,12 @@ class LakehouseSync:
                 self.metrics.bytes.labels(*label).inc(nbytes - seen_bytes)
             run.counted[name] = (max(rows, seen_rows), max(nbytes, seen_bytes))
             self.metrics.lag.labels(*label).set(float(t.get("lag_seconds") or 0.0))
+        return st.get("state")
 
     async def _stop_run(self, key: tuple[str, str, str]) -> None:
         run = self.runs.pop(key, None)
+        if run is not None:
+            run.hold.close()
         if run is None or run.proc.returncode is not None:
             return
         with contextlib.suppress(ProcessLookupError):

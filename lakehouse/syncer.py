@@ -51,6 +51,7 @@ SESSION_OPTIONS = "-c DateStyle=ISO -c TimeZone=UTC -c bytea_output=hex -c Inter
 SNAPSHOT_BATCH = 50_000
 BACKPRESSURE = 4  # × max_buffered_rows buffered while a commit is in flight: then wait for it
 READ_BATCH = 10_000  # messages read off the stream before they are decoded as one batch
+TX_BOUNDARY = (b"C", b"M")  # after a Commit (or a non-transactional message) a batch may end
 
 # A schema-wide sync picks up tables created later; this event trigger gives each of them REPLICA
 # IDENTITY FULL in the same transaction that creates it (a table in a schema some lakelet_sync
@@ -568,20 +569,30 @@ class Syncer:
                                options={"proto_version": "1", "publication_names": self.spec.slot})
         last_ping = 0.0
         read = repl.read_message
+        payloads: list[bytes] = []
+        lsns: list[int] = []
         while not self.stop_requested:
-            # Whatever has arrived (up to READ_BATCH messages) is read first, then decoded as one
-            # batch: runs of inserts are decoded column by column (pgoutput.feed_many).
-            payloads: list[bytes] = []
-            lsns: list[int] = []
+            # What has arrived (up to READ_BATCH messages) is read first, then decoded as one batch:
+            # runs of inserts are decoded column by column (pgoutput.feed_many), which pays off
+            # on long runs.
             while len(payloads) < READ_BATCH:
                 msg = read()
                 if msg is None:
                     break
                 payloads.append(msg.payload)
                 lsns.append(msg.data_start)
+            if payloads and len(payloads) < READ_BATCH and payloads[-1][:1] not in TX_BOUNDARY:
+                # Inside a transaction: pgoutput sends one only once it committed, so the rest is
+                # on its way. Wait for it instead of decoding a small batch (nothing of it could
+                # be flushed before its Commit anyway).
+                with contextlib.suppress(InterruptedError):
+                    select.select([repl], [], [], 0.05)
+                continue
             if payloads:
                 self.handle(payloads, lsns, repl)
-                if len(payloads) == READ_BATCH:
+                full = len(payloads) >= READ_BATCH
+                payloads, lsns = [], []
+                if full:
                     continue
             self._collect(repl, block=False)
             if self._flush_due(idle=True):
