@@ -52,6 +52,7 @@ SNAPSHOT_BATCH = 50_000
 BACKPRESSURE = 4  # × max_buffered_rows buffered while a commit is in flight: then wait for it
 READ_BATCH = 10_000  # messages read off the stream before they are decoded as one batch
 TX_BOUNDARY = (b"C", b"M")  # after a Commit (or a non-transactional message) a batch may end
+BEHIND = 1.0  # seconds: reading transactions committed longer ago than this is catching up
 
 # A schema-wide sync picks up tables created later; this event trigger gives each of them REPLICA
 # IDENTITY FULL in the same transaction that creates it (a table in a schema some lakelet_sync
@@ -191,6 +192,7 @@ class Syncer:
         self._status_written = 0.0
         self._identity_fixed: set[int] = set()
         self._lost_limit = ""
+        self._last_commit_at = 0.0  # commit time (epoch) of the last transaction read
         self.scope: list[str] = []
         self._flusher = ThreadPoolExecutor(1, thread_name_prefix="delta-flush")
         self._inflight: Future[tuple[int, list[tuple[str, int, int, str | None]]]] | None = None
@@ -479,6 +481,7 @@ class Syncer:
                 self._inserts(event)  # type: ignore[arg-type]
             elif kind is TransactionEnd:
                 self.last_end = event.end_lsn  # type: ignore[union-attr]
+                self._last_commit_at = event.tx.commit_time.timestamp()  # type: ignore[union-attr]
                 if self._inflight is not None:
                     self._collect(repl, block=False)
                 if self._flush_due(idle=False):
@@ -543,7 +546,8 @@ class Syncer:
 
     def _flush_due(self, idle: bool) -> bool:
         """Between transactions: every ``flush_interval`` while the stream is idle (low lag under a
-        light load); while changes keep arriving (catching up), at most once a second or every
+        light load); while changes keep arriving or the sync is catching up (the last transaction
+        read committed more than ``BEHIND`` seconds ago), at most once a second or every
         ``max_buffered_rows`` — fewer, larger Delta commits."""
         if self.decoder.state is not pgoutput.TxState.IDLE:
             return False
@@ -556,7 +560,7 @@ class Syncer:
         age = time.monotonic() - self._buffer_since
         if age >= max(1.0, self.spec.flush_interval) or self._buffered() >= self.spec.max_buffered_rows:
             return True
-        return idle and age >= self.spec.flush_interval
+        return idle and age >= self.spec.flush_interval and time.time() - self._last_commit_at < BEHIND
 
     def _buffered(self) -> int:
         return sum(t.rows for t in self.tables.values())
