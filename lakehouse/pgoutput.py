@@ -473,14 +473,17 @@ def decode_insert_columns(relation: Relation, payloads: Sequence[bytes]) -> list
     Checks what the scalar path checks ('N' tag, column count, 't'/'n' kinds only, lengths inside
     the message, no trailing bytes) on every message; returns None if any message fails one (the
     caller then decodes message by message and gets the precise error)."""
-    n = len(payloads)
-    ncols = len(relation.columns)
-    lengths = np.fromiter(map(len, payloads), np.int64, n)
+    lengths = np.fromiter(map(len, payloads), np.int64, len(payloads))
     ends = np.cumsum(lengths)
-    starts = ends - lengths
-    if n == 0 or int(lengths.min()) < 8:
+    return _decode_columns(relation, np.frombuffer(b"".join(payloads), np.uint8), ends - lengths, ends)
+
+
+def _decode_columns(relation: Relation, buf: np.ndarray, starts: np.ndarray, ends: np.ndarray) -> list[pa.Array] | None:
+    """``decode_insert_columns`` for the messages at ``buf[starts[k]:ends[k]]``."""
+    n = len(starts)
+    ncols = len(relation.columns)
+    if n == 0 or int((ends - starts).min()) < 8:
         return None
-    buf = np.frombuffer(b"".join(payloads), np.uint8)
     if (buf[starts + 5] != 0x4E).any():  # 'N'
         return None
     if ((buf[starts + 6].astype(np.int64) << 8 | buf[starts + 7]) != ncols).any():
@@ -590,31 +593,39 @@ class Decoder:
     def feed_many(self, payloads: Sequence[bytes], lsns: Sequence[int]) -> Iterator[Event]:
         """``feed`` for a batch of messages (as read off the stream), yielding what each produced,
         except that a run of at least ``BULK_MIN`` consecutive inserts into one relation comes out
-        as one ``InsertRun`` (IN_TRANSACTION —Insert→ IN_TRANSACTION, once per row)."""
-        i, n = 0, len(payloads)
-        while i < n:
-            payload = payloads[i]
-            if payload[:1] == b"I" and self.state is TxState.IN_TRANSACTION:
-                head = payload[:5]
-                j = i + 1
-                while j < n and payloads[j][:5] == head:
-                    j += 1
-                if j - i >= BULK_MIN:
-                    rel = self.relations.get(_U32.unpack_from(payload, 1)[0])
-                    columns = None if rel is None else decode_insert_columns(rel, payloads[i:j])
-                    if rel is not None and columns is not None:
-                        assert self.tx is not None
-                        yield InsertRun(self.tx, self.seq, rel, columns, list(lsns[i:j]))
-                        self.seq += j - i
-                    else:  # one of them is not what the bulk path expects: the scalar path says which
-                        for k in range(i, j):
-                            yield self._insert(payloads[k], lsns[k])
-                    i = j
-                    continue
-            event = self.feed(payload, lsns[i])
+        as one ``InsertRun`` (IN_TRANSACTION —Insert→ IN_TRANSACTION, once per row). The runs are
+        found on the joined batch at once (each message's first five bytes: 'I' and the OID)."""
+        n = len(payloads)
+        if n < BULK_MIN:
+            yield from self._feed_each(payloads, lsns, 0, n)
+            return
+        lengths = np.fromiter(map(len, payloads), np.int64, n)
+        ends = np.cumsum(lengths)
+        starts = ends - lengths
+        buf = np.frombuffer(b"".join(payloads), np.uint8)
+        key = np.full(n, -1, np.int64)  # the relation OID of an insert, -1 for anything else
+        maybe = np.flatnonzero(lengths >= 8)
+        inserts = maybe[buf[starts[maybe]] == 0x49]  # 'I'
+        key[inserts] = _be32(buf, starts[inserts] + 1) & 0xFFFFFFFF
+        bounds = [0, *(np.flatnonzero(key[1:] != key[:-1]) + 1).tolist(), n]
+        for i, j in zip(bounds, bounds[1:], strict=False):
+            rel = self.relations.get(int(key[i])) if key[i] >= 0 and j - i >= BULK_MIN else None
+            if rel is None or self.state is not TxState.IN_TRANSACTION:
+                yield from self._feed_each(payloads, lsns, i, j)
+                continue
+            columns = _decode_columns(rel, buf, starts[i:j], ends[i:j])
+            if columns is None:  # one of them is not what the bulk path expects: the scalar path says which
+                yield from self._feed_each(payloads, lsns, i, j)
+                continue
+            assert self.tx is not None
+            yield InsertRun(self.tx, self.seq, rel, columns, list(lsns[i:j]))
+            self.seq += j - i
+
+    def _feed_each(self, payloads: Sequence[bytes], lsns: Sequence[int], i: int, j: int) -> Iterator[Event]:
+        for k in range(i, j):
+            event = self.feed(payloads[k], lsns[k])
             if event is not None:
                 yield event
-            i += 1
 
     def _insert(self, payload: bytes, lsn: int) -> RowChange:
         """The hot path (bulk loads are inserts): the same checks as ``parse`` + ``feed``, without
