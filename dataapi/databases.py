@@ -23,7 +23,7 @@ from typing import Protocol
 import asyncpg
 
 from compute import UnknownBranch, WakeError
-from dataapi import schema
+from dataapi import pgwire, schema
 from dataapi.errors import ApiError
 from dataapi.schema import SchemaCache
 
@@ -60,11 +60,6 @@ class PoolSettings:
     connect_timeout: float = 10.0
 
 
-async def _no_reset(conn: asyncpg.Connection) -> None:
-    """Every setting a request makes is transaction-local, so a released connection needs no RESET
-    ALL round trip."""
-
-
 class Database:
     def __init__(self, branch: str, name: str, schemas: tuple[str, ...], settings: PoolSettings) -> None:
         self.branch = branch
@@ -72,12 +67,13 @@ class Database:
         self.schemas = schemas
         self.settings = settings
         self.pid: int | None = None
-        self.pool: asyncpg.Pool | None = None
+        self.pool: pgwire.Pool | None = None   # requests' connections (pipelined, dataapi/pgwire.py)
         self.cache: SchemaCache | None = None
         self.last_used = time.monotonic()
         self.in_flight = 0
-        self._listener: asyncpg.Connection | None = None
+        self._listener: asyncpg.Connection | None = None   # LISTEN pgrst, and the schema cache's queries
         self._lock = asyncio.Lock()
+        self._loading = asyncio.Lock()   # the listener runs one query at a time
         self._reload: asyncio.Task[None] | None = None
 
     async def ready(self, address: Address) -> None:
@@ -95,23 +91,12 @@ class Database:
                 return
             await self.close()
             try:
-                pool = await asyncpg.create_pool(
-                    host=address.socket_dir, port=address.port, user=ADMIN_ROLE, database=self.name,
-                    min_size=0, max_size=self.settings.size, reset=_no_reset,
-                    max_inactive_connection_lifetime=self.settings.idle_timeout,
-                    timeout=self.settings.connect_timeout, server_settings={"application_name": "lakelet-data-api"})
-            except (TimeoutError, OSError, asyncpg.PostgresError) as e:
-                raise ApiError(503, "PGRST000", "Could not connect with the database", str(e),
-                               "The branch's compute may be restarting; retry the request") from None
-            self.pool, self.pid = pool, address.pid
-            try:
-                async with pool.acquire() as conn:
-                    await _install_trigger(conn, self.branch, self.name)
-                    self.cache = await schema.load(conn, self.schemas)
                 self._listener = await asyncpg.connect(
                     host=address.socket_dir, port=address.port, user=ADMIN_ROLE, database=self.name,
                     timeout=self.settings.connect_timeout,
                     server_settings={"application_name": "lakelet-data-api-listener"})
+                await _install_trigger(self._listener, self.branch, self.name)
+                self.cache = await schema.load(self._listener, self.schemas)
                 await self._listener.add_listener(schema.NOTIFY_CHANNEL, self._notified)
             except asyncpg.InvalidCatalogNameError:
                 await self.close()
@@ -121,7 +106,12 @@ class Database:
             except (TimeoutError, OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as e:
                 await self.close()
                 raise ApiError(503, "PGRST002", "Could not query the database for the schema cache", str(e),
-                               "Retry the request") from None
+                               "The branch's compute may be restarting; retry the request") from None
+            self.pool = pgwire.Pool(
+                f"{address.socket_dir}/.s.PGSQL.{address.port}", ADMIN_ROLE, self.name,
+                size=self.settings.size, idle_timeout=self.settings.idle_timeout,
+                connect_timeout=self.settings.connect_timeout, application_name="lakelet-data-api")
+            self.pid = address.pid
 
     def _notified(self, conn: object, pid: int, channel: str, payload: str) -> None:
         if payload.strip() in ("", "reload schema") and (self._reload is None or self._reload.done()):
@@ -130,20 +120,20 @@ class Database:
     async def reload(self) -> None:
         """Load a fresh cache and swap it in whole; expire pooled connections so no prepared
         statement planned against the old shape of a table is reused."""
-        pool = self.pool
-        if pool is None:
+        listener = self._listener
+        if listener is None or self.pool is None:
             return
         try:
-            async with pool.acquire() as conn:
-                await _install_trigger(conn, self.branch, self.name)
-                fresh = await schema.load(conn, self.schemas)
+            async with self._loading:
+                await _install_trigger(listener, self.branch, self.name)
+                fresh = await schema.load(listener, self.schemas)
         except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as e:
             log.warning("schema cache reload failed; it loads again on the next request",
                         extra={"branch": self.branch, "database": self.name, "error": str(e)})
             self.cache = None
             return
         self.cache = fresh
-        await pool.expire_connections()
+        self.pool.expire()
         log.info("schema cache reloaded", extra={"branch": self.branch, "database": self.name,
                                                  "tables": len(fresh.tables)})
 
@@ -158,10 +148,7 @@ class Database:
             if not listener.is_closed():
                 listener.terminate()
         if pool is not None:
-            try:
-                await asyncio.wait_for(pool.close(), 2)
-            except Exception:
-                pool.terminate()
+            pool.close()
 
     @property
     def idle_since(self) -> float | None:
@@ -239,6 +226,8 @@ class Databases:
             await asyncio.sleep(max(1.0, min(10.0, self.settings.idle_timeout / 4)))
             now = time.monotonic()
             for key, db in list(self._dbs.items()):
+                if db.pool is not None:
+                    db.pool.prune()
                 since = db.idle_since
                 if since is not None and db.pool is not None and now - since >= self.settings.idle_timeout:
                     log.info("closing idle data API connections", extra={"branch": key[0], "database": key[1]})

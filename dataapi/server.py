@@ -20,11 +20,10 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import quote
 
-import asyncpg
 from aiohttp import web
 from prometheus_client import CollectorRegistry
 
-from dataapi import actions
+from dataapi import actions, pgwire
 from dataapi.auth import Authenticator, Identity
 from dataapi.databases import Computes, Databases, PoolSettings
 from dataapi.errors import ApiError, from_postgres
@@ -50,21 +49,16 @@ log = logging.getLogger("lakelet.dataapi")
 
 
 
-def sql_text(value: str) -> str:
-    """A value as a SQL expression over a closed alphabet (hex digits): ``convert_from(decode('6869',
-    'hex'), 'UTF8')``. Used only where a bound parameter cannot be: the one simple-protocol round trip
-    that opens a request's transaction and sets its settings. Nothing the client sends can change
-    the statement's shape, whatever standard_conforming_strings says."""
-    return f"convert_from(decode('{value.encode().hex()}', 'hex'), 'UTF8')"
-
-
-def begin_script(readonly: bool, role: str, settings: dict[str, str]) -> str:
-    """``BEGIN`` plus PostgREST's request settings and ``SET LOCAL ROLE`` in one round trip; the
-    superuser check runs (as the admin role) before the switch."""
-    sets = ", ".join(f"set_config('{name}', {sql_text(value)}, true)" for name, value in settings.items())
-    return (f"BEGIN ISOLATION LEVEL READ COMMITTED{' READ ONLY' if readonly else ''}; "
-            f"SELECT lakelet_dataapi.check_role({sql_text(role)}), {sets}, "
-            f"set_config('role', {sql_text(role)}, true)")
+SETTINGS = ("search_path", "request.jwt.claims", "request.method", "request.path", "request.headers",
+            "request.cookies")
+# PostgREST's request settings and ``SET LOCAL ROLE`` as one statement with bound values (the same
+# text every request, so prepared once per connection); the superuser check runs, as the admin
+# role, before the switch. $1 is the role, $2… the settings in the order above.
+SETTINGS_SQL = ("SELECT lakelet_dataapi.check_role($1::text), "
+                + ", ".join(f"set_config('{name}', ${n}::text, true)" for n, name in enumerate(SETTINGS, 2))
+                + ", set_config('role', $1::text, true)")
+BEGIN_READ = "BEGIN ISOLATION LEVEL READ COMMITTED READ ONLY"
+BEGIN_WRITE = "BEGIN ISOLATION LEVEL READ COMMITTED"
 
 
 BRANCH_KEY = web.RequestKey("lakelet_branch", str)  # the metrics label, set once the branch exists
@@ -267,12 +261,11 @@ class DataAPI:
                 async with db.pool.acquire() as conn:
                     result = await self._run(conn, request, identity, schema, readonly, ctx, route, method,
                                              table, fn, args, raw, body_type)
-            except asyncpg.PostgresError as e:
+            except pgwire.PgError as e:
                 raise from_postgres(e, authenticated=identity.authenticated) from None
-            except (OSError, asyncpg.exceptions.ConnectionDoesNotExistError) as e:
-                # Before the generic InterfaceError below, of which a lost connection is a subclass.
+            except (OSError, TimeoutError) as e:  # pgwire.ConnectionLost too
                 raise ApiError(503, "PGRST001", "Database connection lost", str(e), "Retry the request") from None
-            except (asyncpg.InterfaceError, asyncpg.DataError, ValueError, OverflowError) as e:
+            except (ValueError, OverflowError) as e:
                 raise ApiError(400, "PGRST100", "A value could not be sent to the database", str(e),
                                "Check the filter and body values") from None
         response = self._respond(request, method, media, prefs, ctx, result, route)
@@ -313,18 +306,24 @@ class DataAPI:
                            + ", ".join(self.config.schemas), None, None)
         return wanted
 
-    async def _run(self, conn: asyncpg.Connection, request: web.Request, identity: Identity, schema: str,
+    async def _run(self, conn: pgwire.Connection, request: web.Request, identity: Identity, schema: str,
                    readonly: bool, ctx: actions.Context, route: Route, method: str, table: Any, fn: Any,
                    args: dict[str, Any], raw: bytes, body_type: str) -> actions.Result:
+        """The request's transaction. ``BEGIN``, the settings and the pre-request function are
+        deferred: they go out in one write with the action's first statement. A read whose action
+        is one statement also carries its ``COMMIT`` in that write — one round trip in all (a
+        read-only transaction changes nothing, so committing before the response is checked is
+        the same as rolling back). Writes commit after their checks, in a second round trip."""
         headers = {k.lower(): v for k, v in request.headers.items()}
-        settings = {"search_path": f"{ident(schema)}, public", "request.jwt.claims": json.dumps(identity.claims),
-                    "request.method": method,
-                    "request.path": ("/" if route.kind == "table" else "/rpc/") + route.name,
-                    "request.headers": json.dumps(headers), "request.cookies": json.dumps(dict(request.cookies))}
+        path = ("/" if route.kind == "table" else "/rpc/") + route.name
+        conn.defer(BEGIN_READ if readonly else BEGIN_WRITE)
+        conn.defer(SETTINGS_SQL, (identity.role, f"{ident(schema)}, public", json.dumps(identity.claims), method,
+                                  path, json.dumps(headers), json.dumps(dict(request.cookies))))
+        if self.config.pre_request:
+            conn.defer(f"SELECT {'.'.join(ident(p) for p in self.config.pre_request.split('.'))}()")
+        if readonly and ctx.prefs.count in (None, "exact"):
+            conn.tail("COMMIT")
         try:
-            await conn.execute(begin_script(readonly, identity.role, settings))
-            if self.config.pre_request:
-                await conn.execute(f"SELECT {'.'.join(ident(p) for p in self.config.pre_request.split('.'))}()")
             if fn is not None:
                 result = await actions.call(conn, ctx, fn, args)
             elif method in ("GET", "HEAD"):
@@ -341,10 +340,12 @@ class DataAPI:
             if ctx.singular and not result.scalar and result.page != 1:
                 raise ApiError(406, "PGRST116", "JSON object requested, multiple (or no) rows returned",
                                f"The result contains {result.page} rows", None)
-            await conn.execute("ROLLBACK" if ctx.prefs.tx == "rollback" else "COMMIT")
+            if conn.in_transaction:
+                await conn.execute("ROLLBACK" if ctx.prefs.tx == "rollback" else "COMMIT")
             return result
         finally:
-            if conn.is_in_transaction() and not conn.is_closed():
+            conn.discard()  # statements never sent (the action failed before its first one)
+            if conn.status != "I" and not conn.broken:
                 await conn.execute("ROLLBACK")
 
     def _respond(self, request: web.Request, method: str, media: str, prefs: Any, ctx: actions.Context,
