@@ -16,7 +16,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -28,6 +28,7 @@ from dataapi.errors import ApiError
 from dataapi.schema import SchemaCache
 
 log = logging.getLogger("lakelet.dataapi")
+_Held = AbstractContextManager[None]   # a branch's LoadSignals session
 
 ADMIN_ROLE = "lakelet_admin"  # the store's superuser role (storage.ADMIN_ROLE); requests SET ROLE away from it
 
@@ -186,10 +187,13 @@ class Databases:
         await asyncio.gather(*(db.close() for db in self._dbs.values()), return_exceptions=True)
         self._dbs.clear()
 
-    @contextlib.asynccontextmanager
-    async def use(self, branch: str, database: str, body_bytes: int = 0) -> AsyncIterator[Database]:
-        """Wake the branch if needed and hold one unit of load on it for the request's duration
-        (a session in its ``LoadSignals``: the autoscaler counts it, scale-to-zero waits for it)."""
+    def use(self, branch: str, database: str, body_bytes: int = 0) -> _Use:
+        """``async with databases.use(branch, database) as db``: wake the branch if needed and hold
+        one unit of load on it for the request's duration (a session in its ``LoadSignals``: the
+        autoscaler counts it, scale-to-zero waits for it)."""
+        return _Use(self, branch, database, body_bytes)
+
+    async def _enter(self, branch: str, database: str, body_bytes: int) -> tuple[Database, _Held]:
         try:
             address = await self.computes.ensure_ready(branch)
         except UnknownBranch:
@@ -204,18 +208,22 @@ class Databases:
         if db is None:
             db = self._dbs[(branch, database)] = Database(branch, database, self.schemas, self.settings)
         db.in_flight += 1
-        with signals.held():
-            try:
-                try:
-                    await db.ready(address)
-                except ApiError:
-                    if db.pool is None and db.in_flight == 1:
-                        self._dbs.pop((branch, database), None)  # a wrong database name leaves nothing behind
-                    raise
-                yield db
-            finally:
-                db.in_flight -= 1
-                db.last_used = time.monotonic()
+        held = signals.held()
+        held.__enter__()
+        try:
+            await db.ready(address)
+        except BaseException:
+            self._leave(db, held)
+            if db.pool is None and db.in_flight == 0:
+                self._dbs.pop((branch, database), None)  # a wrong database name leaves nothing behind
+            raise
+        return db, held
+
+    @staticmethod
+    def _leave(db: Database, held: _Held) -> None:
+        db.in_flight -= 1
+        db.last_used = time.monotonic()
+        held.__exit__(None, None, None)
 
     def note_response(self, branch: str, nbytes: int) -> None:
         with contextlib.suppress(Exception):
@@ -235,6 +243,27 @@ class Databases:
 
     def get(self, branch: str, database: str) -> Database | None:
         return self._dbs.get((branch, database))
+
+
+class _Use:
+    """The context manager ``Databases.use`` returns (a class, not a generator: it is on every
+    request)."""
+
+    __slots__ = ("_dbs", "_args", "_entered")
+
+    def __init__(self, dbs: Databases, branch: str, database: str, body_bytes: int) -> None:
+        self._dbs = dbs
+        self._args = (branch, database, body_bytes)
+        self._entered: tuple[Database, _Held] | None = None
+
+    async def __aenter__(self) -> Database:
+        self._entered = await self._dbs._enter(*self._args)
+        return self._entered[0]
+
+    async def __aexit__(self, *exc: object) -> None:
+        if self._entered is not None:
+            Databases._leave(*self._entered)
+            self._entered = None
 
 
 __all__ = ["Computes", "Database", "Databases", "PoolSettings"]

@@ -25,7 +25,7 @@ import contextlib
 import struct
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -99,13 +99,13 @@ def encode_parse(name: str, sql: str) -> bytes:
 def encode_bind(statement: str, params: Sequence[Any]) -> bytes:
     out = [b"\0", _cstr(statement), _I16.pack(0), _I16.pack(len(params))]
     for p in params:
-        data = text_value(p)
+        data = p.encode() if type(p) is str else text_value(p)
         if data is None:
-            out.append(_I32.pack(-1))
+            out.append(b"\xff\xff\xff\xff")
         else:
             out.append(_I32.pack(len(data)))
             out.append(data)
-    out.append(_I16.pack(0))
+    out.append(b"\0\0")
     return _msg(b"B", b"".join(out))
 
 
@@ -184,6 +184,7 @@ class _Prepared:
     sql: str
     columns: tuple[str, ...] = ()
     ready: bool = False
+    bind_execute: bytes = b""   # Bind + Execute without parameters (BEGIN, COMMIT), built once
 
 
 @dataclass
@@ -239,6 +240,8 @@ class Connection(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         for kind, payload in self._decoder.feed(data):
+            if kind == b"2":  # BindComplete: the commonest message, nothing to do
+                continue
             self._message(kind, payload)
 
     def _message(self, kind: bytes, payload: bytes) -> None:
@@ -358,8 +361,13 @@ class Connection(asyncio.Protocol):
                 parses.append(prepared)
                 describes.append(prepared)
             self._statements[sql] = prepared  # most recently used last
-            out.append(encode_bind(prepared.name, params))
-            out.append(EXECUTE)
+            if params:
+                out.append(encode_bind(prepared.name, params))
+                out.append(EXECUTE)
+            else:
+                if not prepared.bind_execute:
+                    prepared.bind_execute = encode_bind(prepared.name, ()) + EXECUTE
+                out.append(prepared.bind_execute)
             results.append(_Result(prepared))
         while len(self._statements) > STATEMENT_CACHE:
             old_sql = next(iter(self._statements))
@@ -402,22 +410,27 @@ class Pool:
         self._born: dict[Connection, int] = {}
         self.closed = False
 
-    @contextlib.asynccontextmanager
-    async def acquire(self) -> AsyncIterator[Connection]:
+    def acquire(self) -> _Lease:
+        return _Lease(self)
+
+    async def _get(self) -> Connection:
         if self.closed:
             raise ConnectionLost("the Data API's pool for this database is closed")
-        async with self._slots:
+        await self._slots.acquire()
+        try:
             conn = self._take()
             if conn is None:
                 conn = await Connection.connect(*self._connect_args)
                 self._all.add(conn)
                 self._born[conn] = self._generation
-            try:
-                yield conn
-            except BaseException:
-                self._release(conn)
-                raise
-            self._release(conn)
+            return conn
+        except BaseException:
+            self._slots.release()
+            raise
+
+    def _put(self, conn: Connection) -> None:
+        self._release(conn)
+        self._slots.release()
 
     def _take(self) -> Connection | None:
         now = time.monotonic()
@@ -460,6 +473,25 @@ class Pool:
         for conn in list(self._all):
             self._drop(conn)
         self._idle.clear()
+
+
+class _Lease:
+    """``async with pool.acquire() as conn`` (a class, not a generator: it is on every request)."""
+
+    __slots__ = ("_pool", "_conn")
+
+    def __init__(self, pool: Pool) -> None:
+        self._pool = pool
+        self._conn: Connection | None = None
+
+    async def __aenter__(self) -> Connection:
+        self._conn = await self._pool._get()
+        return self._conn
+
+    async def __aexit__(self, *exc: object) -> None:
+        if self._conn is not None:
+            self._pool._put(self._conn)
+            self._conn = None
 
 
 __all__ = ["Connection", "ConnectionLost", "PgError", "Pool"]

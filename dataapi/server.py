@@ -11,6 +11,7 @@ set, body as JSON, a single object, or CSV.
 
 from __future__ import annotations
 
+import asyncio
 import csv
 import io
 import json
@@ -152,23 +153,24 @@ class DataAPI:
         self.auth = Authenticator(config.jwt_secret, config.anon_role or None, config.jwt_role_claim)
         self.databases = Databases(computes, config.schemas,
                                    PoolSettings(size=config.pool_size, idle_timeout=config.idle_timeout))
-        self._runner: web.AppRunner | None = None
+        self._runner: web.ServerRunner | None = None
         self.port: int | None = None
 
-    def app(self) -> web.Application:
-        app = web.Application(client_max_size=self.config.max_body_bytes)
-        app.router.add_route("*", "/{tail:.*}", self.handle)
-        return app
+    def _make_request(self, message: Any, payload: Any, protocol: Any, writer: Any, task: Any) -> web.BaseRequest:
+        return web.BaseRequest(message, payload, protocol, writer, task, asyncio.get_running_loop(),
+                               client_max_size=self.config.max_body_bytes)
 
     async def start(self, host: str, port: int) -> None:
+        """aiohttp's low-level server: one handler takes every path (the Data API routes itself),
+        so no application router runs on each request."""
         self.databases.start()
-        self._runner = web.AppRunner(self.app(), access_log=None, handle_signals=False,
-                                     max_line_size=self.config.max_url_bytes, max_field_size=64 * 1024)
+        server = web.Server(self.handle, request_factory=self._make_request, access_log=None,
+                            max_line_size=self.config.max_url_bytes, max_field_size=64 * 1024)
+        self._runner = web.ServerRunner(server, handle_signals=False)
         await self._runner.setup()
         site = web.TCPSite(self._runner, host, port)
         await site.start()
-        server = site._server
-        sockets = getattr(server, "sockets", None) or []
+        sockets = getattr(site._server, "sockets", None) or []
         self.port = sockets[0].getsockname()[1] if sockets else port
 
     async def close(self) -> None:
@@ -179,7 +181,7 @@ class DataAPI:
 
     # -- the handler ----------------------------------------------------------------------------
 
-    async def handle(self, request: web.Request) -> web.StreamResponse:
+    async def handle(self, request: web.BaseRequest) -> web.StreamResponse:
         started = time.perf_counter()
         request[BRANCH_KEY] = UNKNOWN
         try:
@@ -196,7 +198,7 @@ class DataAPI:
         self.metrics.observe(request[BRANCH_KEY], request.method, response.status, time.perf_counter() - started)
         return response
 
-    async def _handle(self, request: web.Request) -> web.StreamResponse:
+    async def _handle(self, request: web.BaseRequest) -> web.StreamResponse:
         route = parse_route(request.path)
         method = request.method
         if method == "OPTIONS":
@@ -296,7 +298,7 @@ class DataAPI:
         headers["Content-Type"] = media + ("; charset=utf-8" if media == MEDIA_TEXT else "")
         return web.Response(status=status, headers=headers, body=None if method == "HEAD" else data)
 
-    def _schema(self, request: web.Request, method: str) -> str:
+    def _schema(self, request: web.BaseRequest, method: str) -> str:
         header = "Accept-Profile" if method in ("GET", "HEAD") else "Content-Profile"
         wanted = request.headers.get(header)
         if wanted is None:
@@ -306,7 +308,7 @@ class DataAPI:
                            + ", ".join(self.config.schemas), None, None)
         return wanted
 
-    async def _run(self, conn: pgwire.Connection, request: web.Request, identity: Identity, schema: str,
+    async def _run(self, conn: pgwire.Connection, request: web.BaseRequest, identity: Identity, schema: str,
                    readonly: bool, ctx: actions.Context, route: Route, method: str, table: Any, fn: Any,
                    args: dict[str, Any], raw: bytes, body_type: str) -> actions.Result:
         """The request's transaction. ``BEGIN``, the settings and the pre-request function are
@@ -348,7 +350,7 @@ class DataAPI:
             if conn.status != "I" and not conn.broken:
                 await conn.execute("ROLLBACK")
 
-    def _respond(self, request: web.Request, method: str, media: str, prefs: Any, ctx: actions.Context,
+    def _respond(self, request: web.BaseRequest, method: str, media: str, prefs: Any, ctx: actions.Context,
                  result: actions.Result, route: Route) -> web.Response:
         headers: dict[str, str] = dict(result.headers)
         status = result.status
