@@ -25,7 +25,7 @@ import contextlib
 import struct
 import time
 from collections import deque
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -195,7 +195,7 @@ class _Result:
 
 @dataclass
 class _Exchange:
-    results: list[_Result]
+    results: list[_Result | None]   # None: a statement whose rows nobody reads (BEGIN, the settings)
     parses: deque[_Prepared]
     describes: deque[_Prepared]
     done: asyncio.Future[str]
@@ -247,7 +247,9 @@ class Connection(asyncio.Protocol):
     def _message(self, kind: bytes, payload: bytes) -> None:
         ex = self._exchange
         if kind == b"D" and ex is not None:
-            ex.results[ex.current].rows.append(decode_data_row(payload))
+            result = ex.results[ex.current]
+            if result is not None:
+                result.rows.append(decode_data_row(payload))
         elif kind in (b"C", b"I") and ex is not None:
             ex.current += 1
         elif kind == b"1" and ex is not None:
@@ -339,7 +341,7 @@ class Connection(asyncio.Protocol):
     async def execute(self, sql: str, *params: Any) -> None:
         await self._pipeline([*self._deferred, (sql, params)], len(self._deferred))
 
-    async def _pipeline(self, queries: Iterable[Query], wanted: int) -> _Result:
+    async def _pipeline(self, queries: Sequence[Query], wanted: int) -> _Result:
         """Send every query and one Sync in one write; wait for ReadyForQuery; raise the first
         error. Returns the result of query number ``wanted``."""
         self._deferred, self._tail = [], []
@@ -348,10 +350,10 @@ class Connection(asyncio.Protocol):
         if self._exchange is not None:
             raise RuntimeError("one exchange at a time on a connection")
         out: list[bytes] = []
-        results: list[_Result] = []
+        results: list[_Result | None] = []
         parses: deque[_Prepared] = deque()
         describes: deque[_Prepared] = deque()
-        for sql, params in queries:
+        for i, (sql, params) in enumerate(queries):
             prepared = self._statements.pop(sql, None)
             if prepared is None or not (prepared.ready or prepared in parses):
                 self._counter += 1
@@ -368,7 +370,7 @@ class Connection(asyncio.Protocol):
                 if not prepared.bind_execute:
                     prepared.bind_execute = encode_bind(prepared.name, ()) + EXECUTE
                 out.append(prepared.bind_execute)
-            results.append(_Result(prepared))
+            results.append(_Result(prepared) if i == wanted else None)
         while len(self._statements) > STATEMENT_CACHE:
             old_sql = next(iter(self._statements))
             old = self._statements.pop(old_sql)
@@ -390,7 +392,9 @@ class Connection(asyncio.Protocol):
                 del self._statements[prepared.sql]
         if ex.error is not None:
             raise ex.error
-        return results[wanted]
+        result = results[wanted]
+        assert result is not None
+        return result
 
 
 # -- the pool -------------------------------------------------------------------------------------

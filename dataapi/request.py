@@ -14,6 +14,7 @@ Grammar, as PostgREST documents it:
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 from dataclasses import dataclass, field
@@ -231,6 +232,13 @@ def parse_select(text: str, depth: int = 0) -> list[SelectItem]:
     return items
 
 
+@functools.lru_cache(maxsize=1024)
+def _select_cached(text: str) -> tuple[SelectItem, ...]:
+    """``select=`` strings repeat (a client sends the same few); parsing one costs more than the
+    rest of a request's planning, so the parsed tree (never mutated) is kept."""
+    return tuple(parse_select(text))
+
+
 def _select_item(item: str, depth: int) -> SelectItem:
     if item == "*":
         return Star()
@@ -401,7 +409,7 @@ def parse_query(params: list[tuple[str, str]], rpc_arg_names: frozenset[str] = f
     q = Query()
     for key, value in params:
         if key == "select":
-            q.select = parse_select(value) if value.strip() else [Star()]
+            q.select = list(_select_cached(value)) if value.strip() else [Star()]
             continue
         if key == "columns":
             q.columns = [unquote(c.strip()) for c in split_top(value)]
