@@ -9,6 +9,7 @@ PyJWT. The role claim is addressed by PostgREST's JSON path (``.role``, ``.app.r
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 from dataclasses import dataclass
@@ -56,6 +57,12 @@ class Identity:
     claims: dict[str, Any]
     authenticated: bool
 
+    @functools.cached_property
+    def claims_text(self) -> str:
+        """``request.jwt.claims`` as sent to the database (the anonymous identity is one shared
+        object, so this is computed once for it)."""
+        return json.dumps(self.claims)
+
 
 def _invalid(message: str, code: str = "PGRST301") -> ApiError:
     description = message.replace('"', "'")
@@ -67,6 +74,7 @@ class Authenticator:
     def __init__(self, secret: str, anon_role: str | None, role_claim: str = ".role") -> None:
         self.anon_role = anon_role or None
         self.claim_path = parse_claim_path(role_claim)
+        self._anon = Identity(self.anon_role or "", {"role": self.anon_role}, False)
         self._hmac: bytes | None = None
         self._jwks: jwt.PyJWKSet | None = None
         if secret:
@@ -91,7 +99,7 @@ class Authenticator:
             if self.anon_role is None:
                 raise ApiError(401, "PGRST302", "Anonymous access is disabled", None, None,
                                {"WWW-Authenticate": "Bearer"})
-            return Identity(self.anon_role, {"role": self.anon_role}, False)
+            return self._anon
         claims = self._verify(token)
         role = self._role(claims)
         if role is None:
@@ -151,4 +159,4 @@ class Authenticator:
 
 
 def claims_json(identity: Identity) -> str:
-    return json.dumps(identity.claims)
+    return identity.claims_text

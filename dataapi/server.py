@@ -319,8 +319,9 @@ class DataAPI:
         headers = {k.lower(): v for k, v in request.headers.items()}
         path = ("/" if route.kind == "table" else "/rpc/") + route.name
         conn.defer(BEGIN_READ if readonly else BEGIN_WRITE)
-        conn.defer(SETTINGS_SQL, (identity.role, f"{ident(schema)}, public", json.dumps(identity.claims), method,
-                                  path, json.dumps(headers), json.dumps(dict(request.cookies))))
+        conn.defer(SETTINGS_SQL, (identity.role, f"{ident(schema)}, public", identity.claims_text, method,
+                                  path, json.dumps(headers),
+                                  json.dumps(dict(request.cookies)) if "cookie" in headers else "{}"))
         if self.config.pre_request:
             conn.defer(f"SELECT {'.'.join(ident(p) for p in self.config.pre_request.split('.'))}()")
         if readonly and ctx.prefs.count in (None, "exact"):
