@@ -524,11 +524,13 @@ def delete_cte(b: Builder, table: TableInfo) -> str:
 def call_source(b: Builder, fn: FunctionInfo, args: dict[str, Any]) -> str:
     """``FROM jsonb_to_record($n) AS pgrst_args(a int, …), LATERAL fn(a := pgrst_args.a, …)``: named
     arguments, each converted to its parameter's type by Postgres from the JSON value."""
-    if fn.single_json:
+    if fn.single_json or ("" in args and fn.json_arg is not None):
+        # The body is the one json argument (an unnamed parameter, or Prefer: params=single-object).
         body = b.params.add(args.get("", "{}"))
         return f"{qualified(fn.schema, fn.name)}(CAST({body} AS {fn.args[0].type}))"
     given = [a for a in fn.args if a.name in args]
-    named = ", ".join(f"{ident(a.name)} := pgrst_args.{ident(a.name)}" for a in given)
+    named = ", ".join(f"{'VARIADIC ' if a.variadic else ''}{ident(a.name)} := pgrst_args.{ident(a.name)}"
+                      for a in given)
     call = f"{qualified(fn.schema, fn.name)}({named})"
     if not given:
         return call

@@ -127,6 +127,8 @@ class Preferences:
     handling: Literal["strict", "lenient"] | None = None
     tx: Literal["commit", "rollback"] | None = None
     max_affected: int | None = None
+    timezone: str | None = None                       # SET LOCAL timezone for the request
+    params: Literal["single-object"] | None = None    # RPC: the body is the one json argument
 
 
 Path = tuple[str, ...]  # the embedding path a filter/order/limit applies to; () = the top level
@@ -456,6 +458,7 @@ _PREFER_VALUES: dict[str, set[str]] = {
     "missing": {"default", "null"},
     "handling": {"strict", "lenient"},
     "tx": {"commit", "rollback"},
+    "params": {"single-object"},
 }
 
 
@@ -470,6 +473,8 @@ def parse_prefer(values: list[str]) -> Preferences:
             setattr(prefs, "return_" if name == "return" else name, val)
         elif name == "max-affected" and val.isdigit():
             prefs.max_affected = int(val)
+        elif name == "timezone" and val:
+            prefs.timezone = val  # checked by Postgres: an unknown zone is its 22023, as in PostgREST
         else:
             invalid.append(token)
     if prefs.handling == "strict" and invalid:
@@ -506,6 +511,51 @@ MEDIA_TEXT = "text/plain"
 MEDIA_BINARY = "application/octet-stream"
 RAW_MEDIA = (MEDIA_TEXT, MEDIA_BINARY)  # one selected column, values concatenated
 _PRODUCED = (MEDIA_JSON, MEDIA_OBJECT, MEDIA_CSV, MEDIA_OPENAPI, *RAW_MEDIA)
+
+
+MEDIA_PLAN = "application/vnd.pgrst.plan"
+PLAN_OPTIONS = ("analyze", "verbose", "settings", "buffers", "wal")
+
+
+@dataclass(frozen=True)
+class PlanRequest:
+    """``Accept: application/vnd.pgrst.plan[+json|+text]; for="…"; options=a|b``: answer with the
+    statement's EXPLAIN instead of running it (PostgREST's ``db-plan-enabled``)."""
+    format: Literal["json", "text"]
+    for_media: str | None           # the media type the plan is for (object → the singular query)
+    options: tuple[str, ...]
+
+    @property
+    def content_type(self) -> str:
+        out = f"{MEDIA_PLAN}+{self.format}"
+        if self.for_media:
+            out += f'; for="{self.for_media}"'
+        if self.options:
+            out += "; options=" + "|".join(self.options)
+        return out + "; charset=utf-8"
+
+
+def parse_plan(accept: str | None) -> PlanRequest | None:
+    """The plan media type when ``Accept`` asks for it (first), else None."""
+    if not accept or MEDIA_PLAN not in accept.lower():
+        return None
+    for part in accept.split(","):
+        media, *params = [p.strip() for p in part.split(";")]
+        media = media.lower()
+        if media not in (MEDIA_PLAN, MEDIA_PLAN + "+json", MEDIA_PLAN + "+text"):
+            continue
+        fmt: Literal["json", "text"] = "json" if media.endswith("+json") else "text"
+        for_media = None
+        options: list[str] = []
+        for p in params:
+            key, _, value = p.partition("=")
+            key, value = key.strip().lower(), value.strip().strip('"')
+            if key == "for" and value:
+                for_media = MEDIA_OBJECT if value == "application/vnd.pgrst.object" else value
+            elif key == "options":
+                options = [o for o in value.split("|") if o in PLAN_OPTIONS]  # others ignored, as PostgREST does
+        return PlanRequest(fmt, for_media, tuple(options))
+    return None
 
 
 def negotiate(accept: str | None, *, openapi: bool = False) -> str:

@@ -34,17 +34,21 @@ from dataapi.query import ident
 from dataapi.request import (
     MEDIA_BINARY,
     MEDIA_CSV,
+    MEDIA_JSON,
     MEDIA_OBJECT,
     MEDIA_OPENAPI,
     MEDIA_TEXT,
     RAW_MEDIA,
     RESERVED,
+    PlanRequest,
     looks_like_filter,
     negotiate,
+    parse_plan,
     parse_prefer,
     parse_query,
     parse_range,
 )
+from dataapi.schema import FunctionInfo
 
 log = logging.getLogger("lakelet.dataapi")
 
@@ -62,6 +66,47 @@ BEGIN_READ = "BEGIN ISOLATION LEVEL READ COMMITTED READ ONLY"
 BEGIN_WRITE = "BEGIN ISOLATION LEVEL READ COMMITTED"
 
 
+def single_object_function(schema: str, name: str, overloads: tuple[FunctionInfo, ...]) -> FunctionInfo:
+    """``Prefer: params=single-object``: the overload taking one json/jsonb parameter."""
+    fits = [f for f in overloads if f.json_arg is not None]
+    if len(fits) == 1:
+        return fits[0]
+    raise ApiError(404, "PGRST202", f"Could not find the function {schema}.{name} with a single json or jsonb "
+                   "parameter in the schema cache", None,
+                   "Prefer: params=single-object passes the whole body as the function's one json/jsonb argument")
+
+
+class Planned(Exception):  # a result, not a failure: it carries the plan out of the transaction
+    """The EXPLAIN output of the action's statement; raised so the transaction rolls back."""
+
+    def __init__(self, plan: PlanRequest, rows: list[dict[str, str | None]]) -> None:
+        self.plan = plan
+        values = [next(iter(r.values())) or "" for r in rows]
+        self.body = values[0] if plan.format == "json" and values else "\n".join(values)
+
+    def response(self, method: str) -> web.Response:
+        return web.Response(status=200, headers={"Content-Type": self.plan.content_type},
+                            body=None if method == "HEAD" else self.body.encode())
+
+
+class Explaining:
+    """A connection stand-in for a plan request: the action's first statement is sent as
+    ``EXPLAIN (…)`` with the same bound values, and its output ends the action (``Planned``)."""
+
+    def __init__(self, conn: pgwire.Connection, plan: PlanRequest) -> None:
+        self.conn = conn
+        self.plan = plan
+
+    async def fetch(self, sql: str, *params: Any) -> list[dict[str, str | None]]:
+        options = ", ".join([f"FORMAT {self.plan.format.upper()}", *(o.upper() for o in self.plan.options)])
+        raise Planned(self.plan, await self.conn.fetch(f"EXPLAIN ({options}) {sql}", *params))
+
+    fetchrow = fetchval = fetch
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.conn, name)
+
+
 BRANCH_KEY = web.RequestKey("lakelet_branch", str)  # the metrics label, set once the branch exists
 MAX_CONTENT_LOCATION = 4096
 ALLOW_TABLE = "OPTIONS,GET,HEAD,POST,PUT,PATCH,DELETE"
@@ -77,6 +122,8 @@ class DataAPIConfig:
     pre_request: str = ""
     pool_size: int = 10
     idle_timeout: float = 60.0
+    plan_enabled: bool = False      # PostgREST's db-plan-enabled: the EXPLAIN media type
+    jwt_aud: str = ""               # PostgREST's jwt-aud: tokens must name this audience
     max_body_bytes: int = 10 * 1024 * 1024
     max_url_bytes: int = 64 * 1024
 
@@ -150,7 +197,7 @@ class DataAPI:
     def __init__(self, computes: Computes, config: DataAPIConfig, registry: CollectorRegistry | None = None) -> None:
         self.config = config
         self.metrics = DataAPIMetrics(registry)
-        self.auth = Authenticator(config.jwt_secret, config.anon_role or None, config.jwt_role_claim)
+        self.auth = Authenticator(config.jwt_secret, config.anon_role or None, config.jwt_role_claim, config.jwt_aud)
         self.databases = Databases(computes, config.schemas,
                                    PoolSettings(size=config.pool_size, idle_timeout=config.idle_timeout))
         self._runner: web.ServerRunner | None = None
@@ -205,6 +252,8 @@ class DataAPI:
             allow = "OPTIONS,GET,HEAD,POST" if route.kind == "rpc" else ALLOW_TABLE
             return web.Response(status=200, headers={"Allow": allow})
         schema = self._schema(request, method)
+        if self.auth.jwks_url is not None:
+            await self.auth.refresh(request.headers.get("Authorization"))
         identity = self.auth.authenticate(request.headers.get("Authorization"))
         if route.kind == "root":
             if method not in ("GET", "HEAD"):
@@ -215,7 +264,9 @@ class DataAPI:
                 doc = describe(db.cache, schema, request.url.origin(), request.path)
             return web.Response(body=json.dumps(doc).encode(), content_type="application/openapi+json"
                                 if media == MEDIA_OPENAPI else "application/json", charset="utf-8")
-        media = negotiate(request.headers.get("Accept"))
+        accept = request.headers.get("Accept")
+        plan = parse_plan(accept) if self.config.plan_enabled else None
+        media = (plan.for_media or MEDIA_JSON) if plan is not None else negotiate(accept)
         prefs = parse_prefer(request.headers.getall("Prefer", []))
         range_ = parse_range(request.headers.get("Range")) if method in ("GET", "HEAD") else None
         params = [(k, v) for k, v in request.query.items()]
@@ -240,7 +291,10 @@ class DataAPI:
             table = None
             if route.kind == "rpc":
                 overloads = cache.functions.get((schema, route.name), ())
-                if method == "POST" and len(overloads) == 1 and overloads[0].single_json:
+                if method == "POST" and prefs.params == "single-object":
+                    fn = single_object_function(schema, route.name, overloads)
+                    args = {"": actions.json_body_text(raw)}
+                elif method == "POST" and len(overloads) == 1 and overloads[0].single_json:
                     fn = overloads[0]  # fn(json): the whole body is the one argument
                     args = {"": actions.json_body_text(raw)}
                 elif method == "POST":
@@ -253,6 +307,9 @@ class DataAPI:
                     query = parse_query(params, arg_names)
                     args = dict(query.rpc_args)
                     fn = cache.function(schema, route.name, frozenset(args))
+                    for arg in fn.args:
+                        if arg.variadic and arg.name in args:  # ?v=1&v=2 → VARIADIC v := {1,2}
+                            args[arg.name] = [v for k, v in params if k == arg.name]
             else:
                 table = cache.table(schema, route.name)
             assert query is not None
@@ -262,7 +319,9 @@ class DataAPI:
             try:
                 async with db.pool.acquire() as conn:
                     result = await self._run(conn, request, identity, schema, readonly, ctx, route, method,
-                                             table, fn, args, raw, body_type)
+                                             table, fn, args, raw, body_type, plan)
+            except Planned as p:
+                return p.response(method)
             except pgwire.PgError as e:
                 raise from_postgres(e, authenticated=identity.authenticated) from None
             except (OSError, TimeoutError) as e:  # pgwire.ConnectionLost too
@@ -310,7 +369,8 @@ class DataAPI:
 
     async def _run(self, conn: pgwire.Connection, request: web.BaseRequest, identity: Identity, schema: str,
                    readonly: bool, ctx: actions.Context, route: Route, method: str, table: Any, fn: Any,
-                   args: dict[str, Any], raw: bytes, body_type: str) -> actions.Result:
+                   args: dict[str, Any], raw: bytes, body_type: str, plan: PlanRequest | None = None,
+                   ) -> actions.Result:
         """The request's transaction. ``BEGIN``, the settings and the pre-request function are
         deferred: they go out in one write with the action's first statement. A read whose action
         is one statement also carries its ``COMMIT`` in that write — one round trip in all (a
@@ -322,9 +382,13 @@ class DataAPI:
         conn.defer(SETTINGS_SQL, (identity.role, f"{ident(schema)}, public", identity.claims_text, method,
                                   path, json.dumps(headers),
                                   json.dumps(dict(request.cookies)) if "cookie" in headers else "{}"))
+        if ctx.prefs.timezone:
+            conn.defer("SELECT set_config('timezone', $1::text, true)", (ctx.prefs.timezone,))
         if self.config.pre_request:
             conn.defer(f"SELECT {'.'.join(ident(p) for p in self.config.pre_request.split('.'))}()")
-        if readonly and ctx.prefs.count in (None, "exact"):
+        if plan is not None:
+            conn = Explaining(conn, plan)  # type: ignore[assignment]  # the action's statement is explained
+        elif readonly and ctx.prefs.count in (None, "exact"):
             conn.tail("COMMIT")
         try:
             if fn is not None:
@@ -347,6 +411,7 @@ class DataAPI:
                 await conn.execute("ROLLBACK" if ctx.prefs.tx == "rollback" else "COMMIT")
             return result
         finally:
+            conn = getattr(conn, "conn", conn)
             conn.discard()  # statements never sent (the action failed before its first one)
             if conn.status != "I" and not conn.broken:
                 await conn.execute("ROLLBACK")
@@ -357,7 +422,8 @@ class DataAPI:
         status = result.status
         applied = []
         for name, value in (("return", prefs.return_), ("count", prefs.count), ("resolution", prefs.resolution),
-                            ("missing", prefs.missing), ("tx", prefs.tx), ("handling", prefs.handling)):
+                            ("missing", prefs.missing), ("tx", prefs.tx), ("handling", prefs.handling),
+                            ("timezone", prefs.timezone)):
             if value is not None and (name != "resolution" or method == "POST"):
                 applied.append(f"{name}={value}")
         if applied:
