@@ -16,6 +16,7 @@ from dataapi.pgwire import Connection
 from dataapi.query import (
     Builder,
     ReadShape,
+    ReadTemplates,
     Statement,
     call_source,
     delete_cte,
@@ -110,10 +111,18 @@ async def _count(conn: Connection, b: Builder, ctx: Context, shape: ReadShape,
 
 # -- read -----------------------------------------------------------------------------------------
 
+READS = ReadTemplates()   # built reads kept by shape (query.ReadTemplates)
+
+
 async def read(conn: Connection, ctx: Context, table: TableInfo) -> Result:
     limit, offset = _page_bounds(ctx)
     shape = ReadShape(table, qualified(table.schema, table.name), limit, offset,
                       "exact" if ctx.prefs.count == "exact" else None)
+    if ctx.prefs.count in (None, "exact"):
+        row = await _fetch(conn, READS.read(ctx.cache, ctx.query, shape))
+        result = _result_from_row(row, 200, offset)
+        result.total = int(row["total"] or 0) if ctx.prefs.count == "exact" else None
+        return result
     b = Builder(ctx.cache, ctx.query)
     row = await _fetch(conn, b.read(shape, ctx.query.select))
     result = _result_from_row(row, 200, offset)

@@ -145,6 +145,7 @@ class Query:
     columns: list[str] | None = None
     on_conflict: list[str] | None = None
     rpc_args: dict[str, str] = field(default_factory=dict)
+    select_text: str = "*"   # select= as sent: the parsed tree's key (embeddings are not hashable)
 
 
 # -- small parsers --------------------------------------------------------------------------------
@@ -412,6 +413,7 @@ def parse_query(params: list[tuple[str, str]], rpc_arg_names: frozenset[str] = f
     for key, value in params:
         if key == "select":
             q.select = list(_select_cached(value)) if value.strip() else [Star()]
+            q.select_text = value
             continue
         if key == "columns":
             q.columns = [unquote(c.strip()) for c in split_top(value)]

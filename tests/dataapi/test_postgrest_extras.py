@@ -144,3 +144,51 @@ async def test_write_plans_change_nothing(api: Api) -> None:
 def _user() -> str:
     from tests.dataapi.conftest import user_token
     return user_token()
+
+
+# -- read templates: a kept shape builds exactly what the builder builds ------------------------
+
+SHAPES = [
+    "id=eq.{a}", "id=gt.{a}&select=title,authors(name)", "author_id=neq.{a}&order=id&limit=3",
+    "id=not.eq.{a}&id=lte.{b}", "title=eq.{a}&year=gte.{b}&select=id,title,book_tags(tag_id)",
+    "id=lt.{a}&or=(id.eq.1,title.eq.{b})", "id=in.({a},2)", "title=like.*{a}*&id=eq.{b}",
+    "select=id,authors!inner(name)&authors.name=eq.{a}&id=gt.{b}",
+    "authors:select=name,books(title)&books.year=gt.{b}&books.order=year.desc&id=eq.{a}",
+    "authors:meta->>genre=eq.{a}&id=gte.{b}",
+]
+VALUES = [("1", "2"), ("7", "1999"), ("it's", "x\\y"), ("NULL", ""), ("\x00pgrst-slot-0\x00", "3")]
+
+
+async def test_read_templates_build_what_the_builder_builds(api: Api) -> None:
+    from urllib.parse import parse_qsl
+
+    from dataapi.query import Builder, ReadShape, ReadTemplates, qualified
+    from dataapi.request import parse_query
+
+    status, _, _ = await api.get("books?id=eq.1")
+    assert status == 200
+    db = api.api.databases.get("main", "postgres")
+    assert db is not None and db.cache is not None
+    cache = db.cache
+    templates = ReadTemplates()
+    for shape_text in SHAPES:
+        name, _, text = shape_text.partition(":") if shape_text.startswith("authors:") else ("books", "", shape_text)
+        table = cache.table("public", name)
+        for a, b in VALUES:
+            q = parse_query(parse_qsl(text.format(a=a, b=b), keep_blank_values=True))
+            shape = ReadShape(table, qualified(table.schema, table.name), 10, 0, None)
+            kept = templates.read(cache, q, shape)
+            built = Builder(cache, q).read(shape, q.select)
+            assert (kept.sql, kept.params) == (built.sql, built.params), (shape_text, a, b)
+    # One entry per shape, whatever the values in its slots.
+    fresh = ReadTemplates()
+    table = cache.table("public", "books")
+    shape = ReadShape(table, qualified(table.schema, table.name), 10, 0, None)
+    for v in ("1", "2", "3"):
+        q = parse_query([("select", "title,authors(name)"), ("id", f"eq.{v}"), ("year", f"gt.{v}")])
+        assert fresh.read(cache, q, shape).params[-2:] == [v, v]
+    assert len(fresh._kept) == 1
+    # Same shape, other values: other rows (the slot carries the value, not the first request's).
+    _, _, one = await api.get("books?select=id&id=eq.1")
+    _, _, two = await api.get("books?select=id&id=eq.2")
+    assert one == [{"id": 1}] and two == [{"id": 2}]
