@@ -34,6 +34,11 @@ LEEWAY_SECONDS = 30  # PostgREST allows the same clock skew
 JWKS_TTL = 300.0      # a fetched key set is used this long before it is fetched again
 JWKS_RETRY = 10.0     # an unknown kid fetches at most this often (a flood of forged kids fetches nothing)
 JWKS_TIMEOUT = 5.0
+# Verified tokens are kept (PostgREST's JWT cache): a token seen again skips the signature check
+# until its exp (with the leeway) or JWT_CACHE_SECONDS, whichever comes first.
+JWT_CACHE_ENTRIES = 1000
+JWT_CACHE_SECONDS = 300.0
+JWT_CACHE_TOKEN_CHARS = 4096
 
 log = logging.getLogger("lakelet.dataapi")
 
@@ -93,6 +98,7 @@ class Authenticator:
         self._fetched_at = 0.0
         self._fetch_lock = asyncio.Lock()
         self._fetch_error = ""
+        self._verified: dict[str, tuple[Identity, float]] = {}   # token → (identity, until), oldest first
         if secret.startswith(("https://", "http://")):
             host = secret.split("://", 1)[1].split("/", 1)[0].rsplit(":", 1)[0]
             if secret.startswith("http://") and host not in ("127.0.0.1", "localhost", "[::1]"):
@@ -162,6 +168,12 @@ class Authenticator:
                 raise ApiError(401, "PGRST302", "Anonymous access is disabled", None, None,
                                {"WWW-Authenticate": "Bearer"})
             return self._anon
+        now = time.time()
+        cached = self._verified.get(token)
+        if cached is not None:
+            if now < cached[1]:
+                return cached[0]
+            del self._verified[token]
         claims = self._verify(token)
         role = self._role(claims)
         if role is None:
@@ -169,7 +181,16 @@ class Authenticator:
                 raise ApiError(401, "PGRST302", "Anonymous access is disabled", None, None,
                                {"WWW-Authenticate": "Bearer"})
             role = self.anon_role
-        return Identity(role, claims, True)
+        identity = Identity(role, claims, True)
+        if len(token) <= JWT_CACHE_TOKEN_CHARS:
+            exp = claims.get("exp")
+            until = now + JWT_CACHE_SECONDS
+            if isinstance(exp, int | float) and not isinstance(exp, bool):
+                until = min(until, exp + LEEWAY_SECONDS)  # never past the moment verifying would refuse it
+            if len(self._verified) >= JWT_CACHE_ENTRIES:
+                self._verified.pop(next(iter(self._verified)))
+            self._verified[token] = (identity, until)
+        return identity
 
     def _verify(self, token: str) -> dict[str, Any]:
         parts = token.count(".") + 1

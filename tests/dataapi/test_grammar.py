@@ -292,3 +292,37 @@ async def test_jwks_from_a_url_with_kid_selection_and_rotation() -> None:
     assert e.value.status == 500 and e.value.code == "PGRST300" and "could not be fetched" in (e.value.details or "")
     with pytest.raises(ConfigError):
         Authenticator("http://keys.example.com/jwks.json", None)  # only https:// from elsewhere
+
+
+def test_verified_tokens_are_cached_until_they_expire(monkeypatch: pytest.MonkeyPatch) -> None:
+    """PostgREST's JWT cache: a token seen again is not verified again, but its entry never outlives
+    the token's exp (plus the leeway): past it, the token is verified again (and so refused once
+    PyJWT's clock agrees it expired)."""
+    import time
+
+    import jwt
+
+    from dataapi import auth as auth_module
+
+    auth = Authenticator(AUD_SECRET, None)
+    now = time.time()
+    tok = "Bearer " + jwt.encode({"role": "web_user", "exp": int(now) + 60}, AUD_SECRET, algorithm="HS256")
+    calls = 0
+    real_decode = jwt.decode
+
+    def counting(*args: object, **kwargs: object) -> object:
+        nonlocal calls
+        calls += 1
+        return real_decode(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(auth_module.jwt, "decode", counting)
+    first = auth.authenticate(tok)
+    assert auth.authenticate(tok) is first and calls == 1
+    monkeypatch.setattr(auth_module.time, "time", lambda: now + 60 + auth_module.LEEWAY_SECONDS + 1)
+    auth.authenticate(tok)  # PyJWT's own clock still says valid; ours says the entry is over
+    assert calls == 2
+    expired = "Bearer " + jwt.encode({"role": "web_user", "exp": int(now) - 3600}, AUD_SECRET, algorithm="HS256")
+    for _ in range(2):  # a refused token is never cached
+        with pytest.raises(ApiError) as e:
+            auth.authenticate(expired)
+        assert (e.value.status, e.value.code) == (401, "PGRST303")
