@@ -4,9 +4,10 @@ A handler is parse → call → respond. Parse: path, headers, ``Prefer``, query
 values (``request.py``), before anything wakes. Call: wake the branch and get its pool and schema
 cache (``databases.py``), open one transaction, set PostgREST's request settings and ``SET LOCAL
 ROLE`` in one statement, run the pre-request function, run the action (``actions.py``), commit
-(or roll back for ``Prefer: tx=rollback`` and for a failed singular check). Respond: status,
+(or roll back for ``Prefer: tx=rollback``, a failed singular check or a plan request) — all of it
+pipelined on a ``pgwire`` connection, one round trip for a read. Respond: status,
 ``Content-Range``, ``Preference-Applied``, ``response.headers``/``response.status`` a function
-set, body as JSON, a single object, or CSV.
+set, body as JSON, a single object, CSV, or the statement's EXPLAIN.
 """
 
 from __future__ import annotations
