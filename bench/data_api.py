@@ -1,6 +1,7 @@
 """Data API throughput and latency against its floor: the same SQL sent straight through asyncpg.
 
-    .venv/bin/python bench/data_api.py [--seconds S] [--clients N] [--rounds R] [--client wrk|aiohttp] [--quick]
+    .venv/bin/python bench/data_api.py [--seconds S] [--clients N] [--rounds R] [--client wrk|aiohttp]
+                                       [--pool P] [--only single|100-row] [--quick]
 
 A real ``lakelet up`` (its own process, with ``--data-api``) serves a branch holding 100 categories
 × 100 items. Two workloads, each run by N concurrent clients for S seconds:
@@ -14,7 +15,8 @@ in this process. The floor runs, with the same concurrency, the exact statement 
 for each request (taken from its planner) through an asyncpg pool connected to the compute's Unix
 socket: what Postgres alone costs, with no HTTP, no transaction, no role switch. Rounds alternate
 Data API / floor so machine noise hits both. Printed: requests/s, p50 and p99 latency, the ratios,
-and the CPU the lakelet process spent per request. Goals (issue #15): single ≥ 0.5× its floor with
+the CPU the lakelet process spent per request, the CPU the compute's Postgres processes spent per
+request on each side, and the floor client's own CPU per query. Goals (issue #15): single ≥ 0.5× its floor with
 p99 ≤ 10 ms; embedded ≥ 0.5× its floor.
 """
 
