@@ -36,7 +36,7 @@ class Config:
     wake_timeout: float = 30.0
     max_client_connections: int = 10000
     max_unauthenticated_per_address: int = 100
-    warm_backends: int = 8
+    warm_backends: int = 32
     suspend_timeout: float = 300.0
     min_cu: float = 0.25
     max_cu: float = 2.0
