@@ -16,7 +16,7 @@ import struct
 from typing import TYPE_CHECKING
 
 from proxy import codec
-from proxy.errors import SessionError
+from proxy.errors import PoolTimeout, SessionError
 from proxy.pooled_server import (
     E_BIND,
     E_CLOSE,
@@ -177,6 +177,13 @@ class PooledClient(asyncio.Protocol):
     async def _acquire(self) -> None:
         try:
             server = await self.pool.acquire(self.settings)
+        except PoolTimeout as e:
+            # Not fatal: the client held no backend, so it is outside any transaction; what it sent
+            # fails as one error (up to its Sync), as a query Postgres refused would.
+            self.waiting = None
+            self._deactivate()
+            self._refuse(codec.error_response("ERROR", e.sqlstate, str(e), hint=e.hint))
+            return
         except SessionError as e:
             self.waiting = None
             self.fatal(e.sqlstate, str(e), e.hint)
@@ -193,6 +200,17 @@ class PooledClient(asyncio.Protocol):
             self.pool.release(server)
             return
         self._lend(server)
+        self.transport.resume_reading()
+        self._pump()
+
+    def _refuse(self, error: bytes) -> None:
+        buf = self.buf
+        if len(buf) >= 5 and buf[0] in (0x51, 0x46):  # a simple query or function call: one answer
+            del buf[:1 + _LEN.unpack_from(buf, 1)[0]]
+            self.transport.write(error + _IDLE_READY)
+        else:  # extended protocol: the error, then nothing until Sync
+            self.transport.write(error)
+            self.discarding = True
         self.transport.resume_reading()
         self._pump()
 

@@ -35,7 +35,7 @@ from prometheus_client.registry import Collector
 from compute import ComputeAddress, LoadSignals
 from proxy import codec
 from proxy.connect import open_session
-from proxy.errors import HandshakeError, SessionError
+from proxy.errors import HandshakeError, PoolTimeout, SessionError
 from proxy.pipe import Side
 from proxy.pooled_client import PooledClient
 from proxy.pooled_server import PooledServer
@@ -64,11 +64,6 @@ class PoolConfig:
             raise ValueError(f"pool_mode = {self.mode!r}: use 'session' or 'transaction'")
         if self.size < 0 or self.timeout <= 0:
             raise ValueError("pool_size must be 0 (from the compute size) or more, pool_timeout above 0")
-
-
-class PoolTimeout(SessionError):
-    sqlstate = "53300"
-    outcome = "pool_timeout"
 
 
 # -- mode selection ---------------------------------------------------------------------------------------
