@@ -69,6 +69,7 @@ _CLOSE = (E_CLOSE, None, None)
 _PARSE_UNNAMED = (E_PARSE, None, None)
 _QUERY = (E_QUERY, None, None)
 _MAYBE_SPECIAL = frozenset(b"sSrRdD \t\r\n-/")
+_EXTENDED = frozenset(b"PBDEC")
 
 
 class PooledClient(asyncio.Protocol):
@@ -336,6 +337,8 @@ class PooledClient(asyncio.Protocol):
                 server.skipping = False
                 expect.append(_SYNC)
             return
+        if kind in _EXTENDED:  # an implicit transaction is open on the backend until the Sync's ReadyForQuery
+            server.status = 0
         if kind == 0x42:  # Bind
             payload = bytes(buf[pos + 5:end])
             portal_end = payload.index(0) + 1
