@@ -137,6 +137,7 @@ class Pool:
         self.in_use = 0
         self.waiters: deque[asyncio.Future[PooledServer | None]] = deque()
         self.greetings: dict[Settings, bytes] = {}
+        self._greeting: dict[Settings, asyncio.Future[bytes]] = {}
         self.params = {"user": role, "database": database}
         timeout = pooler.config.idle_transaction_timeout
         if timeout > 0:
@@ -336,12 +337,24 @@ class Pool:
         found = self.greetings.get(settings)
         if found is not None:
             return found
-        server = await self.acquire(settings)
-        greeting = server.greeting()
-        self.release(server)
+        pending = self._greeting.get(settings)
+        if pending is not None:  # a burst of new clients: one backend asked, all greeted
+            return await asyncio.shield(pending)
+        pending = self._greeting[settings] = asyncio.get_running_loop().create_future()
+        try:
+            server = await self.acquire(settings)
+            greeting = server.greeting()
+            self.release(server)
+        except BaseException as e:
+            pending.set_exception(e if isinstance(e, Exception) else ConnectionResetError("proxy closing"))
+            pending.exception()  # retrieved: the waiters (if any) raise it
+            raise
+        finally:
+            del self._greeting[settings]
         if len(self.greetings) >= GREETINGS_PER_POOL:
             self.greetings.clear()
         self.greetings[settings] = greeting
+        pending.set_result(greeting)
         return greeting
 
     def close_idle(self, older_than: float) -> None:

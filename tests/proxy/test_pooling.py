@@ -117,9 +117,14 @@ async def test_a_transaction_holds_its_backend_and_others_wait(harness: Harness,
         waiting = asyncio.create_task(b.fetchval("SELECT pg_backend_pid()"))
         await poll_until(lambda: _pool(harness).waiting == 1, "b waiting for the pool", timeout=10, every=0.02)
         assert not waiting.done()
+        # The compute sees the holder and the waiter as load (scale to zero waits, the autoscaler reads it).
+        assert harness.proxy.pooler.signals("main").sessions == 2
+        assert 'lakelet_proxy_pool_clients{branch="main",mode="transaction",state="waiting"} 1.0' in \
+            harness.metric("lakelet_proxy_pool_clients")
         assert await _pid(a) == mine  # still the same backend inside the transaction
         await tr.commit()
         assert await asyncio.wait_for(waiting, 10) == mine  # returned at ReadyForQuery I, lent to b
+        assert harness.proxy.pooler.signals("main").sessions == 0  # idle pooled clients are no load
     finally:
         await a.close()
         await b.close()
