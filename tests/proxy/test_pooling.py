@@ -314,3 +314,13 @@ async def test_idle_pooled_clients_let_the_compute_suspend(harness: Harness) -> 
             await c.close()
     finally:
         endpoints.configure("feature", EndpointConfig(suspend_timeout=600))
+
+
+def test_config_keys() -> None:
+    from lakelet.config import ConfigError, load
+
+    c = load(env={"LAKELET_POOL_MODE": "transaction", "LAKELET_POOL_SIZE": "20", "LAKELET_POOL_TIMEOUT": "5"})
+    assert (c.pool_mode, c.pool_size, c.pool_timeout) == ("transaction", 20, 5.0)
+    assert load(env={}).pool_mode == "session"
+    with pytest.raises(ConfigError, match="pool_mode = 'statement'"):
+        load(env={"LAKELET_POOL_MODE": "statement"})
