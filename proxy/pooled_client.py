@@ -74,7 +74,7 @@ _EXTENDED = frozenset(b"PBDEC")
 
 class PooledClient(asyncio.Protocol):
     __slots__ = ("transport", "pool", "buf", "server", "statements", "settings", "startup", "pid", "secret",
-                 "done", "waiting", "discarding", "active", "closed")
+                 "done", "asking", "queued", "wait_since", "discarding", "active", "closed")
 
     def __init__(self, pool: Pool, transport: asyncio.Transport, settings: Settings, pid: int, secret: int) -> None:
         self.transport = transport
@@ -87,7 +87,9 @@ class PooledClient(asyncio.Protocol):
         self.pid = pid
         self.secret = secret
         self.done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self.waiting: asyncio.Task[None] | None = None
+        self.asking = False  # a backend was asked for: the messages wait in ``buf``
+        self.queued = False  # in the pool's line (``pool.waiters``)
+        self.wait_since = 0.0
         self.discarding = False  # after an error the pooler raised itself: ignore until Sync, as Postgres does
         self.active = False  # counted as a session (holding or waiting for a backend)
         self.closed = False
@@ -103,16 +105,19 @@ class PooledClient(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         self.buf += data
-        if self.waiting is None:
+        if not self.asking:
             self._pump()
+        elif len(self.buf) > READ_AHEAD_LIMIT:
+            self.transport.pause_reading()
 
     def eof_received(self) -> bool:
         return False
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
-        if self.waiting is not None:
-            self.waiting.cancel()
+        if self.queued:  # left in the line, skipped when its turn comes
+            self.queued = False
+            self.pool.waiting -= 1
         server = self.server
         if server is not None:
             self.server = None
@@ -152,6 +157,29 @@ class PooledClient(asyncio.Protocol):
         self.server = server
         self._activate()
 
+    def granted(self, server: PooledServer) -> None:
+        """The pool's answer to ``request``: a backend with this client's settings."""
+        self.asking = False
+        if self.closed:
+            self.pool.release(server)
+            return
+        self._lend(server)
+        self.transport.resume_reading()
+        self._pump()
+
+    def refused(self, error: SessionError) -> None:
+        """No backend: past pool_timeout the messages fail (not fatal: the client held no backend,
+        so it is outside any transaction, and what it sent fails as one error up to its Sync, as a
+        query Postgres refused would); a backend that cannot be opened ends the session."""
+        self.asking = False
+        self._deactivate()
+        if self.closed:
+            return
+        if isinstance(error, PoolTimeout):
+            self._refuse(codec.error_response("ERROR", error.sqlstate, str(error), hint=error.hint))
+        else:
+            self.fatal(error.sqlstate, str(error), error.hint)
+
     def release(self, server: PooledServer) -> None:
         """The transaction ended (ReadyForQuery I, nothing outstanding): the backend goes back."""
         server.client = None
@@ -174,35 +202,6 @@ class PooledClient(asyncio.Protocol):
         if self.transport is not None and not self.transport.is_closing():
             self.transport.write(codec.fatal(code, message, hint=hint))
         self._close()
-
-    async def _acquire(self) -> None:
-        try:
-            server = await self.pool.acquire(self.settings)
-        except PoolTimeout as e:
-            # Not fatal: the client held no backend, so it is outside any transaction; what it sent
-            # fails as one error (up to its Sync), as a query Postgres refused would.
-            self.waiting = None
-            self._deactivate()
-            self._refuse(codec.error_response("ERROR", e.sqlstate, str(e), hint=e.hint))
-            return
-        except SessionError as e:
-            self.waiting = None
-            self.fatal(e.sqlstate, str(e), e.hint)
-            return
-        except (ConnectionError, OSError) as e:
-            self.waiting = None
-            self.fatal("08006", f"could not open a backend for the pool: {e}")
-            return
-        except asyncio.CancelledError:
-            self.waiting = None
-            return
-        self.waiting = None
-        if self.closed:
-            self.pool.release(server)
-            return
-        self._lend(server)
-        self.transport.resume_reading()
-        self._pump()
 
     def _refuse(self, error: bytes) -> None:
         buf = self.buf
@@ -231,9 +230,11 @@ class PooledClient(asyncio.Protocol):
     # -- the client's messages ---------------------------------------------------------------------------
 
     def _pump(self) -> None:
+        """Forward every whole message: runs of messages passed on as they are go out as one slice
+        of ``buf``; only a rewritten, dropped or answered message breaks a run."""
         buf = self.buf
         n = len(buf)
-        pos = 0
+        pos = run = 0
         server = self.server
         out: list[bytes] = []
         unpack = _LEN.unpack_from
@@ -246,35 +247,51 @@ class PooledClient(asyncio.Protocol):
             if end > n:
                 break
             kind = buf[pos]
-            if kind == 0x58:  # Terminate: answered by closing, as Postgres does
-                if out and server is not None:
-                    server.transport.write(b"".join(out))
-                buf.clear()
-                self._close()
-                return
-            if self.discarding:
-                if kind != 0x53:
-                    pos = end
-                    continue
-                self.discarding = False
-            if server is None:
-                if self._answer_idle(kind, buf, pos, end):
-                    pos = end
-                    continue
-                server = self.pool.take_idle(self.settings)
-                if server is None:
-                    self._activate()
-                    self.transport.pause_reading()
-                    self.waiting = asyncio.ensure_future(self._acquire())
+            if server is None or self.discarding or kind == 0x58:
+                if run < pos:
+                    out.append(bytes(buf[run:pos]))
+                run = end
+                if kind == 0x58:  # Terminate: answered by closing, as Postgres does
+                    pos = n
+                    self._close()
                     break
-                self._lend(server)
-            self._forward(server, kind, buf, pos, end, out)
+                if self.discarding:
+                    if kind != 0x53:
+                        pos = end
+                        continue
+                    self.discarding = False
+                if server is None:
+                    if self._answer_idle(kind, buf, pos, end):
+                        pos = end
+                        continue
+                    server = self.pool.take_idle(self.settings)
+                    if server is None:  # wait for one: the messages stay in buf
+                        run = pos
+                        self._activate()
+                        self.asking = True
+                        self.pool.request(self)
+                        break
+                    self._lend(server)
+                run = pos
+            done = self._forward(server, kind, buf, pos, end)
+            if done is not None:
+                if run < pos:
+                    out.append(bytes(buf[run:pos]))
+                if done:
+                    out.append(done)
+                run = end
             pos = end
+        if server is not None:
+            if not out:
+                if run < pos:
+                    server.transport.write(bytes(buf[run:pos]))
+            else:
+                if run < pos:
+                    out.append(bytes(buf[run:pos]))
+                server.transport.write(b"".join(out))
         if pos:
             del buf[:pos]
-        if out and server is not None:
-            server.transport.write(b"".join(out) if len(out) > 1 else out[0])
-        if len(buf) > READ_AHEAD_LIMIT and self.waiting is None:
+        if len(buf) > READ_AHEAD_LIMIT:
             self.transport.pause_reading()
 
     def _synth(self, server: PooledServer | None, data: bytes) -> None:
@@ -320,85 +337,87 @@ class PooledClient(asyncio.Protocol):
             return command_complete("DISCARD ALL") + _IDLE_READY
         return None
 
-    def _prepare(self, server: PooledServer, stmt: ServerStatement, out: list[bytes],
-                 client_name: bytes | None) -> None:
+    def _prepare(self, server: PooledServer, stmt: ServerStatement, client_name: bytes | None) -> bytes:
+        """The Parse that puts ``stmt`` on ``server`` (after Closes evicting its LRU's oldest)."""
         expect = server.expect
+        parts = []
         for old in server.prepared.add(stmt.name):
-            out.append(close_statement(old))
+            parts.append(close_statement(old))
             expect.append((E_CLOSE_HIDDEN, None, old))
-        out.append(stmt.parse)
+        parts.append(stmt.parse)
         expect.append((E_PARSE, client_name, stmt) if client_name is not None else (E_PARSE_HIDDEN, None, stmt.name))
+        return b"".join(parts) if len(parts) > 1 else parts[0]
 
-    def _forward(self, server: PooledServer, kind: int, buf: bytearray, pos: int, end: int, out: list[bytes]) -> None:
+    def _forward(self, server: PooledServer, kind: int, buf: bytearray, pos: int, end: int) -> bytes | None:
+        """Record what the backend will answer to this message; None: pass it on as it is, else
+        what to send instead (b"" for nothing)."""
         expect = server.expect
         if server.skipping:  # Postgres ignores all of it until Sync: pass it on unread
-            out.append(bytes(buf[pos:end]))
             if kind == 0x53:
                 server.skipping = False
                 expect.append(_SYNC)
-            return
-        if kind in _EXTENDED:  # an implicit transaction is open on the backend until the Sync's ReadyForQuery
-            server.status = 0
-        if kind == 0x42:  # Bind
-            payload = bytes(buf[pos + 5:end])
-            portal_end = payload.index(0) + 1
-            stmt_end = payload.index(0, portal_end) + 1
-            if stmt_end - portal_end > 1:
-                stmt = self.statements.get(payload[portal_end:stmt_end - 1])
-                if stmt is not None:
-                    if not server.prepared.use(stmt.name):
-                        self._prepare(server, stmt, out, None)
-                    out.append(rename_bind(payload, portal_end, stmt_end, stmt.name))
-                    expect.append(_BIND)
-                    return
-            out.append(bytes(buf[pos:end]))
-            expect.append(_BIND)
-        elif kind == 0x45:  # Execute
-            out.append(bytes(buf[pos:end]))
+            return None
+        if kind == 0x45:  # Execute
+            server.status = 0  # an implicit transaction is open until the Sync's ReadyForQuery
             expect.append(_EXECUTE)
-        elif kind == 0x53:  # Sync
-            out.append(bytes(buf[pos:end]))
+            return None
+        if kind == 0x53:  # Sync
             expect.append(_SYNC)
-        elif kind == 0x50:  # Parse
+            return None
+        if kind == 0x42:  # Bind
+            server.status = 0
+            portal_end = buf.index(0, pos + 5) + 1
+            if buf[portal_end] != 0:  # a named statement: the client's, under the pooler's name
+                stmt_end = buf.index(0, portal_end) + 1
+                stmt = self.statements.get(bytes(buf[portal_end:stmt_end - 1]))
+                if stmt is not None:
+                    pre = b"" if server.prepared.use(stmt.name) else self._prepare(server, stmt, None)
+                    expect.append(_BIND)
+                    return pre + rename_bind(bytes(buf[pos + 5:end]), portal_end - pos - 5, stmt_end - pos - 5,
+                                             stmt.name)
+            expect.append(_BIND)
+            return None
+        if kind == 0x50:  # Parse
+            server.status = 0
+            if buf[pos + 5] == 0:  # the unnamed statement: passed on
+                if buf[pos + 6] in _MAYBE_SPECIAL:
+                    self._untracked_set(server, bytes(buf[pos + 6:min(end, pos + 300)]))
+                expect.append(_PARSE_UNNAMED)
+                return None
             payload = bytes(buf[pos + 5:end])
             name, at = split_cstring(payload)
-            word = first_word(payload[at:at + 300])
-            if word in (SET, RESET) and not is_transaction_scoped_set(payload[at:at + 64]):
-                server.applied = None  # a SET the pooler cannot follow: reset before the next client
-            if not name:
-                out.append(bytes(buf[pos:end]))
-                expect.append(_PARSE_UNNAMED)
-                return
+            if payload[at] in _MAYBE_SPECIAL:
+                self._untracked_set(server, payload[at:at + 300])
             if name in self.statements:
                 self._synth(server, codec.error_response(
                     "ERROR", "42P05", f'prepared statement "{name.decode(errors="replace")}" already exists'))
                 self.discarding = True
-                return
+                return b""
             stmt = self.pool.pooler.names.get(payload[at:])
             self.statements[name] = stmt
             if server.prepared.use(stmt.name):
                 self._synth(server, PARSE_COMPLETE)
-            else:
-                self._prepare(server, stmt, out, name)
-        elif kind == 0x44:  # Describe
+                return b""
+            return self._prepare(server, stmt, name)
+        if kind == 0x44:  # Describe
+            server.status = 0
             if buf[pos + 5] == 0x53 and end - pos > 7:
                 stmt = self.statements.get(bytes(buf[pos + 6:end - 1]))
                 if stmt is not None:
-                    if not server.prepared.use(stmt.name):
-                        self._prepare(server, stmt, out, None)
-                    out.append(codec.encode_message(b"D", b"S" + stmt.name + b"\x00"))
+                    pre = b"" if server.prepared.use(stmt.name) else self._prepare(server, stmt, None)
                     expect.append(_DESCRIBE)
-                    return
-            out.append(bytes(buf[pos:end]))
+                    return pre + codec.encode_message(b"D", b"S" + stmt.name + b"\x00")
             expect.append(_DESCRIBE)
-        elif kind == 0x43:  # Close
+            return None
+        if kind == 0x43:  # Close
+            server.status = 0
             if buf[pos + 5] == 0x53 and end - pos > 7:  # a named statement: it stays prepared on the backend
                 self.statements.pop(bytes(buf[pos + 6:end - 1]), None)
                 self._synth(server, CLOSE_COMPLETE)
-                return
-            out.append(bytes(buf[pos:end]))
+                return b""
             expect.append(_CLOSE)
-        elif kind == 0x51:  # Query
+            return None
+        if kind == 0x51:  # Query
             track = None
             if buf[pos + 5] in _MAYBE_SPECIAL:
                 sql = bytes(buf[pos + 5:end - 1])
@@ -412,14 +431,18 @@ class PooledClient(asyncio.Protocol):
                     answer = self._special_query(sql, server.status)
                     if answer is not None:
                         self._synth(server, answer)
-                        return
+                        return b""
                     if word == DISCARD:  # DISCARD ALL in a transaction: Postgres' error; other DISCARDs run
                         server.applied = None
-            out.append(bytes(buf[pos:end]))
             expect.append(_QUERY if track is None else (E_QUERY, track, None))
-        elif kind == 0x46:  # FunctionCall: answered up to ReadyForQuery, like a query
-            out.append(bytes(buf[pos:end]))
+            return None
+        if kind == 0x46:  # FunctionCall: answered up to ReadyForQuery, like a query
             expect.append(_QUERY)
-        else:  # Flush, CopyData, CopyDone, CopyFail: no answer of their own
-            out.append(bytes(buf[pos:end]))
+        return None  # Flush, CopyData, CopyDone, CopyFail: no answer of their own
 
+    @staticmethod
+    def _untracked_set(server: PooledServer, sql: bytes) -> None:
+        """A SET in a Parse: the pooler cannot follow it, so the backend is reset before its next
+        client (the setting lasts until this transaction ends)."""
+        if first_word(sql) in (SET, RESET) and not is_transaction_scoped_set(sql):
+            server.applied = None

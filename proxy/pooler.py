@@ -19,6 +19,7 @@ ask). Idle backends also close after ``server_idle_timeout``.
 from __future__ import annotations
 
 import asyncio
+import bisect
 import contextlib
 import logging
 import secrets
@@ -27,15 +28,16 @@ import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
+from typing import Protocol
 
-from prometheus_client import CollectorRegistry, Histogram
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client import CollectorRegistry
+from prometheus_client.core import GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.registry import Collector
 
 from compute import ComputeAddress, LoadSignals
 from proxy import codec
 from proxy.connect import open_session
-from proxy.errors import HandshakeError, PoolTimeout, SessionError
+from proxy.errors import ConnectError, HandshakeError, PoolTimeout, SessionError
 from proxy.pipe import Side
 from proxy.pooled_client import PooledClient
 from proxy.pooled_server import PooledServer
@@ -46,7 +48,7 @@ log = logging.getLogger("lakelet.proxy")
 MODES = ("session", "transaction")
 RESERVED = 10  # connections left to superusers and the control plane on every compute
 DEFAULT_MAX_CONNECTIONS = 100  # until the compute has told us its own
-JANITOR_EVERY = 1.0
+JANITOR_EVERY = 0.25  # pool_timeout is kept to within this
 GREETINGS_PER_POOL = 64
 
 
@@ -119,6 +121,56 @@ def select_mode(params: dict[str, str], sni: str | None, default: str) -> tuple[
     return mode, sni
 
 
+# -- who waits for a backend ----------------------------------------------------------------------------
+
+
+class Waiter(Protocol):
+    """A pooled client, or the pooler itself greeting a new client."""
+
+    settings: Settings
+    queued: bool
+    wait_since: float
+
+    @property
+    def closed(self) -> bool: ...
+    def granted(self, server: PooledServer) -> None: ...
+    def refused(self, error: SessionError) -> None: ...
+
+
+class _FutureWaiter:
+    __slots__ = ("settings", "future", "pool", "queued", "wait_since", "gone")
+
+    def __init__(self, settings: Settings, future: asyncio.Future[PooledServer], pool: Pool) -> None:
+        self.settings = settings
+        self.future = future
+        self.pool = pool
+        self.queued = False
+        self.wait_since = 0.0
+        self.gone = False
+
+    @property
+    def closed(self) -> bool:
+        return self.gone
+
+    def granted(self, server: PooledServer) -> None:
+        if self.gone:
+            self.pool.release(server)
+        else:
+            self.future.set_result(server)
+
+    def refused(self, error: SessionError) -> None:
+        if not self.gone:
+            self.future.set_exception(error)
+
+    def give_up(self) -> None:
+        self.gone = True
+        if self.queued:
+            self.queued = False
+            self.pool.waiting -= 1
+        if self.future.done() and not self.future.cancelled() and self.future.exception() is None:
+            self.pool.release(self.future.result())
+
+
 # -- one pool --------------------------------------------------------------------------------------------
 
 _IDLE, _IN_USE, _GONE = 0, 1, 2
@@ -135,10 +187,12 @@ class Pool:
         self.idle: list[PooledServer] = []
         self.opened = 0  # open or opening
         self.in_use = 0
-        self.waiters: deque[asyncio.Future[PooledServer | None]] = deque()
+        self.waiters: deque[Waiter] = deque()
         self.greetings: dict[Settings, bytes] = {}
         self._greeting: dict[Settings, asyncio.Future[bytes]] = {}
-        self.params = {"user": role, "database": database}
+        # A running query of a client that disconnected stops within a second, as it would for
+        # a client of Postgres itself (the backend checks its socket while it works).
+        self.params = {"user": role, "database": database, "client_connection_check_interval": "1000"}
         timeout = pooler.config.idle_transaction_timeout
         if timeout > 0:
             self.params["idle_in_transaction_session_timeout"] = str(int(timeout * 1000))
@@ -147,7 +201,7 @@ class Pool:
         self.active = 0  # holding or waiting for a backend
         self.waiting = 0
         self._where: dict[PooledServer, int] = {}
-        self.wait_seconds = pooler.wait_histogram.labels(branch, "transaction")
+        self.wait_seconds = WaitTimes()
 
     @property
     def size(self) -> int:
@@ -197,84 +251,111 @@ class Pool:
                 return server
         return None
 
-    async def acquire(self, settings: Settings) -> PooledServer:
-        """A backend with ``settings`` for one transaction: an idle one, a new one (waking the
-        compute) while under the pool size, else the next one released, within pool_timeout."""
-        loop = asyncio.get_running_loop()
-        started = loop.time()
-        deadline = started + self.pooler.config.timeout
-        waited = False
-        try:
-            while True:
-                server = self.take_idle(settings) or self._take_any()
-                if server is None and self.opened < self.size:
-                    self.opened += 1
-                    try:
-                        server = await self._open(deadline)
-                    except BaseException:
-                        self.opened -= 1
-                        self._wake_one(None)
-                        raise
-                    self._where[server] = _IN_USE
-                    self.in_use += 1
-                if server is None:
-                    waited = True
-                    server = await self._wait(loop, deadline)
-                    if server is None:
-                        continue  # a backend closed: there is room to open one
-                if server.applied != settings:
-                    try:
-                        error = await server.run_hidden(apply_sql(settings))
-                    except ConnectionError:
-                        continue  # it closed meanwhile (lost() did the counts)
-                    if error is not None:
-                        server.applied = None
-                        self.release(server)
-                        raise SessionError(error.message, error.code, hint=error.hint)
-                    server.applied = settings
-                return server
-        finally:
-            if waited:
-                self.wait_seconds.observe(loop.time() - started)
-
-    async def _wait(self, loop: asyncio.AbstractEventLoop, deadline: float) -> PooledServer | None:
-        fut: asyncio.Future[PooledServer | None] = loop.create_future()
-        self.waiters.append(fut)
+    def request(self, w: Waiter) -> None:
+        """``w`` needs a backend and no idle one has its settings: adapt an idle one or open a new
+        one (in a task), else wait in line; ``w.granted(server)`` or ``w.refused(error)`` follows."""
+        if self.idle or self.opened < self.size:
+            self.pooler.spawn(self._provide(w))
+            return
+        w.queued = True
+        w.wait_since = time.monotonic()
         self.waiting += 1
-        taken = False
-        try:
-            async with asyncio.timeout_at(deadline):
-                server = await fut
-            taken = True
+        self.waiters.append(w)
+
+    async def _provide(self, w: Waiter) -> None:
+        server = self._take_any()
+        if server is None:
+            if self.opened >= self.size:  # others took the room meanwhile
+                self.request(w)
+                return
+            self.opened += 1
+            try:
+                server = await self._open()
+            except asyncio.CancelledError:
+                self.opened -= 1
+                raise
+            except SessionError as e:
+                self.opened -= 1
+                self._next_may_open()
+                w.refused(e)
+                return
+            except (ConnectionError, OSError) as e:
+                self.opened -= 1
+                self._next_may_open()
+                w.refused(ConnectError(f"could not open a backend for the pool: {e}"))
+                return
+            self._where[server] = _IN_USE
+            self.in_use += 1
+        await self._adapt(server, w)
+
+    async def _adapt(self, server: PooledServer, w: Waiter) -> None:
+        """Give ``server`` to ``w``, with ``w``'s settings applied first if it had others."""
+        if server.applied != w.settings:
+            try:
+                error = await server.run_hidden(apply_sql(w.settings))
+            except ConnectionError:  # it closed meanwhile (lost() did the counts): start over
+                self.request(w)
+                return
+            if error is not None:
+                server.applied = None
+                self.release(server)
+                w.refused(SessionError(error.message, error.code, hint=error.hint))
+                return
+            server.applied = w.settings
+        if w.closed:
+            self.release(server)
+        else:
+            w.granted(server)
+
+    async def acquire(self, settings: Settings) -> PooledServer:
+        """A backend with ``settings``, for the pooler's own use (a new client's greeting)."""
+        server = self.take_idle(settings)
+        if server is not None:
             return server
-        except TimeoutError:
-            raise PoolTimeout(
+        w = _FutureWaiter(settings, asyncio.get_running_loop().create_future(), self)
+        self.request(w)
+        try:
+            return await asyncio.shield(w.future)
+        except asyncio.CancelledError:
+            w.give_up()
+            raise
+
+    def expire(self, now: float) -> None:
+        """Refuse those who waited past pool_timeout (the line is in arrival order)."""
+        limit = now - self.pooler.config.timeout
+        waiters = self.waiters
+        while waiters and (not waiters[0].queued or waiters[0].wait_since < limit):
+            w = waiters.popleft()
+            if not w.queued:
+                continue
+            w.queued = False
+            self.waiting -= 1
+            self.wait_seconds.observe(now - w.wait_since)
+            w.refused(PoolTimeout(
                 f'no backend of branch "{self.branch}" became free within pool_timeout '
                 f"({self.pooler.config.timeout:g}s): all {self.size} are in transactions",
-                hint="make transactions shorter, raise pool_size or pool_timeout, or connect fewer clients") from None
-        finally:
-            self.waiting -= 1
-            if not fut.done():
-                fut.cancel()
-                with contextlib.suppress(ValueError):
-                    self.waiters.remove(fut)
-            elif not taken and not fut.cancelled():  # handed to us as we gave up: pass it on
-                handed = fut.result()
-                if handed is not None:
-                    self.release(handed)
-                elif self.opened < self.size:
-                    self._wake_one(None)
+                hint="make transactions shorter, raise pool_size or pool_timeout, or connect fewer clients"))
 
-    def _wake_one(self, server: PooledServer | None) -> bool:
-        while self.waiters:
-            fut = self.waiters.popleft()
-            if not fut.done():
-                fut.set_result(server)
-                return True
-        return False
+    def _next_in_line(self) -> Waiter | None:
+        waiters = self.waiters
+        while waiters:
+            w = waiters.popleft()
+            if w.queued:
+                w.queued = False
+                self.waiting -= 1
+                self.wait_seconds.observe(time.monotonic() - w.wait_since)
+                return w
+        return None
+
+    def _next_may_open(self) -> None:
+        """A backend closed or failed to open: the next in line may open one."""
+        if self.waiters and self.opened < self.size:
+            w = self._next_in_line()
+            if w is not None:
+                self.pooler.spawn(self._provide(w))
 
     def release(self, server: PooledServer) -> None:
-        """Back from a client at the end of a transaction: to the next waiter, or idle."""
+        """Back from a client at the end of a transaction: to the next in line, or idle."""
         if self._where.get(server) != _IN_USE:
             return
         if server.cancelling:
@@ -284,19 +365,23 @@ class Pool:
             server.close()
             return
         server.client = None
-        if self._wake_one(server):
-            return
+        if self.waiters:
+            w = self._next_in_line()
+            if w is not None:
+                if server.applied == w.settings:
+                    w.granted(server)
+                else:
+                    self.pooler.spawn(self._adapt(server, w))
+                return
         self._where[server] = _IDLE
         self.in_use -= 1
         server.idle_since = time.monotonic()
         self.idle.append(server)
 
     def abandon(self, server: PooledServer) -> None:
-        """Its client left mid-transaction or mid-query: stop what runs and close it (Postgres rolls
-        back an open transaction when its connection closes); never lent on."""
-        if server.expect and not server.closed:
-            key = server.key
-            self.pooler.spawn(self.pooler.cancel_backend(key))
+        """Its client left mid-transaction or mid-query: the backend closes, as when a client of
+        Postgres disconnects — an open transaction rolls back, and a running query stops at its
+        next check of the connection (``client_connection_check_interval``). Never lent on."""
         server.close()
 
     def lost(self, server: PooledServer) -> None:
@@ -309,9 +394,9 @@ class Pool:
             self.in_use -= 1
         if where != _GONE:
             self.opened -= 1
-            self._wake_one(None)
+            self._next_may_open()
 
-    async def _open(self, deadline: float) -> PooledServer:
+    async def _open(self) -> PooledServer:
         compute = await self.pooler.wake(self.branch)
         session = await open_session(compute, self.params, self.branch)
         transport = session.side.transport
@@ -365,19 +450,38 @@ class Pool:
         for server in list(self._where):
             server.close()
         while self.waiters:
-            fut = self.waiters.popleft()
-            if not fut.done():
-                fut.cancel()
+            w = self.waiters.popleft()
+            if w.queued:
+                w.queued = False
+                w.refused(SessionError("terminating connection because the proxy is shutting down", "57P01"))
 
 
 # -- all pools ------------------------------------------------------------------------------------------
+
+
+WAIT_BUCKETS = (0.001, 0.005, 0.025, 0.1, 0.5, 1.0, 5.0, 30.0)
+
+
+class WaitTimes:
+    """A histogram of waits for a backend, kept as plain numbers (observed on every wait in line,
+    so cheaper than a Prometheus child) and exported by the collector."""
+
+    __slots__ = ("counts", "total")
+
+    def __init__(self) -> None:
+        self.counts = [0] * (len(WAIT_BUCKETS) + 1)
+        self.total = 0.0
+
+    def observe(self, seconds: float) -> None:
+        self.counts[bisect.bisect_left(WAIT_BUCKETS, seconds)] += 1
+        self.total += seconds
 
 
 class _PoolCollector(Collector):
     def __init__(self, pooler: Pooler) -> None:
         self.pooler = pooler
 
-    def collect(self) -> Iterator[GaugeMetricFamily]:
+    def collect(self) -> Iterator[GaugeMetricFamily | HistogramMetricFamily]:
         size = GaugeMetricFamily("lakelet_proxy_pool_size", "Backends a pool may open",
                                  labels=["branch", "mode"])
         backends = GaugeMetricFamily("lakelet_proxy_pool_backends", "Pooled backends by state",
@@ -403,6 +507,20 @@ class _PoolCollector(Collector):
         yield size
         yield backends
         yield clients
+        waits = HistogramMetricFamily("lakelet_proxy_pool_wait_seconds", "Time pooled clients waited for a backend",
+                                      labels=["branch", "mode"])
+        merged: dict[str, WaitTimes] = {}
+        for pool in self.pooler.pools.values():
+            m = merged.setdefault(pool.branch, WaitTimes())
+            m.counts = [a + b for a, b in zip(m.counts, pool.wait_seconds.counts, strict=True)]
+            m.total += pool.wait_seconds.total
+        for branch, m in sorted(merged.items()):
+            cumulative, running = [], 0
+            for bound, count in zip((*WAIT_BUCKETS, float("inf")), m.counts, strict=True):
+                running += count
+                cumulative.append(("+Inf" if bound == float("inf") else repr(bound), running))
+            waits.add_metric([branch, "transaction"], cumulative, m.total)
+        yield waits
 
 
 class Pooler:
@@ -420,9 +538,6 @@ class Pooler:
         self._clients: dict[int, PooledClient] = {}  # cancel secret → client
         self._tasks: set[asyncio.Task[object]] = set()
         self._janitor: asyncio.Task[None] | None = None
-        self.wait_histogram = Histogram(
-            "lakelet_proxy_pool_wait_seconds", "Time pooled clients waited for a backend",
-            ["branch", "mode"], buckets=(0.001, 0.005, 0.025, 0.1, 0.5, 1, 5, 30), registry=registry)
         if registry is not None:
             registry.register(_PoolCollector(self))
 
@@ -520,9 +635,11 @@ class Pooler:
     async def _sweep(self) -> None:
         while True:
             await asyncio.sleep(JANITOR_EVERY)
-            older = time.monotonic() - self.config.server_idle_timeout
+            now = time.monotonic()
+            older = now - self.config.server_idle_timeout
             for pool in list(self.pools.values()):
                 pool.close_idle(older)
+                pool.expire(now)
 
     async def close(self) -> None:
         if self._janitor is not None:
