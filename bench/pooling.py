@@ -195,7 +195,7 @@ async def idle_memory(name: str, port: int, pid: int, n: int, options: str) -> f
 def run(args: argparse.Namespace, cleanup: object) -> None:
     clients = args.clients or (1000 if args.quick else 10_000)
     idle = args.idle if args.idle is not None else clients
-    duration = args.duration or (10 if args.quick else 30)
+    duration = args.duration or (10 if args.quick else 60)  # -T includes the clients logging in
     rounds = args.rounds or (1 if args.quick else 2)
     pg, user = find_binaries(), resolve_service_user(os.environ.get("LAKELET_COMPUTE_USER"))
     wanted = 3 * max(clients, idle) + 2000
