@@ -180,6 +180,17 @@ class PooledClient(asyncio.Protocol):
         else:
             self.fatal(error.sqlstate, str(error), error.hint)
 
+    def cancel_waiting(self) -> bool:
+        """A cancel for a client still in line: its query fails as cancelled, never runs."""
+        if not self.queued:
+            return False
+        self.queued = False
+        self.pool.waiting -= 1
+        self.asking = False
+        self._deactivate()
+        self._refuse(codec.error_response("ERROR", "57014", "canceling statement due to user request"))
+        return True
+
     def release(self, server: PooledServer) -> None:
         """The transaction ended (ReadyForQuery I, nothing outstanding): the backend goes back."""
         server.client = None
@@ -294,10 +305,12 @@ class PooledClient(asyncio.Protocol):
         if len(buf) > READ_AHEAD_LIMIT:
             self.transport.pause_reading()
 
-    def _synth(self, server: PooledServer | None, data: bytes) -> None:
-        """An answer of the pooler's own, in its place among the backend's answers."""
+    def _synth(self, server: PooledServer | None, data: bytes,
+               parsed: tuple[bytes, ServerStatement] | None = None) -> None:
+        """An answer of the pooler's own, in its place among the backend's answers (``parsed``: the
+        client's statement it stands for, forgotten if an error before it makes Postgres skip it)."""
         if server is not None and server.expect:
-            server.expect.append((E_SYNTH, data, None))
+            server.expect.append((E_SYNTH, data, parsed))
         else:
             self.transport.write(data)
 
@@ -396,7 +409,7 @@ class PooledClient(asyncio.Protocol):
             stmt = self.pool.pooler.names.get(payload[at:])
             self.statements[name] = stmt
             if server.prepared.use(stmt.name):
-                self._synth(server, PARSE_COMPLETE)
+                self._synth(server, PARSE_COMPLETE, (name, stmt))
                 return b""
             return self._prepare(server, stmt, name)
         if kind == 0x44:  # Describe

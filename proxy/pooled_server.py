@@ -208,6 +208,8 @@ class PooledServer(asyncio.Protocol):
                 self.prepared.discard(b)
             elif code == E_CLOSE_HIDDEN:
                 self.broken = True  # the eviction never ran: the backend has a name we forgot
+            elif code == E_SYNTH and b is not None and client is not None:
+                client.forget(*b)  # a Parse answered by the pooler, which Postgres would have skipped
         if not expect:
             self.skipping = True
 

@@ -605,7 +605,8 @@ class Pooler:
             return False
         server = client.server
         if server is None or not server.expect:
-            return True  # nothing running: as on Postgres, a cancel of an idle session does nothing
+            client.cancel_waiting()  # in line: its query fails as cancelled; idle: nothing, as on Postgres
+            return True
         server.cancelling += 1
         try:
             await self.cancel_backend(server.key)

@@ -273,6 +273,24 @@ async def test_cancel_lands_on_the_running_query_only(harness: Harness, pool_con
         assert await asyncio.wait_for(slow_b, 20) == "done"  # b's query was not cancelled
         assert await asyncio.wait_for(a.fetchval("SELECT 'alive'"), 10) == "alive"
         assert time.monotonic() - started < 25
+        # A client still waiting in line: its query fails as cancelled and never runs.
+        pool_config.size = 1
+        _pool(harness).close_idle(time.monotonic() + 1)
+        await poll_until(lambda: _pool(harness).opened == 0, "idle backends closed", timeout=10, every=0.02)
+        holder = await apg(harness)
+        tr = holder.transaction()
+        await tr.start()
+        await holder.fetchval("SELECT 1")
+        queued = asyncio.create_task(a.fetchval("SELECT 'ran'"))
+        await poll_until(lambda: _pool(harness).waiting == 1, "a in line", timeout=10, every=0.02)
+        queued.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await queued
+        await poll_until(lambda: _pool(harness).waiting == 0, "a out of line", timeout=10, every=0.02)
+        await tr.rollback()
+        await holder.close()
+        assert await asyncio.wait_for(a.fetchval("SELECT 'next'"), 10) == "next"
+        pool_config.size = 2
         # psycopg: cancel from another task; the query errors with 57014, the session goes on.
         conn = await psycopg.AsyncConnection.connect(
             f"host=127.0.0.1 port={harness.proxy.port} dbname=postgres user=app password={PASSWORD} "

@@ -190,3 +190,26 @@ async def test_pgbench_prepared_through_the_pooled_string(harness: Harness, pool
         assert await c.fetchval("SELECT count(*) FROM pgbench_history") == 640
     finally:
         await c.close()
+
+
+async def test_copy_both_ways(harness: Harness, pool_config) -> None:
+    pool_config.size = 1
+    c = await apg(harness)
+    try:
+        await c.execute("CREATE TABLE pool_copy (a int, b text)")
+        await c.copy_records_to_table("pool_copy", records=[(i, f"r{i}") for i in range(1000)])
+        out = await c.copy_from_query("SELECT * FROM pool_copy WHERE a < 3 ORDER BY a", output=_Sink(),
+                                      format="csv")
+        assert out == "COPY 3"
+        assert await c.fetchval("SELECT count(*) FROM pool_copy") == 1000
+        await c.execute("DROP TABLE pool_copy")
+    finally:
+        await c.close()
+
+
+class _Sink:
+    def __init__(self) -> None:
+        self.data = b""
+
+    async def __call__(self, chunk: bytes) -> None:
+        self.data += chunk
