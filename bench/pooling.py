@@ -198,7 +198,7 @@ def run(args: argparse.Namespace, cleanup: object) -> None:
     duration = args.duration or (10 if args.quick else 60)  # -T includes the clients logging in
     rounds = args.rounds or (1 if args.quick else 2)
     pg, user = find_binaries(), resolve_service_user(os.environ.get("LAKELET_COMPUTE_USER"))
-    wanted = 3 * max(clients, idle) + 2000
+    wanted = max(clients, idle) + 2000  # per process: each side of the clients lives in its own
     if bp.raise_nofile(wanted) < wanted:
         raise bp.SetupError(f"RLIMIT_NOFILE cannot be raised to {wanted}: lower --clients")
     root = Path(tempfile.mkdtemp(prefix="lakelet-bench-pooling-", dir="/tmp"))

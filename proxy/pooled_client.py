@@ -116,8 +116,7 @@ class PooledClient(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
         if self.queued:  # left in the line, skipped when its turn comes
-            self.queued = False
-            self.pool.waiting -= 1
+            self.pool.left_line(self)
         server = self.server
         if server is not None:
             self.server = None
@@ -184,8 +183,7 @@ class PooledClient(asyncio.Protocol):
         """A cancel for a client still in line: its query fails as cancelled, never runs."""
         if not self.queued:
             return False
-        self.queued = False
-        self.pool.waiting -= 1
+        self.pool.left_line(self)
         self.asking = False
         self._deactivate()
         self._refuse(codec.error_response("ERROR", "57014", "canceling statement due to user request"))

@@ -165,8 +165,7 @@ class _FutureWaiter:
     def give_up(self) -> None:
         self.gone = True
         if self.queued:
-            self.queued = False
-            self.pool.waiting -= 1
+            self.pool.left_line(self)
         if self.future.done() and not self.future.cancelled() and self.future.exception() is None:
             self.pool.release(self.future.result())
 
@@ -260,7 +259,14 @@ class Pool:
         w.queued = True
         w.wait_since = time.monotonic()
         self.waiting += 1
+        self.signals.waiting += 1  # demand the compute cannot serve yet: the autoscaler's load
         self.waiters.append(w)
+
+    def left_line(self, w: Waiter) -> None:
+        """``w`` is out of the line (served, refused or gone); a gone one stays in the deque, skipped."""
+        w.queued = False
+        self.waiting -= 1
+        self.signals.waiting -= 1
 
     async def _provide(self, w: Waiter) -> None:
         server = self._take_any()
@@ -328,8 +334,7 @@ class Pool:
             w = waiters.popleft()
             if not w.queued:
                 continue
-            w.queued = False
-            self.waiting -= 1
+            self.left_line(w)
             self.wait_seconds.observe(now - w.wait_since)
             w.refused(PoolTimeout(
                 f'no backend of branch "{self.branch}" became free within pool_timeout '
@@ -341,8 +346,7 @@ class Pool:
         while waiters:
             w = waiters.popleft()
             if w.queued:
-                w.queued = False
-                self.waiting -= 1
+                self.left_line(w)
                 self.wait_seconds.observe(time.monotonic() - w.wait_since)
                 return w
         return None
@@ -452,7 +456,7 @@ class Pool:
         while self.waiters:
             w = self.waiters.popleft()
             if w.queued:
-                w.queued = False
+                self.left_line(w)
                 w.refused(SessionError("terminating connection because the proxy is shutting down", "57P01"))
 
 

@@ -80,3 +80,20 @@ def test_statement_names_and_lru() -> None:
     assert lru.use(b"x")
     assert lru.add(b"z") == [b"y"]  # least recently used goes
     assert b"x" in lru and b"y" not in lru
+
+
+def test_clients_waiting_for_a_backend_are_load_for_the_autoscaler() -> None:
+    from compute.autoscaler import PolicyConfig, PolicyState, Sample, decide
+
+    cfg = PolicyConfig(min_cu=0.25, max_cu=2.0, up_after=3)
+    state = PolicyState(0.25)
+    # Idle CPU, nothing running: only a line of 3 pooled clients waiting for a backend.
+    for _ in range(3):
+        d = decide(state, Sample(cpu_cores=0.05, active_backends=0, waiting=3), cfg)
+        state = d.state
+    assert d.direction == "up" and d.cu > 0.25
+    state = PolicyState(0.25)
+    for _ in range(3):
+        d = decide(state, Sample(cpu_cores=0.05, active_backends=0, waiting=0), cfg)
+        state = d.state
+    assert d.direction == "hold"
