@@ -8,9 +8,11 @@ Load: ``pgbench -n -S -M extended`` (one statement per transaction, the extended
 driver uses) with ``--clients`` connections (default 10,000; --quick 1,000), ``-j 2``, in
 alternating rounds. Reported per target: TPS (pgbench's, without connection time), p99 latency
 (from pgbench's per-transaction log), the pooler process's CPU per transaction (user + system,
-from /proc around the run — the clients' SCRAM logins included, for both), and failed or aborted
-clients. Lakelet alone also runs ``-M prepared`` (named statements remapped per backend); the
-PgBouncer found here (1.18) predates prepared-statement support (1.21), so it gets no such row.
+sampled from /proc from the last login to the end of the run, so SCRAM logins are not in it; p99
+over the same window), and failed or aborted clients. Lakelet alone
+also runs ``-M prepared`` (named statements remapped per backend; at most 1,000
+clients, as pgbench prepares with a blocking call per client); the PgBouncer found here (1.18)
+predates prepared-statement support (1.21), so it gets no such row.
 
 Idle memory: ``--idle`` clients (default: as many as ``--clients``) log in with asyncpg and stay
 idle; the RSS growth of the Lakelet process (a fresh one) and of PgBouncer, divided by the number
@@ -35,6 +37,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -128,19 +131,42 @@ class Result:
     failed: int
 
 
-def _p99(prefix: str) -> float:
+def _window(prefix: str, start: float, end: float) -> tuple[int, float]:
+    """Transactions that ended inside [start, end] (epoch seconds) and their p99 latency in ms, from
+    pgbench's per-transaction log (client, number, latency µs, script, epoch s, µs)."""
     latencies: list[int] = []
     for path in glob.glob(prefix + ".*"):
         with open(path) as f:
             for line in f:
                 parts = line.split()
-                if len(parts) >= 3:
+                if len(parts) >= 6 and start <= int(parts[4]) + int(parts[5]) / 1e6 <= end:
                     latencies.append(int(parts[2]))
         os.unlink(path)
     if not latencies:
-        return float("nan")
+        return 0, float("nan")
     latencies.sort()
-    return latencies[min(len(latencies) - 1, int(len(latencies) * 0.99))] / 1000
+    return len(latencies), latencies[min(len(latencies) - 1, int(len(latencies) * 0.99))] / 1000
+
+
+class CpuSampler(threading.Thread):
+    """The pooler process's CPU seconds, sampled with wall-clock time, so CPU per transaction is
+    taken over a steady window after every client has logged in."""
+
+    def __init__(self, pid: int) -> None:
+        super().__init__(daemon=True)
+        self.pid = pid
+        self.samples: list[tuple[float, float]] = []
+        self.stop = threading.Event()
+
+    def run(self) -> None:
+        while not self.stop.is_set():
+            with contextlib.suppress(OSError):
+                self.samples.append((time.time(), bp.cpu_seconds(self.pid)))
+            self.stop.wait(0.25)
+
+    def between(self, start: float, end: float) -> float:
+        inside = [c for t, c in self.samples if start <= t <= end]
+        return inside[-1] - inside[0] if len(inside) > 1 else float("nan")
 
 
 def pgbench(pgbench_bin: str, target: Target, clients: int, duration: int, mode: str, logdir: Path) -> Result:
@@ -148,21 +174,34 @@ def pgbench(pgbench_bin: str, target: Target, clients: int, duration: int, mode:
     cmd = [pgbench_bin, "-h", "127.0.0.1", "-p", str(target.port), "-U", ROLE, "-n", "-S", "-M", mode,
            "-c", str(clients), "-j", "2", "-T", str(duration), "-l", f"--log-prefix={prefix}", DATABASE]
     env = {**bp.pgbench_env(), "PGOPTIONS": target.options}
-    before = bp.cpu_seconds(target.pid)
+    sampler = CpuSampler(target.pid)
+    sampler.start()
+    began = time.time()
     out = subprocess.run(cmd, capture_output=True, text=True, env=env)
-    cpu = bp.cpu_seconds(target.pid) - before
+    ended = time.time()
+    sampler.stop.set()
+    sampler.join()
     tps = re.search(r"^tps = ([0-9.]+)", out.stdout, re.M)
     txns = re.search(r"^number of transactions actually processed: (\d+)", out.stdout, re.M)
     failed = re.search(r"^number of failed transactions: (\d+)", out.stdout, re.M)
+    connect = re.search(r"^initial connection time = ([0-9.]+) ms", out.stdout, re.M)
     aborted = len(re.findall(r"aborted", out.stderr))
-    if tps is None or txns is None:
+    if txns is None or (tps is None and int(txns.group(1)) > 0):
         raise bp.SetupError(f"pgbench against {target.name} failed ({out.returncode}): "
                             f"{(out.stderr or out.stdout).strip()[-1500:]}")
-    n = int(txns.group(1))
-    result = Result(target.name, mode, float(tps.group(1)), n, _p99(prefix), cpu * 1e6 / max(1, n),
+    logins = float(connect.group(1)) / 1000 if connect else 0.0
+    if tps is None:
+        print(f"  {target.name}: the clients' logins took the whole {duration}s run; raise --duration", flush=True)
+    # The steady window: from a second after the last login to a second before the end.
+    start, end = max(began + logins + 1, ended - 1 - 0.6 * duration), ended - 1
+    n, p99 = _window(prefix, start, end)
+    cpu = sampler.between(start, end) if end - start >= 2 else float("nan")
+    result = Result(target.name, mode, float(tps.group(1)) if tps else 0.0, int(txns.group(1)), p99,
+                    cpu * 1e6 / n if n else float("nan"),
                     (int(failed.group(1)) if failed else 0) + aborted + (out.returncode != 0))
     print(f"  {target.name:<16} -M {mode:<9} {result.tps:9.0f} tps  p99 {result.p99_ms:8.1f} ms  "
-          f"{result.cpu_us:7.1f} µs CPU/txn  errors {result.failed}", flush=True)
+          f"{result.cpu_us:7.1f} µs CPU/txn  errors {result.failed}  "
+          f"(logins {logins:.1f}s)", flush=True)
     return result
 
 
@@ -195,7 +234,7 @@ async def idle_memory(name: str, port: int, pid: int, n: int, options: str) -> f
 def run(args: argparse.Namespace, cleanup: object) -> None:
     clients = args.clients or (1000 if args.quick else 10_000)
     idle = args.idle if args.idle is not None else clients
-    duration = args.duration or (10 if args.quick else 60)  # -T includes the clients logging in
+    duration = args.duration or (30 if args.quick else 90)  # -T includes the clients logging in
     rounds = args.rounds or (1 if args.quick else 2)
     pg, user = find_binaries(), resolve_service_user(os.environ.get("LAKELET_COMPUTE_USER"))
     wanted = max(clients, idle) + 2000  # per process: each side of the clients lives in its own
@@ -232,7 +271,9 @@ def run(args: argparse.Namespace, cleanup: object) -> None:
         order = targets[r % len(targets):] + targets[:r % len(targets)]
         for target in order:
             results.append(pgbench(pg["pgbench"], target, clients, duration, "extended", logdir))
-        results.append(pgbench(pg["pgbench"], targets[0], clients, duration, "prepared", logdir))
+        # pgbench prepares each client's statements with a blocking call in a thread shared by
+        # thousands of clients: behind a deep line that serializes logins, not the pooler; 1,000 at most.
+        results.append(pgbench(pg["pgbench"], targets[0], min(clients, 1000), duration, "prepared", logdir))
 
     memory: dict[str, float] = {}
     if idle > 0:
@@ -276,7 +317,7 @@ def report(clients: int, duration: int, pool_size: int, results: list[Result], m
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--quick", action="store_true", help="1,000 clients, one 10 s round each")
+    ap.add_argument("--quick", action="store_true", help="1,000 clients, one 30 s round each")
     ap.add_argument("--clients", type=int, help="concurrent pgbench clients (default 10,000)")
     ap.add_argument("--idle", type=int, help="idle clients for the memory measurement (default: --clients; 0 skips)")
     ap.add_argument("--pool-size", type=int, default=20, help="backends per pool, both poolers (default 20)")
