@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import struct
+from time import monotonic
 from typing import TYPE_CHECKING
 
 from proxy import codec
@@ -36,6 +37,7 @@ from proxy.statements import (
     DEALLOCATE,
     DISCARD,
     PARSE_COMPLETE,
+    PREFIXES,
     RESET,
     SET,
     ServerStatement,
@@ -69,7 +71,7 @@ _CLOSE = (E_CLOSE, None, None)
 _PARSE_UNNAMED = (E_PARSE, None, None)
 _QUERY = (E_QUERY, None, None)
 _MAYBE_SPECIAL = frozenset(b"sSrRdD \t\r\n-/")
-_EXTENDED = frozenset(b"PBDEC")
+_LETTERS = frozenset(b"sSrRdD")
 
 
 class PooledClient(asyncio.Protocol):
@@ -154,7 +156,13 @@ class PooledClient(asyncio.Protocol):
         server.client = self
         server.skipping = False
         self.server = server
-        self._activate()
+        if not self.active:
+            self.active = True
+            pool = self.pool
+            pool.active += 1
+            s = pool.signals
+            s.sessions += 1
+            s.last_activity = monotonic()
 
     def granted(self, server: PooledServer) -> None:
         """The pool's answer to ``request``: a backend with this client's settings."""
@@ -193,8 +201,14 @@ class PooledClient(asyncio.Protocol):
         """The transaction ended (ReadyForQuery I, nothing outstanding): the backend goes back."""
         server.client = None
         self.server = None
-        self._deactivate()
-        self.pool.release(server)
+        pool = self.pool
+        if self.active:
+            self.active = False
+            pool.active -= 1
+            s = pool.signals
+            s.sessions -= 1
+            s.last_activity = monotonic()
+        pool.release(server)
 
     def server_lost(self, server: PooledServer) -> None:
         """The backend closed while lent (its FATAL, if any, was passed on): so does the client."""
@@ -282,6 +296,15 @@ class PooledClient(asyncio.Protocol):
                         break
                     self._lend(server)
                 run = pos
+            if kind == 0x45 and not server.skipping:  # Execute: the common case, inline
+                server.status = 0
+                server.expect.append(_EXECUTE)
+                pos = end
+                continue
+            if kind == 0x53 and not server.skipping:  # Sync
+                server.expect.append(_SYNC)
+                pos = end
+                continue
             done = self._forward(server, kind, buf, pos, end)
             if done is not None:
                 if run < pos:
@@ -391,7 +414,8 @@ class PooledClient(asyncio.Protocol):
         if kind == 0x50:  # Parse
             server.status = 0
             if buf[pos + 5] == 0:  # the unnamed statement: passed on
-                if buf[pos + 6] in _MAYBE_SPECIAL:
+                if buf[pos + 6] in _MAYBE_SPECIAL and (buf[pos + 6] not in _LETTERS
+                                                       or bytes(buf[pos + 6:pos + 9]).lower() in PREFIXES):
                     self._untracked_set(server, bytes(buf[pos + 6:min(end, pos + 300)]))
                 expect.append(_PARSE_UNNAMED)
                 return None

@@ -48,7 +48,7 @@ IDLE = 0x49  # 'I'
 class PooledServer(asyncio.Protocol):
     __slots__ = ("transport", "pool", "key", "compute_pid", "client", "expect", "prepared", "applied", "status",
                  "buf", "closed", "reported", "skipping", "failed", "broken", "cancelling", "held", "idle_since",
-                 "_waiter", "_paused_client", "last_rows")
+                 "_waiter", "_paused_client", "last_rows", "where")
 
     def __init__(self, pool: Pool, transport: asyncio.Transport, key: BackendKey, greeting: bytes,
                  compute_pid: int, max_prepared: int) -> None:
@@ -78,6 +78,7 @@ class PooledServer(asyncio.Protocol):
         self._waiter: asyncio.Future[None] | None = None
         self._paused_client = False
         self.last_rows: list[bytes] = []
+        self.where = 2  # in its pool: 0 idle, 1 in use, 2 not (yet, or any more)
 
     # -- asyncio.Protocol ---------------------------------------------------------------------------
 

@@ -199,7 +199,7 @@ class Pool:
         self.clients = 0  # connected
         self.active = 0  # holding or waiting for a backend
         self.waiting = 0
-        self._where: dict[PooledServer, int] = {}
+        self.servers: set[PooledServer] = set()  # open ones; each knows its state (``where``)
         self.wait_seconds = WaitTimes()
 
     @property
@@ -229,13 +229,20 @@ class Pool:
     def take_idle(self, settings: Settings) -> PooledServer | None:
         """The most recently used idle backend that already has ``settings``, if one is near the top."""
         idle = self.idle
+        if idle:
+            server = idle[-1]
+            if server.applied == settings and not server.closed:  # the usual case: one set of settings
+                idle.pop()
+                server.where = _IN_USE
+                self.in_use += 1
+                return server
         i = len(idle) - 1
         stop = max(-1, i - 8)
         while i > stop:
             server = idle[i]
             if server.applied == settings and not server.closed:
                 del idle[i]
-                self._where[server] = _IN_USE
+                server.where = _IN_USE
                 self.in_use += 1
                 return server
             i -= 1
@@ -245,7 +252,7 @@ class Pool:
         while self.idle:
             server = self.idle.pop()
             if not server.closed:
-                self._where[server] = _IN_USE
+                server.where = _IN_USE
                 self.in_use += 1
                 return server
         return None
@@ -290,7 +297,8 @@ class Pool:
                 self._next_may_open()
                 w.refused(ConnectError(f"could not open a backend for the pool: {e}"))
                 return
-            self._where[server] = _IN_USE
+            server.where = _IN_USE
+            self.servers.add(server)
             self.in_use += 1
         await self._adapt(server, w)
 
@@ -360,7 +368,7 @@ class Pool:
 
     def release(self, server: PooledServer) -> None:
         """Back from a client at the end of a transaction: to the next in line, or idle."""
-        if self._where.get(server) != _IN_USE:
+        if server.where != _IN_USE:
             return
         if server.cancelling:
             server.held = True  # a cancel for its last client is in flight: not lent before it lands
@@ -377,7 +385,7 @@ class Pool:
                 else:
                     self.pooler.spawn(self._adapt(server, w))
                 return
-        self._where[server] = _IDLE
+        server.where = _IDLE
         self.in_use -= 1
         server.idle_since = time.monotonic()
         self.idle.append(server)
@@ -390,7 +398,9 @@ class Pool:
 
     def lost(self, server: PooledServer) -> None:
         """A backend's connection closed (by us, its compute stopping, or an error)."""
-        where = self._where.pop(server, _GONE)
+        where = server.where
+        server.where = _GONE
+        self.servers.discard(server)
         if where == _IDLE:
             with contextlib.suppress(ValueError):
                 self.idle.remove(server)
@@ -451,7 +461,7 @@ class Pool:
             server.close()
 
     def close(self) -> None:
-        for server in list(self._where):
+        for server in list(self.servers):
             server.close()
         while self.waiters:
             w = self.waiters.popleft()

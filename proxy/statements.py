@@ -32,7 +32,7 @@ _I32 = struct.Struct("!i")
 # -- what a simple query is, by its first word -----------------------------------------------------
 
 OTHER, SET, RESET, DEALLOCATE, DISCARD = range(5)
-_PREFIXES = frozenset({b"set", b"res", b"dea", b"dis"})
+PREFIXES = frozenset({b"set", b"res", b"dea", b"dis"})
 _WORD = re.compile(rb"\s*(?:(?:--[^\n]*\n|/\*.*?\*/)\s*)*([A-Za-z]+)", re.S)
 _KINDS = {b"set": SET, b"reset": RESET, b"deallocate": DEALLOCATE, b"discard": DISCARD}
 
@@ -44,7 +44,7 @@ def first_word(sql: bytes | bytearray | memoryview) -> int:
     n = len(sql)
     while i < n and sql[i] in b" \t\r\n":
         i += 1
-    if i < n and sql[i] not in b"-/" and bytes(sql[i:i + 3]).lower() not in _PREFIXES:
+    if i < n and sql[i] not in b"-/" and bytes(sql[i:i + 3]).lower() not in PREFIXES:
         return OTHER  # SELECT, INSERT, BEGIN…: decided by three bytes
     m = _WORD.match(bytes(sql[:256]))
     return _KINDS.get(m.group(1).lower(), OTHER) if m else OTHER

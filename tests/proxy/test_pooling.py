@@ -175,7 +175,7 @@ async def test_a_client_dying_mid_transaction_never_lends_its_backend(harness: H
     await poll_until(lambda: _pool(harness).in_use == 1 and _pool(harness).active == 1, "b's query running",
                      timeout=10, every=0.02)
     await asyncio.sleep(0.2)
-    b_pid = next(iter(_pool(harness)._where)).key.pid
+    b_pid = next(iter(_pool(harness).servers)).key.pid
     b.terminate()
     running.cancel()
     started = time.monotonic()
