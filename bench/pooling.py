@@ -5,7 +5,7 @@ by side; then the memory each idle pooled client costs.
     .venv/bin/python bench/pooling.py [--quick] [--clients N] [--pool-size N] [--duration S] [--rounds N]
 
 Load: ``pgbench -n -S -M extended`` (one statement per transaction, the extended protocol every
-driver uses) with ``--clients`` connections (default 10,000; --quick 1,000), ``-j 2``, in
+driver uses) with ``--clients`` connections (default 10,000; --quick 1,000), ``-j 4``, in
 alternating rounds. Reported per target: TPS (pgbench's, without connection time), p99 latency
 (from pgbench's per-transaction log), the pooler process's CPU per transaction (user + system,
 sampled from /proc from the last login to the end of the run, so SCRAM logins are not in it; p99
@@ -169,10 +169,11 @@ class CpuSampler(threading.Thread):
         return inside[-1] - inside[0] if len(inside) > 1 else float("nan")
 
 
-def pgbench(pgbench_bin: str, target: Target, clients: int, duration: int, mode: str, logdir: Path) -> Result:
+def pgbench(pgbench_bin: str, target: Target, clients: int, duration: int, mode: str, logdir: Path,
+            threads: int) -> Result:
     prefix = str(logdir / f"log-{target.name}-{mode}")
     cmd = [pgbench_bin, "-h", "127.0.0.1", "-p", str(target.port), "-U", ROLE, "-n", "-S", "-M", mode,
-           "-c", str(clients), "-j", "2", "-T", str(duration), "-l", f"--log-prefix={prefix}", DATABASE]
+           "-c", str(clients), "-j", str(threads), "-T", str(duration), "-l", f"--log-prefix={prefix}", DATABASE]
     env = {**bp.pgbench_env(), "PGOPTIONS": target.options}
     sampler = CpuSampler(target.pid)
     sampler.start()
@@ -234,7 +235,7 @@ async def idle_memory(name: str, port: int, pid: int, n: int, options: str) -> f
 def run(args: argparse.Namespace, cleanup: object) -> None:
     clients = args.clients or (1000 if args.quick else 10_000)
     idle = args.idle if args.idle is not None else clients
-    duration = args.duration or (30 if args.quick else 90)  # -T includes the clients logging in
+    duration = args.duration or (30 if args.quick else 150)  # -T includes the clients logging in
     rounds = args.rounds or (1 if args.quick else 2)
     pg, user = find_binaries(), resolve_service_user(os.environ.get("LAKELET_COMPUTE_USER"))
     wanted = max(clients, idle) + 2000  # per process: each side of the clients lives in its own
@@ -266,14 +267,15 @@ def run(args: argparse.Namespace, cleanup: object) -> None:
     logdir = root / "logs"
     logdir.mkdir()
     results: list[Result] = []
-    print(f"pgbench -S, {clients} clients, -j 2, {duration}s, {rounds} alternating round(s)", flush=True)
+    print(f"pgbench -S, {clients} clients, -j {args.threads}, {duration}s, {rounds} alternating round(s)", flush=True)
     for r in range(rounds):
         order = targets[r % len(targets):] + targets[:r % len(targets)]
         for target in order:
-            results.append(pgbench(pg["pgbench"], target, clients, duration, "extended", logdir))
+            results.append(pgbench(pg["pgbench"], target, clients, duration, "extended", logdir, args.threads))
         # pgbench prepares each client's statements with a blocking call in a thread shared by
         # thousands of clients: behind a deep line that serializes logins, not the pooler; 1,000 at most.
-        results.append(pgbench(pg["pgbench"], targets[0], min(clients, 1000), duration, "prepared", logdir))
+        results.append(pgbench(pg["pgbench"], targets[0], min(clients, 1000), duration, "prepared", logdir,
+                               args.threads))
 
     memory: dict[str, float] = {}
     if idle > 0:
@@ -287,12 +289,13 @@ def run(args: argparse.Namespace, cleanup: object) -> None:
                 memory["pgbouncer-tx"] = await idle_memory("pgbouncer-tx", bouncer.port, bouncer.proc.pid, idle, "")
 
         asyncio.run(idle_phase())
-    report(clients, duration, args.pool_size, results, memory)
+    report(clients, duration, args.pool_size, args.threads, results, memory)
 
 
-def report(clients: int, duration: int, pool_size: int, results: list[Result], memory: dict[str, float]) -> None:
+def report(clients: int, duration: int, pool_size: int, threads: int, results: list[Result],
+           memory: dict[str, float]) -> None:
     print()
-    print(f"{clients} clients, pool size {pool_size}, pgbench -S -j 2 -T {duration}; medians over rounds")
+    print(f"{clients} clients, pool size {pool_size}, pgbench -S -j {threads} -T {duration}; medians over rounds")
     print(f"{'target':<16}{'mode':>10}{'tps':>10}{'p99 ms':>10}{'CPU µs/txn':>12}{'errors':>8}{'KiB/idle':>10}")
     rows: dict[tuple[str, str], list[Result]] = {}
     for r in results:
@@ -323,6 +326,8 @@ def main() -> int:
     ap.add_argument("--pool-size", type=int, default=20, help="backends per pool, both poolers (default 20)")
     ap.add_argument("--duration", type=int, help="seconds per pgbench run")
     ap.add_argument("--rounds", type=int, help="alternating rounds")
+    ap.add_argument("--threads", type=int, default=4, help="pgbench threads (-j; default 4: logins are sequential "
+                    "per thread)")
     ap.add_argument("--scale", type=int, default=10, help="pgbench scale factor (default 10)")
     ap.add_argument("--cu", type=float, default=0.25, help="compute size, pinned (default 0.25: max_connections 100)")
     ap.add_argument("--no-pgbouncer", action="store_true")
