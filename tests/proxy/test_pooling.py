@@ -337,8 +337,9 @@ async def test_idle_pooled_clients_let_the_compute_suspend(harness: Harness) -> 
 def test_config_keys() -> None:
     from lakelet.config import ConfigError, load
 
-    c = load(env={"LAKELET_POOL_MODE": "transaction", "LAKELET_POOL_SIZE": "20", "LAKELET_POOL_TIMEOUT": "5"})
-    assert (c.pool_mode, c.pool_size, c.pool_timeout) == ("transaction", 20, 5.0)
+    c = load(env={"LAKELET_POOL_MODE": "transaction", "LAKELET_POOL_SIZE": "20", "LAKELET_POOL_TIMEOUT": "5",
+                  "LAKELET_POOL_IDLE_TRANSACTION_TIMEOUT": "60"})
+    assert (c.pool_mode, c.pool_size, c.pool_timeout, c.pool_idle_transaction_timeout) == ("transaction", 20, 5.0, 60.0)
     assert load(env={}).pool_mode == "session"
     with pytest.raises(ConfigError, match="pool_mode = 'statement'"):
         load(env={"LAKELET_POOL_MODE": "statement"})
