@@ -106,11 +106,20 @@ class PooledClient(asyncio.Protocol):
         self.transport = transport  # type: ignore[assignment]
 
     def data_received(self, data: bytes) -> None:
-        self.buf += data
-        if not self.asking:
-            self._pump()
-        elif len(self.buf) > READ_AHEAD_LIMIT:
-            self.transport.pause_reading()
+        if self.buf or self.asking:
+            self.buf += data
+            if not self.asking:
+                self._pump()
+            elif len(self.buf) > READ_AHEAD_LIMIT:
+                self.transport.pause_reading()
+            return
+        # The usual case, whole messages with nothing before them: read in place, and passed on
+        # without a copy when none is rewritten.
+        pos = self._forward_from(data)
+        if pos < len(data) and not self.closed:
+            self.buf += data[pos:]
+            if len(self.buf) > READ_AHEAD_LIMIT:
+                self.transport.pause_reading()
 
     def eof_received(self) -> bool:
         return False
@@ -253,9 +262,17 @@ class PooledClient(asyncio.Protocol):
     # -- the client's messages ---------------------------------------------------------------------------
 
     def _pump(self) -> None:
-        """Forward every whole message: runs of messages passed on as they are go out as one slice
-        of ``buf``; only a rewritten, dropped or answered message breaks a run."""
-        buf = self.buf
+        """Forward the whole messages buffered."""
+        pos = self._forward_from(self.buf)
+        if pos:
+            del self.buf[:pos]
+        if len(self.buf) > READ_AHEAD_LIMIT:
+            self.transport.pause_reading()
+
+    def _forward_from(self, buf: bytes | bytearray) -> int:
+        """Forward every whole message of ``buf``; return how many bytes were consumed. Runs of
+        messages passed on as they are go out as one slice of ``buf`` (``buf`` itself when it is
+        all one run); only a rewritten, dropped or answered message breaks a run."""
         n = len(buf)
         pos = run = 0
         server = self.server
@@ -265,7 +282,7 @@ class PooledClient(asyncio.Protocol):
             length = unpack(buf, pos + 1)[0]
             if length < 4 or length > MAX_MESSAGE:
                 self.fatal("08P01", f"invalid message length {length}")
-                return
+                return n
             end = pos + 1 + length
             if end > n:
                 break
@@ -316,15 +333,12 @@ class PooledClient(asyncio.Protocol):
         if server is not None:
             if not out:
                 if run < pos:
-                    server.transport.write(bytes(buf[run:pos]))
+                    server.transport.write(buf if run == 0 and pos == n and type(buf) is bytes else buf[run:pos])
             else:
                 if run < pos:
                     out.append(bytes(buf[run:pos]))
                 server.transport.write(b"".join(out))
-        if pos:
-            del buf[:pos]
-        if len(buf) > READ_AHEAD_LIMIT:
-            self.transport.pause_reading()
+        return pos
 
     def _synth(self, server: PooledServer | None, data: bytes,
                parsed: tuple[bytes, ServerStatement] | None = None) -> None:
