@@ -81,7 +81,7 @@ class TxBouncer:
 
     def start(self, binary: str, cleanup: object) -> None:
         home = self.root / "pgbouncer"
-        home.mkdir()
+        home.mkdir(exist_ok=True)
         self.user.own(home, 0o700)
         (home / "userlist.txt").write_text(f'"{ROLE}" "{self.verifier}"\n')
         (home / "pgbouncer.ini").write_text(
@@ -99,7 +99,9 @@ class TxBouncer:
         self.proc = subprocess.Popen(
             [binary, str(home / "pgbouncer.ini")], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
             preexec_fn=self.user.preexec, env=self.user.child_env(), cwd="/", start_new_session=True)
-        cleanup.push("pgbouncer", lambda: bp.stop_process(self.proc, signal.SIGINT, timeout=10))  # type: ignore
+        if not getattr(self, "_registered", False):
+            cleanup.push("pgbouncer", lambda: bp.stop_process(self.proc, signal.SIGINT, timeout=10))  # type: ignore
+            self._registered = True
         deadline = time.monotonic() + 20
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
@@ -279,8 +281,12 @@ def run(args: argparse.Namespace, cleanup: object) -> None:
 
     memory: dict[str, float] = {}
     if idle > 0:
-        print(f"idle clients: {idle} logged in and idle; restarting lakelet up for a fresh heap", flush=True)
+        print(f"idle clients: {idle} logged in and idle; restarting lakelet up and pgbouncer for fresh heaps",
+              flush=True)
         lake.restart(cleanup)
+        if bouncer is not None and binary:
+            bp.stop_process(bouncer.proc, signal.SIGINT, timeout=10)
+            bouncer.start(binary, cleanup)
 
         async def idle_phase() -> None:
             memory["lakelet-pooled"] = await idle_memory("lakelet-pooled", lake.port, lake.proc.pid, idle,
