@@ -213,3 +213,28 @@ class _Sink:
 
     async def __call__(self, chunk: bytes) -> None:
         self.data += chunk
+
+
+async def test_cursors_errors_and_notices_inside_transactions(harness: Harness, pool_config) -> None:
+    pool_config.size = 1
+    a, b = await apg(harness), await apg(harness)
+    try:
+        async with a.transaction():  # a portal fetched in pieces (PortalSuspended) keeps the backend
+            got = [r["id"] async for r in a.cursor("SELECT id FROM big WHERE id <= $1 ORDER BY id", 250,
+                                                   prefetch=50)]
+        assert got == list(range(1, 251))
+        tr = a.transaction()
+        await tr.start()
+        with pytest.raises(asyncpg.DivisionByZeroError):
+            await a.fetchval("SELECT 1 / $1::int", 0)
+        with pytest.raises(asyncpg.InFailedSQLTransactionError):  # still its backend, in a failed transaction
+            await a.fetchval("SELECT 1")
+        await tr.rollback()
+        notices: list[str] = []
+        b.add_log_listener(lambda _c, msg: notices.append(msg.message))
+        await b.execute("DO $$ BEGIN RAISE NOTICE 'hello from the backend'; END $$")
+        assert await b.fetchval("SELECT 2") == 2
+        assert notices == ["hello from the backend"]
+    finally:
+        await a.close()
+        await b.close()
