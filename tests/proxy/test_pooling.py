@@ -92,6 +92,18 @@ async def test_pooled_clients_share_a_backend_session_clients_do_not(harness: Ha
             await conn.close()
 
 
+async def test_pool_size_follows_the_compute(harness: Harness, pool_config) -> None:
+    pool_config.size = 0  # from the compute: half of max_connections after the reserved slots
+    c = await apg(harness)
+    try:
+        max_connections = int(await c.fetchval("SHOW max_connections"))
+        assert harness.proxy.pooler.size_for("main") == (max_connections - 10) // 2
+        assert f'lakelet_proxy_pool_size{{branch="main",mode="transaction"}} {(max_connections - 10) // 2}.0' in \
+            harness.metric("lakelet_proxy_pool_size")
+    finally:
+        await c.close()
+
+
 async def test_pooler_suffix_on_the_server_name_over_tls(harness: Harness) -> None:
     ca = harness.proxy.ca_file
     dsn = (f"host=main-pooler.lakelet.test hostaddr=127.0.0.1 port={harness.proxy.port} dbname=postgres "
