@@ -231,7 +231,7 @@ class Pool:
         idle = self.idle
         if idle:
             server = idle[-1]
-            if server.applied == settings and not server.closed:  # the usual case: one set of settings
+            if server.applied == settings and not server.closed and not server.buf:  # the usual case
                 idle.pop()
                 server.where = _IN_USE
                 self.in_use += 1
@@ -240,7 +240,7 @@ class Pool:
         stop = max(-1, i - 8)
         while i > stop:
             server = idle[i]
-            if server.applied == settings and not server.closed:
+            if server.applied == settings and not server.closed and not server.buf:
                 del idle[i]
                 server.where = _IN_USE
                 self.in_use += 1
@@ -251,6 +251,11 @@ class Pool:
     def _take_any(self) -> PooledServer | None:
         while self.idle:
             server = self.idle.pop()
+            if server.buf:  # it spoke while idle (a FATAL as its compute stops): not lent
+                server.where = _IN_USE
+                self.in_use += 1
+                server.close()
+                continue
             if not server.closed:
                 server.where = _IN_USE
                 self.in_use += 1
