@@ -186,10 +186,17 @@ class ComputeNode:
 
     def _restore_sync_slots(self, branch_id: int, rebuilt: bool) -> None:
         """Lakehouse-sync slots survive a rebuilt data dir (see compute.logical_slots)."""
-        slots = logical_slots.restore(self.datadir, self.home, branch_id, wal_dirs=[self.store.wal_dir(self.branch)],
-                                      seg_size=WAL_SEGMENT_MB << 20, user=self.user, rebuilt=rebuilt)
+        # The endpoint starts a branch with a sync enabled with wal_level = logical; any other
+        # branch's sync slots are orphans.
+        enabled = self.settings.get("wal_level") == "logical"
+        slots, removed = logical_slots.restore(
+            self.datadir, self.home, branch_id, wal_dirs=[self.store.wal_dir(self.branch)],
+            seg_size=WAL_SEGMENT_MB << 20, user=self.user, rebuilt=rebuilt, enabled=enabled)
+        if removed:
+            log.info("lakehouse-sync slots removed: not this branch's sync", extra={"branch": self.branch,
+                                                                                    "slots": removed})
         if slots:  # Postgres refuses to start with a logical slot under a lower wal_level
-            self.settings["wal_level"] = "logical"
+            self.settings.update(logical_slots.SETTINGS)
 
     async def _spawn(self) -> None:
         self.log_file.touch()

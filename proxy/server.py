@@ -14,7 +14,7 @@ import logging
 import socket
 import ssl
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from prometheus_client import CollectorRegistry
@@ -37,6 +37,8 @@ from proxy.errors import (
 from proxy.handshake import Cancel, negotiate, route
 from proxy.metrics import ProxyMetrics
 from proxy.pipe import Side, tcp_bytes
+from proxy.pooled_client import PooledClient
+from proxy.pooler import PoolConfig, Pooler, select_mode
 from proxy.warm import PoolKey, WarmBackend, WarmPool, pool_key
 
 log = logging.getLogger("lakelet.proxy")
@@ -59,6 +61,7 @@ class ProxyConfig:
     max_unauthenticated_per_address: int = 100
     warm_backends: int = 32  # idle, reset backends kept per branch (keyed by startup parameters); 0: none
     default_branch: str = "main"
+    pool: PoolConfig = field(default_factory=PoolConfig)  # transaction pooling (proxy/pooler.py)
 
 
 @dataclass(slots=True)
@@ -86,6 +89,7 @@ class Proxy:
         self._branches: dict[str, LoadSignals] = {}
         self._relaying: dict[Side, str] = {}  # client side → branch, while relayed
         self.metrics = ProxyMetrics(registry, lambda: self._branches, self._live_bytes)
+        self.pooler = Pooler(config.pool, wake=self._wake, signals=self._signals, registry=registry)
         self.material = tls.load(config.tls_dir, config.tls_cert, config.tls_key)
         self._ssl = self._direct_ssl = None
         if self.material is not None:
@@ -162,6 +166,7 @@ class Proxy:
             task.cancel()
         await asyncio.gather(*self._sessions, return_exceptions=True)
         await self.warm.close()
+        await self.pooler.close()
 
     async def _accept_loop(self) -> None:
         loop = asyncio.get_running_loop()
@@ -224,7 +229,10 @@ class Proxy:
             opened = await self._open(client, address, direct, s, deadline)
             if opened is not None:
                 s.outcome = "ok"
-                await self._passthrough(client, *opened, loop, s)
+                if isinstance(opened, PooledClient):
+                    await opened.run()
+                else:
+                    await self._passthrough(client, *opened, loop, s)
         except InvalidStartupPacket as e:
             s.outcome = e.outcome
             self.metrics.invalid_startup_packets.inc()
@@ -288,7 +296,7 @@ class Proxy:
         s.admitted = True
 
     async def _open(self, client: Side, address: str, direct: bool,
-                    s: _Session, deadline: float) -> tuple[Side, LoadSignals] | None:
+                    s: _Session, deadline: float) -> tuple[Side, LoadSignals] | PooledClient | None:
         """Handshake, auth, wake and connect: the compute's side of a session ready to relay and
         its branch's signals, or None for a cancel request. The startup packet, the greeting and
         the rest end with this call, so an idle session keeps only its two protocols."""
@@ -296,8 +304,10 @@ class Proxy:
             startup = await negotiate(client, self._ssl, direct_tls=direct, require_tls=self.config.require_tls)
             if isinstance(startup, Cancel):
                 s.outcome = "cancel"
-                await self.cancels.forward(startup.pid, startup.secret)
+                if not await self.cancels.forward(startup.pid, startup.secret):
+                    await self.pooler.cancel(startup.pid, startup.secret)
                 return None
+            mode, startup.sni = select_mode(startup.params, startup.sni, self.config.pool.mode)
             s.branch = branch = route(startup, self.provider.has_branch, self.config.default_branch)
             role = startup.params["user"]
             startup.params.setdefault("database", role)
@@ -308,6 +318,8 @@ class Proxy:
                 client, role=role, verifier_text=self.provider.role_verifier(branch, role), cert_hash=cert_hash,
                 throttle=self.throttle, address=address, on_failure=self.metrics.auth_failures.inc)
         self._admit(s)
+        if mode == "transaction":
+            return await self.pooler.connect(client, branch, startup.params, accepted)
         compute = await self._wake(branch)
         s.pool_key = pool_key(branch, startup.params)
         warm = await self.warm.take_or_wait(s.pool_key, compute.pid)
