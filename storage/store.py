@@ -512,7 +512,8 @@ class Store:
         """Store a cleanly shut down compute's data dir as the branch's newest image."""
         self._image(self._row(branch).id, datadir)
 
-    def take_online_image(self, branch: str, *, host: str, port: int) -> ImageRow:
+    def take_online_image(self, branch: str, *, host: str, port: int,
+                          add_files: Callable[[Path], object] | None = None) -> ImageRow:
         """Image ``branch`` while its compute (listening at ``host``/``port``) runs on.
 
         A base backup of the running compute (see ``storage.online`` for why this design), stored
@@ -523,13 +524,17 @@ class Store:
         image alone reaches consistency: GC keeps the branch's WAL from ``lsn`` on, as for any
         image, and may drop what lies before the copy.
 
-        The branch stays marked running: its compute goes on writing past the image."""
+        The branch stays marked running: its compute goes on writing past the image.
+        ``add_files(datadir)`` may add to the copy before it is stored what ``pg_basebackup``
+        leaves out (the compute's lakehouse-sync slots, ``compute.logical_slots.copy_live``)."""
         row = self._row(branch)
         work = Path(tempfile.mkdtemp(prefix="online-", dir=self.tmp_root))
         try:
             self.user.own(work, 0o700)
             backup = online.base_backup(self.pg, self.user, host=host, port=port, role=ADMIN_ROLE,
                                         datadir=work / "pgdata")
+            if add_files is not None:
+                add_files(backup.datadir)
             segments = self._streamed_range(row, backup)
             return self._record_image(row.id, backup.datadir, backup.end_lsn, backup.tli, segments,
                                       redo_lsn=backup.start_lsn)
