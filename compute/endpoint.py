@@ -371,7 +371,8 @@ class Endpoint:
         node = self.node
         if self.state != S.ACTIVE or node is None or not node.alive():
             return
-        sample = await self._sampler.sample(node.process_ids(), node.connect, self.signals.sessions)
+        sample = await self._sampler.sample(node.process_ids(), node.connect, self.signals.sessions,
+                                            self.signals.waiting)
         if self.state != S.ACTIVE or self.node is not node:
             return  # suspended or lost while we were reading it
         self.last_sample = sample

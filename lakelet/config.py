@@ -36,7 +36,11 @@ class Config:
     wake_timeout: float = 30.0
     max_client_connections: int = 10000
     max_unauthenticated_per_address: int = 100
-    warm_backends: int = 8
+    warm_backends: int = 32
+    pool_mode: str = "session"  # transaction pooling: the default for connections that do not choose
+    pool_size: int = 0  # backends per (branch, role, database); 0 = from the compute size
+    pool_timeout: float = 30.0
+    pool_idle_transaction_timeout: float = 0.0  # >0: Postgres ends a pooled transaction left idle this long
     suspend_timeout: float = 300.0
     min_cu: float = 0.25
     max_cu: float = 2.0
@@ -57,6 +61,8 @@ class Config:
     data_api_pre_request: str = ""
     data_api_pool_size: int = 10
     data_api_idle_timeout: float = 60.0
+    data_api_jwt_aud: str = ""
+    data_api_plan_enabled: bool = False
     # Where lakehouse sync writes Delta tables: a path or s3://bucket/prefix (AWS_* settings from
     # the environment); empty = <data_dir>/lakehouse.
     lakehouse_uri: str = ""
@@ -87,12 +93,14 @@ SECTIONS: dict[str, str] = {
     "listen": "proxy", "require_tls": "proxy", "tls_cert": "proxy", "tls_key": "proxy",
     "auth_timeout": "proxy", "wake_timeout": "proxy", "max_client_connections": "proxy",
     "max_unauthenticated_per_address": "proxy", "warm_backends": "proxy",
+    "pool_mode": "proxy", "pool_size": "proxy", "pool_timeout": "proxy", "pool_idle_transaction_timeout": "proxy",
     "suspend_timeout": "compute", "min_cu": "compute", "max_cu": "compute", "durability": "compute",
     "user": "compute", "retention_days": "storage", "gc_interval": "storage", "superuser": "project",
     "store_uri": "storage", "wal_upload_interval": "storage", "cache_size": "storage",
     **{name: "data_api" for name in ("data_api", "data_api_schemas", "data_api_anon_role", "data_api_jwt_secret",
                                      "data_api_jwt_role_claim", "data_api_max_rows", "data_api_pre_request",
-                                     "data_api_pool_size", "data_api_idle_timeout")},
+                                     "data_api_pool_size", "data_api_idle_timeout", "data_api_jwt_aud",
+                                     "data_api_plan_enabled")},
     "lakehouse_uri": "lakehouse",
 }
 ENV_NAMES = {name: "LAKELET_" + name.upper() for name in SECTIONS} | {"user": "LAKELET_COMPUTE_USER"}
@@ -195,6 +203,11 @@ def validate(c: Config) -> None:
         raise ConfigError("max_unauthenticated_per_address must be at least 1")
     if c.warm_backends < 0:
         raise ConfigError("warm_backends must be 0 (off) or more")
+    if c.pool_mode not in ("session", "transaction"):
+        raise ConfigError(f"pool_mode = {c.pool_mode!r}: use 'session' or 'transaction'")
+    if c.pool_size < 0 or c.pool_timeout <= 0 or c.pool_idle_transaction_timeout < 0:
+        raise ConfigError("pool_size must be 0 (from the compute size) or more, pool_timeout a positive number "
+                          "of seconds, pool_idle_transaction_timeout 0 (off) or more")
     if bool(c.tls_cert) != bool(c.tls_key):
         raise ConfigError("tls_cert and tls_key go together: set both, or neither for a self-signed certificate")
     parse_hostport(c.listen, "listen")
