@@ -747,6 +747,17 @@ class Store:
         if self.remote_wal is not None:
             self.remote_wal.drop_dir(branch_dir)
 
+    def copy_wal_segment(self, src: Path, dest: Path) -> None:
+        """Copy one archive segment (a path from ``wal_files``) to ``dest``, from the bucket if
+        only the bucket has it. A ``.partial`` that finished meanwhile is read under its new name."""
+        try:
+            self._copy_segment(src, dest)
+        except FileNotFoundError:
+            done = src.with_name(src.name.removesuffix(".partial"))
+            if done == src:
+                raise
+            self._copy_segment(done, dest)
+
     def _copy_segment(self, src: Path, dest: Path, *, link: bool = False) -> None:
         """``src`` (an archive path) to ``dest``: from local disk, else from the bucket."""
         try:
