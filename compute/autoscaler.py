@@ -4,7 +4,8 @@ No I/O here, so the policy is tested over recorded traces of samples. Reading si
 ``signals.py`` and applying a size in ``actuator.py``.
 
 Load is measured in cores' worth of demand: the larger of the compute's CPU use (cores) and its
-active backends (each one a query wanting a core). 1 CU is about one core. The policy
+active backends (each one a query wanting a core) plus the clients waiting in a transaction pool for
+a backend (queries wanting one too, not yet running). 1 CU is about one core. The policy
 - scales **up** once the load has stayed above ``high`` × size for ``up_after`` samples (3 s by
   default), straight to the smallest size that brings utilisation back under ``high``;
 - scales **down** one step only after the load has stayed below ``low`` × size for ``down_after``
@@ -27,10 +28,11 @@ class Sample:
     sessions: int = 0
     commits_per_second: float = 0.0
     memory_bytes: int = 0
+    waiting: int = 0  # pooled clients in line for a backend
 
     @property
     def load(self) -> float:
-        return max(self.cpu_cores, float(self.active_backends))
+        return max(self.cpu_cores, float(self.active_backends + self.waiting))
 
 
 @dataclass(frozen=True)

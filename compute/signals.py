@@ -22,7 +22,7 @@ MEMORY_EVERY = 15
 class LoadSignals:
     """Updated by the proxy on its hot path: plain attributes, no locks, no allocation."""
 
-    __slots__ = ("sessions", "sessions_opened", "bytes_in", "bytes_out", "last_activity")
+    __slots__ = ("sessions", "sessions_opened", "bytes_in", "bytes_out", "last_activity", "waiting")
 
     def __init__(self) -> None:
         self.sessions = 0
@@ -30,6 +30,7 @@ class LoadSignals:
         self.bytes_in = 0
         self.bytes_out = 0
         self.last_activity = time.monotonic()
+        self.waiting = 0  # pooled clients in line for a backend (transaction pooling): load not yet served
 
     @contextmanager
     def held(self) -> Iterator[None]:
@@ -77,7 +78,7 @@ class ComputeSampler:
         self._memory = 0
         self._until_memory = 0
 
-    async def sample(self, pids: list[int], connect: object, sessions: int) -> Sample:
+    async def sample(self, pids: list[int], connect: object, sessions: int, waiting: int = 0) -> Sample:
         now = time.monotonic()
         dt = max(now - self._at, 1e-3)
         self._at = now
@@ -101,7 +102,7 @@ class ComputeSampler:
         if commits is not None:
             self._commits = commits
         return Sample(cpu_cores=cpu_seconds / dt, active_backends=active, sessions=sessions,
-                      commits_per_second=commit_rate, memory_bytes=self._memory)
+                      commits_per_second=commit_rate, memory_bytes=self._memory, waiting=waiting)
 
     async def _pg_counts(self, connect: object) -> tuple[int, int | None]:
         try:

@@ -29,6 +29,7 @@ from lakelet.config import Config
 from lakelet.rundir import DataDirLock, remove_run_info, write_run_info
 from lakelet.synced_api import SyncedTablesAPI
 from proxy import Proxy, ProxyConfig
+from proxy.pooler import PoolConfig
 from storage.bucket import open_store, parse_size
 from storage.postgres import find_binaries, make_reachable, repair_tree, resolve_service_user
 
@@ -104,6 +105,8 @@ async def _serve_locked(config: Config, data_dir: Path) -> int:
         wake_timeout=config.wake_timeout, max_client_connections=config.max_client_connections,
         max_unauthenticated_per_address=config.max_unauthenticated_per_address,
         warm_backends=config.warm_backends,
+        pool=PoolConfig(mode=config.pool_mode, size=config.pool_size, timeout=config.pool_timeout,
+                        idle_transaction_timeout=config.pool_idle_transaction_timeout),
     ), registry=registry)
 
     synced = SyncedTables(BranchComputes(endpoints), data_dir / "synced_tables.json", registry)

@@ -51,3 +51,10 @@ class ConnectError(SessionError):
 class TooManyConnections(SessionError):
     sqlstate = "53300"
     outcome = "too_many_connections"
+
+
+class PoolTimeout(SessionError):
+    """A pooled client waited pool_timeout for a backend (transaction pooling)."""
+
+    sqlstate = "53300"
+    outcome = "pool_timeout"

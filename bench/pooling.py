@@ -1,0 +1,358 @@
+"""Transaction pooling: many concurrent clients doing short transactions on one branch, through
+Lakelet's pooled string and through PgBouncer in transaction mode with the same pool size, side
+by side; then the memory each idle pooled client costs.
+
+    .venv/bin/python bench/pooling.py [--quick] [--clients N] [--pool-size N] [--duration S] [--rounds N]
+
+Load: ``pgbench -n -S -M extended`` (one statement per transaction, the extended protocol every
+driver uses) with ``--clients`` connections (default 10,000; --quick 1,000), ``-j 4``, in
+alternating rounds. Reported per target: TPS (pgbench's, without connection time), p99 latency
+(from pgbench's per-transaction log), the pooler process's CPU per transaction (user + system,
+sampled from /proc from the last login to the end of the run, so SCRAM logins are not in it; p99
+over the same window), and failed or aborted clients. Lakelet alone
+also runs ``-M prepared`` (named statements remapped per backend; at most 1,000
+clients, as pgbench prepares with a blocking call per client); the PgBouncer found here (1.18)
+predates prepared-statement support (1.21), so it gets no such row.
+
+Idle memory: ``--idle`` clients (default: as many as ``--clients``) log in with asyncpg and stay
+idle; the RSS growth of the Lakelet process (a fresh one) and of PgBouncer, divided by the number
+of clients. A pooled idle client holds no backend, so this is the proxy's cost alone.
+
+Goals (issue #16): every client served with no error; TPS ≥ PgBouncer's; ≤ 10 KiB per idle
+pooled client.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import glob
+import importlib.util
+import os
+import re
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import asyncpg
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+
+def _load_proxy_bench():  # noqa: ANN202 - the module
+    """bench/proxy.py's process helpers (lakelet up, cleanup, /proc readers), loaded by path: the
+    bench directory is not a package and ``proxy`` is the proxy room's name."""
+    spec = importlib.util.spec_from_file_location("bench_proxy", REPO / "bench" / "proxy.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["bench_proxy"] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+bp = _load_proxy_bench()
+from storage.postgres import ServiceUser, find_binaries, resolve_service_user  # noqa: E402
+
+ROLE, DATABASE, PASSWORD = bp.ROLE, bp.DATABASE, bp.PASSWORD
+
+
+@dataclass
+class TxBouncer:
+    """PgBouncer in transaction mode, ``pool_size`` server connections, on the compute's socket."""
+
+    root: Path
+    user: ServiceUser
+    socket_dir: str
+    compute_port: int
+    verifier: str
+    clients: int
+    pool_size: int
+    port: int = field(default_factory=bp.free_port)
+    proc: subprocess.Popen[bytes] | None = None
+
+    def start(self, binary: str, cleanup: object) -> None:
+        home = self.root / "pgbouncer"
+        home.mkdir(exist_ok=True)
+        self.user.own(home, 0o700)
+        (home / "userlist.txt").write_text(f'"{ROLE}" "{self.verifier}"\n')
+        (home / "pgbouncer.ini").write_text(
+            "[databases]\n"
+            f"{DATABASE} = host={self.socket_dir} port={self.compute_port} dbname={DATABASE}\n"
+            "[pgbouncer]\n"
+            f"listen_addr = 127.0.0.1\nlisten_port = {self.port}\nunix_socket_dir =\n"
+            f"auth_type = scram-sha-256\nauth_file = {home}/userlist.txt\n"
+            f"pool_mode = transaction\ndefault_pool_size = {self.pool_size}\nmax_db_connections = 0\n"
+            f"max_client_conn = {self.clients + 2000}\nclient_login_timeout = 900\nquery_wait_timeout = 300\n"
+            f"logfile = {home}/pgbouncer.log\nlog_connections = 0\nlog_disconnections = 0\n"
+            "ignore_startup_parameters = extra_float_digits\n")
+        for name in ("userlist.txt", "pgbouncer.ini"):
+            self.user.own(home / name, 0o600)
+        self.proc = subprocess.Popen(
+            [binary, str(home / "pgbouncer.ini")], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            preexec_fn=self.user.preexec, env=self.user.child_env(), cwd="/", start_new_session=True)
+        if not getattr(self, "_registered", False):
+            cleanup.push("pgbouncer", lambda: bp.stop_process(self.proc, signal.SIGINT, timeout=10))  # type: ignore
+            self._registered = True
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise bp.SetupError(f"pgbouncer exited {self.proc.returncode}")
+            with contextlib.suppress(OSError):
+                import socket
+                with socket.create_connection(("127.0.0.1", self.port), timeout=1):
+                    return
+            time.sleep(0.1)
+        raise bp.SetupError("pgbouncer did not start listening within 20 s")
+
+
+@dataclass
+class Target:
+    name: str
+    port: int
+    pid: int
+    options: str = ""  # PGOPTIONS
+
+
+@dataclass
+class Result:
+    target: str
+    mode: str
+    tps: float
+    txns: int
+    p99_ms: float
+    cpu_us: float
+    failed: int
+
+
+def _window(prefix: str, start: float, end: float) -> tuple[int, float]:
+    """Transactions that ended inside [start, end] (epoch seconds) and their p99 latency in ms, from
+    pgbench's per-transaction log (client, number, latency µs, script, epoch s, µs)."""
+    latencies: list[int] = []
+    for path in glob.glob(prefix + ".*"):
+        with open(path) as f:
+            for line in f:
+                parts = line.split()
+                if len(parts) >= 6 and start <= int(parts[4]) + int(parts[5]) / 1e6 <= end:
+                    latencies.append(int(parts[2]))
+        os.unlink(path)
+    if not latencies:
+        return 0, float("nan")
+    latencies.sort()
+    return len(latencies), latencies[min(len(latencies) - 1, int(len(latencies) * 0.99))] / 1000
+
+
+class CpuSampler(threading.Thread):
+    """The pooler process's CPU seconds, sampled with wall-clock time, so CPU per transaction is
+    taken over a steady window after every client has logged in."""
+
+    def __init__(self, pid: int) -> None:
+        super().__init__(daemon=True)
+        self.pid = pid
+        self.samples: list[tuple[float, float]] = []
+        self.stop = threading.Event()
+
+    def run(self) -> None:
+        while not self.stop.is_set():
+            with contextlib.suppress(OSError):
+                self.samples.append((time.time(), bp.cpu_seconds(self.pid)))
+            self.stop.wait(0.25)
+
+    def between(self, start: float, end: float) -> float:
+        inside = [c for t, c in self.samples if start <= t <= end]
+        return inside[-1] - inside[0] if len(inside) > 1 else float("nan")
+
+
+def pgbench(pgbench_bin: str, target: Target, clients: int, duration: int, mode: str, logdir: Path,
+            threads: int) -> Result:
+    prefix = str(logdir / f"log-{target.name}-{mode}")
+    cmd = [pgbench_bin, "-h", "127.0.0.1", "-p", str(target.port), "-U", ROLE, "-n", "-S", "-M", mode,
+           "-c", str(clients), "-j", str(threads), "-T", str(duration), "-l", f"--log-prefix={prefix}", DATABASE]
+    env = {**bp.pgbench_env(), "PGOPTIONS": target.options}
+    sampler = CpuSampler(target.pid)
+    sampler.start()
+    began = time.time()
+    out = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    ended = time.time()
+    sampler.stop.set()
+    sampler.join()
+    tps = re.search(r"^tps = ([0-9.]+)", out.stdout, re.M)
+    txns = re.search(r"^number of transactions actually processed: (\d+)", out.stdout, re.M)
+    failed = re.search(r"^number of failed transactions: (\d+)", out.stdout, re.M)
+    connect = re.search(r"^initial connection time = ([0-9.]+) ms", out.stdout, re.M)
+    aborted = len(re.findall(r"aborted", out.stderr))
+    if txns is None or (tps is None and int(txns.group(1)) > 0):
+        raise bp.SetupError(f"pgbench against {target.name} failed ({out.returncode}): "
+                            f"{(out.stderr or out.stdout).strip()[-1500:]}")
+    logins = float(connect.group(1)) / 1000 if connect else 0.0
+    if tps is None:
+        print(f"  {target.name}: the clients' logins took the whole {duration}s run; raise --duration", flush=True)
+    # The steady window: from a second after the last login to a second before the end.
+    start, end = max(began + logins + 1, ended - 1 - 0.6 * duration), ended - 1
+    n, p99 = _window(prefix, start, end)
+    cpu = sampler.between(start, end) if end - start >= 2 else float("nan")
+    result = Result(target.name, mode, float(tps.group(1)) if tps else 0.0, int(txns.group(1)), p99,
+                    cpu * 1e6 / n if n else float("nan"),
+                    (int(failed.group(1)) if failed else 0) + aborted + (out.returncode != 0))
+    print(f"  {target.name:<16} -M {mode:<9} {result.tps:9.0f} tps  p99 {result.p99_ms:8.1f} ms  "
+          f"{result.cpu_us:7.1f} µs CPU/txn  errors {result.failed}  "
+          f"(logins {logins:.1f}s)", flush=True)
+    return result
+
+
+async def _open_pooled(port: int, options: str) -> asyncpg.Connection:
+    settings = {"options": options} if options else {}
+    return await asyncpg.connect(host="127.0.0.1", port=port, user=ROLE, password=PASSWORD, database=DATABASE,
+                                 ssl=False, timeout=300, server_settings=settings)
+
+
+async def idle_memory(name: str, port: int, pid: int, n: int, options: str) -> float:
+    """KiB of RSS per idle logged-in client of process ``pid``."""
+    warm = await bp.gather_limited(20, 4, lambda: _open_pooled(port, options))
+    for c in warm:
+        await c.fetchval("SELECT 1")
+    await asyncio.sleep(1)
+    before = bp.rss_kib(pid)
+    t0 = time.perf_counter()
+    clients = await bp.gather_limited(n, 32, lambda: _open_pooled(port, options))
+    seconds = time.perf_counter() - t0
+    await asyncio.sleep(2)
+    after = bp.rss_kib(pid)
+    per = (after - before) / max(1, len(clients))
+    print(f"  idle {name:<16} {len(clients):6d} clients in {seconds:5.1f}s: RSS {before / 1024:.1f} → "
+          f"{after / 1024:.1f} MiB, {per:.2f} KiB/client", flush=True)
+    await bp.close_all([*warm, *clients])
+    await asyncio.sleep(2)
+    return per
+
+
+def run(args: argparse.Namespace, cleanup: object) -> None:
+    clients = args.clients or (1000 if args.quick else 10_000)
+    idle = args.idle if args.idle is not None else clients
+    duration = args.duration or (30 if args.quick else 150)  # -T includes the clients logging in
+    rounds = args.rounds or (1 if args.quick else 2)
+    pg, user = find_binaries(), resolve_service_user(os.environ.get("LAKELET_COMPUTE_USER"))
+    wanted = max(clients, idle) + 2000  # per process: each side of the clients lives in its own
+    if bp.raise_nofile(wanted) < wanted:
+        raise bp.SetupError(f"RLIMIT_NOFILE cannot be raised to {wanted}: lower --clients")
+    root = Path(tempfile.mkdtemp(prefix="lakelet-bench-pooling-", dir="/tmp"))
+    cleanup.push("temp dir", lambda: shutil.rmtree(root, ignore_errors=True))  # type: ignore[attr-defined]
+    os.chmod(root, 0o755)
+    os.environ.update({"LAKELET_POOL_SIZE": str(args.pool_size), "LAKELET_POOL_TIMEOUT": "300"})
+    print(f"starting lakelet up in {root} (compute pinned at {args.cu:g} CU, pool_size {args.pool_size})", flush=True)
+    lake = bp.Lakelet(root, max(clients, idle), args.cu)
+    lake.start(cleanup)
+    init = subprocess.run([pg["pgbench"], "-i", "-q", "-s", str(args.scale), "-h", "127.0.0.1", "-p", str(lake.port),
+                           "-U", ROLE, DATABASE], capture_output=True, text=True, env=bp.pgbench_env())
+    if init.returncode != 0:
+        raise bp.SetupError(f"pgbench -i failed: {init.stderr.strip()[-1500:]}")
+    ep = lake.endpoint()
+    socket_dir, compute_port = str(ep["host"]), int(ep["port"])
+    verifier, _ = asyncio.run(bp.fetch_verifier(socket_dir, compute_port))
+    targets = [Target("lakelet-pooled", lake.port, lake.proc.pid, "pool=transaction")]
+    binary = shutil.which("pgbouncer") or shutil.which("pgbouncer", path="/usr/sbin:/usr/local/sbin")
+    bouncer: TxBouncer | None = None
+    if binary and not args.no_pgbouncer:
+        bouncer = TxBouncer(root, user, socket_dir, compute_port, verifier, max(clients, idle), args.pool_size)
+        bouncer.start(binary, cleanup)
+        targets.append(Target("pgbouncer-tx", bouncer.port, bouncer.proc.pid))  # type: ignore[union-attr]
+    else:
+        print("pgbouncer not found (scripts/setup.sh --bench installs it): Lakelet only")
+    logdir = root / "logs"
+    logdir.mkdir()
+    results: list[Result] = []
+    print(f"pgbench -S, {clients} clients, -j {args.threads}, {duration}s, {rounds} alternating round(s)", flush=True)
+    for r in range(rounds):
+        order = targets[r % len(targets):] + targets[:r % len(targets)]
+        for target in order:
+            results.append(pgbench(pg["pgbench"], target, clients, duration, "extended", logdir, args.threads))
+        # pgbench prepares each client's statements with a blocking call in a thread shared by
+        # thousands of clients: behind a deep line that serializes logins, not the pooler; 1,000 at most.
+        results.append(pgbench(pg["pgbench"], targets[0], min(clients, 1000), duration, "prepared", logdir,
+                               args.threads))
+
+    memory: dict[str, float] = {}
+    if idle > 0:
+        print(f"idle clients: {idle} logged in and idle; restarting lakelet up and pgbouncer for fresh heaps",
+              flush=True)
+        lake.restart(cleanup)
+        if bouncer is not None and binary:
+            bp.stop_process(bouncer.proc, signal.SIGINT, timeout=10)
+            bouncer.start(binary, cleanup)
+
+        async def idle_phase() -> None:
+            memory["lakelet-pooled"] = await idle_memory("lakelet-pooled", lake.port, lake.proc.pid, idle,
+                                                         "pool=transaction")
+            if bouncer is not None:
+                memory["pgbouncer-tx"] = await idle_memory("pgbouncer-tx", bouncer.port, bouncer.proc.pid, idle, "")
+
+        asyncio.run(idle_phase())
+    report(clients, duration, args.pool_size, args.threads, results, memory)
+
+
+def report(clients: int, duration: int, pool_size: int, threads: int, results: list[Result],
+           memory: dict[str, float]) -> None:
+    print()
+    print(f"{clients} clients, pool size {pool_size}, pgbench -S -j {threads} -T {duration}; medians over rounds")
+    print(f"{'target':<16}{'mode':>10}{'tps':>10}{'p99 ms':>10}{'CPU µs/txn':>12}{'errors':>8}{'KiB/idle':>10}")
+    rows: dict[tuple[str, str], list[Result]] = {}
+    for r in results:
+        rows.setdefault((r.target, r.mode), []).append(r)
+    med: dict[tuple[str, str], tuple[float, float, float, int]] = {}
+    for (target, mode), rs in rows.items():
+        med[(target, mode)] = (statistics.median(r.tps for r in rs), statistics.median(r.p99_ms for r in rs),
+                               statistics.median(r.cpu_us for r in rs), sum(r.failed for r in rs))
+        tps, p99, cpu, failed = med[(target, mode)]
+        mem = memory.get(target)
+        print(f"{target:<16}{mode:>10}{tps:10.0f}{p99:10.1f}{cpu:12.1f}{failed:8d}"
+              f"{'' if mem is None or mode != 'extended' else format(mem, '10.2f')}")
+    lake, bouncer = med.get(("lakelet-pooled", "extended")), med.get(("pgbouncer-tx", "extended"))
+    if lake and bouncer:
+        print(f"lakelet/pgbouncer: TPS {lake[0] / bouncer[0]:.2f} (goal ≥ 1), p99 {lake[1] / bouncer[1]:.2f}, "
+              f"CPU/txn {lake[2] / bouncer[2]:.2f}", end="")
+        if "lakelet-pooled" in memory and "pgbouncer-tx" in memory:
+            print(f", KiB/idle client {memory['lakelet-pooled']:.2f} vs {memory['pgbouncer-tx']:.2f} (goal ≤ 10)",
+                  end="")
+        print()
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--quick", action="store_true", help="1,000 clients, one 30 s round each")
+    ap.add_argument("--clients", type=int, help="concurrent pgbench clients (default 10,000)")
+    ap.add_argument("--idle", type=int, help="idle clients for the memory measurement (default: --clients; 0 skips)")
+    ap.add_argument("--pool-size", type=int, default=20, help="backends per pool, both poolers (default 20)")
+    ap.add_argument("--duration", type=int, help="seconds per pgbench run")
+    ap.add_argument("--rounds", type=int, help="alternating rounds")
+    ap.add_argument("--threads", type=int, default=4, help="pgbench threads (-j; default 4: logins are sequential "
+                    "per thread)")
+    ap.add_argument("--scale", type=int, default=10, help="pgbench scale factor (default 10)")
+    ap.add_argument("--cu", type=float, default=0.25, help="compute size, pinned (default 0.25: max_connections 100)")
+    ap.add_argument("--no-pgbouncer", action="store_true")
+    args = ap.parse_args()
+    cleanup = bp.Cleanup()
+    try:
+        with bp.interrupts_as_keyboard():
+            run(args, cleanup)
+    except bp.SetupError as e:
+        print(f"bench/pooling.py: setup failed: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("interrupted; cleaning up", file=sys.stderr)
+        return 130
+    finally:
+        with contextlib.suppress(KeyboardInterrupt):
+            cleanup.run()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,497 @@
+"""The client side of a transaction-pooled session.
+
+The client's bytes are read as whole messages (header, and the payload only of the few kinds the
+pooler rewrites: Parse, Bind, Describe, Close, and the first word of a simple query). With no
+backend, what needs none is answered here (Sync, Flush, a Close of its own statement, DEALLOCATE,
+DISCARD ALL, Terminate); anything else takes a backend from the pool — at once when an idle one
+with the client's settings is there, else after waiting in line (``pool_timeout``). The backend
+stays with the client until ReadyForQuery ``I`` with nothing outstanding (``pooled_server``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import struct
+from time import monotonic
+from typing import TYPE_CHECKING
+
+from proxy import codec
+from proxy.errors import PoolTimeout, SessionError
+from proxy.pooled_server import (
+    E_BIND,
+    E_CLOSE,
+    E_CLOSE_HIDDEN,
+    E_DESCRIBE,
+    E_EXECUTE,
+    E_PARSE,
+    E_PARSE_HIDDEN,
+    E_QUERY,
+    E_SYNC,
+    E_SYNTH,
+    IDLE,
+    PooledServer,
+)
+from proxy.statements import (
+    CLOSE_COMPLETE,
+    DEALLOCATE,
+    DISCARD,
+    PARSE_COMPLETE,
+    PREFIXES,
+    RESET,
+    SET,
+    ServerStatement,
+    Settings,
+    close_statement,
+    command_complete,
+    deallocate_target,
+    first_word,
+    is_discard_all,
+    is_transaction_scoped_set,
+    rename_bind,
+    split_cstring,
+    tracked_set,
+    with_setting,
+)
+
+if TYPE_CHECKING:
+    from proxy.pooler import Pool
+
+log = logging.getLogger("lakelet.proxy")
+
+_LEN = struct.Struct("!i")
+MAX_MESSAGE = 1 << 30
+READ_AHEAD_LIMIT = 256 * 1024  # buffered client bytes while waiting for a backend, before reading pauses
+_IDLE_READY = codec.ready_for_query(b"I")
+_SYNC = (E_SYNC, None, None)
+_BIND = (E_BIND, None, None)
+_EXECUTE = (E_EXECUTE, None, None)
+_DESCRIBE = (E_DESCRIBE, None, None)
+_CLOSE = (E_CLOSE, None, None)
+_PARSE_UNNAMED = (E_PARSE, None, None)
+_QUERY = (E_QUERY, None, None)
+_MAYBE_SPECIAL = frozenset(b"sSrRdD \t\r\n-/")
+_LETTERS = frozenset(b"sSrRdD")
+
+
+class PooledClient(asyncio.Protocol):
+    __slots__ = ("transport", "pool", "buf", "server", "statements", "settings", "startup", "pid", "secret",
+                 "done", "asking", "queued", "wait_since", "discarding", "active", "closed")
+
+    def __init__(self, pool: Pool, transport: asyncio.Transport, settings: Settings, pid: int, secret: int) -> None:
+        self.transport = transport
+        self.pool = pool
+        self.buf = bytearray()
+        self.server: PooledServer | None = None
+        self.statements: dict[bytes, ServerStatement] = {}
+        self.settings = settings
+        self.startup = settings  # what DISCARD ALL returns to
+        self.pid = pid
+        self.secret = secret
+        self.done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self.asking = False  # a backend was asked for: the messages wait in ``buf``
+        self.queued = False  # in the pool's line (``pool.waiters``)
+        self.wait_since = 0.0
+        self.discarding = False  # after an error the pooler raised itself: ignore until Sync, as Postgres does
+        self.active = False  # counted as a session (holding or waiting for a backend)
+        self.closed = False
+
+    async def run(self) -> None:
+        """Until the client's connection is gone."""
+        await asyncio.shield(self.done)
+
+    # -- asyncio.Protocol -------------------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:  # pragma: no cover - swapped in
+        self.transport = transport  # type: ignore[assignment]
+
+    def data_received(self, data: bytes) -> None:
+        if self.buf or self.asking:
+            self.buf += data
+            if not self.asking:
+                self._pump()
+            elif len(self.buf) > READ_AHEAD_LIMIT:
+                self.transport.pause_reading()
+            return
+        # The usual case, whole messages with nothing before them: read in place, and passed on
+        # without a copy when none is rewritten.
+        pos = self._forward_from(data)
+        if pos < len(data) and not self.closed:
+            self.buf += data[pos:]
+            if len(self.buf) > READ_AHEAD_LIMIT:
+                self.transport.pause_reading()
+
+    def eof_received(self) -> bool:
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        if self.queued:  # left in the line, skipped when its turn comes
+            self.pool.left_line(self)
+        server = self.server
+        if server is not None:
+            self.server = None
+            server.client = None
+            if not server.expect and server.status == IDLE and not server.skipping:
+                self.pool.release(server)
+            else:  # gone mid-transaction or mid-query: Postgres rolls back when the backend closes
+                self.pool.abandon(server)
+        self._deactivate()
+        self.pool.client_left(self)
+        if not self.done.done():
+            self.done.set_result(None)
+
+    def pause_writing(self) -> None:
+        if self.server is not None and not self.server.closed:
+            self.server.transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        if self.server is not None and not self.server.closed:
+            self.server.transport.resume_reading()
+
+    # -- lending ------------------------------------------------------------------------------------
+
+    def _activate(self) -> None:
+        if not self.active:
+            self.active = True
+            self.pool.activate()
+
+    def _deactivate(self) -> None:
+        if self.active:
+            self.active = False
+            self.pool.deactivate()
+
+    def _lend(self, server: PooledServer) -> None:
+        server.client = self
+        server.skipping = False
+        self.server = server
+        if not self.active:
+            self.active = True
+            pool = self.pool
+            pool.active += 1
+            s = pool.signals
+            s.sessions += 1
+            s.last_activity = monotonic()
+
+    def granted(self, server: PooledServer) -> None:
+        """The pool's answer to ``request``: a backend with this client's settings."""
+        self.asking = False
+        if self.closed:
+            self.pool.release(server)
+            return
+        self._lend(server)
+        self.transport.resume_reading()
+        self._pump()
+
+    def refused(self, error: SessionError) -> None:
+        """No backend: past pool_timeout the messages fail (not fatal: the client held no backend,
+        so it is outside any transaction, and what it sent fails as one error up to its Sync, as a
+        query Postgres refused would); a backend that cannot be opened ends the session."""
+        self.asking = False
+        self._deactivate()
+        if self.closed:
+            return
+        if isinstance(error, PoolTimeout):
+            self._refuse(codec.error_response("ERROR", error.sqlstate, str(error), hint=error.hint))
+        else:
+            self.fatal(error.sqlstate, str(error), error.hint)
+
+    def cancel_waiting(self) -> bool:
+        """A cancel for a client still in line: its query fails as cancelled, never runs."""
+        if not self.queued:
+            return False
+        self.pool.left_line(self)
+        self.asking = False
+        self._deactivate()
+        self._refuse(codec.error_response("ERROR", "57014", "canceling statement due to user request"))
+        return True
+
+    def release(self, server: PooledServer) -> None:
+        """The transaction ended (ReadyForQuery I, nothing outstanding): the backend goes back."""
+        server.client = None
+        self.server = None
+        pool = self.pool
+        if self.active:
+            self.active = False
+            pool.active -= 1
+            s = pool.signals
+            s.sessions -= 1
+            s.last_activity = monotonic()
+        pool.release(server)
+
+    def server_lost(self, server: PooledServer) -> None:
+        """The backend closed while lent (its FATAL, if any, was passed on): so does the client."""
+        if self.server is server:
+            self.server = None
+            server.client = None
+        self._close()
+
+    def _close(self) -> None:
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.close()
+
+    def fatal(self, code: str, message: str, hint: str | None = None) -> None:
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.write(codec.fatal(code, message, hint=hint))
+        self._close()
+
+    def _refuse(self, error: bytes) -> None:
+        buf = self.buf
+        if len(buf) >= 5 and buf[0] in (0x51, 0x46):  # a simple query or function call: one answer
+            del buf[:1 + _LEN.unpack_from(buf, 1)[0]]
+            self.transport.write(error + _IDLE_READY)
+        else:  # extended protocol: the error, then nothing until Sync
+            self.transport.write(error)
+            self.discarding = True
+        self.transport.resume_reading()
+        self._pump()
+
+    # -- statements and settings (called by the backend's side) ---------------------------------------
+
+    def tracked(self, server: PooledServer, change: tuple[str, bytes | None]) -> None:
+        """A SET/RESET the client ran alone outside a transaction succeeded: keep it."""
+        self.settings = with_setting(self.settings, *change)
+        if server.applied is not None:
+            server.applied = self.settings
+
+    def forget(self, name: bytes, stmt: ServerStatement) -> None:
+        """The client's Parse failed (or was skipped after an error): the name does not exist."""
+        if self.statements.get(name) is stmt:
+            del self.statements[name]
+
+    # -- the client's messages ---------------------------------------------------------------------------
+
+    def _pump(self) -> None:
+        """Forward the whole messages buffered."""
+        pos = self._forward_from(self.buf)
+        if pos:
+            del self.buf[:pos]
+        if len(self.buf) > READ_AHEAD_LIMIT:
+            self.transport.pause_reading()
+
+    def _forward_from(self, buf: bytes | bytearray) -> int:
+        """Forward every whole message of ``buf``; return how many bytes were consumed. Runs of
+        messages passed on as they are go out as one slice of ``buf`` (``buf`` itself when it is
+        all one run); only a rewritten, dropped or answered message breaks a run."""
+        n = len(buf)
+        pos = run = 0
+        server = self.server
+        out: list[bytes] = []
+        unpack = _LEN.unpack_from
+        while pos + 5 <= n:
+            length = unpack(buf, pos + 1)[0]
+            if length < 4 or length > MAX_MESSAGE:
+                self.fatal("08P01", f"invalid message length {length}")
+                return n
+            end = pos + 1 + length
+            if end > n:
+                break
+            kind = buf[pos]
+            if server is None or self.discarding or kind == 0x58:
+                if run < pos:
+                    out.append(bytes(buf[run:pos]))
+                run = end
+                if kind == 0x58:  # Terminate: answered by closing, as Postgres does
+                    pos = n
+                    self._close()
+                    break
+                if self.discarding:
+                    if kind != 0x53:
+                        pos = end
+                        continue
+                    self.discarding = False
+                if server is None:
+                    if self._answer_idle(kind, buf, pos, end):
+                        pos = end
+                        continue
+                    server = self.pool.take_idle(self.settings)
+                    if server is None:  # wait for one: the messages stay in buf
+                        run = pos
+                        self._activate()
+                        self.asking = True
+                        self.pool.request(self)
+                        break
+                    self._lend(server)
+                run = pos
+            if kind == 0x45 and not server.skipping:  # Execute: the common case, inline
+                server.status = 0
+                server.expect.append(_EXECUTE)
+                pos = end
+                continue
+            if kind == 0x53 and not server.skipping:  # Sync
+                server.expect.append(_SYNC)
+                pos = end
+                continue
+            done = self._forward(server, kind, buf, pos, end)
+            if done is not None:
+                if run < pos:
+                    out.append(bytes(buf[run:pos]))
+                if done:
+                    out.append(done)
+                run = end
+            pos = end
+        if server is not None:
+            if not out:
+                if run < pos:
+                    server.transport.write(buf if run == 0 and pos == n and type(buf) is bytes else buf[run:pos])
+            else:
+                if run < pos:
+                    out.append(bytes(buf[run:pos]))
+                server.transport.write(b"".join(out))
+        return pos
+
+    def _synth(self, server: PooledServer | None, data: bytes,
+               parsed: tuple[bytes, ServerStatement] | None = None) -> None:
+        """An answer of the pooler's own, in its place among the backend's answers (``parsed``: the
+        client's statement it stands for, forgotten if an error before it makes Postgres skip it)."""
+        if server is not None and server.expect:
+            server.expect.append((E_SYNTH, data, parsed))
+        else:
+            self.transport.write(data)
+
+    def _answer_idle(self, kind: int, buf: bytearray, pos: int, end: int) -> bool:
+        """What needs no backend, answered with none held (so nothing is outstanding)."""
+        if kind == 0x53:  # Sync
+            self.transport.write(_IDLE_READY)
+            return True
+        if kind == 0x48:  # Flush
+            return True
+        if kind == 0x43:  # Close
+            if buf[pos + 5] == 0x53:  # a statement
+                self.statements.pop(bytes(buf[pos + 6:end - 1]), None)
+            self.transport.write(CLOSE_COMPLETE)  # a portal cannot exist outside a transaction
+            return True
+        if kind == 0x51 and buf[pos + 5] in _MAYBE_SPECIAL:
+            answer = self._special_query(bytes(buf[pos + 5:end - 1]), IDLE)
+            if answer is not None:
+                self.transport.write(answer)
+                return True
+        return False
+
+    def _special_query(self, sql: bytes, status: int) -> bytes | None:
+        """DEALLOCATE of the client's statements and DISCARD ALL outside a transaction, answered
+        here (the backend's other statements must survive them); None: not one of those."""
+        word = first_word(sql)
+        if word == DEALLOCATE:
+            target = deallocate_target(sql)
+            if target == b"ALL":
+                self.statements.clear()
+                return command_complete("DEALLOCATE ALL") + codec.ready_for_query(bytes([status]))
+            if target is not None and self.statements.pop(target, None) is not None:
+                return command_complete("DEALLOCATE") + codec.ready_for_query(bytes([status]))
+        elif word == DISCARD and status == IDLE and is_discard_all(sql):
+            self.statements.clear()
+            self.settings = self.startup
+            return command_complete("DISCARD ALL") + _IDLE_READY
+        return None
+
+    def _prepare(self, server: PooledServer, stmt: ServerStatement, client_name: bytes | None) -> bytes:
+        """The Parse that puts ``stmt`` on ``server`` (after Closes evicting its LRU's oldest)."""
+        expect = server.expect
+        parts = []
+        for old in server.prepared.add(stmt.name):
+            parts.append(close_statement(old))
+            expect.append((E_CLOSE_HIDDEN, None, old))
+        parts.append(stmt.parse)
+        expect.append((E_PARSE, client_name, stmt) if client_name is not None else (E_PARSE_HIDDEN, None, stmt.name))
+        return b"".join(parts) if len(parts) > 1 else parts[0]
+
+    def _forward(self, server: PooledServer, kind: int, buf: bytearray, pos: int, end: int) -> bytes | None:
+        """Record what the backend will answer to this message; None: pass it on as it is, else
+        what to send instead (b"" for nothing)."""
+        expect = server.expect
+        if server.skipping:  # Postgres ignores all of it until Sync: pass it on unread
+            if kind == 0x53:
+                server.skipping = False
+                expect.append(_SYNC)
+            return None
+        if kind == 0x45:  # Execute
+            server.status = 0  # an implicit transaction is open until the Sync's ReadyForQuery
+            expect.append(_EXECUTE)
+            return None
+        if kind == 0x53:  # Sync
+            expect.append(_SYNC)
+            return None
+        if kind == 0x42:  # Bind
+            server.status = 0
+            portal_end = buf.index(0, pos + 5) + 1
+            if buf[portal_end] != 0:  # a named statement: the client's, under the pooler's name
+                stmt_end = buf.index(0, portal_end) + 1
+                stmt = self.statements.get(bytes(buf[portal_end:stmt_end - 1]))
+                if stmt is not None:
+                    pre = b"" if server.prepared.use(stmt.name) else self._prepare(server, stmt, None)
+                    expect.append(_BIND)
+                    return pre + rename_bind(bytes(buf[pos + 5:end]), portal_end - pos - 5, stmt_end - pos - 5,
+                                             stmt.name)
+            expect.append(_BIND)
+            return None
+        if kind == 0x50:  # Parse
+            server.status = 0
+            if buf[pos + 5] == 0:  # the unnamed statement: passed on
+                if buf[pos + 6] in _MAYBE_SPECIAL and (buf[pos + 6] not in _LETTERS
+                                                       or bytes(buf[pos + 6:pos + 9]).lower() in PREFIXES):
+                    self._untracked_set(server, bytes(buf[pos + 6:min(end, pos + 300)]))
+                expect.append(_PARSE_UNNAMED)
+                return None
+            payload = bytes(buf[pos + 5:end])
+            name, at = split_cstring(payload)
+            if payload[at] in _MAYBE_SPECIAL:
+                self._untracked_set(server, payload[at:at + 300])
+            if name in self.statements:
+                self._synth(server, codec.error_response(
+                    "ERROR", "42P05", f'prepared statement "{name.decode(errors="replace")}" already exists'))
+                self.discarding = True
+                return b""
+            stmt = self.pool.pooler.names.get(payload[at:])
+            self.statements[name] = stmt
+            if server.prepared.use(stmt.name):
+                self._synth(server, PARSE_COMPLETE, (name, stmt))
+                return b""
+            return self._prepare(server, stmt, name)
+        if kind == 0x44:  # Describe
+            server.status = 0
+            if buf[pos + 5] == 0x53 and end - pos > 7:
+                stmt = self.statements.get(bytes(buf[pos + 6:end - 1]))
+                if stmt is not None:
+                    pre = b"" if server.prepared.use(stmt.name) else self._prepare(server, stmt, None)
+                    expect.append(_DESCRIBE)
+                    return pre + codec.encode_message(b"D", b"S" + stmt.name + b"\x00")
+            expect.append(_DESCRIBE)
+            return None
+        if kind == 0x43:  # Close
+            server.status = 0
+            if buf[pos + 5] == 0x53 and end - pos > 7:  # a named statement: it stays prepared on the backend
+                self.statements.pop(bytes(buf[pos + 6:end - 1]), None)
+                self._synth(server, CLOSE_COMPLETE)
+                return b""
+            expect.append(_CLOSE)
+            return None
+        if kind == 0x51:  # Query
+            track = None
+            if buf[pos + 5] in _MAYBE_SPECIAL:
+                sql = bytes(buf[pos + 5:end - 1])
+                word = first_word(sql)
+                if word in (SET, RESET):
+                    if server.status == IDLE and not expect:
+                        track = tracked_set(sql)
+                    if track is None and not is_transaction_scoped_set(sql):
+                        server.applied = None
+                elif word in (DEALLOCATE, DISCARD):
+                    answer = self._special_query(sql, server.status)
+                    if answer is not None:
+                        self._synth(server, answer)
+                        return b""
+                    if word == DISCARD:  # DISCARD ALL in a transaction: Postgres' error; other DISCARDs run
+                        server.applied = None
+            expect.append(_QUERY if track is None else (E_QUERY, track, None))
+            return None
+        if kind == 0x46:  # FunctionCall: answered up to ReadyForQuery, like a query
+            expect.append(_QUERY)
+        return None  # Flush, CopyData, CopyDone, CopyFail: no answer of their own
+
+    @staticmethod
+    def _untracked_set(server: PooledServer, sql: bytes) -> None:
+        """A SET in a Parse: the pooler cannot follow it, so the backend is reset before its next
+        client (the setting lasts until this transaction ends)."""
+        if first_word(sql) in (SET, RESET) and not is_transaction_scoped_set(sql):
+            server.applied = None

@@ -1,0 +1,261 @@
+"""A pooled backend: one Postgres session of a pool, lent to one client at a time.
+
+While lent, the backend's output is read message by message (headers only; a DataRow is skipped
+over, not looked into) against ``expect``: one entry per client message that Postgres answers, in
+the order they were sent, plus the pooler's own entries — a Parse it added (its ParseComplete is
+swallowed), a Close that evicts a statement from the backend's LRU (its CloseComplete too), and
+answers it made itself (a ParseComplete for a statement the backend already had, a CloseComplete
+for a client's Close), emitted exactly when every message before them has been answered. After an
+error Postgres ignores everything up to the next Sync: those entries are dropped with it.
+
+A ReadyForQuery ``I`` with nothing left in ``expect`` ends the lend: the backend goes back to its
+pool. Any other way out (the client gone mid-transaction, a cancel in flight, a protocol surprise)
+closes it or holds it, never lends it on in an unknown state.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import struct
+from collections import deque
+from typing import TYPE_CHECKING
+
+from proxy import codec
+from proxy.cancel import BackendKey
+from proxy.statements import BackendStatements, Settings
+
+if TYPE_CHECKING:
+    from proxy.pooled_client import PooledClient
+    from proxy.pooler import Pool
+
+_LEN = struct.Struct("!i")
+
+# expect entries: (code, a, b)
+E_PARSE = 1  # a client's Parse: (code, client name or None, ServerStatement or None)
+E_PARSE_HIDDEN = 2  # the pooler's Parse before a Bind/Describe: (code, None, server name)
+E_BIND = 3
+E_DESCRIBE = 4
+E_EXECUTE = 5
+E_CLOSE = 6
+E_CLOSE_HIDDEN = 7  # an LRU eviction: (code, None, server name)
+E_SYNC = 8
+E_QUERY = 9  # a simple query or function call, answered up to ReadyForQuery: (code, tracked SET or None, _)
+E_SYNTH = 10  # the pooler's own answer: (code, bytes, _)
+
+IDLE = 0x49  # 'I'
+
+
+class PooledServer(asyncio.Protocol):
+    __slots__ = ("transport", "pool", "key", "compute_pid", "client", "expect", "prepared", "applied", "status",
+                 "buf", "closed", "reported", "skipping", "failed", "broken", "cancelling", "held", "idle_since",
+                 "_waiter", "_paused_client", "last_rows", "where")
+
+    def __init__(self, pool: Pool, transport: asyncio.Transport, key: BackendKey, greeting: bytes,
+                 compute_pid: int, max_prepared: int) -> None:
+        self.transport = transport
+        self.pool = pool
+        self.key = key
+        self.compute_pid = compute_pid
+        self.client: PooledClient | None = None
+        self.expect: deque[tuple] = deque()
+        self.prepared = BackendStatements(max_prepared)
+        self.applied: Settings | None = ()  # the settings statements run here since RESET ALL; None: unknown
+        self.status = IDLE
+        self.buf = bytearray()
+        self.closed = False
+        # The GUC_REPORT values this backend has told us, for greetings of clients that never ran
+        # a query here: its startup ParameterStatus, updated by everything it reports later.
+        self.reported: dict[bytes, bytes] = {}
+        for kind, start, end in codec.iter_messages(greeting):
+            if kind == b"S":
+                self.reported[greeting[start + 5:greeting.index(b"\x00", start + 5)]] = greeting[start:end]
+        self.skipping = False  # Postgres ignores messages until Sync after an error, and no Sync is queued
+        self.failed = False  # the simple query being answered raised an error
+        self.broken = False  # its statement bookkeeping is not certain: close instead of reusing
+        self.cancelling = 0  # cancels in flight: it is not lent on before they are delivered
+        self.held = False  # released while a cancel was in flight
+        self.idle_since = 0.0
+        self._waiter: asyncio.Future[None] | None = None
+        self._paused_client = False
+        self.last_rows: list[bytes] = []
+        self.where = 2  # in its pool: 0 idle, 1 in use, 2 not (yet, or any more)
+
+    # -- asyncio.Protocol ---------------------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:  # pragma: no cover - swapped in
+        self.transport = transport  # type: ignore[assignment]
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        self._wake()
+        client = self.client
+        if client is not None:
+            client.server_lost(self)
+        self.pool.lost(self)
+
+    def eof_received(self) -> bool:
+        return False
+
+    def pause_writing(self) -> None:
+        client = self.client
+        if client is not None and client.transport is not None:
+            client.transport.pause_reading()
+            self._paused_client = True
+
+    def resume_writing(self) -> None:
+        client = self.client
+        if self._paused_client and client is not None and client.transport is not None:
+            self._paused_client = False
+            client.transport.resume_reading()
+
+    def data_received(self, data: bytes) -> None:
+        client = self.client
+        if client is None:  # not lent: a hidden query's answer, or a notice/FATAL while idle
+            self.buf += data
+            self._wake()
+            return
+        if self.buf:
+            self.buf += data
+            data = bytes(self.buf)
+            self.buf.clear()
+        n = len(data)
+        pos = run = 0
+        parts: list[bytes] | None = None
+        expect = self.expect
+        ended = False
+        unpack = _LEN.unpack_from
+        while pos + 5 <= n:
+            kind = data[pos]
+            end = pos + 1 + unpack(data, pos + 1)[0]
+            if end > n:
+                break
+            if kind == 0x44:  # DataRow: the common case, passed on untouched
+                pos = end
+                continue
+            code = expect[0][0] if expect else 0
+            drop = False
+            if kind == 0x5A:  # ReadyForQuery
+                if code in (E_SYNC, E_QUERY):
+                    entry = expect.popleft()
+                    if code == E_QUERY and entry[1] is not None and not self.failed:
+                        client.tracked(self, entry[1])
+                self.failed = False
+                self.status = data[pos + 5]
+                ended = True
+            elif kind == 0x45:  # ErrorResponse
+                if code == E_QUERY:
+                    self.failed = True
+                elif code:
+                    self._skip_to_sync()
+            elif kind == 0x31:  # ParseComplete
+                if code == E_PARSE:
+                    expect.popleft()
+                elif code == E_PARSE_HIDDEN:
+                    expect.popleft()
+                    drop = True
+            elif kind == 0x32:  # BindComplete
+                if code == E_BIND:
+                    expect.popleft()
+            elif kind == 0x54 or kind == 0x6E:  # RowDescription, NoData: the end of a Describe
+                if code == E_DESCRIBE:
+                    expect.popleft()
+            elif kind == 0x43 or kind == 0x49 or kind == 0x73:  # CommandComplete, EmptyQuery, PortalSuspended
+                if code == E_EXECUTE:
+                    expect.popleft()
+            elif kind == 0x33:  # CloseComplete
+                if code == E_CLOSE:
+                    expect.popleft()
+                elif code == E_CLOSE_HIDDEN:
+                    expect.popleft()
+                    drop = True
+            elif kind == 0x53:  # ParameterStatus
+                self.reported[data[pos + 5:data.index(b"\x00", pos + 5)]] = data[pos:end]
+            if drop:
+                if parts is None:
+                    parts = []
+                parts.append(data[run:pos])
+                run = end
+            pos = end
+            if expect and expect[0][0] == E_SYNTH:
+                if parts is None:
+                    parts = []
+                parts.append(data[run:pos])
+                run = pos
+                while expect and expect[0][0] == E_SYNTH:
+                    parts.append(expect.popleft()[1])
+        if pos < n:
+            self.buf += data[pos:]
+        write = client.transport.write  # type: ignore[union-attr]
+        if parts is None:
+            if pos:
+                write(data[:pos] if pos < n else data)
+        else:
+            parts.append(data[run:pos])
+            write(b"".join(parts))
+        if ended and self.status == IDLE and not expect and not self.skipping and self.client is client:
+            client.release(self)
+
+    def _skip_to_sync(self) -> None:
+        """An error in an extended-protocol batch: Postgres answers nothing more until Sync."""
+        expect = self.expect
+        client = self.client
+        while expect and expect[0][0] != E_SYNC:
+            code, a, b = expect.popleft()
+            if code == E_PARSE and a is not None:
+                self.prepared.discard(b.name)
+                if client is not None:
+                    client.forget(a, b)
+            elif code == E_PARSE_HIDDEN:
+                self.prepared.discard(b)
+            elif code == E_CLOSE_HIDDEN:
+                self.broken = True  # the eviction never ran: the backend has a name we forgot
+            elif code == E_SYNTH and b is not None and client is not None:
+                client.forget(*b)  # a Parse answered by the pooler, which Postgres would have skipped
+        if not expect:
+            self.skipping = True
+
+    # -- used while not lent --------------------------------------------------------------------------
+
+    def _wake(self) -> None:
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_result(None)
+
+    async def run_hidden(self, sql: bytes) -> codec.ErrorFields | None:
+        """Run a simple query the client never sees (settings, a SHOW): the error it raised, or
+        None. ParameterStatus it causes is remembered in ``reported``; rows are returned in
+        ``last_rows``."""
+        self.buf.clear()
+        self.transport.write(codec.encode_message(b"Q", sql + b"\x00"))
+        error: codec.ErrorFields | None = None
+        rows: list[bytes] = []
+        while True:
+            n = codec.complete_messages(self.buf, 1 << 30)
+            if n:
+                data = bytes(self.buf[:n])
+                del self.buf[:n]
+                for kind, start, end in codec.iter_messages(data):
+                    if kind == b"S":
+                        self.reported[data[start + 5:data.index(b"\x00", start + 5)]] = data[start:end]
+                    elif kind == b"E":
+                        error = codec.parse_error_response(codec.Message(kind, data[start + 5:end]))
+                    elif kind == b"D":
+                        rows.append(data[start + 5:end])
+                    elif kind == b"Z":
+                        self.status = data[start + 5]
+                        self.last_rows = rows
+                        return error
+                continue
+            if self.closed:
+                raise ConnectionResetError("the backend closed during a query of the pooler")
+            self._waiter = asyncio.get_running_loop().create_future()
+            try:
+                await self._waiter
+            finally:
+                self._waiter = None
+
+    def close(self) -> None:
+        if not self.closed:
+            self.transport.close()
+
+    def greeting(self) -> bytes:
+        return b"".join(self.reported.values())

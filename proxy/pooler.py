@@ -1,0 +1,673 @@
+"""Transaction pooling: many clients of a branch over a few backends, PgBouncer's transaction mode.
+
+A connection chooses its mode with ``options=endpoint=NAME pool=transaction`` or a ``-pooler``
+suffix on the first label of the TLS server name (``main-pooler.example.com``, as Neon does);
+``pool_mode`` in the config sets the default, and session mode stays the default of the defaults.
+
+Pools are per (branch, role, database). Each holds at most ``pool_size`` backends — by default half
+of what the compute's ``max_connections`` leaves after ``RESERVED`` slots (superuser, the control
+plane's sampler), so session-mode clients keep the other half. A client holds a backend from its
+first message that needs one until ReadyForQuery ``I`` with nothing outstanding; clients beyond
+the pool wait in line, and after ``pool_timeout`` get FATAL 53300, never a hang.
+
+The compute counts only pooled clients holding or waiting for a backend as sessions (scale to zero
+and the autoscaler read ``LoadSignals``), so idle pooled clients let it suspend: its backends go
+with it, the clients stay connected, and their next transaction wakes it (one start, however many
+ask). Idle backends also close after ``server_idle_timeout``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import bisect
+import contextlib
+import logging
+import secrets
+import shlex
+import time
+from collections import deque
+from collections.abc import Awaitable, Callable, Iterator
+from dataclasses import dataclass
+from typing import Protocol
+
+from prometheus_client import CollectorRegistry
+from prometheus_client.core import GaugeMetricFamily, HistogramMetricFamily
+from prometheus_client.registry import Collector
+
+from compute import ComputeAddress, LoadSignals
+from proxy import codec
+from proxy.connect import open_session
+from proxy.errors import ConnectError, HandshakeError, PoolTimeout, SessionError
+from proxy.pipe import Side
+from proxy.pooled_client import PooledClient
+from proxy.pooled_server import PooledServer
+from proxy.statements import Settings, StatementNames, apply_sql, parse_options, startup_settings
+
+log = logging.getLogger("lakelet.proxy")
+
+MODES = ("session", "transaction")
+RESERVED = 10  # connections left to superusers and the control plane on every compute
+DEFAULT_MAX_CONNECTIONS = 100  # until the compute has told us its own
+JANITOR_EVERY = 0.25  # pool_timeout is kept to within this
+GREETINGS_PER_POOL = 64
+
+
+@dataclass
+class PoolConfig:
+    mode: str = "session"  # for connections that do not choose
+    size: int = 0  # backends per (branch, role, database); 0: from the compute's max_connections
+    timeout: float = 30.0  # pool_timeout: how long a client waits for a backend
+    max_prepared: int = 200  # prepared statements kept per backend (LRU)
+    server_idle_timeout: float = 60.0  # an idle backend closes after this
+    idle_transaction_timeout: float = 0.0  # >0: Postgres ends a transaction left idle this long
+
+    def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            raise ValueError(f"pool_mode = {self.mode!r}: use 'session' or 'transaction'")
+        if self.size < 0 or self.timeout <= 0:
+            raise ValueError("pool_size must be 0 (from the compute size) or more, pool_timeout above 0")
+
+
+# -- mode selection ---------------------------------------------------------------------------------------
+
+
+def _take_pool_option(options: str) -> tuple[str | None, str]:
+    """``pool=MODE`` (also ``--pool=MODE``, ``-c pool=MODE``) out of ``options``: it and the rest."""
+    try:
+        words = shlex.split(options.replace("\\ ", "\x00"))
+    except ValueError:
+        words = options.split()
+    found = None
+    keep: list[str] = []
+    i = 0
+    while i < len(words):
+        w = words[i]
+        if w in ("-c", "--c") and i + 1 < len(words) and words[i + 1].startswith("pool="):
+            found = words[i + 1][5:]
+            i += 2
+            continue
+        for prefix in ("pool=", "--pool=", "-cpool="):
+            if w.startswith(prefix):
+                found = w[len(prefix):]
+                break
+        else:
+            keep.append(w.replace("\x00", "\\ "))
+        i += 1
+    return found, " ".join(keep)
+
+
+def select_mode(params: dict[str, str], sni: str | None, default: str) -> tuple[str, str | None]:
+    """The session's pooling mode and the server name to route by: ``pool=`` in options wins,
+    then a ``-pooler`` suffix on the server name's first label (taken off it), then ``default``.
+    ``pool=`` is taken out of ``params`` (Postgres does not know it)."""
+    mode = default
+    if sni:
+        label, dot, rest = sni.partition(".")
+        if dot and label.endswith("-pooler") and len(label) > 7:
+            sni = label[:-7] + "." + rest
+            mode = "transaction"
+    options = params.get("options")
+    if options and "pool" in options:
+        found, rest = _take_pool_option(options)
+        if found is not None:
+            if found not in MODES:
+                raise HandshakeError(f"pool={found} is not a pooling mode", "22023",
+                                     hint="use pool=transaction or pool=session in options")
+            mode = found
+            if rest:
+                params["options"] = rest
+            else:
+                del params["options"]
+    return mode, sni
+
+
+# -- who waits for a backend ----------------------------------------------------------------------------
+
+
+class Waiter(Protocol):
+    """A pooled client, or the pooler itself greeting a new client."""
+
+    settings: Settings
+    queued: bool
+    wait_since: float
+
+    @property
+    def closed(self) -> bool: ...
+    def granted(self, server: PooledServer) -> None: ...
+    def refused(self, error: SessionError) -> None: ...
+
+
+class _FutureWaiter:
+    __slots__ = ("settings", "future", "pool", "queued", "wait_since", "gone")
+
+    def __init__(self, settings: Settings, future: asyncio.Future[PooledServer], pool: Pool) -> None:
+        self.settings = settings
+        self.future = future
+        self.pool = pool
+        self.queued = False
+        self.wait_since = 0.0
+        self.gone = False
+
+    @property
+    def closed(self) -> bool:
+        return self.gone
+
+    def granted(self, server: PooledServer) -> None:
+        if self.gone:
+            self.pool.release(server)
+        else:
+            self.future.set_result(server)
+
+    def refused(self, error: SessionError) -> None:
+        if not self.gone:
+            self.future.set_exception(error)
+
+    def give_up(self) -> None:
+        self.gone = True
+        if self.queued:
+            self.pool.left_line(self)
+        if self.future.done() and not self.future.cancelled() and self.future.exception() is None:
+            self.pool.release(self.future.result())
+
+
+# -- one pool --------------------------------------------------------------------------------------------
+
+_IDLE, _IN_USE, _GONE = 0, 1, 2
+
+
+class Pool:
+    """The backends of one (branch, role, database), and the clients waiting for them."""
+
+    def __init__(self, pooler: Pooler, branch: str, role: str, database: str) -> None:
+        self.pooler = pooler
+        self.branch = branch
+        self.role = role
+        self.database = database
+        self.idle: list[PooledServer] = []
+        self.opened = 0  # open or opening
+        self.in_use = 0
+        self.waiters: deque[Waiter] = deque()
+        self.greetings: dict[Settings, bytes] = {}
+        self._greeting: dict[Settings, asyncio.Future[bytes]] = {}
+        # A running query of a client that disconnected stops within a second, as it would for
+        # a client of Postgres itself (the backend checks its socket while it works).
+        self.params = {"user": role, "database": database, "client_connection_check_interval": "1000"}
+        timeout = pooler.config.idle_transaction_timeout
+        if timeout > 0:
+            self.params["idle_in_transaction_session_timeout"] = str(int(timeout * 1000))
+        self.signals = pooler.signals(branch)
+        self.clients = 0  # connected
+        self.active = 0  # holding or waiting for a backend
+        self.waiting = 0
+        self.servers: set[PooledServer] = set()  # open ones; each knows its state (``where``)
+        self.wait_seconds = WaitTimes()
+
+    @property
+    def size(self) -> int:
+        return self.pooler.size_for(self.branch)
+
+    # -- counts the compute sees -------------------------------------------------------------------
+
+    def activate(self) -> None:
+        self.active += 1
+        s = self.signals
+        s.sessions += 1
+        s.last_activity = time.monotonic()
+
+    def deactivate(self) -> None:
+        self.active -= 1
+        s = self.signals
+        s.sessions -= 1
+        s.last_activity = time.monotonic()
+
+    def client_left(self, client: PooledClient) -> None:
+        self.clients -= 1
+        self.pooler.forget_client(client)
+
+    # -- lending ------------------------------------------------------------------------------------
+
+    def take_idle(self, settings: Settings) -> PooledServer | None:
+        """The most recently used idle backend that already has ``settings``, if one is near the top."""
+        idle = self.idle
+        if idle:
+            server = idle[-1]
+            if server.applied == settings and not server.closed and not server.buf:  # the usual case
+                idle.pop()
+                server.where = _IN_USE
+                self.in_use += 1
+                return server
+        i = len(idle) - 1
+        stop = max(-1, i - 8)
+        while i > stop:
+            server = idle[i]
+            if server.applied == settings and not server.closed and not server.buf:
+                del idle[i]
+                server.where = _IN_USE
+                self.in_use += 1
+                return server
+            i -= 1
+        return None
+
+    def _take_any(self) -> PooledServer | None:
+        while self.idle:
+            server = self.idle.pop()
+            if server.buf:  # it spoke while idle (a FATAL as its compute stops): not lent
+                server.where = _IN_USE
+                self.in_use += 1
+                server.close()
+                continue
+            if not server.closed:
+                server.where = _IN_USE
+                self.in_use += 1
+                return server
+        return None
+
+    def request(self, w: Waiter) -> None:
+        """``w`` needs a backend and no idle one has its settings: adapt an idle one or open a new
+        one (in a task), else wait in line; ``w.granted(server)`` or ``w.refused(error)`` follows."""
+        if self.idle or self.opened < self.size:
+            self.pooler.spawn(self._provide(w))
+            return
+        w.queued = True
+        w.wait_since = time.monotonic()
+        self.waiting += 1
+        self.signals.waiting += 1  # demand the compute cannot serve yet: the autoscaler's load
+        self.waiters.append(w)
+
+    def left_line(self, w: Waiter) -> None:
+        """``w`` is out of the line (served, refused or gone); a gone one stays in the deque, skipped."""
+        w.queued = False
+        self.waiting -= 1
+        self.signals.waiting -= 1
+
+    async def _provide(self, w: Waiter) -> None:
+        server = self._take_any()
+        if server is None:
+            if self.opened >= self.size:  # others took the room meanwhile
+                self.request(w)
+                return
+            self.opened += 1
+            try:
+                server = await self._open()
+            except asyncio.CancelledError:
+                self.opened -= 1
+                raise
+            except SessionError as e:
+                self.opened -= 1
+                self._next_may_open()
+                w.refused(e)
+                return
+            except (ConnectionError, OSError) as e:
+                self.opened -= 1
+                self._next_may_open()
+                w.refused(ConnectError(f"could not open a backend for the pool: {e}"))
+                return
+            server.where = _IN_USE
+            self.servers.add(server)
+            self.in_use += 1
+        await self._adapt(server, w)
+
+    async def _adapt(self, server: PooledServer, w: Waiter) -> None:
+        """Give ``server`` to ``w``, with ``w``'s settings applied first if it had others."""
+        if server.applied != w.settings:
+            try:
+                error = await server.run_hidden(apply_sql(w.settings))
+            except ConnectionError:  # it closed meanwhile (lost() did the counts): start over
+                self.request(w)
+                return
+            if error is not None:
+                server.applied = None
+                self.release(server)
+                w.refused(SessionError(error.message, error.code, hint=error.hint))
+                return
+            server.applied = w.settings
+        if w.closed:
+            self.release(server)
+        else:
+            w.granted(server)
+
+    async def acquire(self, settings: Settings) -> PooledServer:
+        """A backend with ``settings``, for the pooler's own use (a new client's greeting)."""
+        server = self.take_idle(settings)
+        if server is not None:
+            return server
+        w = _FutureWaiter(settings, asyncio.get_running_loop().create_future(), self)
+        self.request(w)
+        try:
+            return await asyncio.shield(w.future)
+        except asyncio.CancelledError:
+            w.give_up()
+            raise
+
+    def expire(self, now: float) -> None:
+        """Refuse those who waited past pool_timeout (the line is in arrival order)."""
+        limit = now - self.pooler.config.timeout
+        waiters = self.waiters
+        while waiters and (not waiters[0].queued or waiters[0].wait_since < limit):
+            w = waiters.popleft()
+            if not w.queued:
+                continue
+            self.left_line(w)
+            self.wait_seconds.observe(now - w.wait_since)
+            w.refused(PoolTimeout(
+                f'no backend of branch "{self.branch}" became free within pool_timeout '
+                f"({self.pooler.config.timeout:g}s): all {self.size} are in transactions",
+                hint="make transactions shorter, raise pool_size or pool_timeout, or connect fewer clients"))
+
+    def _next_in_line(self) -> Waiter | None:
+        waiters = self.waiters
+        while waiters:
+            w = waiters.popleft()
+            if w.queued:
+                self.left_line(w)
+                self.wait_seconds.observe(time.monotonic() - w.wait_since)
+                return w
+        return None
+
+    def _next_may_open(self) -> None:
+        """A backend closed or failed to open: the next in line may open one."""
+        if self.waiters and self.opened < self.size:
+            w = self._next_in_line()
+            if w is not None:
+                self.pooler.spawn(self._provide(w))
+
+    def release(self, server: PooledServer) -> None:
+        """Back from a client at the end of a transaction: to the next in line, or idle."""
+        if server.where != _IN_USE:
+            return
+        if server.cancelling:
+            server.held = True  # a cancel for its last client is in flight: not lent before it lands
+            return
+        if server.closed or server.broken or server.expect or server.transport.is_closing():
+            server.close()
+            return
+        server.client = None
+        if self.waiters:
+            w = self._next_in_line()
+            if w is not None:
+                if server.applied == w.settings:
+                    w.granted(server)
+                else:
+                    self.pooler.spawn(self._adapt(server, w))
+                return
+        server.where = _IDLE
+        self.in_use -= 1
+        server.idle_since = time.monotonic()
+        self.idle.append(server)
+
+    def abandon(self, server: PooledServer) -> None:
+        """Its client left mid-transaction or mid-query: the backend closes, as when a client of
+        Postgres disconnects — an open transaction rolls back, and a running query stops at its
+        next check of the connection (``client_connection_check_interval``). Never lent on."""
+        server.close()
+
+    def lost(self, server: PooledServer) -> None:
+        """A backend's connection closed (by us, its compute stopping, or an error)."""
+        where = server.where
+        server.where = _GONE
+        self.servers.discard(server)
+        if where == _IDLE:
+            with contextlib.suppress(ValueError):
+                self.idle.remove(server)
+        elif where == _IN_USE:
+            self.in_use -= 1
+        if where != _GONE:
+            self.opened -= 1
+            self._next_may_open()
+
+    async def _open(self) -> PooledServer:
+        compute = await self.pooler.wake(self.branch)
+        session = await open_session(compute, self.params, self.branch)
+        transport = session.side.transport
+        assert transport is not None
+        server = PooledServer(self, transport, session.key, session.greeting, compute.pid,
+                              self.pooler.config.max_prepared)
+        transport.set_protocol(server)
+        if session.side.buf:
+            server.buf += session.side.buf
+        transport.resume_reading()
+        self.pooler.compute_pid[self.branch] = compute.pid
+        if compute.pid not in self.pooler.max_connections:
+            error = await server.run_hidden(b"SHOW max_connections")
+            if error is None and server.last_rows:
+                row = server.last_rows[0]
+                self.pooler.max_connections[compute.pid] = int(row[6:])
+        return server
+
+    async def greeting(self, settings: Settings) -> bytes:
+        """ParameterStatus for a client with ``settings``, as its own backend would have greeted it:
+        from a backend of the pool after applying them once (an error there is the client's
+        FATAL, as a bad startup parameter is on Postgres); then cached."""
+        found = self.greetings.get(settings)
+        if found is not None:
+            return found
+        pending = self._greeting.get(settings)
+        if pending is not None:  # a burst of new clients: one backend asked, all greeted
+            return await asyncio.shield(pending)
+        pending = self._greeting[settings] = asyncio.get_running_loop().create_future()
+        try:
+            server = await self.acquire(settings)
+            greeting = server.greeting()
+            self.release(server)
+        except BaseException as e:
+            pending.set_exception(e if isinstance(e, Exception) else ConnectionResetError("proxy closing"))
+            pending.exception()  # retrieved: the waiters (if any) raise it
+            raise
+        finally:
+            del self._greeting[settings]
+        if len(self.greetings) >= GREETINGS_PER_POOL:
+            self.greetings.clear()
+        self.greetings[settings] = greeting
+        pending.set_result(greeting)
+        return greeting
+
+    def close_idle(self, older_than: float) -> None:
+        for server in [s for s in self.idle if s.idle_since < older_than]:
+            server.close()
+
+    def close(self) -> None:
+        for server in list(self.servers):
+            server.close()
+        while self.waiters:
+            w = self.waiters.popleft()
+            if w.queued:
+                self.left_line(w)
+                w.refused(SessionError("terminating connection because the proxy is shutting down", "57P01"))
+
+
+# -- all pools ------------------------------------------------------------------------------------------
+
+
+WAIT_BUCKETS = (0.001, 0.005, 0.025, 0.1, 0.5, 1.0, 5.0, 30.0)
+
+
+class WaitTimes:
+    """A histogram of waits for a backend, kept as plain numbers (observed on every wait in line,
+    so cheaper than a Prometheus child) and exported by the collector."""
+
+    __slots__ = ("counts", "total")
+
+    def __init__(self) -> None:
+        self.counts = [0] * (len(WAIT_BUCKETS) + 1)
+        self.total = 0.0
+
+    def observe(self, seconds: float) -> None:
+        self.counts[bisect.bisect_left(WAIT_BUCKETS, seconds)] += 1
+        self.total += seconds
+
+
+class _PoolCollector(Collector):
+    def __init__(self, pooler: Pooler) -> None:
+        self.pooler = pooler
+
+    def collect(self) -> Iterator[GaugeMetricFamily | HistogramMetricFamily]:
+        size = GaugeMetricFamily("lakelet_proxy_pool_size", "Backends a pool may open",
+                                 labels=["branch", "mode"])
+        backends = GaugeMetricFamily("lakelet_proxy_pool_backends", "Pooled backends by state",
+                                     labels=["branch", "mode", "state"])
+        clients = GaugeMetricFamily("lakelet_proxy_pool_clients", "Pooled clients by state",
+                                    labels=["branch", "mode", "state"])
+        by_branch: dict[str, list[int]] = {}
+        for pool in self.pooler.pools.values():
+            b = by_branch.setdefault(pool.branch, [0, 0, 0, 0, 0, 0])
+            b[0] = max(b[0], pool.size)
+            b[1] += len(pool.idle)
+            b[2] += pool.in_use
+            b[3] += pool.waiting
+            b[4] += pool.active - pool.waiting
+            b[5] += pool.clients - pool.active
+        for branch, (sz, idle, in_use, waiting, active, idle_clients) in sorted(by_branch.items()):
+            size.add_metric([branch, "transaction"], sz)
+            backends.add_metric([branch, "transaction", "idle"], idle)
+            backends.add_metric([branch, "transaction", "in_use"], in_use)
+            clients.add_metric([branch, "transaction", "waiting"], waiting)
+            clients.add_metric([branch, "transaction", "active"], active)
+            clients.add_metric([branch, "transaction", "idle"], idle_clients)
+        yield size
+        yield backends
+        yield clients
+        waits = HistogramMetricFamily("lakelet_proxy_pool_wait_seconds", "Time pooled clients waited for a backend",
+                                      labels=["branch", "mode"])
+        merged: dict[str, WaitTimes] = {}
+        for pool in self.pooler.pools.values():
+            m = merged.setdefault(pool.branch, WaitTimes())
+            m.counts = [a + b for a, b in zip(m.counts, pool.wait_seconds.counts, strict=True)]
+            m.total += pool.wait_seconds.total
+        for branch, m in sorted(merged.items()):
+            cumulative, running = [], 0
+            for bound, count in zip((*WAIT_BUCKETS, float("inf")), m.counts, strict=True):
+                running += count
+                cumulative.append(("+Inf" if bound == float("inf") else repr(bound), running))
+            waits.add_metric([branch, "transaction"], cumulative, m.total)
+        yield waits
+
+
+class Pooler:
+    """Every pool of the proxy, the pooled clients' cancel keys, and the janitor."""
+
+    def __init__(self, config: PoolConfig, *, wake: Callable[[str], Awaitable[ComputeAddress]],
+                 signals: Callable[[str], LoadSignals], registry: CollectorRegistry | None = None) -> None:
+        self.config = config
+        self.wake = wake
+        self.signals = signals
+        self.pools: dict[tuple[str, str, str], Pool] = {}
+        self.names = StatementNames()
+        self.max_connections: dict[int, int] = {}  # compute pid → its max_connections
+        self.compute_pid: dict[str, int] = {}  # branch → the compute last opened on
+        self._clients: dict[int, PooledClient] = {}  # cancel secret → client
+        self._tasks: set[asyncio.Task[object]] = set()
+        self._janitor: asyncio.Task[None] | None = None
+        if registry is not None:
+            registry.register(_PoolCollector(self))
+
+    def size_for(self, branch: str) -> int:
+        if self.config.size:
+            return self.config.size
+        pid = self.compute_pid.get(branch)
+        max_conn = self.max_connections.get(pid, DEFAULT_MAX_CONNECTIONS) if pid else DEFAULT_MAX_CONNECTIONS
+        return max(1, (max_conn - RESERVED) // 2)
+
+    def pool(self, branch: str, role: str, database: str) -> Pool:
+        key = (branch, role, database)
+        pool = self.pools.get(key)
+        if pool is None:
+            pool = self.pools[key] = Pool(self, branch, role, database)
+            if self._janitor is None:
+                self._janitor = asyncio.create_task(self._sweep(), name="pool-janitor")
+        return pool
+
+    async def connect(self, side: Side, branch: str, params: dict[str, str], accepted: bytes) -> PooledClient:
+        """A pooled session for an authenticated client: its greeting (written with ``accepted``,
+        the end of authentication) and the protocol that serves it from now on."""
+        if "replication" in params:
+            raise SessionError("replication connections cannot be pooled", "0A000",
+                               hint="connect without pool=transaction (session mode) for replication")
+        options = parse_options(params.get("options", ""))
+        if options is None:
+            raise SessionError(f"options {params['options']!r} cannot be used with transaction pooling", "0A000",
+                               hint="use only -c name=value options, or session mode")
+        settings = startup_settings(params, options)
+        pool = self.pool(branch, params["user"], params.get("database", params["user"]))
+        greeting = await pool.greeting(settings)
+        if side.closed or side.transport is None:
+            raise ConnectionResetError("client closed during the greeting")
+        pid, secret = self._issue()
+        transport = side.transport
+        client = PooledClient(pool, transport, settings, pid, secret)
+        self._clients[secret] = client
+        pool.clients += 1
+        transport.set_protocol(client)
+        transport.write(accepted + greeting + codec.backend_key_data(pid, secret) + codec.ready_for_query(b"I"))
+        transport.resume_reading()
+        if side.buf:
+            client.data_received(bytes(side.buf))
+            side.buf.clear()
+        return client
+
+    def _issue(self) -> tuple[int, int]:
+        """A key for a pooled client: a pid above any real one (Linux's pid_max is at most 2^22),
+        so it cannot name a session-mode backend, and a fresh secret."""
+        while True:
+            secret = secrets.randbits(32) - (1 << 31)
+            if secret not in self._clients:
+                return (1 << 22) + 1 + secrets.randbelow((1 << 31) - (1 << 22) - 2), secret
+
+    def forget_client(self, client: PooledClient) -> None:
+        if self._clients.get(client.secret) is client:
+            del self._clients[client.secret]
+
+    async def cancel(self, pid: int, secret: int) -> bool:
+        """A CancelRequest for a pooled client: cancel the query of the backend it holds now, and
+        keep that backend from being lent to anyone else until the cancel has landed."""
+        client = self._clients.get(secret)
+        if client is None or client.pid != pid:
+            return False
+        server = client.server
+        if server is None or not server.expect:
+            client.cancel_waiting()  # in line: its query fails as cancelled; idle: nothing, as on Postgres
+            return True
+        server.cancelling += 1
+        try:
+            await self.cancel_backend(server.key)
+        finally:
+            server.cancelling -= 1
+            if not server.cancelling and server.held:
+                server.held = False
+                server.pool.release(server)
+        return True
+
+    @staticmethod
+    async def cancel_backend(key: object) -> None:
+        """Send the CancelRequest and wait until Postgres closes the request's connection: it has
+        signalled the backend by then."""
+        with contextlib.suppress(OSError, TimeoutError):
+            async with asyncio.timeout(5):
+                reader, writer = await asyncio.open_unix_connection(key.socket_path)  # type: ignore[attr-defined]
+                writer.write(codec.encode_cancel(key.pid, key.secret))  # type: ignore[attr-defined]
+                await reader.read()
+                writer.close()
+
+    def spawn(self, coro: Awaitable[object]) -> None:
+        task = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _sweep(self) -> None:
+        while True:
+            await asyncio.sleep(JANITOR_EVERY)
+            now = time.monotonic()
+            older = now - self.config.server_idle_timeout
+            for pool in list(self.pools.values()):
+                pool.close_idle(older)
+                pool.expire(now)
+
+    async def close(self) -> None:
+        if self._janitor is not None:
+            self._janitor.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._janitor
+        for pool in self.pools.values():
+            pool.close()
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)

@@ -1,0 +1,99 @@
+"""The sans-I/O parts of transaction pooling: which statements the pooler reads, and the
+statement names it owns."""
+
+from __future__ import annotations
+
+from proxy.statements import (
+    DEALLOCATE,
+    DISCARD,
+    OTHER,
+    RESET,
+    SET,
+    BackendStatements,
+    StatementNames,
+    apply_sql,
+    deallocate_target,
+    first_word,
+    is_discard_all,
+    parse_options,
+    startup_settings,
+    tracked_set,
+    with_setting,
+)
+
+
+def test_first_word() -> None:
+    assert first_word(b"SELECT 1") == OTHER
+    assert first_word(b"  set work_mem = 1") == SET
+    assert first_word(b"/* hi */ -- there\n RESET ALL") == RESET
+    assert first_word(b"Deallocate x") == DEALLOCATE
+    assert first_word(b"DISCARD ALL") == DISCARD
+    assert first_word(b"settle") == OTHER
+    assert first_word(b"") == OTHER
+
+
+def test_tracked_set() -> None:
+    assert tracked_set(b"SET work_mem = '64MB';") == ("work_mem", b"SET work_mem = '64MB'")
+    assert tracked_set(b"set session search_path to a, b") == ("search_path", b"set session search_path to a, b")
+    assert tracked_set(b"SET TIME ZONE 'UTC'") == ("timezone", b"SET TIME ZONE 'UTC'")
+    assert tracked_set(b'SET "DateStyle" = ISO') == ("datestyle", b'SET "DateStyle" = ISO')
+    assert tracked_set(b"RESET work_mem") == ("work_mem", None)
+    assert tracked_set(b"RESET ALL") == ("all", None)
+    assert tracked_set(b"SET SESSION CHARACTERISTICS AS TRANSACTION READ ONLY")[0] == "session characteristics"
+    for untracked in (b"SET LOCAL work_mem = 1", b"SET TRANSACTION READ ONLY", b"SET a = 1; SET b = 2",
+                      b"SET a = $$x;y$$", b"SET a = 1 -- x"):
+        assert tracked_set(untracked) is None, untracked
+
+
+def test_settings_replay() -> None:
+    s = startup_settings({"user": "u", "database": "d", "application_name": "it's"}, [("search_path", "a,b")])
+    assert [n for n, _ in s] == ["application_name", "search_path"]
+    assert b"set_config('application_name', 'it''s', false)" in dict(s)["application_name"]
+    s2 = with_setting(s, "work_mem", b"SET work_mem = 1")
+    assert with_setting(s2, "work_mem", None) == s
+    assert with_setting(s2, "all", None) == ()
+    assert apply_sql(s2).startswith(b"RESET ALL; ")
+    assert parse_options("-c a=1 --b-c=2 -cd=x\\ y") == [("a", "1"), ("b_c", "2"), ("d", "x y")]
+    assert parse_options("-B 100") is None
+
+
+def test_deallocate_and_discard() -> None:
+    assert deallocate_target(b"DEALLOCATE ALL") == b"ALL"
+    assert deallocate_target(b"deallocate prepare _pg3_1;") == b"_pg3_1"
+    assert deallocate_target(b'DEALLOCATE "Mine"') == b"Mine"
+    assert deallocate_target(b"DEALLOCATE a; SELECT 1") is None
+    assert is_discard_all(b" discard all ;")
+    assert not is_discard_all(b"DISCARD PLANS")
+
+
+def test_statement_names_and_lru() -> None:
+    names = StatementNames(limit=2)
+    a = names.get(b"SELECT 1\x00\x00\x00")
+    assert names.get(b"SELECT 1\x00\x00\x00") is a
+    b = names.get(b"SELECT 2\x00\x00\x00")
+    names.get(b"SELECT 3\x00\x00\x00")  # a is dropped from the table...
+    a2 = names.get(b"SELECT 1\x00\x00\x00")
+    assert a2.name not in (a.name, b.name)  # ...and never gets an old name back
+    assert a.parse.startswith(b"P") and a.name + b"\x00SELECT 1" in a.parse
+    lru = BackendStatements(2)
+    assert lru.add(b"x") == [] and lru.add(b"y") == []
+    assert lru.use(b"x")
+    assert lru.add(b"z") == [b"y"]  # least recently used goes
+    assert b"x" in lru and b"y" not in lru
+
+
+def test_clients_waiting_for_a_backend_are_load_for_the_autoscaler() -> None:
+    from compute.autoscaler import PolicyConfig, PolicyState, Sample, decide
+
+    cfg = PolicyConfig(min_cu=0.25, max_cu=2.0, up_after=3)
+    state = PolicyState(0.25)
+    # Idle CPU, nothing running: only a line of 3 pooled clients waiting for a backend.
+    for _ in range(3):
+        d = decide(state, Sample(cpu_cores=0.05, active_backends=0, waiting=3), cfg)
+        state = d.state
+    assert d.direction == "up" and d.cu > 0.25
+    state = PolicyState(0.25)
+    for _ in range(3):
+        d = decide(state, Sample(cpu_cores=0.05, active_backends=0, waiting=0), cfg)
+        state = d.state
+    assert d.direction == "hold"
