@@ -24,6 +24,7 @@ import os
 import re
 import shutil
 import struct
+from collections.abc import Callable
 from pathlib import Path
 
 from storage.postgres import ServiceUser
@@ -74,12 +75,16 @@ def stash(datadir: Path, home: Path, branch_id: int) -> None:
     os.replace(tmp, dest)
 
 
-def restore(datadir: Path, home: Path, branch_id: int, *, wal_dirs: list[Path], seg_size: int,
-            user: ServiceUser, rebuilt: bool, enabled: bool = True) -> tuple[list[str], list[str]]:
+def restore(datadir: Path, home: Path, branch_id: int, *, wal_files: Callable[[], dict[str, Path]],
+            copy_segment: Callable[[Path, Path], None], seg_size: int, user: ServiceUser, rebuilt: bool,
+            enabled: bool = True) -> tuple[list[str], list[str]]:
     """Put this branch's sync slots back into a rebuilt data dir and seed the WAL they need.
     ``enabled``: the branch has a sync enabled; if not, its slots are orphans (the backup branch
     a restore leaves, a sync disabled while the compute was away) and are removed, so that no
-    one's slot holds WAL on a compute no syncer reads. Returns (slots kept, slots removed)."""
+    one's slot holds WAL on a compute no syncer reads. ``wal_files`` lists the branch's WAL archive
+    (canonical segment name → file) and ``copy_segment`` copies one of them, wherever it is (local
+    disk, or the bucket for a store that keeps only the tail locally). Returns (slots kept, slots
+    removed)."""
     root = datadir / "pg_replslot"
     removed = []
     for slot in _own_slots(datadir):
@@ -103,33 +108,31 @@ def restore(datadir: Path, home: Path, branch_id: int, *, wal_dirs: list[Path], 
     shutil.rmtree(src, ignore_errors=True)
     slots = _own_slots(datadir, branch_id)
     if rebuilt and slots:
-        _seed_wal(datadir, min(restart_lsn(s) for s in slots), wal_dirs, seg_size)
+        _seed_wal(datadir, min(restart_lsn(s) for s in slots), wal_files(), copy_segment, seg_size)
     user.own_tree(datadir / "pg_replslot")
     user.own_tree(datadir / "pg_logical")
     user.own_tree(datadir / "pg_wal")
     return [s.name for s in slots], removed
 
 
-def _seed_wal(datadir: Path, start_lsn: int, wal_dirs: list[Path], seg_size: int) -> None:
+def _seed_wal(datadir: Path, start_lsn: int, archive: dict[str, Path],
+              copy_segment: Callable[[Path, Path], None], seg_size: int) -> None:
+    """Copy the archive's segments from ``start_lsn`` on into ``pg_wal`` (a decoding slot reads
+    WAL from there only). A ``.partial`` is copied under its finished name: Postgres reads the
+    bytes it holds and the receiver's later ones arrive through streaming replay."""
     per_id = 0x100000000 // seg_size
     first = start_lsn // seg_size
     pg_wal = datadir / "pg_wal"
-    for wal_dir in wal_dirs:
-        if not wal_dir.is_dir():
+    for name, src in sorted(archive.items()):
+        m = _SEGMENT.match(name)
+        if m is None:
             continue
-        for entry in sorted(os.listdir(wal_dir)):
-            m = _SEGMENT.match(entry)
-            if m is None:
-                continue
-            segno = int(m.group(2), 16) * per_id + int(m.group(3), 16)
-            name = entry.removesuffix(".partial")
-            if segno < first or (pg_wal / name).exists():
-                continue
-            if m.group(4) and (wal_dir / name).exists():
-                continue  # the completed segment is there too
-            tmp = pg_wal / f".{name}.tmp"
-            shutil.copyfile(wal_dir / entry, tmp)
-            os.replace(tmp, pg_wal / name)
+        segno = int(m.group(2), 16) * per_id + int(m.group(3), 16)
+        if segno < first or (pg_wal / name).exists():
+            continue
+        tmp = pg_wal / f".{name}.tmp"
+        copy_segment(src, tmp)
+        os.replace(tmp, pg_wal / name)
 
 
 def copy_live(src: Path, dest: Path, user: ServiceUser) -> list[str]:

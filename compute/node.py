@@ -190,8 +190,9 @@ class ComputeNode:
         # branch's sync slots are orphans.
         enabled = self.settings.get("wal_level") == "logical"
         slots, removed = logical_slots.restore(
-            self.datadir, self.home, branch_id, wal_dirs=[self.store.wal_dir(self.branch)],
-            seg_size=WAL_SEGMENT_MB << 20, user=self.user, rebuilt=rebuilt, enabled=enabled)
+            self.datadir, self.home, branch_id, wal_files=lambda: self.store.wal_files(branch_id),
+            copy_segment=self.store.copy_wal_segment, seg_size=WAL_SEGMENT_MB << 20, user=self.user,
+            rebuilt=rebuilt, enabled=enabled)
         if removed:
             log.info("lakehouse-sync slots removed: not this branch's sync", extra={"branch": self.branch,
                                                                                     "slots": removed})

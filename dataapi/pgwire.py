@@ -55,6 +55,10 @@ class ConnectionLost(ConnectionError):
     """The server closed the connection, or it broke mid-exchange."""
 
 
+class ConnectFailed(ConnectionError):
+    """A new connection could not be opened (the socket, or the server refused the startup)."""
+
+
 # -- the codec (sans-I/O) -------------------------------------------------------------------------
 
 def _msg(kind: bytes, payload: bytes) -> bytes:
@@ -234,9 +238,11 @@ class Connection(asyncio.Protocol):
         self.broken = True
         self._transport = None
         lost = ConnectionLost(f"the database connection closed{f': {exc}' if exc else ''}")
-        for fut in (self._startup, self._exchange.done if self._exchange else None):
-            if fut is not None and not fut.done():
-                fut.set_exception(lost)
+        if self._startup is not None and not self._startup.done():
+            # A refused startup (FATAL: no such database, too many clients…) says why, then closes.
+            self._startup.set_exception(self._startup_error or lost)
+        if self._exchange is not None and not self._exchange.done.done():
+            self._exchange.done.set_exception(lost)
 
     def data_received(self, data: bytes) -> None:
         for kind, payload in self._decoder.feed(data):
@@ -424,7 +430,10 @@ class Pool:
         try:
             conn = self._take()
             if conn is None:
-                conn = await Connection.connect(*self._connect_args)
+                try:
+                    conn = await Connection.connect(*self._connect_args)
+                except (OSError, TimeoutError, PgError) as e:
+                    raise ConnectFailed(str(e)) from None
                 self._all.add(conn)
                 self._born[conn] = self._generation
             return conn
@@ -498,4 +507,4 @@ class _Lease:
             self._conn = None
 
 
-__all__ = ["Connection", "ConnectionLost", "PgError", "Pool"]
+__all__ = ["ConnectFailed", "Connection", "ConnectionLost", "PgError", "Pool"]

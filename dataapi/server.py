@@ -325,6 +325,9 @@ class DataAPI:
                 return p.response(method)
             except pgwire.PgError as e:
                 raise from_postgres(e, authenticated=identity.authenticated) from None
+            except pgwire.ConnectFailed as e:
+                raise ApiError(503, "PGRST000", "Could not connect with the database", str(e),
+                               "The branch's compute may be restarting; retry the request") from None
             except (OSError, TimeoutError) as e:  # pgwire.ConnectionLost too
                 raise ApiError(503, "PGRST001", "Database connection lost", str(e), "Retry the request") from None
             except (ValueError, OverflowError) as e:

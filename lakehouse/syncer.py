@@ -19,6 +19,13 @@ It is blocking code (psycopg2's replication connection is): it runs in its own p
 Why psycopg2 rather than an own replication client: it is the maintained one, already a
 dependency, and the decoding cost is ours either way (the stream is read in C; bench/lakehouse_sync.py
 compares it to the raw rate).
+
+Why no reader thread: ``read_message`` holds the GIL while it copies a message out of libpq (only a
+blocking ``select`` would release it), so a second thread would not read while this one decodes.
+Instead the loop reads what has arrived, waits for the rest of a transaction already under way
+(pgoutput sends a transaction only after it committed), and decodes the batch at once: long runs
+of inserts column by column in NumPy (``pgoutput.Decoder.feed_many``), which releases the GIL for
+the flush thread's Parquet work.
 """
 
 from __future__ import annotations

@@ -26,6 +26,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -63,6 +64,8 @@ RESERVED_DIR = "reserved-timelines"
 # Next to a compute's data dir: finished WAL segments its replay needs, staged by materialize when
 # the archive keeps only its tail locally (a bucket store).
 STAGED_WAL_DIR = "staged-wal"
+# Segments downloaded at once from a bucket (staging a replay, reading for point in time).
+WAL_FETCH_THREADS = 8
 IMAGE_WAL_THRESHOLD = 256 << 20
 # Small WAL segments: a branch that wrote a little holds a little, in the archive and in copies.
 WAL_SEGMENT_MB = 1
@@ -744,6 +747,17 @@ class Store:
         if self.remote_wal is not None:
             self.remote_wal.drop_dir(branch_dir)
 
+    def copy_wal_segment(self, src: Path, dest: Path) -> None:
+        """Copy one archive segment (a path from ``wal_files``) to ``dest``, from the bucket if
+        only the bucket has it. A ``.partial`` that finished meanwhile is read under its new name."""
+        try:
+            self._copy_segment(src, dest)
+        except FileNotFoundError:
+            done = src.with_name(src.name.removesuffix(".partial"))
+            if done == src:
+                raise
+            self._copy_segment(done, dest)
+
     def _copy_segment(self, src: Path, dest: Path, *, link: bool = False) -> None:
         """``src`` (an archive path) to ``dest``: from local disk, else from the bucket."""
         try:
@@ -768,20 +782,24 @@ class Store:
             yield files
             return
         work = Path(tempfile.mkdtemp(prefix="walread-", dir=self.tmp_root))
+
+        def take(src: Path) -> Path:
+            dest = work / src.parent.name / src.name  # keeps "<branch>/<segment>": the commit index's key
+            try:
+                self._copy_segment(src, dest, link=True)
+            except FileNotFoundError:
+                done = src.with_name(src.name.removesuffix(".partial"))
+                if done == src:
+                    raise
+                dest = dest.with_name(done.name)  # a .partial finished (renamed) meanwhile
+                self._copy_segment(done, dest, link=True)
+            return dest
+
         try:
-            out: dict[str, Path] = {}
-            for name, src in files.items():
-                dest = work / src.parent.name / src.name  # keeps "<branch>/<segment>": the commit index's key
-                dest.parent.mkdir(exist_ok=True)
-                try:
-                    self._copy_segment(src, dest, link=True)
-                except FileNotFoundError:
-                    done = src.with_name(src.name.removesuffix(".partial"))
-                    if done == src:
-                        raise
-                    dest = dest.with_name(done.name)  # a .partial finished (renamed) meanwhile
-                    self._copy_segment(done, dest, link=True)
-                out[name] = dest
+            for parent in {src.parent.name for src in files.values()}:
+                (work / parent).mkdir()
+            with ThreadPoolExecutor(WAL_FETCH_THREADS, thread_name_prefix="lakelet-wal-fetch") as pool:
+                out = dict(zip(files, pool.map(take, files.values()), strict=True))
             yield out
         finally:
             shutil.rmtree(work, ignore_errors=True)
@@ -801,7 +819,7 @@ class Store:
         start = image.redo_lsn if image.redo_lsn is not None else image.lsn
         target = lsnmod.parse(settings["recovery_target_lsn"]) if "recovery_target_lsn" in settings else None
         staged.mkdir(parents=True)
-        fetched = 0
+        wanted: list[tuple[str, Path]] = []
         for branch, cutoff in self._ancestry(row):
             if str(branch.id) not in served:
                 continue
@@ -811,11 +829,12 @@ class Store:
                 first = lsnmod.segment_start(name, seg)[1]
                 if first + seg <= start - seg or any(x is not None and first > x for x in (cutoff, target)):
                     continue
-                self._copy_segment(path, staged / name, link=True)
-                fetched += 1
+                wanted.append((name, path))
+        with ThreadPoolExecutor(WAL_FETCH_THREADS, thread_name_prefix="lakelet-wal-fetch") as pool:
+            list(pool.map(lambda item: self._copy_segment(item[1], staged / item[0], link=True), wanted))
         self.user.own_tree(staged)
         self.user.own(staged, 0o700)
-        log.info("staged WAL for replay", extra={"branch": row.name, "segments": fetched})
+        log.info("staged WAL for replay", extra={"branch": row.name, "segments": len(wanted)})
         return staged
 
     # -- retention ----------------------------------------------------------------------------------

@@ -123,3 +123,19 @@ async def test_killed_backends_leave_the_pool_and_requests_go_on(api: Api) -> No
     assert statuses[0][0] in (200, 503), statuses
     if statuses[0][0] == 503:
         assert statuses[0][1]["code"] == "PGRST001"
+
+
+async def test_a_connection_that_cannot_open_is_connect_failed(api: Api, tmp_path) -> None:  # noqa: ANN001
+    addr = await api.endpoints.ensure_ready("main")
+    for path, database in ((str(tmp_path / ".s.PGSQL.1"), "postgres"),
+                           (f"{addr.socket_dir}/.s.PGSQL.{addr.port}", "no_such_database")):
+        pool = pgwire.Pool(path, "lakelet_admin", database, size=1, idle_timeout=60, connect_timeout=10,
+                           application_name="lakelet-pgwire-test")
+        with pytest.raises(pgwire.ConnectFailed):
+            async with pool.acquire():
+                pass
+        async with asyncio.timeout(5):  # the slot was given back: a second try fails the same way
+            with pytest.raises(pgwire.ConnectFailed, match="no_such_database|No such file"):
+                async with pool.acquire():
+                    pass
+        pool.close()
