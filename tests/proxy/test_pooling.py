@@ -263,6 +263,33 @@ async def test_set_is_replayed_and_never_leaks(harness: Harness, pool_config) ->
         await b.close()
 
 
+async def test_psycopg_set_through_the_extended_protocol_is_tracked(harness: Harness, pool_config) -> None:
+    pool_config.size = 2
+    dsn = (f"host=127.0.0.1 port={harness.proxy.port} dbname=postgres user=app password={PASSWORD} "
+           "sslmode=disable options=pool=transaction")
+    p = await psycopg.AsyncConnection.connect(dsn, autocommit=True)  # every statement: Parse, Bind, Execute, Sync
+    other = await apg(harness)
+    try:
+        await p.execute("SET work_mem = '3MB'")
+        for _ in range(3):
+            assert await (await p.execute("SHOW work_mem")).fetchone() == ("3MB",)
+            assert await other.fetchval("SHOW work_mem") != "3MB"
+        async with other.transaction():  # other holds one backend: p's next statement lands on the other
+            await other.fetchval("SELECT 1")
+            assert await (await p.execute("SHOW work_mem")).fetchone() == ("3MB",)
+        # A SET in a pipeline whose batch fails did not happen, on Postgres as here.
+        with pytest.raises(psycopg.errors.DivisionByZero):
+            async with p.pipeline():
+                await p.execute("SET work_mem = '5MB'")
+                await p.execute("SELECT 1 / %s::int", (0,))
+        assert await (await p.execute("SHOW work_mem")).fetchone() == ("3MB",)
+        await p.execute("RESET work_mem")
+        assert await (await p.execute("SHOW work_mem")).fetchone() != ("3MB",)
+    finally:
+        await p.close()
+        await other.close()
+
+
 async def test_a_bad_startup_setting_is_refused_at_connect(harness: Harness) -> None:
     with pytest.raises(asyncpg.PostgresError, match="work_mem"):
         await apg(harness, options="pool=transaction -c work_mem=lots")
