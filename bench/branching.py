@@ -2,6 +2,11 @@
 large database, and how long materializing a data dir from the store takes per GB.
 
     .venv/bin/python bench/branching.py [--quick] [--creates N]
+    .venv/bin/python bench/branching.py --store s3://BUCKET/PREFIX|moto [--quick]
+
+With ``--store``, the same table on a store in a bucket against the local store, side by side
+(``bench/s3_store.py``: ``moto`` starts moto's S3 server on loopback; an ``s3://`` URI uses that
+bucket, found the standard AWS way).
 
 For each size a fresh store gets one table of wide rows on ``main``, which is then suspended (its
 image goes to the store). Creating a branch writes one catalog row, so its time and the store's
@@ -141,7 +146,15 @@ async def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="~10 MB vs ~200 MB instead of ~10 MB vs ~1 GB")
     ap.add_argument("--creates", type=int, default=20, help="branches created per size")
-    args = ap.parse_args()
+    ap.add_argument("--store", help="s3://BUCKET/PREFIX, or moto: the bucket vs the local store (bench/s3_store.py)")
+    args, rest = ap.parse_known_args()
+    if args.store:
+        import s3_store  # bench/s3_store.py, beside this file
+
+        await s3_store.main(["--store", args.store, *(["--quick"] if args.quick else []), *rest])
+        return
+    if rest:
+        ap.error(f"unrecognized arguments: {' '.join(rest)}")
     logging.basicConfig(level=logging.ERROR)
     pg, user = find_binaries(), resolve_service_user(os.environ.get("LAKELET_COMPUTE_USER"))
     large_mb = 200 if args.quick else 1024

@@ -1,6 +1,7 @@
 """Data API throughput and latency against its floor: the same SQL sent straight through asyncpg.
 
-    .venv/bin/python bench/data_api.py [--seconds S] [--clients N] [--rounds R] [--client wrk|aiohttp] [--quick]
+    .venv/bin/python bench/data_api.py [--seconds S] [--clients N] [--rounds R] [--client wrk|aiohttp]
+                                       [--pool P] [--only single|100-row] [--quick]
 
 A real ``lakelet up`` (its own process, with ``--data-api``) serves a branch holding 100 categories
 × 100 items. Two workloads, each run by N concurrent clients for S seconds:
@@ -14,7 +15,8 @@ in this process. The floor runs, with the same concurrency, the exact statement 
 for each request (taken from its planner) through an asyncpg pool connected to the compute's Unix
 socket: what Postgres alone costs, with no HTTP, no transaction, no role switch. Rounds alternate
 Data API / floor so machine noise hits both. Printed: requests/s, p50 and p99 latency, the ratios,
-and the CPU the lakelet process spent per request. Goals (issue #15): single ≥ 0.5× its floor with
+the CPU the lakelet process spent per request, the CPU the compute's Postgres processes spent per
+request on each side, and the floor client's own CPU per query. Goals (issue #15): single ≥ 0.5× its floor with
 p99 ≤ 10 ms; embedded ≥ 0.5× its floor.
 """
 
@@ -78,6 +80,37 @@ def cpu_seconds(pid: int) -> float:
     with open(f"/proc/{pid}/stat", "rb") as f:
         fields = f.read().rsplit(b")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def descendants(pid: int) -> list[int]:
+    """Every process below ``pid`` (the computes' postgres processes, whatever their session)."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat", "rb") as f:
+                    ppid = int(f.read().rsplit(b")", 1)[1].split()[1])
+            except (OSError, ValueError, IndexError):
+                continue
+            children.setdefault(ppid, []).append(int(entry))
+    out, todo = [], list(children.get(pid, []))
+    while todo:
+        p = todo.pop()
+        out.append(p)
+        todo.extend(children.get(p, []))
+    return out
+
+
+def tree_cpu(pid: int) -> float:
+    """CPU seconds of every process below ``pid`` (exited ones are not counted: the computes'
+    backends outlive a round, since both pools keep their connections)."""
+    total = 0.0
+    for p in descendants(pid):
+        try:
+            total += cpu_seconds(p)
+        except (OSError, ValueError, IndexError):
+            pass
+    return total
 
 
 def pct(values: list[float], q: float) -> float:
@@ -194,6 +227,9 @@ async def run(args: argparse.Namespace) -> None:
         async with aiohttp.ClientSession(connector=connector) as session:
             await asyncio.sleep(1.0)  # the schema reload after the setup
             for w in workloads:
+                if args.only and not w.name.startswith(args.only):
+                    continue
+
                 async def via_api(key: int, w: Workload = w) -> None:
                     async with session.get(base + w.path(key)) as r:
                         body = await r.read()
@@ -207,18 +243,21 @@ async def run(args: argparse.Namespace) -> None:
                 await drive(args.clients, 1.0, via_asyncpg)
                 api_runs, floor_runs = [], []
                 for n in range(args.rounds):
-                    cpu_before = cpu_seconds(proc.pid)
+                    cpu_before, pg_before = cpu_seconds(proc.pid), tree_cpu(proc.pid)
                     if use_wrk:
                         rps, p50, p99 = await asyncio.to_thread(
                             run_wrk, f"http://127.0.0.1:{api_port}", w.wrk_path, w.wrk_keys, args.clients,
                             args.seconds, root, n + 1)
-                        api_runs.append((rps, p50, p99, (cpu_seconds(proc.pid) - cpu_before) / (rps * args.seconds)))
+                        done = rps * args.seconds
                     else:
-                        rate, lat = await drive(args.clients, args.seconds, via_api)
-                        api_runs.append((rate, pct(lat, 0.5), pct(lat, 0.99),
-                                         (cpu_seconds(proc.pid) - cpu_before) / len(lat)))
+                        rps, lat = await drive(args.clients, args.seconds, via_api)
+                        p50, p99, done = pct(lat, 0.5), pct(lat, 0.99), len(lat)
+                    api_runs.append((rps, p50, p99, (cpu_seconds(proc.pid) - cpu_before) / done,
+                                     (tree_cpu(proc.pid) - pg_before) / done))
+                    me_before, pg_before = cpu_seconds(os.getpid()), tree_cpu(proc.pid)
                     rate, lat = await drive(args.clients, args.seconds, via_asyncpg)
-                    floor_runs.append((rate, pct(lat, 0.5), pct(lat, 0.99)))
+                    floor_runs.append((rate, pct(lat, 0.5), pct(lat, 0.99), (cpu_seconds(os.getpid()) - me_before)
+                                       / len(lat), (tree_cpu(proc.pid) - pg_before) / len(lat)))
                 report(w.name, api_runs, floor_runs, args, "wrk" if use_wrk else "aiohttp")
         await pool.close()
     finally:
@@ -244,6 +283,9 @@ def report(name: str, api_runs: list, floor_runs: list, args: argparse.Namespace
         "data_api_p50_ms": round(med(api_runs, 1) * 1000, 2), "data_api_p99_ms": round(med(api_runs, 2) * 1000, 2),
         "asyncpg_p50_ms": round(med(floor_runs, 1) * 1000, 2), "asyncpg_p99_ms": round(med(floor_runs, 2) * 1000, 2),
         "data_api_cpu_us_per_request": round(med(api_runs, 3) * 1e6),
+        "data_api_postgres_cpu_us_per_request": round(med(api_runs, 4) * 1e6),
+        "asyncpg_client_cpu_us_per_request": round(med(floor_runs, 3) * 1e6),
+        "asyncpg_postgres_cpu_us_per_request": round(med(floor_runs, 4) * 1e6),
     }), flush=True)
 
 
@@ -258,6 +300,7 @@ def main() -> None:
     parser.add_argument("--pool", type=int, default=None,
                         help="the Data API's connections per branch (data_api_pool_size; default: --clients, "
                              "as many as the floor's pool)")
+    parser.add_argument("--only", choices=["single", "100-row"], default=None, help="run one workload")
     parser.add_argument("--quick", action="store_true", help="one round of 2 s (make bench)")
     args = parser.parse_args()
     args.pool = args.pool or args.clients

@@ -1,16 +1,20 @@
 """Lakehouse sync: lag from commit to visible in Delta, and throughput, each beside its floor.
 
-    .venv/bin/python bench/lakehouse_sync.py [--quick] [--rows N] [--seconds S] [--rate TPS]
+    .venv/bin/python bench/lakehouse_sync.py [--quick] [--rows N] [--seconds S] [--rate TPS] [--rounds R]
 
 1. **Lag** under a steady write load (``--rate`` transactions/s of 10 rows, for ``--seconds``):
    for every transaction, the time from COMMIT returning to the client until a Delta reader can
    see it (a new ``_delta_log`` commit whose stats cover its ids; the log is listed every 2 ms).
    Floor: the same commits arriving on a raw pgoutput replication stream of a second slot (read
    and discarded), i.e. what any logical-decoding consumer has to wait for.
-2. **Throughput** on a ``--rows`` load (transactions of 10,000 rows) written while the syncer is
-   stopped, so both sides read the same WAL from a slot: the syncer (decode, convert, write Delta,
-   confirm) from its first streaming moment until it has confirmed the end of the load, against
-   the raw rate of the same stream read and discarded by psycopg2.
+2. **Throughput** on a ``--rows`` load (transactions of 10,000 rows) written while no one reads
+   it, so every reader reads the same WAL from its own slot (all made before the load): the
+   syncer (decode, convert, write Delta, confirm) from its first streaming moment until it has
+   confirmed the end of the load, against the raw rate of the same stream read and discarded by
+   psycopg2 (``read_message`` polled tightly, a ``select`` only when nothing is there). ``--rounds``
+   pairs run alternately (raw first, then sync first, …) so a machine whose load drifts weighs on
+   both sides alike; the ratio is of the medians. CPU seconds per row of each reader are printed
+   too: what the reader itself costs, apart from how fast the walsender produces.
 
 Goals (issue #13): lag p50 ≤ 1 s and p99 ≤ 2 s; ≥ 50k rows/s and ≥ 0.5× the raw decoding rate.
 """
@@ -81,6 +85,11 @@ class Worker:
             time.sleep(0.005)
         raise TimeoutError("worker did not get there in time")
 
+    def cpu(self) -> float:
+        """CPU seconds the worker process has used so far (every thread)."""
+        fields = Path(f"/proc/{self.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
     def stop(self) -> None:
         self.proc.terminate()
         self.proc.wait(60)
@@ -99,10 +108,12 @@ class RawStream:
         self.messages = 0
         self.stop_at: int | None = None
         self.done = threading.Event()
+        self.cpu = 0.0
 
     def run(self) -> None:
         import select
 
+        cpu = time.thread_time()
         self.cur.start_replication(slot_name=self.slot, decode=False,
                                    options={"proto_version": "1", "publication_names": self.publication})
         while not self.done.is_set():
@@ -118,6 +129,7 @@ class RawStream:
                 self.cur.send_feedback(flush_lsn=msg.data_start)
                 if self.stop_at is not None and msg.data_start >= self.stop_at:
                     break
+        self.cpu = time.thread_time() - cpu
         self.done.set()
 
     def close(self) -> None:
@@ -184,10 +196,12 @@ async def main() -> None:
     ap.add_argument("--rows", type=int, help="rows in the throughput load (default 1,000,000)")
     ap.add_argument("--seconds", type=float, help="length of the lag run (default 30)")
     ap.add_argument("--rate", type=float, default=50.0, help="transactions per second in the lag run")
+    ap.add_argument("--rounds", type=int, help="alternating raw/sync throughput pairs (default 3)")
     args = ap.parse_args()
     logging.basicConfig(level=logging.ERROR)
     rows = args.rows or (100_000 if args.quick else 1_000_000)
     seconds = args.seconds or (5.0 if args.quick else 30.0)
+    args.rounds = args.rounds or (1 if args.quick else 3)
     pg, user = find_binaries(), resolve_service_user(os.environ.get("LAKELET_COMPUTE_USER"))
     root = Path(tempfile.mkdtemp(prefix="lakelet-bench-lakehouse-", dir="/tmp"))
     os.chmod(root, 0o755)
@@ -200,8 +214,7 @@ async def main() -> None:
     try:
         addr = await eps.ensure_ready("main")
         conn = await asyncpg.connect(host=addr.socket_dir, port=addr.port, user=ADMIN, database="postgres")
-        await conn.execute("CREATE SCHEMA bench; CREATE TABLE bench.events (id int PRIMARY KEY, v text);"
-                           "CREATE TABLE bench.load (id int PRIMARY KEY, a int, b text, c timestamptz)")
+        await conn.execute("CREATE SCHEMA bench; CREATE TABLE bench.events (id int PRIMARY KEY, v text)")
         dsn = {"host": addr.socket_dir, "port": addr.port, "user": ADMIN, "dbname": "postgres"}
         spec = SyncSpec(branch="main", database="postgres", schema="bench", tables=None,
                         lakehouse_uri=str(root / "lakehouse"), slot=slot_name(1, "postgres", "bench"),
@@ -219,12 +232,22 @@ async def main() -> None:
             print(f"{name:34}{pct(xs, .5) * 1e3:9.1f}{pct(xs, .99) * 1e3:9.1f}{max(xs) * 1e3:9.1f}")
         print(f"goal: p50 ≤ 1000, p99 ≤ 2000; measured {len(sync_lag)}/{n} transactions")
 
-        # 2. throughput: the same WAL, read by the syncer and by a raw stream.
+        # 2. throughput: the same WAL, read by `rounds` syncers and `rounds` raw streams, alternately.
         target = str(await conn.fetchval("SELECT pg_current_wal_lsn()::text"))
         worker.drain(target)
         worker.wait(lambda s: s.get("drained_lsn") and parse_lsn(s["drained_lsn"]) >= parse_lsn(target))
         worker.stop()
-        raw = RawStream(dsn, "bench_raw_load", "bench_raw")
+        await conn.execute("CREATE TABLE bench.load (id int PRIMARY KEY, a int, b text, c timestamptz)")
+        specs = []
+        for r in range(args.rounds):  # each its own slot, publication and history, at the load's start
+            spec_r = SyncSpec(branch="main", database="postgres", schema="bench", tables=["load"],
+                              lakehouse_uri=str(root / f"lakehouse-{r}"), slot=slot_name(100 + r, "postgres", "bench"),
+                              host=addr.socket_dir, port=addr.port, user=ADMIN, state_dir=str(root / f"sync-{r}"))
+            w = Worker(spec_r)
+            w.wait(lambda s: s.get("state") == "streaming")
+            w.stop()
+            specs.append(spec_r)
+        raws = [RawStream(dsn, f"bench_raw_load_{r}", "bench_raw") for r in range(args.rounds)]
         batch = 10_000
         t0 = time.perf_counter()
         for start in range(0, rows, batch):
@@ -232,22 +255,48 @@ async def main() -> None:
                                "FROM generate_series($1::int, $2::int) g", start, min(rows, start + batch) - 1)
         load_s = time.perf_counter() - t0
         end = parse_lsn(str(await conn.fetchval("SELECT pg_current_wal_lsn()::text")))
-        raw.stop_at = end
-        t0 = time.perf_counter()
-        raw.run()
-        raw_s = time.perf_counter() - t0
-        raw.close()
-        worker = Worker(spec)
-        t_stream = worker.wait(lambda s: s.get("state") == "streaming")
-        worker.drain(fmt_lsn(end))
-        t_done = worker.wait(lambda s: s.get("drained_lsn") and parse_lsn(s["drained_lsn"]) >= end)
-        sync_s = t_done - t_stream
-        status = worker.status()["tables"]["load"]
-        worker.stop()
-        print(f"\nthroughput, {rows:,} rows in {rows // batch} transactions (loaded by Postgres in {load_s:.1f} s)")
-        print(f"{'raw pgoutput stream (floor)':34}{rows / raw_s:12,.0f} rows/s  "
-              f"({raw.messages:,} messages, {raw_s:.2f} s)")
-        print(f"{'lakehouse sync → Delta':34}{rows / sync_s:12,.0f} rows/s  ({status['rows']:,} rows, {sync_s:.2f} s)")
+
+        def raw_run(r: int) -> tuple[float, float]:
+            raw = raws[r]
+            raw.stop_at = end
+            t0 = time.perf_counter()
+            raw.run()
+            took = time.perf_counter() - t0
+            raw.close()
+            return took, raw.cpu
+
+        def sync_run(r: int) -> tuple[float, float]:
+            worker = Worker(specs[r])
+            t_stream = worker.wait(lambda s: s.get("state") == "streaming")
+            cpu = worker.cpu()
+            worker.drain(fmt_lsn(end))
+            t_done = worker.wait(lambda s: s.get("drained_lsn") and parse_lsn(s["drained_lsn"]) >= end)
+            cpu = worker.cpu() - cpu
+            synced = worker.status()["tables"]["load"]["rows"]
+            worker.stop()
+            assert synced == rows, f"synced {synced} rows, loaded {rows}"
+            return t_done - t_stream, cpu
+
+        raw_t: list[tuple[float, float]] = []
+        sync_t: list[tuple[float, float]] = []
+        print(f"\nthroughput, {rows:,} rows in {rows // batch} transactions (loaded by Postgres in {load_s:.1f} s), "
+              f"{args.rounds} rounds")
+        print(f"{'round':8}{'raw rows/s':>14}{'sync rows/s':>14}{'ratio':>8}"
+              f"{'raw cpu µs/row':>17}{'sync cpu µs/row':>17}")
+        for r in range(args.rounds):
+            if r % 2 == 0:
+                raw_t.append(raw_run(r))
+                sync_t.append(sync_run(r))
+            else:
+                sync_t.append(sync_run(r))
+                raw_t.append(raw_run(r))
+            (rs, rc), (ss, sc) = raw_t[-1], sync_t[-1]
+            print(f"{r + 1:<8}{rows / rs:14,.0f}{rows / ss:14,.0f}{rs / ss:8.2f}{rc / rows * 1e6:17.2f}"
+                  f"{sc / rows * 1e6:17.2f}")
+        raw_s = pct([t for t, _ in raw_t], 0.5)
+        sync_s = pct([t for t, _ in sync_t], 0.5)
+        print(f"{'raw pgoutput stream (floor)':34}{rows / raw_s:12,.0f} rows/s  (median of {args.rounds})")
+        print(f"{'lakehouse sync → Delta':34}{rows / sync_s:12,.0f} rows/s  (median of {args.rounds})")
         print(f"ratio sync/raw: {raw_s / sync_s:.2f} (goal ≥ 0.5); goal ≥ 50,000 rows/s")
         await conn.close()
     finally:

@@ -317,6 +317,11 @@ class Run:
     txns: int
     cpu_user_s: float | None
     cpu_sys_s: float | None
+    client_cpu_s: float = 0.0  # pgbench's own CPU: with SCRAM it derives the key on every connection
+
+    @property
+    def client_us_per_txn(self) -> float:
+        return self.client_cpu_s * 1e6 / self.txns if self.txns else 0.0
 
     @property
     def cpu_us_per_txn(self) -> float | None:
@@ -338,8 +343,11 @@ def pgbench_env() -> dict[str, str]:
 def pgbench(pg: PgBinaries, target: Target, args: list[str]) -> Run:
     cmd = [pg["pgbench"], "-h", target.host, "-p", str(target.port), "-U", ROLE, *args, DATABASE]
     before = cpu_times(target.pid) if target.pid else None
+    children = resource.getrusage(resource.RUSAGE_CHILDREN)
     out = subprocess.run(cmd, capture_output=True, text=True, env=pgbench_env())
     after = cpu_times(target.pid) if target.pid else None
+    done = resource.getrusage(resource.RUSAGE_CHILDREN)
+    client = (done.ru_utime + done.ru_stime) - (children.ru_utime + children.ru_stime)
     tps = re.search(r"^tps = ([0-9.]+)", out.stdout, re.M)
     txns = re.search(r"^number of transactions actually processed: (\d+)", out.stdout, re.M)
     if out.returncode != 0 or tps is None or txns is None:
@@ -348,7 +356,7 @@ def pgbench(pg: PgBinaries, target: Target, args: list[str]) -> Run:
     user = sys_ = None
     if before is not None and after is not None:
         user, sys_ = after[0] - before[0], after[1] - before[1]
-    return Run(float(tps.group(1)), int(txns.group(1)), user, sys_)
+    return Run(float(tps.group(1)), int(txns.group(1)), user, sys_, client)
 
 
 def alternate(pg: PgBinaries, targets: list[Target], args: list[str], rounds: int, label: str) -> dict[str, list[Run]]:
@@ -374,6 +382,10 @@ def median_tps(runs: list[Run]) -> float:
 def median_cpu(runs: list[Run]) -> float | None:
     values = [v for v in (r.cpu_us_per_txn for r in runs) if v is not None]
     return statistics.median(values) if values else None
+
+
+def median_client(runs: list[Run]) -> float:
+    return statistics.median(r.client_us_per_txn for r in runs)
 
 
 def median_sys(runs: list[Run]) -> float | None:
@@ -547,17 +559,20 @@ def report(s: Settings, select: dict[str, list[Run]], connect: dict[str, list[Ru
     print(f"pgbench -S, {s.clients} clients, -j 2, {s.duration}s × {s.rounds} rounds; "
           f"pgbench -C -S {s.conn_duration}s × {s.conn_rounds}; scale {s.scale}; medians")
     print(f"{'target':<11}{'select tps':>12}{'ratio':>8}{'CPU µs/txn':>12}{'sys':>6}{'conn/s':>10}{'ratio':>8}"
-          f"{'CPU µs/conn':>13}{'sys':>6}")
+          f"{'CPU µs/conn':>13}{'sys':>6}{'pgbench µs/conn':>17}")
     direct_tps, direct_conn = median_tps(select["direct"]), median_tps(connect["direct"])
     for name in names:
         tps, conn = median_tps(select[name]), median_tps(connect[name])
         print(f"{name:<11}{tps:12.0f}{tps / direct_tps:8.2f}{fmt(median_cpu(select[name]), '12.1f')}"
               f"{fmt(median_sys(select[name]), '6.0%')}{conn:10.0f}{conn / direct_conn:8.2f}"
-              f"{fmt(median_cpu(connect[name]), '13.0f')}{fmt(median_sys(connect[name]), '6.0%')}")
+              f"{fmt(median_cpu(connect[name]), '13.0f')}{fmt(median_sys(connect[name]), '6.0%')}"
+              f"{median_client(connect[name]):17.0f}")
     print(f"CPU: the Lakelet process (proxy + control plane; idle background {idle_cpu * 100:.1f}% of a core), "
           "the bare relay's and the pgbouncer process; sys = kernel share.")
     print("direct and bare-relay log in with trust on the compute's socket (no SCRAM); pgbouncer keeps server "
           "connections across clients in session mode, the proxy keeps warm backends (reset with DISCARD ALL).")
+    print("pgbench µs/conn: the client's own CPU per connection (with SCRAM it derives the password's key, "
+          "4096 HMAC rounds, every time) on the same two cores.")
     if idle:
         print(f"{'idle clients':<26}{'clients':>9}{'RSS before':>12}{'RSS after':>11}{'KiB/client':>12}")
         for r in idle:

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import logging
 import os
 import shutil
@@ -152,20 +153,27 @@ async def wal_upload(lake: Lake, pg: PgBinaries, user: ServiceUser, seconds: int
             "drain_s": drain, "seconds": elapsed}
 
 
-async def main() -> None:
+async def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--store", default="moto", help="s3://BUCKET/PREFIX (found the standard AWS way), or moto: "
+                    "moto's S3 server on 127.0.0.1")
     ap.add_argument("--quick", action="store_true", help="~200 MB and 15 s of pgbench")
     ap.add_argument("--size-mb", type=int, default=1024)
     ap.add_argument("--pgbench-seconds", type=int, default=30)
     ap.add_argument("--interval", type=float, default=1.0, help="wal_upload_interval of the bucket store")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     size_mb = 200 if args.quick else args.size_mb
     seconds = 15 if args.quick else args.pgbench_seconds
     logging.basicConfig(level=logging.ERROR)
     pg, user = find_binaries(), resolve_service_user(os.environ.get("LAKELET_COMPUTE_USER"))
-    with moto_server() as server, scratch() as root:
-        os.environ.update(server.env())
-        uri = f"s3://{server.new_bucket('lakelet-bench')}/bench"
+    with contextlib.ExitStack() as stack:
+        root = stack.enter_context(scratch())
+        if args.store == "moto":
+            server = stack.enter_context(moto_server())
+            os.environ.update(server.env())
+            uri, where = f"s3://{server.new_bucket('lakelet-bench')}/bench", "moto on 127.0.0.1"
+        else:
+            uri, where = f"{args.store.rstrip('/')}/bench-{int(time.time())}", args.store
         local = await open_lake(root / "local", None, pg, user, args.interval)
         bucket = await open_lake(root / "bucket", uri, pg, user, args.interval)
         try:
@@ -190,13 +198,16 @@ async def main() -> None:
             restore_s = time.perf_counter() - t0
             fresh_main = await first_start(bucket, "main")
             upload = await wal_upload(bucket, pg, user, seconds)
+            local_wal = sum(p.stat().st_size for p in (root / "bucket" / "store" / "wal").rglob("*") if p.is_file())
+            remote = bucket.store.remote_wal
+            bucket_wal = sum(size for size, _ in remote.all().values()) if remote is not None else 0
         finally:
             await close_lake(local)
             await close_lake(bucket)
 
     local_s, bucket_s = statistics.mean([start_local, start_local_2]), statistics.mean([start_bucket, start_bucket_2])
     print(f"database: {sizes[0] / MB:.0f} MB (local store), {sizes[1] / MB:.0f} MB (bucket store); "
-          f"S3 = moto on 127.0.0.1; wal_upload_interval {args.interval}s")
+          f"S3 = {where}; wal_upload_interval {args.interval}s")
     print(f"{'':44}{'local':>10}{'bucket':>10}{'ratio':>8}")
     lc, bc = statistics.median(creates[0]), statistics.median(creates[1])
     print(f"{'branch create, median of 20 (ms)':44}{lc:10.2f}{bc:10.2f}{bc / lc:8.2f}")
@@ -210,6 +221,8 @@ async def main() -> None:
           f"oldest change not yet uploaded: median {upload['age_median_s']:.2f} s, max {upload['age_max_s']:.2f} s "
           f"(commits wait beyond {upload['hold_after']:.0f} s); drained {upload['drain_s']:.2f} s after the load "
           "stopped")
+    print(f"WAL on local disk afterwards: {local_wal / MB:.1f} MB (the tail and image WAL copies); "
+          f"finished segments in the bucket only: {bucket_wal / MB:.1f} MB")
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -21,7 +22,7 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
 
-from compute import sizes
+from compute import logical_slots, sizes
 from compute.actuator import CgroupLimits, apply_size
 from compute.autoscaler import Decision, PolicyConfig, PolicyState, Sample, decide
 from compute.metrics import ComputeMetrics
@@ -193,7 +194,7 @@ class Endpoint:
         for attempt in range(1, START_ATTEMPTS + 1):
             settings = sizes.settings_for(self.cu)
             if self.branch in self.ctx.logical_branches:
-                settings["wal_level"] = "logical"
+                settings.update(logical_slots.SETTINGS)
             node = ComputeNode(self.ctx.store, self.branch, computes_dir=self.ctx.computes_dir, user=self.ctx.user,
                                pg=self.ctx.pg, settings=settings,
                                durability=self.config.durability)
@@ -347,7 +348,8 @@ class Endpoint:
                 return  # suspending: the clean image at shutdown covers it
             started = time.monotonic()
             image = await asyncio.to_thread(store.take_online_image, self.branch, host=str(node.socket_dir),
-                                            port=node.port)
+                                            port=node.port, add_files=functools.partial(
+                                                logical_slots.copy_live, node.datadir, user=self.ctx.user))
         except Exception as e:
             self.ctx.metrics.background_images.labels(self.branch, "error").inc()
             reason = (str(e).strip().splitlines() or [type(e).__name__])[-1]

@@ -30,6 +30,11 @@ from storage.postgres import ServiceUser
 
 PREFIX = "lakelet_sync_"
 STASH = "logical-slots"
+# The settings of a compute that serves a lakehouse sync (its branch has one enabled, or its data
+# dir holds a sync slot). wal_level is restart-only. max_slot_wal_keep_size bounds the WAL a slot
+# nobody reads (a sync in error, a crashed worker) can hold on the compute's disk: past it Postgres
+# invalidates the slot, and the syncer, finding it lost, takes a fresh snapshot and says why.
+SETTINGS = {"wal_level": "logical", "max_slot_wal_keep_size": "2GB"}
 # ReplicationSlotOnDisk: magic, checksum, version, length (4 bytes each), then
 # ReplicationSlotPersistentData: name (64), database, persistency, xmin, catalog_xmin (4 each),
 # restart_lsn (8).
@@ -70,13 +75,20 @@ def stash(datadir: Path, home: Path, branch_id: int) -> None:
 
 
 def restore(datadir: Path, home: Path, branch_id: int, *, wal_dirs: list[Path], seg_size: int,
-            user: ServiceUser, rebuilt: bool) -> list[str]:
+            user: ServiceUser, rebuilt: bool, enabled: bool = True) -> tuple[list[str], list[str]]:
     """Put this branch's sync slots back into a rebuilt data dir and seed the WAL they need.
-    Returns the names of the slots it holds afterwards."""
+    ``enabled``: the branch has a sync enabled; if not, its slots are orphans (the backup branch
+    a restore leaves, a sync disabled while the compute was away) and are removed, so that no
+    one's slot holds WAL on a compute no syncer reads. Returns (slots kept, slots removed)."""
     root = datadir / "pg_replslot"
+    removed = []
     for slot in _own_slots(datadir):
-        if not slot.name.startswith(f"{PREFIX}{branch_id}_"):
-            shutil.rmtree(slot)  # inherited from a parent's image: not this branch's sync
+        if not enabled or not slot.name.startswith(f"{PREFIX}{branch_id}_"):
+            shutil.rmtree(slot)  # inherited from a parent's image, or no sync of this branch now
+            removed.append(slot.name)
+    if not enabled:
+        shutil.rmtree(home / STASH, ignore_errors=True)
+        return [], removed
     src = home / STASH
     try:
         stashed = json.loads((src / "branch.json").read_text()).get("branch_id") == branch_id
@@ -95,7 +107,7 @@ def restore(datadir: Path, home: Path, branch_id: int, *, wal_dirs: list[Path], 
     user.own_tree(datadir / "pg_replslot")
     user.own_tree(datadir / "pg_logical")
     user.own_tree(datadir / "pg_wal")
-    return [s.name for s in slots]
+    return [s.name for s in slots], removed
 
 
 def _seed_wal(datadir: Path, start_lsn: int, wal_dirs: list[Path], seg_size: int) -> None:
@@ -118,3 +130,26 @@ def _seed_wal(datadir: Path, start_lsn: int, wal_dirs: list[Path], seg_size: int
             tmp = pg_wal / f".{name}.tmp"
             shutil.copyfile(wal_dir / entry, tmp)
             os.replace(tmp, pg_wal / name)
+
+
+def copy_live(src: Path, dest: Path, user: ServiceUser) -> list[str]:
+    """Add the sync slots of the running data dir ``src`` to ``dest``, a base backup of it
+    (``pg_basebackup`` leaves ``pg_replslot`` empty), so an online image carries them like a clean
+    one. Postgres replaces a slot's ``state`` file by rename, so each copy is one whole version,
+    at most as new as the backup (a position at or before the one confirmed then: replayed
+    changes are dropped by the Delta versions). ``pg_logical`` is in the backup already."""
+    names = []
+    for slot in _own_slots(src):
+        target = dest / "pg_replslot" / slot.name
+        target.mkdir(parents=True, exist_ok=True)
+        tmp = target / ".state.tmp"
+        try:
+            shutil.copyfile(slot / "state", tmp)
+        except FileNotFoundError:  # dropped meanwhile
+            shutil.rmtree(target, ignore_errors=True)
+            continue
+        os.replace(tmp, target / "state")
+        names.append(slot.name)
+    if names:
+        user.own_tree(dest / "pg_replslot")
+    return names

@@ -19,8 +19,9 @@ from pathlib import Path
 import asyncpg
 
 from compute import logical_slots
+from compute.spawn import Child, spawn
 from compute.walreceiver import RECEIVER_NAME, SLOT_NAME, WalReceiver
-from storage import ADMIN_ROLE, Store
+from storage import ADMIN_ROLE, Materialized, Store
 from storage.postgres import PgBinaries, ServiceUser, last_error_line, quote_literal, run_async
 from storage.store import WAL_SEGMENT_MB
 
@@ -60,7 +61,7 @@ class ComputeNode:
         self.log_file = self.home / "postgres.log"
         self.port = PORT
         self.pid: int | None = None
-        self._proc: asyncio.subprocess.Process | None = None
+        self._proc: Child | asyncio.subprocess.Process | None = None
         self._receiver: WalReceiver | None = None
         self._computes_dir = computes_dir
         self.stopping = False
@@ -137,30 +138,28 @@ class ComputeNode:
         # No lock across branches: the store hands each promotion its own timeline ID, so cold
         # starts of different branches (restore, replay) run side by side.
         await self._stop_stale()
-        branch_id = (await asyncio.to_thread(self.store.get_branch, self.branch)).id
-        await asyncio.to_thread(logical_slots.stash, self.datadir, self.home, branch_id)
-        prepared = await asyncio.to_thread(self.store.materialize, self.branch, self.datadir)
+        # One trip to a thread for all the file work before the spawn (each trip is a wake-up of
+        # the loop on a busy machine).
+        prepared = await asyncio.to_thread(self._prepare)
         try:
-            await asyncio.to_thread(self._restore_sync_slots, branch_id, prepared.needs_recovery)
-            self._step("materialize")
-            await asyncio.to_thread(self._write_config)
-            self._step("config")
             self.spawned_at = time.monotonic()
             await self._spawn()
             await self._wait_ready()
             self._step("postmaster ready")
-            if prepared.needs_recovery:
-                await asyncio.to_thread(self.store.note_timeline, self.branch, self.datadir, prepared.timeline)
-            else:
-                await asyncio.to_thread(self.store.mark_running, self.branch)
-            self._step("catalog")
             # The WAL receiver is spawned but not waited for: with durability = "store" it is the
             # synchronous standby, so a commit made before it streams waits for it like any other,
             # and sessions need not wait for it to begin. (Spawned here rather than by a background
             # task: pg_receivewal then runs even if the caller stops running the event loop.)
             self._receiver = WalReceiver(self, ADMIN_ROLE)
-            await self._receiver.start(wait_streaming=False)
-            self._step("WAL receiver spawned")
+            if prepared.needs_recovery:  # the store's WAL directory must know the new timeline first
+                await asyncio.to_thread(self.store.note_timeline, self.branch, self.datadir, prepared.timeline)
+                self._step("catalog")
+                await self._receiver.start(wait_streaming=False)
+                self._step("WAL receiver spawned")
+            else:
+                await asyncio.gather(asyncio.to_thread(self.store.mark_running, self.branch),
+                                     self._receiver.start(wait_streaming=False))
+                self._step("catalog + WAL receiver spawned")
             self.ready_at = time.monotonic()
         except BaseException:
             self.store.release_timeline(prepared.timeline)
@@ -170,23 +169,43 @@ class ComputeNode:
                                            "seconds": round(time.monotonic() - started, 3),
                                            "replayed": prepared.needs_recovery})
 
+    def _prepare(self) -> Materialized:
+        """The data dir at the store's head, the branch's sync slots kept, the config written."""
+        branch_id = self.store.get_branch(self.branch).id
+        logical_slots.stash(self.datadir, self.home, branch_id)
+        prepared = self.store.materialize(self.branch, self.datadir)
+        try:
+            self._restore_sync_slots(branch_id, prepared.needs_recovery)
+            self._step("materialize")
+            self._write_config()
+            self._step("config")
+        except BaseException:
+            self.store.release_timeline(prepared.timeline)
+            raise
+        return prepared
+
     def _restore_sync_slots(self, branch_id: int, rebuilt: bool) -> None:
         """Lakehouse-sync slots survive a rebuilt data dir (see compute.logical_slots)."""
-        slots = logical_slots.restore(self.datadir, self.home, branch_id, wal_dirs=[self.store.wal_dir(self.branch)],
-                                      seg_size=WAL_SEGMENT_MB << 20, user=self.user, rebuilt=rebuilt)
+        # The endpoint starts a branch with a sync enabled with wal_level = logical; any other
+        # branch's sync slots are orphans.
+        enabled = self.settings.get("wal_level") == "logical"
+        slots, removed = logical_slots.restore(
+            self.datadir, self.home, branch_id, wal_dirs=[self.store.wal_dir(self.branch)],
+            seg_size=WAL_SEGMENT_MB << 20, user=self.user, rebuilt=rebuilt, enabled=enabled)
+        if removed:
+            log.info("lakehouse-sync slots removed: not this branch's sync", extra={"branch": self.branch,
+                                                                                    "slots": removed})
         if slots:  # Postgres refuses to start with a logical slot under a lower wal_level
-            self.settings["wal_level"] = "logical"
+            self.settings.update(logical_slots.SETTINGS)
 
     async def _spawn(self) -> None:
         self.log_file.touch()
         self.user.own(self.log_file, 0o600)
         log_fd = os.open(self.log_file, os.O_WRONLY | os.O_APPEND)
         try:
-            self._proc = await asyncio.create_subprocess_exec(
-                self.pg["postgres"], "-D", str(self.datadir),
-                stdin=asyncio.subprocess.DEVNULL, stdout=log_fd, stderr=log_fd,
-                preexec_fn=self.user.preexec, start_new_session=True, env=self.user.child_env(), cwd="/",
-            )
+            # vfork + setpriv, not a fork of Lakelet: see compute/spawn.py (on every wake's path).
+            self._proc = await spawn(self.user, [self.pg["postgres"], "-D", str(self.datadir)],
+                                     env=self.user.child_env(), stdout=log_fd, stderr=log_fd)
         finally:
             os.close(log_fd)
         self.pid = self._proc.pid

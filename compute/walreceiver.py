@@ -15,10 +15,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import time
 from pathlib import Path
 from typing import Protocol
 
+from compute.spawn import Child, log_tail, spawn
 from storage.postgres import PgBinaries, ServiceUser, last_error_line, run_async
 
 log = logging.getLogger("lakelet.compute.wal")
@@ -27,6 +29,7 @@ RECEIVER_NAME = "lakelet_wal"
 SLOT_NAME = "lakelet_wal"
 CONNECT_TIMEOUT = 30.0
 PID_FILE = "receiver.pid"
+LOG_FILE = "receiver.log"
 FIRST_DELAY = 0.05
 MAX_DELAY = 5.0
 
@@ -59,7 +62,7 @@ class WalReceiver:
         self.restarts = 0
         # Why commits cannot become durable now (the receiver exited and does not stream yet).
         self.stalled: str | None = None
-        self._proc: asyncio.subprocess.Process | None = None
+        self._proc: Child | asyncio.subprocess.Process | None = None
         self._task: asyncio.Task[None] | None = None
         self._stopping = False
 
@@ -87,12 +90,16 @@ class WalReceiver:
 
     async def _spawn(self) -> None:
         wal_dir = await asyncio.to_thread(self.host.wal_dir)
-        self._proc = await asyncio.create_subprocess_exec(
-            self.host.pg["pg_receivewal"], "-D", str(wal_dir), "--slot", SLOT_NAME, "--synchronous",
-            "--no-loop", "-n", "-d", self._dsn(),
-            stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE,
-            preexec_fn=self.host.user.preexec, env=self.host.user.child_env(), start_new_session=True, cwd="/",
-        )
+        # Its messages go to a file (read back when it exits): a pipe nobody drains while it runs
+        # could fill and stall it, and with it every commit.
+        log = self.host.home / LOG_FILE
+        fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        try:
+            self._proc = await spawn(self.host.user, [
+                self.host.pg["pg_receivewal"], "-D", str(wal_dir), "--slot", SLOT_NAME, "--synchronous",
+                "--no-loop", "-n", "-d", self._dsn()], env=self.host.user.child_env(), stderr=fd)
+        finally:
+            os.close(fd)
         (self.host.home / PID_FILE).write_text(f"{self._proc.pid}\n")
 
     async def _streaming(self, timeout: float) -> bool:
@@ -112,11 +119,11 @@ class WalReceiver:
         delay = FIRST_DELAY
         while not self._stopping:
             assert self._proc is not None
-            _, err = await self._proc.communicate()
+            await self._proc.wait()
             if self._stopping or self.host.stopping or not self.host.alive():
                 return
             self.restarts += 1
-            why = last_error_line(err.decode(errors="replace"))
+            why = last_error_line(log_tail(self.host.home / LOG_FILE))
             self.stalled = f"the WAL receiver keeps exiting, commits wait: {why}"
             log.warning("WAL receiver exited; restarting (commits wait meanwhile)",
                         extra={"branch": self.host.branch, "error": why, "delay": delay})

@@ -11,12 +11,12 @@ from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import quote
 
-import asyncpg
-
 from dataapi.errors import ApiError, body_error
+from dataapi.pgwire import Connection
 from dataapi.query import (
     Builder,
     ReadShape,
+    ReadTemplates,
     Statement,
     call_source,
     delete_cte,
@@ -56,16 +56,25 @@ class Context:
     singular: bool
 
 
-async def _fetch(conn: asyncpg.Connection, st: Statement) -> asyncpg.Record:
-    return await conn.fetchrow(st.sql, *st.params)
+Row = dict[str, str | None]   # a result row, every value as text
 
 
-def _result_from_row(row: asyncpg.Record, status: int, offset: int = 0) -> Result:
-    return Result(status, row["body"], int(row["page"]), row["total"], offset,
+async def _fetch(conn: Connection, st: Statement) -> Row:
+    row = await conn.fetchrow(st.sql, *st.params)
+    assert row is not None, "a read statement returns one row"
+    return row
+
+
+def _int(text: str | None) -> int | None:
+    return None if text is None else int(text)
+
+
+def _result_from_row(row: Row, status: int, offset: int = 0) -> Result:
+    return Result(status, row["body"], int(row["page"] or 0), _int(row["total"]), offset,
                   response_headers=row["response_headers"], response_status=row["response_status"])
 
 
-async def _planned_count(conn: asyncpg.Connection, st: Statement) -> int:
+async def _planned_count(conn: Connection, st: Statement) -> int:
     plan = await conn.fetchval("EXPLAIN (FORMAT JSON) " + st.sql, *st.params)
     data = json.loads(plan) if isinstance(plan, str) else plan
     return int(data[0]["Plan"]["Plan Rows"])
@@ -85,27 +94,35 @@ def _page_bounds(ctx: Context) -> tuple[int | None, int]:
     return limit, offset
 
 
-async def _count(conn: asyncpg.Connection, b: Builder, ctx: Context, shape: ReadShape,
-                 items: list[SelectItem], row: asyncpg.Record) -> int | None:
+async def _count(conn: Connection, b: Builder, ctx: Context, shape: ReadShape,
+                 items: list[SelectItem], row: Row) -> int | None:
     mode = ctx.prefs.count
     if mode == "exact":
-        return int(row["total"])
+        return int(row["total"] or 0)
     if mode in ("planned", "estimated"):
         planned = await _planned_count(conn, b.count_query(shape, items))
         if mode == "estimated" and ctx.max_rows is not None and planned < ctx.max_rows:
             exact = Builder(ctx.cache, ctx.query)
             st = exact.read(ReadShape(shape.table, shape.source, None, 0, "exact"), items)
-            return int((await _fetch(conn, st))["total"])
+            return int((await _fetch(conn, st))["total"] or 0)
         return planned
     return None
 
 
 # -- read -----------------------------------------------------------------------------------------
 
-async def read(conn: asyncpg.Connection, ctx: Context, table: TableInfo) -> Result:
+READS = ReadTemplates()   # built reads kept by shape (query.ReadTemplates)
+
+
+async def read(conn: Connection, ctx: Context, table: TableInfo) -> Result:
     limit, offset = _page_bounds(ctx)
     shape = ReadShape(table, qualified(table.schema, table.name), limit, offset,
                       "exact" if ctx.prefs.count == "exact" else None)
+    if ctx.prefs.count in (None, "exact"):
+        row = await _fetch(conn, READS.read(ctx.cache, ctx.query, shape))
+        result = _result_from_row(row, 200, offset)
+        result.total = int(row["total"] or 0) if ctx.prefs.count == "exact" else None
+        return result
     b = Builder(ctx.cache, ctx.query)
     row = await _fetch(conn, b.read(shape, ctx.query.select))
     result = _result_from_row(row, 200, offset)
@@ -123,7 +140,7 @@ def _returning_items(ctx: Context, table: TableInfo) -> list[SelectItem]:
     return [Column(Field(c)) for c in table.pk] or [Star()]
 
 
-async def _mutate(conn: asyncpg.Connection, ctx: Context, table: TableInfo, b: Builder, cte: str,
+async def _mutate(conn: Connection, ctx: Context, table: TableInfo, b: Builder, cte: str,
                   status: int) -> Result:
     items = _returning_items(ctx, table)
     shape = ReadShape(table, "pgrst_mut", None, 0)
@@ -149,7 +166,7 @@ def _rows(raw: bytes, content_type: str) -> list[dict[str, Any]]:
     return [data] if isinstance(data, dict) else data
 
 
-async def insert(conn: asyncpg.Connection, ctx: Context, table: TableInfo, raw: bytes,
+async def insert(conn: Connection, ctx: Context, table: TableInfo, raw: bytes,
                  content_type: str = "application/json") -> Result:
     rows = _rows(raw, content_type)
     nested = _nested_keys(ctx, table, rows)
@@ -162,7 +179,7 @@ async def insert(conn: asyncpg.Connection, ctx: Context, table: TableInfo, raw: 
     return await _mutate(conn, ctx, table, b, cte, 201)
 
 
-async def upsert_put(conn: asyncpg.Connection, ctx: Context, table: TableInfo, raw: bytes,
+async def upsert_put(conn: Connection, ctx: Context, table: TableInfo, raw: bytes,
                      content_type: str = "application/json") -> Result:
     """PUT: one row, addressed by ``eq`` filters on every primary key column, inserted or replaced."""
     q = ctx.query
@@ -193,7 +210,7 @@ async def upsert_put(conn: asyncpg.Connection, ctx: Context, table: TableInfo, r
     return await _mutate(conn, ctx, table, b, cte, 200)
 
 
-async def update(conn: asyncpg.Connection, ctx: Context, table: TableInfo, raw: bytes,
+async def update(conn: Connection, ctx: Context, table: TableInfo, raw: bytes,
                  content_type: str = "application/json") -> Result:
     data = parse_body(raw, content_type)
     if isinstance(data, list):
@@ -209,7 +226,7 @@ async def update(conn: asyncpg.Connection, ctx: Context, table: TableInfo, raw: 
     return await _mutate(conn, ctx, table, b, cte, 200 if ctx.prefs.return_ == "representation" else 204)
 
 
-async def delete(conn: asyncpg.Connection, ctx: Context, table: TableInfo) -> Result:
+async def delete(conn: Connection, ctx: Context, table: TableInfo) -> Result:
     b = Builder(ctx.cache, ctx.query)
     return await _mutate(conn, ctx, table, b, delete_cte(b, table),
                          200 if ctx.prefs.return_ == "representation" else 204)
@@ -227,7 +244,7 @@ def _nested_keys(ctx: Context, table: TableInfo, rows: list[dict[str, Any]]) -> 
     return keys & set(embeds)
 
 
-async def _insert_one(conn: asyncpg.Connection, ctx: Context, table: TableInfo, row: dict[str, Any]) -> dict[str, Any]:
+async def _insert_one(conn: Connection, ctx: Context, table: TableInfo, row: dict[str, Any]) -> dict[str, Any]:
     cols = [c for c in row if c in table.columns]
     unknown = [c for c in row if c not in table.columns]
     if unknown:
@@ -240,7 +257,7 @@ async def _insert_one(conn: asyncpg.Connection, ctx: Context, table: TableInfo, 
     return json.loads(text)
 
 
-async def _insert_tree(conn: asyncpg.Connection, ctx: Context, table: TableInfo, row: dict[str, Any],
+async def _insert_tree(conn: Connection, ctx: Context, table: TableInfo, row: dict[str, Any],
                        items: list[SelectItem], depth: int = 0) -> dict[str, Any]:
     """Insert one row and the related rows it carries, in foreign-key order: rows it references
     first (many-to-one), then itself, then rows that reference it (one-to-many) and junction rows."""
@@ -283,7 +300,7 @@ async def _insert_tree(conn: asyncpg.Connection, ctx: Context, table: TableInfo,
     return inserted
 
 
-async def nested_insert(conn: asyncpg.Connection, ctx: Context, table: TableInfo,
+async def nested_insert(conn: Connection, ctx: Context, table: TableInfo,
                         rows: list[dict[str, Any]]) -> Result:
     if not table.pk:
         raise body_error(f"Nested inserts need a primary key on '{table.name}' to read the tree back")
@@ -309,7 +326,7 @@ def _eq(column: str, value: Any) -> Filter:
 
 # -- functions ------------------------------------------------------------------------------------
 
-async def call(conn: asyncpg.Connection, ctx: Context, fn: FunctionInfo, args: dict[str, Any]) -> Result:
+async def call(conn: Connection, ctx: Context, fn: FunctionInfo, args: dict[str, Any]) -> Result:
     b = Builder(ctx.cache, ctx.query)
     source = call_source(b, fn, args)
     if fn.kind == "composite" and fn.result is not None:

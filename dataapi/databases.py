@@ -16,18 +16,19 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import Protocol
 
 import asyncpg
 
 from compute import UnknownBranch, WakeError
-from dataapi import schema
+from dataapi import pgwire, schema
 from dataapi.errors import ApiError
 from dataapi.schema import SchemaCache
 
 log = logging.getLogger("lakelet.dataapi")
+_Held = AbstractContextManager[None]   # a branch's LoadSignals session
 
 ADMIN_ROLE = "lakelet_admin"  # the store's superuser role (storage.ADMIN_ROLE); requests SET ROLE away from it
 
@@ -60,11 +61,6 @@ class PoolSettings:
     connect_timeout: float = 10.0
 
 
-async def _no_reset(conn: asyncpg.Connection) -> None:
-    """Every setting a request makes is transaction-local, so a released connection needs no RESET
-    ALL round trip."""
-
-
 class Database:
     def __init__(self, branch: str, name: str, schemas: tuple[str, ...], settings: PoolSettings) -> None:
         self.branch = branch
@@ -72,12 +68,13 @@ class Database:
         self.schemas = schemas
         self.settings = settings
         self.pid: int | None = None
-        self.pool: asyncpg.Pool | None = None
+        self.pool: pgwire.Pool | None = None   # requests' connections (pipelined, dataapi/pgwire.py)
         self.cache: SchemaCache | None = None
         self.last_used = time.monotonic()
         self.in_flight = 0
-        self._listener: asyncpg.Connection | None = None
+        self._listener: asyncpg.Connection | None = None   # LISTEN pgrst, and the schema cache's queries
         self._lock = asyncio.Lock()
+        self._loading = asyncio.Lock()   # the listener runs one query at a time
         self._reload: asyncio.Task[None] | None = None
 
     async def ready(self, address: Address) -> None:
@@ -95,23 +92,12 @@ class Database:
                 return
             await self.close()
             try:
-                pool = await asyncpg.create_pool(
-                    host=address.socket_dir, port=address.port, user=ADMIN_ROLE, database=self.name,
-                    min_size=0, max_size=self.settings.size, reset=_no_reset,
-                    max_inactive_connection_lifetime=self.settings.idle_timeout,
-                    timeout=self.settings.connect_timeout, server_settings={"application_name": "lakelet-data-api"})
-            except (TimeoutError, OSError, asyncpg.PostgresError) as e:
-                raise ApiError(503, "PGRST000", "Could not connect with the database", str(e),
-                               "The branch's compute may be restarting; retry the request") from None
-            self.pool, self.pid = pool, address.pid
-            try:
-                async with pool.acquire() as conn:
-                    await _install_trigger(conn, self.branch, self.name)
-                    self.cache = await schema.load(conn, self.schemas)
                 self._listener = await asyncpg.connect(
                     host=address.socket_dir, port=address.port, user=ADMIN_ROLE, database=self.name,
                     timeout=self.settings.connect_timeout,
                     server_settings={"application_name": "lakelet-data-api-listener"})
+                await _install_trigger(self._listener, self.branch, self.name)
+                self.cache = await schema.load(self._listener, self.schemas)
                 await self._listener.add_listener(schema.NOTIFY_CHANNEL, self._notified)
             except asyncpg.InvalidCatalogNameError:
                 await self.close()
@@ -121,7 +107,12 @@ class Database:
             except (TimeoutError, OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as e:
                 await self.close()
                 raise ApiError(503, "PGRST002", "Could not query the database for the schema cache", str(e),
-                               "Retry the request") from None
+                               "The branch's compute may be restarting; retry the request") from None
+            self.pool = pgwire.Pool(
+                f"{address.socket_dir}/.s.PGSQL.{address.port}", ADMIN_ROLE, self.name,
+                size=self.settings.size, idle_timeout=self.settings.idle_timeout,
+                connect_timeout=self.settings.connect_timeout, application_name="lakelet-data-api")
+            self.pid = address.pid
 
     def _notified(self, conn: object, pid: int, channel: str, payload: str) -> None:
         if payload.strip() in ("", "reload schema") and (self._reload is None or self._reload.done()):
@@ -130,20 +121,20 @@ class Database:
     async def reload(self) -> None:
         """Load a fresh cache and swap it in whole; expire pooled connections so no prepared
         statement planned against the old shape of a table is reused."""
-        pool = self.pool
-        if pool is None:
+        listener = self._listener
+        if listener is None or self.pool is None:
             return
         try:
-            async with pool.acquire() as conn:
-                await _install_trigger(conn, self.branch, self.name)
-                fresh = await schema.load(conn, self.schemas)
+            async with self._loading:
+                await _install_trigger(listener, self.branch, self.name)
+                fresh = await schema.load(listener, self.schemas)
         except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as e:
             log.warning("schema cache reload failed; it loads again on the next request",
                         extra={"branch": self.branch, "database": self.name, "error": str(e)})
             self.cache = None
             return
         self.cache = fresh
-        await pool.expire_connections()
+        self.pool.expire()
         log.info("schema cache reloaded", extra={"branch": self.branch, "database": self.name,
                                                  "tables": len(fresh.tables)})
 
@@ -158,10 +149,7 @@ class Database:
             if not listener.is_closed():
                 listener.terminate()
         if pool is not None:
-            try:
-                await asyncio.wait_for(pool.close(), 2)
-            except Exception:
-                pool.terminate()
+            pool.close()
 
     @property
     def idle_since(self) -> float | None:
@@ -199,10 +187,13 @@ class Databases:
         await asyncio.gather(*(db.close() for db in self._dbs.values()), return_exceptions=True)
         self._dbs.clear()
 
-    @contextlib.asynccontextmanager
-    async def use(self, branch: str, database: str, body_bytes: int = 0) -> AsyncIterator[Database]:
-        """Wake the branch if needed and hold one unit of load on it for the request's duration
-        (a session in its ``LoadSignals``: the autoscaler counts it, scale-to-zero waits for it)."""
+    def use(self, branch: str, database: str, body_bytes: int = 0) -> _Use:
+        """``async with databases.use(branch, database) as db``: wake the branch if needed and hold
+        one unit of load on it for the request's duration (a session in its ``LoadSignals``: the
+        autoscaler counts it, scale-to-zero waits for it)."""
+        return _Use(self, branch, database, body_bytes)
+
+    async def _enter(self, branch: str, database: str, body_bytes: int) -> tuple[Database, _Held]:
         try:
             address = await self.computes.ensure_ready(branch)
         except UnknownBranch:
@@ -217,18 +208,22 @@ class Databases:
         if db is None:
             db = self._dbs[(branch, database)] = Database(branch, database, self.schemas, self.settings)
         db.in_flight += 1
-        with signals.held():
-            try:
-                try:
-                    await db.ready(address)
-                except ApiError:
-                    if db.pool is None and db.in_flight == 1:
-                        self._dbs.pop((branch, database), None)  # a wrong database name leaves nothing behind
-                    raise
-                yield db
-            finally:
-                db.in_flight -= 1
-                db.last_used = time.monotonic()
+        held = signals.held()
+        held.__enter__()
+        try:
+            await db.ready(address)
+        except BaseException:
+            self._leave(db, held)
+            if db.pool is None and db.in_flight == 0:
+                self._dbs.pop((branch, database), None)  # a wrong database name leaves nothing behind
+            raise
+        return db, held
+
+    @staticmethod
+    def _leave(db: Database, held: _Held) -> None:
+        db.in_flight -= 1
+        db.last_used = time.monotonic()
+        held.__exit__(None, None, None)
 
     def note_response(self, branch: str, nbytes: int) -> None:
         with contextlib.suppress(Exception):
@@ -239,6 +234,8 @@ class Databases:
             await asyncio.sleep(max(1.0, min(10.0, self.settings.idle_timeout / 4)))
             now = time.monotonic()
             for key, db in list(self._dbs.items()):
+                if db.pool is not None:
+                    db.pool.prune()
                 since = db.idle_since
                 if since is not None and db.pool is not None and now - since >= self.settings.idle_timeout:
                     log.info("closing idle data API connections", extra={"branch": key[0], "database": key[1]})
@@ -246,6 +243,27 @@ class Databases:
 
     def get(self, branch: str, database: str) -> Database | None:
         return self._dbs.get((branch, database))
+
+
+class _Use:
+    """The context manager ``Databases.use`` returns (a class, not a generator: it is on every
+    request)."""
+
+    __slots__ = ("_dbs", "_args", "_entered")
+
+    def __init__(self, dbs: Databases, branch: str, database: str, body_bytes: int) -> None:
+        self._dbs = dbs
+        self._args = (branch, database, body_bytes)
+        self._entered: tuple[Database, _Held] | None = None
+
+    async def __aenter__(self) -> Database:
+        self._entered = await self._dbs._enter(*self._args)
+        return self._entered[0]
+
+    async def __aexit__(self, *exc: object) -> None:
+        if self._entered is not None:
+            Databases._leave(*self._entered)
+            self._entered = None
 
 
 __all__ = ["Computes", "Database", "Databases", "PoolSettings"]

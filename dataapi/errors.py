@@ -59,8 +59,9 @@ def pg_status(sqlstate: str, *, authenticated: bool) -> int:
 
 
 def from_postgres(exc: BaseException, *, authenticated: bool) -> ApiError:
-    """Turn an asyncpg server error into PostgREST's response, including ``RAISE SQLSTATE 'PGRST'``
-    with a JSON message and a ``{"status","headers"}`` detail, as PostgREST reads them."""
+    """Turn a server error (``pgwire.PgError``, or asyncpg's) into PostgREST's response, including
+    ``RAISE SQLSTATE 'PGRST'`` with a JSON message and a ``{"status","headers"}`` detail, as
+    PostgREST reads them."""
     sqlstate = getattr(exc, "sqlstate", None) or "XX000"
     message = getattr(exc, "message", None) or str(exc)
     details = getattr(exc, "detail", None)

@@ -4,6 +4,8 @@ hostile paths cannot grow the label set."""
 
 from __future__ import annotations
 
+from typing import Any
+
 from prometheus_client import CollectorRegistry, Counter, Histogram
 
 UNKNOWN = "-"
@@ -17,7 +19,13 @@ class DataAPIMetrics:
         self.seconds = Histogram("lakelet_data_api_request_seconds", "Data API request latency, wake included",
                                  ["branch"], buckets=(0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 10, 30),
                                  **kw)
+        self._children: dict[tuple[str, str, int], tuple[Any, Any]] = {}  # labels() is slow on the hot path
 
     def observe(self, branch: str, method: str, status: int, seconds: float) -> None:
-        self.requests.labels(branch, method, str(status)).inc()
-        self.seconds.labels(branch).observe(seconds)
+        key = (branch, method, status)
+        children = self._children.get(key)
+        if children is None:
+            children = self._children[key] = (self.requests.labels(branch, method, str(status)),
+                                              self.seconds.labels(branch))
+        children[0].inc()
+        children[1].observe(seconds)

@@ -17,8 +17,10 @@ same select.
 from __future__ import annotations
 
 import csv
+import dataclasses
 import io
 import json
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import parse_qsl
@@ -383,6 +385,74 @@ class Builder:
         return Statement(f"SELECT 1 FROM ({counted}) AS pgrst_c", sub.params.values)
 
 
+# -- read templates -------------------------------------------------------------------------------
+
+SLOT_OPS = frozenset({"eq", "neq", "gt", "gte", "lt", "lte"})
+_SLOT = "\0pgrst-slot\0"
+TEMPLATES_KEPT = 512
+
+
+class ReadTemplates:
+    """Built read statements kept by query *shape*, so ``items?id=eq.5`` and ``items?id=eq.6``
+    share one build (building an embedding costs more than the rest of a request in Python).
+
+    A top-level filter ``col=[not.]eq|neq|gt|gte|lt|lte.value`` on a plain column is a slot: its
+    SQL is ``col <op> CAST($n AS type)`` whatever the value. On a miss the statement is built once
+    with a unique marker in each slot, and each marker must come back as exactly one parameter and
+    nowhere in the SQL text; otherwise the shape is not kept and every request builds its own. A
+    hit copies the parameters and puts the request's values in the slots. Entries name the schema
+    cache they were built against, so a reloaded cache never meets an old template."""
+
+    def __init__(self) -> None:
+        self._kept: OrderedDict[tuple[Any, ...], tuple[SchemaCache, str, list[Any], tuple[int, ...]]] = OrderedDict()
+
+    def read(self, cache: SchemaCache, query: Query, shape: ReadShape) -> Statement:
+        top = query.conditions.get((), [])
+        values: list[str] = []
+        masked: list[Condition] = []
+        at: list[int] = []   # positions in ``top`` that are slots
+        for i, c in enumerate(top):
+            if (isinstance(c, Filter) and c.op in SLOT_OPS and c.quantifier is None and not c.field.path
+                    and isinstance(c.value, str)):
+                values.append(c.value)
+                at.append(i)
+                masked.append(dataclasses.replace(c, value=_SLOT))
+            else:
+                masked.append(c)
+        key = (id(cache), shape.table.schema, shape.table.name, shape.source, shape.limit, shape.offset, shape.count,
+               query.select_text, tuple(masked),
+               tuple((p, tuple(v)) for p, v in query.conditions.items() if p != ()),
+               tuple((p, tuple(v)) for p, v in query.order.items()),
+               tuple(query.limit.items()), tuple(query.offset.items()))
+        kept = self._kept.get(key)
+        if kept is not None and kept[0] is cache:
+            self._kept.move_to_end(key)
+            _, sql, params, slots = kept
+            filled = list(params)
+            for slot, value in zip(slots, values, strict=True):
+                filled[slot] = value
+            return Statement(sql, filled)
+        markers = [f"\0pgrst-slot-{i}\0" for i in range(len(values))]
+        marked = list(top)
+        for i, m in zip(at, markers, strict=True):
+            marked[i] = dataclasses.replace(top[i], value=m)  # type: ignore[arg-type]
+        probe = dataclasses.replace(query, conditions={**query.conditions, (): marked})
+        st = Builder(cache, probe).read(shape, probe.select)
+        slots = []
+        for m in markers:
+            found = [i for i, p in enumerate(st.params) if p == m]
+            if len(found) != 1 or m in st.sql or any(v == m for v in values):
+                return Builder(cache, query).read(shape, query.select)  # not a shape we can keep
+            slots.append(found[0])
+        self._kept[key] = (cache, st.sql, list(st.params), tuple(slots))
+        if len(self._kept) > TEMPLATES_KEPT:
+            self._kept.popitem(last=False)
+        filled = list(st.params)
+        for slot, value in zip(slots, values, strict=True):
+            filled[slot] = value
+        return Statement(st.sql, filled)
+
+
 def _array_of(typ: str) -> str:
     return typ if typ.endswith("[]") else typ + "[]"
 
@@ -524,11 +594,13 @@ def delete_cte(b: Builder, table: TableInfo) -> str:
 def call_source(b: Builder, fn: FunctionInfo, args: dict[str, Any]) -> str:
     """``FROM jsonb_to_record($n) AS pgrst_args(a int, …), LATERAL fn(a := pgrst_args.a, …)``: named
     arguments, each converted to its parameter's type by Postgres from the JSON value."""
-    if fn.single_json:
+    if fn.single_json or ("" in args and fn.json_arg is not None):
+        # The body is the one json argument (an unnamed parameter, or Prefer: params=single-object).
         body = b.params.add(args.get("", "{}"))
         return f"{qualified(fn.schema, fn.name)}(CAST({body} AS {fn.args[0].type}))"
     given = [a for a in fn.args if a.name in args]
-    named = ", ".join(f"{ident(a.name)} := pgrst_args.{ident(a.name)}" for a in given)
+    named = ", ".join(f"{'VARIADIC ' if a.variadic else ''}{ident(a.name)} := pgrst_args.{ident(a.name)}"
+                      for a in given)
     call = f"{qualified(fn.schema, fn.name)}({named})"
     if not given:
         return call

@@ -14,6 +14,7 @@ Grammar, as PostgREST documents it:
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 from dataclasses import dataclass, field
@@ -126,6 +127,8 @@ class Preferences:
     handling: Literal["strict", "lenient"] | None = None
     tx: Literal["commit", "rollback"] | None = None
     max_affected: int | None = None
+    timezone: str | None = None                       # SET LOCAL timezone for the request
+    params: Literal["single-object"] | None = None    # RPC: the body is the one json argument
 
 
 Path = tuple[str, ...]  # the embedding path a filter/order/limit applies to; () = the top level
@@ -142,6 +145,7 @@ class Query:
     columns: list[str] | None = None
     on_conflict: list[str] | None = None
     rpc_args: dict[str, str] = field(default_factory=dict)
+    select_text: str = "*"   # select= as sent: the parsed tree's key (embeddings are not hashable)
 
 
 # -- small parsers --------------------------------------------------------------------------------
@@ -229,6 +233,13 @@ def parse_select(text: str, depth: int = 0) -> list[SelectItem]:
             raise parse_error(f'"failed to parse select parameter" ({text})', "empty item in select")
         items.append(_select_item(item, depth))
     return items
+
+
+@functools.lru_cache(maxsize=1024)
+def _select_cached(text: str) -> tuple[SelectItem, ...]:
+    """``select=`` strings repeat (a client sends the same few); parsing one costs more than the
+    rest of a request's planning, so the parsed tree (never mutated) is kept."""
+    return tuple(parse_select(text))
 
 
 def _select_item(item: str, depth: int) -> SelectItem:
@@ -401,7 +412,8 @@ def parse_query(params: list[tuple[str, str]], rpc_arg_names: frozenset[str] = f
     q = Query()
     for key, value in params:
         if key == "select":
-            q.select = parse_select(value) if value.strip() else [Star()]
+            q.select = list(_select_cached(value)) if value.strip() else [Star()]
+            q.select_text = value
             continue
         if key == "columns":
             q.columns = [unquote(c.strip()) for c in split_top(value)]
@@ -448,6 +460,7 @@ _PREFER_VALUES: dict[str, set[str]] = {
     "missing": {"default", "null"},
     "handling": {"strict", "lenient"},
     "tx": {"commit", "rollback"},
+    "params": {"single-object"},
 }
 
 
@@ -462,6 +475,8 @@ def parse_prefer(values: list[str]) -> Preferences:
             setattr(prefs, "return_" if name == "return" else name, val)
         elif name == "max-affected" and val.isdigit():
             prefs.max_affected = int(val)
+        elif name == "timezone" and val:
+            prefs.timezone = val  # checked by Postgres: an unknown zone is its 22023, as in PostgREST
         else:
             invalid.append(token)
     if prefs.handling == "strict" and invalid:
@@ -498,6 +513,51 @@ MEDIA_TEXT = "text/plain"
 MEDIA_BINARY = "application/octet-stream"
 RAW_MEDIA = (MEDIA_TEXT, MEDIA_BINARY)  # one selected column, values concatenated
 _PRODUCED = (MEDIA_JSON, MEDIA_OBJECT, MEDIA_CSV, MEDIA_OPENAPI, *RAW_MEDIA)
+
+
+MEDIA_PLAN = "application/vnd.pgrst.plan"
+PLAN_OPTIONS = ("analyze", "verbose", "settings", "buffers", "wal")
+
+
+@dataclass(frozen=True)
+class PlanRequest:
+    """``Accept: application/vnd.pgrst.plan[+json|+text]; for="…"; options=a|b``: answer with the
+    statement's EXPLAIN instead of running it (PostgREST's ``db-plan-enabled``)."""
+    format: Literal["json", "text"]
+    for_media: str | None           # the media type the plan is for (object → the singular query)
+    options: tuple[str, ...]
+
+    @property
+    def content_type(self) -> str:
+        out = f"{MEDIA_PLAN}+{self.format}"
+        if self.for_media:
+            out += f'; for="{self.for_media}"'
+        if self.options:
+            out += "; options=" + "|".join(self.options)
+        return out + "; charset=utf-8"
+
+
+def parse_plan(accept: str | None) -> PlanRequest | None:
+    """The plan media type when ``Accept`` asks for it (first), else None."""
+    if not accept or MEDIA_PLAN not in accept.lower():
+        return None
+    for part in accept.split(","):
+        media, *params = [p.strip() for p in part.split(";")]
+        media = media.lower()
+        if media not in (MEDIA_PLAN, MEDIA_PLAN + "+json", MEDIA_PLAN + "+text"):
+            continue
+        fmt: Literal["json", "text"] = "json" if media.endswith("+json") else "text"
+        for_media = None
+        options: list[str] = []
+        for p in params:
+            key, _, value = p.partition("=")
+            key, value = key.strip().lower(), value.strip().strip('"')
+            if key == "for" and value:
+                for_media = MEDIA_OBJECT if value == "application/vnd.pgrst.object" else value
+            elif key == "options":
+                options = [o for o in value.split("|") if o in PLAN_OPTIONS]  # others ignored, as PostgREST does
+        return PlanRequest(fmt, for_media, tuple(options))
+    return None
 
 
 def negotiate(accept: str | None, *, openapi: bool = False) -> str:

@@ -118,6 +118,7 @@ class FunctionArg:
     name: str
     type: str
     has_default: bool
+    variadic: bool = False   # VARIADIC: repeated GET parameters, or a JSON array, make the array
 
 
 @dataclass(frozen=True)
@@ -135,6 +136,13 @@ class FunctionInfo:
     @property
     def arg_names(self) -> frozenset[str]:
         return frozenset(a.name for a in self.args)
+
+    @property
+    def json_arg(self) -> FunctionArg | None:
+        """The one json/jsonb parameter of a function that takes only that (``params=single-object``)."""
+        if len(self.args) == 1 and self.args[0].type in ("json", "jsonb"):
+            return self.args[0]
+        return None
 
     @property
     def required(self) -> frozenset[str]:
@@ -391,12 +399,13 @@ async def load(conn: asyncpg.Connection, schemas: tuple[str, ...]) -> SchemaCach
             elif not retset and rettype not in ("void", "record"):
                 by_oid[row_of].computed.setdefault(proname, (nspname, proname, rettype))
         modes = list(argmodes) or ["i"] * len(argtypes)
-        inputs = [(argnames[i] if i < len(argnames) else "", argtypes[i]) for i, m in enumerate(modes)
+        inputs = [(argnames[i] if i < len(argnames) else "", argtypes[i], m == "v") for i, m in enumerate(modes)
                   if m in ("i", "b", "v")]
         single_json = len(inputs) == 1 and not inputs[0][0] and inputs[0][1] in ("json", "jsonb")
-        if any(not name for name, _ in inputs) and not single_json:
+        if any(not name for name, _, _ in inputs) and not single_json:
             continue  # unnamed parameters cannot be called with named arguments
-        args = tuple(FunctionArg(name, typ, i >= nargs - ndefaults) for i, (name, typ) in enumerate(inputs))
+        args = tuple(FunctionArg(name, typ, i >= nargs - ndefaults, variadic)
+                     for i, (name, typ, variadic) in enumerate(inputs))
         outs = [(argnames[i], argtypes[i]) for i, m in enumerate(modes) if m in ("o", "b", "t")]
         result: TableInfo | None = None
         kind: Literal["scalar", "composite", "void"]

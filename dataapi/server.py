@@ -4,13 +4,15 @@ A handler is parse → call → respond. Parse: path, headers, ``Prefer``, query
 values (``request.py``), before anything wakes. Call: wake the branch and get its pool and schema
 cache (``databases.py``), open one transaction, set PostgREST's request settings and ``SET LOCAL
 ROLE`` in one statement, run the pre-request function, run the action (``actions.py``), commit
-(or roll back for ``Prefer: tx=rollback`` and for a failed singular check). Respond: status,
+(or roll back for ``Prefer: tx=rollback``, a failed singular check or a plan request) — all of it
+pipelined on a ``pgwire`` connection, one round trip for a read. Respond: status,
 ``Content-Range``, ``Preference-Applied``, ``response.headers``/``response.status`` a function
-set, body as JSON, a single object, or CSV.
+set, body as JSON, a single object, CSV, or the statement's EXPLAIN.
 """
 
 from __future__ import annotations
 
+import asyncio
 import csv
 import io
 import json
@@ -20,11 +22,10 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import quote
 
-import asyncpg
 from aiohttp import web
 from prometheus_client import CollectorRegistry
 
-from dataapi import actions
+from dataapi import actions, pgwire
 from dataapi.auth import Authenticator, Identity
 from dataapi.databases import Computes, Databases, PoolSettings
 from dataapi.errors import ApiError, from_postgres
@@ -34,37 +35,77 @@ from dataapi.query import ident
 from dataapi.request import (
     MEDIA_BINARY,
     MEDIA_CSV,
+    MEDIA_JSON,
     MEDIA_OBJECT,
     MEDIA_OPENAPI,
     MEDIA_TEXT,
     RAW_MEDIA,
     RESERVED,
+    PlanRequest,
     looks_like_filter,
     negotiate,
+    parse_plan,
     parse_prefer,
     parse_query,
     parse_range,
 )
+from dataapi.schema import FunctionInfo
 
 log = logging.getLogger("lakelet.dataapi")
 
 
 
-def sql_text(value: str) -> str:
-    """A value as a SQL expression over a closed alphabet (hex digits): ``convert_from(decode('6869',
-    'hex'), 'UTF8')``. Used only where a bound parameter cannot be: the one simple-protocol round trip
-    that opens a request's transaction and sets its settings. Nothing the client sends can change
-    the statement's shape, whatever standard_conforming_strings says."""
-    return f"convert_from(decode('{value.encode().hex()}', 'hex'), 'UTF8')"
+SETTINGS = ("search_path", "request.jwt.claims", "request.method", "request.path", "request.headers",
+            "request.cookies")
+# PostgREST's request settings and ``SET LOCAL ROLE`` as one statement with bound values (the same
+# text every request, so prepared once per connection); the superuser check runs, as the admin
+# role, before the switch. $1 is the role, $2… the settings in the order above.
+SETTINGS_SQL = ("SELECT lakelet_dataapi.check_role($1::text), "
+                + ", ".join(f"set_config('{name}', ${n}::text, true)" for n, name in enumerate(SETTINGS, 2))
+                + ", set_config('role', $1::text, true)")
+BEGIN_READ = "BEGIN ISOLATION LEVEL READ COMMITTED READ ONLY"
+BEGIN_WRITE = "BEGIN ISOLATION LEVEL READ COMMITTED"
 
 
-def begin_script(readonly: bool, role: str, settings: dict[str, str]) -> str:
-    """``BEGIN`` plus PostgREST's request settings and ``SET LOCAL ROLE`` in one round trip; the
-    superuser check runs (as the admin role) before the switch."""
-    sets = ", ".join(f"set_config('{name}', {sql_text(value)}, true)" for name, value in settings.items())
-    return (f"BEGIN ISOLATION LEVEL READ COMMITTED{' READ ONLY' if readonly else ''}; "
-            f"SELECT lakelet_dataapi.check_role({sql_text(role)}), {sets}, "
-            f"set_config('role', {sql_text(role)}, true)")
+def single_object_function(schema: str, name: str, overloads: tuple[FunctionInfo, ...]) -> FunctionInfo:
+    """``Prefer: params=single-object``: the overload taking one json/jsonb parameter."""
+    fits = [f for f in overloads if f.json_arg is not None]
+    if len(fits) == 1:
+        return fits[0]
+    raise ApiError(404, "PGRST202", f"Could not find the function {schema}.{name} with a single json or jsonb "
+                   "parameter in the schema cache", None,
+                   "Prefer: params=single-object passes the whole body as the function's one json/jsonb argument")
+
+
+class Planned(Exception):  # a result, not a failure: it carries the plan out of the transaction
+    """The EXPLAIN output of the action's statement; raised so the transaction rolls back."""
+
+    def __init__(self, plan: PlanRequest, rows: list[dict[str, str | None]]) -> None:
+        self.plan = plan
+        values = [next(iter(r.values())) or "" for r in rows]
+        self.body = values[0] if plan.format == "json" and values else "\n".join(values)
+
+    def response(self, method: str) -> web.Response:
+        return web.Response(status=200, headers={"Content-Type": self.plan.content_type},
+                            body=None if method == "HEAD" else self.body.encode())
+
+
+class Explaining:
+    """A connection stand-in for a plan request: the action's first statement is sent as
+    ``EXPLAIN (…)`` with the same bound values, and its output ends the action (``Planned``)."""
+
+    def __init__(self, conn: pgwire.Connection, plan: PlanRequest) -> None:
+        self.conn = conn
+        self.plan = plan
+
+    async def fetch(self, sql: str, *params: Any) -> list[dict[str, str | None]]:
+        options = ", ".join([f"FORMAT {self.plan.format.upper()}", *(o.upper() for o in self.plan.options)])
+        raise Planned(self.plan, await self.conn.fetch(f"EXPLAIN ({options}) {sql}", *params))
+
+    fetchrow = fetchval = fetch
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.conn, name)
 
 
 BRANCH_KEY = web.RequestKey("lakelet_branch", str)  # the metrics label, set once the branch exists
@@ -82,6 +123,8 @@ class DataAPIConfig:
     pre_request: str = ""
     pool_size: int = 10
     idle_timeout: float = 60.0
+    plan_enabled: bool = False      # PostgREST's db-plan-enabled: the EXPLAIN media type
+    jwt_aud: str = ""               # PostgREST's jwt-aud: tokens must name this audience
     max_body_bytes: int = 10 * 1024 * 1024
     max_url_bytes: int = 64 * 1024
 
@@ -155,26 +198,27 @@ class DataAPI:
     def __init__(self, computes: Computes, config: DataAPIConfig, registry: CollectorRegistry | None = None) -> None:
         self.config = config
         self.metrics = DataAPIMetrics(registry)
-        self.auth = Authenticator(config.jwt_secret, config.anon_role or None, config.jwt_role_claim)
+        self.auth = Authenticator(config.jwt_secret, config.anon_role or None, config.jwt_role_claim, config.jwt_aud)
         self.databases = Databases(computes, config.schemas,
                                    PoolSettings(size=config.pool_size, idle_timeout=config.idle_timeout))
-        self._runner: web.AppRunner | None = None
+        self._runner: web.ServerRunner | None = None
         self.port: int | None = None
 
-    def app(self) -> web.Application:
-        app = web.Application(client_max_size=self.config.max_body_bytes)
-        app.router.add_route("*", "/{tail:.*}", self.handle)
-        return app
+    def _make_request(self, message: Any, payload: Any, protocol: Any, writer: Any, task: Any) -> web.BaseRequest:
+        return web.BaseRequest(message, payload, protocol, writer, task, asyncio.get_running_loop(),
+                               client_max_size=self.config.max_body_bytes)
 
     async def start(self, host: str, port: int) -> None:
+        """aiohttp's low-level server: one handler takes every path (the Data API routes itself),
+        so no application router runs on each request."""
         self.databases.start()
-        self._runner = web.AppRunner(self.app(), access_log=None, handle_signals=False,
-                                     max_line_size=self.config.max_url_bytes, max_field_size=64 * 1024)
+        server = web.Server(self.handle, request_factory=self._make_request, access_log=None,
+                            max_line_size=self.config.max_url_bytes, max_field_size=64 * 1024)
+        self._runner = web.ServerRunner(server, handle_signals=False)
         await self._runner.setup()
         site = web.TCPSite(self._runner, host, port)
         await site.start()
-        server = site._server
-        sockets = getattr(server, "sockets", None) or []
+        sockets = getattr(site._server, "sockets", None) or []
         self.port = sockets[0].getsockname()[1] if sockets else port
 
     async def close(self) -> None:
@@ -185,7 +229,7 @@ class DataAPI:
 
     # -- the handler ----------------------------------------------------------------------------
 
-    async def handle(self, request: web.Request) -> web.StreamResponse:
+    async def handle(self, request: web.BaseRequest) -> web.StreamResponse:
         started = time.perf_counter()
         request[BRANCH_KEY] = UNKNOWN
         try:
@@ -202,13 +246,15 @@ class DataAPI:
         self.metrics.observe(request[BRANCH_KEY], request.method, response.status, time.perf_counter() - started)
         return response
 
-    async def _handle(self, request: web.Request) -> web.StreamResponse:
+    async def _handle(self, request: web.BaseRequest) -> web.StreamResponse:
         route = parse_route(request.path)
         method = request.method
         if method == "OPTIONS":
             allow = "OPTIONS,GET,HEAD,POST" if route.kind == "rpc" else ALLOW_TABLE
             return web.Response(status=200, headers={"Allow": allow})
         schema = self._schema(request, method)
+        if self.auth.jwks_url is not None:
+            await self.auth.refresh(request.headers.get("Authorization"))
         identity = self.auth.authenticate(request.headers.get("Authorization"))
         if route.kind == "root":
             if method not in ("GET", "HEAD"):
@@ -219,7 +265,9 @@ class DataAPI:
                 doc = describe(db.cache, schema, request.url.origin(), request.path)
             return web.Response(body=json.dumps(doc).encode(), content_type="application/openapi+json"
                                 if media == MEDIA_OPENAPI else "application/json", charset="utf-8")
-        media = negotiate(request.headers.get("Accept"))
+        accept = request.headers.get("Accept")
+        plan = parse_plan(accept) if self.config.plan_enabled else None
+        media = (plan.for_media or MEDIA_JSON) if plan is not None else negotiate(accept)
         prefs = parse_prefer(request.headers.getall("Prefer", []))
         range_ = parse_range(request.headers.get("Range")) if method in ("GET", "HEAD") else None
         params = [(k, v) for k, v in request.query.items()]
@@ -244,7 +292,10 @@ class DataAPI:
             table = None
             if route.kind == "rpc":
                 overloads = cache.functions.get((schema, route.name), ())
-                if method == "POST" and len(overloads) == 1 and overloads[0].single_json:
+                if method == "POST" and prefs.params == "single-object":
+                    fn = single_object_function(schema, route.name, overloads)
+                    args = {"": actions.json_body_text(raw)}
+                elif method == "POST" and len(overloads) == 1 and overloads[0].single_json:
                     fn = overloads[0]  # fn(json): the whole body is the one argument
                     args = {"": actions.json_body_text(raw)}
                 elif method == "POST":
@@ -257,6 +308,9 @@ class DataAPI:
                     query = parse_query(params, arg_names)
                     args = dict(query.rpc_args)
                     fn = cache.function(schema, route.name, frozenset(args))
+                    for arg in fn.args:
+                        if arg.variadic and arg.name in args:  # ?v=1&v=2 → VARIADIC v := {1,2}
+                            args[arg.name] = [v for k, v in params if k == arg.name]
             else:
                 table = cache.table(schema, route.name)
             assert query is not None
@@ -266,13 +320,14 @@ class DataAPI:
             try:
                 async with db.pool.acquire() as conn:
                     result = await self._run(conn, request, identity, schema, readonly, ctx, route, method,
-                                             table, fn, args, raw, body_type)
-            except asyncpg.PostgresError as e:
+                                             table, fn, args, raw, body_type, plan)
+            except Planned as p:
+                return p.response(method)
+            except pgwire.PgError as e:
                 raise from_postgres(e, authenticated=identity.authenticated) from None
-            except (OSError, asyncpg.exceptions.ConnectionDoesNotExistError) as e:
-                # Before the generic InterfaceError below, of which a lost connection is a subclass.
+            except (OSError, TimeoutError) as e:  # pgwire.ConnectionLost too
                 raise ApiError(503, "PGRST001", "Database connection lost", str(e), "Retry the request") from None
-            except (asyncpg.InterfaceError, asyncpg.DataError, ValueError, OverflowError) as e:
+            except (ValueError, OverflowError) as e:
                 raise ApiError(400, "PGRST100", "A value could not be sent to the database", str(e),
                                "Check the filter and body values") from None
         response = self._respond(request, method, media, prefs, ctx, result, route)
@@ -303,7 +358,7 @@ class DataAPI:
         headers["Content-Type"] = media + ("; charset=utf-8" if media == MEDIA_TEXT else "")
         return web.Response(status=status, headers=headers, body=None if method == "HEAD" else data)
 
-    def _schema(self, request: web.Request, method: str) -> str:
+    def _schema(self, request: web.BaseRequest, method: str) -> str:
         header = "Accept-Profile" if method in ("GET", "HEAD") else "Content-Profile"
         wanted = request.headers.get(header)
         if wanted is None:
@@ -313,18 +368,30 @@ class DataAPI:
                            + ", ".join(self.config.schemas), None, None)
         return wanted
 
-    async def _run(self, conn: asyncpg.Connection, request: web.Request, identity: Identity, schema: str,
+    async def _run(self, conn: pgwire.Connection, request: web.BaseRequest, identity: Identity, schema: str,
                    readonly: bool, ctx: actions.Context, route: Route, method: str, table: Any, fn: Any,
-                   args: dict[str, Any], raw: bytes, body_type: str) -> actions.Result:
+                   args: dict[str, Any], raw: bytes, body_type: str, plan: PlanRequest | None = None,
+                   ) -> actions.Result:
+        """The request's transaction. ``BEGIN``, the settings and the pre-request function are
+        deferred: they go out in one write with the action's first statement. A read whose action
+        is one statement also carries its ``COMMIT`` in that write — one round trip in all (a
+        read-only transaction changes nothing, so committing before the response is checked is
+        the same as rolling back). Writes commit after their checks, in a second round trip."""
         headers = {k.lower(): v for k, v in request.headers.items()}
-        settings = {"search_path": f"{ident(schema)}, public", "request.jwt.claims": json.dumps(identity.claims),
-                    "request.method": method,
-                    "request.path": ("/" if route.kind == "table" else "/rpc/") + route.name,
-                    "request.headers": json.dumps(headers), "request.cookies": json.dumps(dict(request.cookies))}
+        path = ("/" if route.kind == "table" else "/rpc/") + route.name
+        conn.defer(BEGIN_READ if readonly else BEGIN_WRITE)
+        conn.defer(SETTINGS_SQL, (identity.role, f"{ident(schema)}, public", identity.claims_text, method,
+                                  path, json.dumps(headers),
+                                  json.dumps(dict(request.cookies)) if "cookie" in headers else "{}"))
+        if ctx.prefs.timezone:
+            conn.defer("SELECT set_config('timezone', $1::text, true)", (ctx.prefs.timezone,))
+        if self.config.pre_request:
+            conn.defer(f"SELECT {'.'.join(ident(p) for p in self.config.pre_request.split('.'))}()")
+        if plan is not None:
+            conn = Explaining(conn, plan)  # type: ignore[assignment]  # the action's statement is explained
+        elif readonly and ctx.prefs.count in (None, "exact"):
+            conn.tail("COMMIT")
         try:
-            await conn.execute(begin_script(readonly, identity.role, settings))
-            if self.config.pre_request:
-                await conn.execute(f"SELECT {'.'.join(ident(p) for p in self.config.pre_request.split('.'))}()")
             if fn is not None:
                 result = await actions.call(conn, ctx, fn, args)
             elif method in ("GET", "HEAD"):
@@ -341,19 +408,23 @@ class DataAPI:
             if ctx.singular and not result.scalar and result.page != 1:
                 raise ApiError(406, "PGRST116", "JSON object requested, multiple (or no) rows returned",
                                f"The result contains {result.page} rows", None)
-            await conn.execute("ROLLBACK" if ctx.prefs.tx == "rollback" else "COMMIT")
+            if conn.in_transaction:
+                await conn.execute("ROLLBACK" if ctx.prefs.tx == "rollback" else "COMMIT")
             return result
         finally:
-            if conn.is_in_transaction() and not conn.is_closed():
+            conn = getattr(conn, "conn", conn)
+            conn.discard()  # statements never sent (the action failed before its first one)
+            if conn.status != "I" and not conn.broken:
                 await conn.execute("ROLLBACK")
 
-    def _respond(self, request: web.Request, method: str, media: str, prefs: Any, ctx: actions.Context,
+    def _respond(self, request: web.BaseRequest, method: str, media: str, prefs: Any, ctx: actions.Context,
                  result: actions.Result, route: Route) -> web.Response:
         headers: dict[str, str] = dict(result.headers)
         status = result.status
         applied = []
         for name, value in (("return", prefs.return_), ("count", prefs.count), ("resolution", prefs.resolution),
-                            ("missing", prefs.missing), ("tx", prefs.tx), ("handling", prefs.handling)):
+                            ("missing", prefs.missing), ("tx", prefs.tx), ("handling", prefs.handling),
+                            ("timezone", prefs.timezone)):
             if value is not None and (name != "resolution" or method == "POST"):
                 applied.append(f"{name}={value}")
         if applied:

@@ -78,10 +78,26 @@ def history_uri(base: str, table: str) -> str:
 
 @dataclass
 class _Column:
+    """One column's buffered text values: ``chunks`` (Arrow string arrays, from bulk-decoded
+    insert runs) followed by ``values`` (one ``str``/None per row from the scalar path)."""
+
     type_oid: int
     typmod: int
     arrow: pa.DataType
     values: list[str | None] = field(default_factory=list)
+    chunks: list[pa.Array] = field(default_factory=list)
+
+    def append_array(self, array: pa.Array) -> None:
+        if self.values:  # keep row order: what the scalar path buffered so far goes first
+            self.chunks.append(pa.array(self.values, pa.string()))
+            self.values.clear()  # the same list object: the relation plans append to it
+        self.chunks.append(array)
+
+    def texts(self) -> list[str | None] | pa.Array:
+        if not self.chunks:
+            return self.values
+        tail = [pa.array(self.values, pa.string())] if self.values else []
+        return pa.concat_arrays(self.chunks + tail)
 
 
 class HistoryTable:
@@ -95,8 +111,10 @@ class HistoryTable:
         self.delta_fields: dict[str, pa.DataType] = {}
         self.columns: dict[str, _Column] = {}
         # Per relation OID: (the Relation it was made for, its columns' value lists, the lists of
-        # known columns it lacks). Rebuilt when a new Relation message replaces the description.
-        self._plans: dict[int, tuple[Relation, list[list[str | None]], list[list[str | None]]]] = {}
+        # known columns it lacks, those columns themselves). Rebuilt when a new Relation message
+        # replaces the description.
+        self._plans: dict[int, tuple[Relation, list[list[str | None]], list[list[str | None]],
+                                     list[_Column], list[_Column]]] = {}
         # Per row only what varies by row; what a transaction shares is kept once per run of rows.
         self._change: list[int] = []  # index into CHANGE_TYPES
         self._lsn: list[int] = []
@@ -142,14 +160,18 @@ class HistoryTable:
 
     def _plan(self, relation: Relation) -> tuple[list[list[str | None]], list[list[str | None]]]:
         cached = self._plans.get(relation.oid)
-        if cached is not None and cached[0] is relation:
-            return cached[1], cached[2]
+        if cached is None or cached[0] is not relation:
+            cached = self._make_plan(relation)
+        return cached[1], cached[2]
+
+    def _make_plan(self, relation: Relation) -> tuple[Relation, list[list[str | None]], list[list[str | None]],
+                                                      list[_Column], list[_Column]]:
         cols = [self._column(c.name, c.type_oid, c.typmod) for c in relation.columns]
         names = {c.name for c in relation.columns}
-        lists = [c.values for c in cols]
-        others = [c.values for n, c in self.columns.items() if n not in names]
-        self._plans[relation.oid] = (relation, lists, others)
-        return lists, others
+        others = [c for n, c in self.columns.items() if n not in names]
+        plan = self._plans[relation.oid] = (relation, [c.values for c in cols], [c.values for c in others], cols,
+                                            others)
+        return plan
 
     def add(self, relation: Relation, values: tuple[Value, ...] | None, change_type: str, *, lsn: int,
             xid: int | None, commit_lsn: int, seq: int, commit_time: datetime,
@@ -174,13 +196,8 @@ class HistoryTable:
         self._change.append(CHANGE_CODE[change_type])
         self._lsn.append(lsn)
         self._seq.append(seq)
-        runs = self._runs
-        if not runs or runs[-1].commit_lsn != commit_lsn:
-            runs.append(_Run(self.rows, xid, commit_lsn, commit_time))
-            if commit_lsn > self.max_commit_lsn:
-                self.max_commit_lsn = commit_lsn
-            if self.first_commit_time is None:
-                self.first_commit_time = commit_time
+        if not self._runs or self._runs[-1].commit_lsn != commit_lsn:
+            self._start_run(xid, commit_lsn, commit_time)
         self.rows += 1
 
     def add_insert(self, relation: Relation, values: tuple[Value, ...], lsn: int, seq: int, xid: int,
@@ -199,10 +216,35 @@ class HistoryTable:
         self._lsn.append(lsn)
         self._seq.append(seq)
         if not self._runs or self._runs[-1].commit_lsn != commit_lsn:
-            self._runs.append(_Run(self.rows, xid, commit_lsn, commit_time))
-            if commit_lsn > self.max_commit_lsn:
-                self.max_commit_lsn = commit_lsn
+            self._start_run(xid, commit_lsn, commit_time)
         self.rows += 1
+
+    def add_inserts(self, relation: Relation, columns: list[pa.Array], lsns: list[int], seq: int, xid: int,
+                    commit_lsn: int, commit_time: datetime) -> None:
+        """Buffer a run of inserts of one transaction, decoded column by column (an ``InsertRun``):
+        row k is the change at ``lsns[k]``, ``_sort_by`` position ``seq + 2k``."""
+        cached = self._plans.get(relation.oid)
+        if cached is None or cached[0] is not relation:
+            cached = self._make_plan(relation)
+        n = len(lsns)
+        for col, array in zip(cached[3], columns):  # noqa: B905 - the decoder checked the width
+            col.append_array(array)
+        for col in cached[4]:
+            col.append_array(pa.nulls(n, pa.string()))
+        self._change.extend(repeat(0, n))
+        self._lsn.extend(lsns)
+        self._seq.extend(range(seq, seq + 2 * n, 2))
+        if not self._runs or self._runs[-1].commit_lsn != commit_lsn:
+            self._start_run(xid, commit_lsn, commit_time)
+        self.rows += n
+
+    def _start_run(self, xid: int | None, commit_lsn: int, commit_time: datetime) -> None:
+        """The rows from here on belong to the transaction committed at ``commit_lsn``."""
+        self._runs.append(_Run(self.rows, xid, commit_lsn, commit_time))
+        if commit_lsn > self.max_commit_lsn:
+            self.max_commit_lsn = commit_lsn
+        if self.first_commit_time is None:
+            self.first_commit_time = commit_time
 
     def detach(self) -> Pending:
         """Hand the buffer over (to be committed, possibly on another thread) and start a new one."""
@@ -248,7 +290,7 @@ class Pending:
         fields: list[pa.Field] = []
         for name, col in self.columns.items():
             try:
-                arrays.append(to_arrow(col.values, col.type_oid, col.typmod))
+                arrays.append(to_arrow(col.texts(), col.type_oid, col.typmod))
             except ValueError as e:
                 raise TableSyncError(f"column {name!r}: {e}") from None
             fields.append(pa.field(name, col.arrow))

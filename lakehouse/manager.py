@@ -30,6 +30,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge
 
 from compute import Endpoints
 from compute.node import ComputeNode
+from lakehouse import location
 from lakehouse.syncer import SyncSpec, parse_lsn, slot_name
 from storage import ADMIN_ROLE, BranchNotFound, Store
 
@@ -72,12 +73,14 @@ class SyncMetrics:
 
 
 class _Run:
-    """One worker process and what the metrics have already counted of it."""
+    """One worker process and what the metrics have already counted of it. Until the worker
+    streams (its start, a snapshot), it holds the compute awake like a session (``hold``)."""
 
-    def __init__(self, proc: asyncio.subprocess.Process, spec: SyncSpec) -> None:
+    def __init__(self, proc: asyncio.subprocess.Process, spec: SyncSpec, hold: contextlib.ExitStack) -> None:
         self.proc = proc
         self.spec = spec
         self.counted: dict[str, tuple[int, int]] = {}
+        self.hold = hold
 
 
 class LakehouseSync:
@@ -147,23 +150,57 @@ class LakehouseSync:
         if not self.endpoints.has_branch(branch):
             raise SyncError(f"branch {branch!r} does not exist: create it first (lakelet branch create)")
         cfg = SyncConfig(branch, schema, database, sorted(set(tables)) if tables else None, uri or self.default_uri)
+        try:  # a bucket that is not there or refuses the credentials: say so now, not in a worker log
+            await asyncio.to_thread(location.check, cfg.uri)
+        except location.LocationError as e:
+            raise SyncError(str(e)) from None
         async with self._lock:
             old = self.syncs.get(cfg.key)
             if old is not None and old != cfg:
                 raise SyncError(f"a sync of {database}.{schema} on branch {branch!r} is enabled with other settings: "
                                 "disable it first")
-            self.syncs[cfg.key] = cfg
-            self.failures.pop(cfg.key, None)
-            await asyncio.to_thread(self._save)
-        self.endpoints.require_logical(branch)
-        node = await self.endpoints.node(branch)  # the user asked: take the snapshot now
-        if node.settings.get("wal_level") != "logical":
-            # wal_level is restart-only: a compute that was running without it restarts once now.
-            log.info("restarting the compute with wal_level = logical for lakehouse sync", extra={"branch": branch})
-            await self.endpoints.suspend(branch)
-            await self.endpoints.node(branch)
-        await self._tick()
+        # The user asked: take the snapshot now (the compute is held awake until the worker runs,
+        # which then holds it until it streams).
+        with self.endpoints.signals(branch).held():
+            node = await self.endpoints.node(branch)
+            await self._check_source(node, cfg)
+            async with self._lock:
+                self.syncs[cfg.key] = cfg
+                self.failures.pop(cfg.key, None)
+                await asyncio.to_thread(self._save)
+            self.endpoints.require_logical(branch)
+            if node.settings.get("wal_level") != "logical":
+                # wal_level is restart-only: a compute that was running without it restarts once now.
+                log.info("restarting the compute with wal_level = logical for lakehouse sync",
+                         extra={"branch": branch})
+                await self.endpoints.suspend(branch)
+                await self.endpoints.node(branch)
+            await self._tick()
         return self.status_of(cfg)
+
+    async def _check_source(self, node: ComputeNode, cfg: SyncConfig) -> None:
+        """The database, schema and listed tables exist: a typo is refused at ``enable`` in one line."""
+        import asyncpg
+
+        try:
+            conn = await asyncpg.connect(host=str(node.socket_dir), port=node.port, user=ADMIN_ROLE,
+                                         database=cfg.database, timeout=30)
+        except asyncpg.InvalidCatalogNameError:
+            raise SyncError(f"database {cfg.database!r} does not exist on branch {cfg.branch!r}: "
+                            "create it or pass another --database") from None
+        try:
+            if not await conn.fetchval("SELECT true FROM pg_namespace WHERE nspname = $1", cfg.schema):
+                raise SyncError(f"schema {cfg.schema!r} does not exist in database {cfg.database!r} on branch "
+                                f"{cfg.branch!r}: create it first or pass another --schema")
+            missing = await conn.fetchval(
+                "SELECT string_agg(t, ', ') FROM unnest($1::text[]) t WHERE NOT EXISTS ("
+                "  SELECT 1 FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace "
+                "  WHERE n.nspname = $2 AND c.relname = t AND c.relkind IN ('r', 'p'))", cfg.tables or [], cfg.schema)
+            if missing:
+                raise SyncError(f"no table {missing} in {cfg.database}.{cfg.schema} on branch {cfg.branch!r}: "
+                                "create it first or leave it out of --tables")
+        finally:
+            await conn.close()
 
     async def disable(self, branch: str, schema: str | None = None, *, database: str | None = None) -> list[str]:
         """Stop the branch's syncs (of ``schema`` only, if given), drop their slots and publications.
@@ -250,9 +287,12 @@ class LakehouseSync:
         for key, cfg in list(self.syncs.items()):
             run = self.runs.get(key)
             if run is not None:
-                await asyncio.to_thread(self._count, cfg, run)
+                state = await asyncio.to_thread(self._count, cfg, run)
                 if run.proc.returncode is None:
+                    if state == "streaming":
+                        run.hold.close()  # from here on its connection is no client activity
                     continue
+                run.hold.close()
                 self.runs.pop(key, None)
                 rc = run.proc.returncode
                 if rc == 2:
@@ -302,12 +342,15 @@ class LakehouseSync:
             os.close(log_fd)
         log.info("lakehouse sync worker started", extra={"branch": cfg.branch, "schema": cfg.schema,
                                                          "pid": proc.pid})
-        return _Run(proc, spec)
+        hold = contextlib.ExitStack()
+        hold.enter_context(self.endpoints.signals(cfg.branch).held())
+        return _Run(proc, spec, hold)
 
-    def _count(self, cfg: SyncConfig, run: _Run) -> None:
+    def _count(self, cfg: SyncConfig, run: _Run) -> str | None:
+        """Count the worker's progress into the metrics; returns its state."""
         st = self._read_status(cfg)
         if st.get("pid") != run.proc.pid:
-            return
+            return None
         for name, t in st.get("tables", {}).items():
             label = (cfg.branch, f"{cfg.schema}.{name}")
             rows, nbytes = int(t.get("rows", 0)), int(t.get("bytes", 0))
@@ -318,9 +361,12 @@ class LakehouseSync:
                 self.metrics.bytes.labels(*label).inc(nbytes - seen_bytes)
             run.counted[name] = (max(rows, seen_rows), max(nbytes, seen_bytes))
             self.metrics.lag.labels(*label).set(float(t.get("lag_seconds") or 0.0))
+        return st.get("state")
 
     async def _stop_run(self, key: tuple[str, str, str]) -> None:
         run = self.runs.pop(key, None)
+        if run is not None:
+            run.hold.close()
         if run is None or run.proc.returncode is not None:
             return
         with contextlib.suppress(ProcessLookupError):

@@ -40,15 +40,19 @@ import psycopg2
 import psycopg2.extras
 from psycopg2 import sql as psql
 
-from lakehouse import pgoutput
+from lakehouse import location, pgoutput
 from lakehouse.history import HistoryTable, Pending, TableSyncError, history_uri
-from lakehouse.pgoutput import Relation, RelationColumn, RowChange, TransactionEnd, TruncateChange
+from lakehouse.pgoutput import InsertRun, Relation, RelationColumn, RowChange, TransactionEnd, TruncateChange
 
 log = logging.getLogger("lakelet.lakehouse")
 
 # Every value crosses in its text form under these settings (lakehouse.values relies on them).
 SESSION_OPTIONS = "-c DateStyle=ISO -c TimeZone=UTC -c bytea_output=hex -c IntervalStyle=postgres"
 SNAPSHOT_BATCH = 50_000
+BACKPRESSURE = 4  # × max_buffered_rows buffered while a commit is in flight: then wait for it
+READ_BATCH = 10_000  # messages read off the stream before they are decoded as one batch
+TX_BOUNDARY = (b"C", b"M")  # after a Commit (or a non-transactional message) a batch may end
+BEHIND = 1.0  # seconds: reading transactions committed longer ago than this is catching up
 
 # A schema-wide sync picks up tables created later; this event trigger gives each of them REPLICA
 # IDENTITY FULL in the same transaction that creates it (a table in a schema some lakelet_sync
@@ -177,6 +181,8 @@ class Syncer:
         self.state_dir.mkdir(parents=True, exist_ok=True)
         self.status = Status(slot=spec.slot)
         self.tables: dict[str, HistoryTable] = {}
+        self.storage_options = (spec.storage_options if spec.storage_options is not None
+                                else location.storage_options(spec.lakehouse_uri))
         self.decoder = pgoutput.Decoder()
         self.confirmed = 0
         self.last_end = 0
@@ -185,6 +191,8 @@ class Syncer:
         self._buffer_since: float | None = None
         self._status_written = 0.0
         self._identity_fixed: set[int] = set()
+        self._lost_limit = ""
+        self._last_commit_at = 0.0  # commit time (epoch) of the last transaction read
         self.scope: list[str] = []
         self._flusher = ThreadPoolExecutor(1, thread_name_prefix="delta-flush")
         self._inflight: Future[tuple[int, list[tuple[str, int, int, str | None]]]] | None = None
@@ -223,7 +231,7 @@ class Syncer:
         table = self.tables.get(name)
         if table is None:
             table = HistoryTable(history_uri(self.spec.base_uri, name), self.spec.slot,
-                                 storage_options=self.spec.storage_options)
+                                 storage_options=self.storage_options)
             self.tables[name] = table
             self._table_status(name)
         return table
@@ -302,14 +310,23 @@ class Syncer:
 
     # -- snapshot ---------------------------------------------------------------------------------
 
-    def _slot_exists(self, conn: psycopg2.extensions.connection) -> bool:
+    def _slot_state(self, conn: psycopg2.extensions.connection) -> str | None:
+        """None (no slot), 'lost' (Postgres invalidated it: it held more WAL than
+        ``max_slot_wal_keep_size`` while no one read it), 'gone' (WAL it needs was found missing by
+        the last run) or 'ok' (``confirmed`` set from it)."""
         with conn.cursor() as cur:
-            cur.execute("SELECT confirmed_flush_lsn::text FROM pg_replication_slots WHERE slot_name = %s",
-                        (self.spec.slot,))
+            cur.execute("SELECT confirmed_flush_lsn::text, wal_status FROM pg_replication_slots "
+                        "WHERE slot_name = %s", (self.spec.slot,))
             row = cur.fetchone()
+            if row is not None and row[1] == "lost":
+                cur.execute("SHOW max_slot_wal_keep_size")
+                self._lost_limit = str(cur.fetchone()[0])  # type: ignore[index]
+                return "lost"
+        if row is not None and self._progress().get("wal_gone"):
+            return "gone"
         if row is not None and row[0]:
             self.confirmed = parse_lsn(row[0])
-        return row is not None
+        return None if row is None else "ok"
 
     def snapshot(self, conn: psycopg2.extensions.connection, repl: Any, reason: str | None) -> None:
         spec = self.spec
@@ -453,14 +470,36 @@ class Syncer:
                 cur.execute(psql.SQL("ALTER TABLE {}.{} REPLICA IDENTITY FULL").format(
                     psql.Identifier(rel.namespace), psql.Identifier(rel.name)))
 
-    def handle(self, payload: bytes, lsn: int) -> None:
-        event = self.decoder.feed(payload, lsn)
-        if type(event) is RowChange:
-            self._row(event)
-        elif isinstance(event, TransactionEnd):
-            self.last_end = event.end_lsn
-            self.status.received_lsn = fmt_lsn(event.end_lsn)
-        elif isinstance(event, Relation):
+    def handle(self, payloads: list[bytes], lsns: list[int], repl: Any) -> None:
+        """Decode a batch of messages read off the stream into the tables' buffers; between
+        transactions, take a finished flush's outcome and start the next flush when one is due."""
+        for event in self.decoder.feed_many(payloads, lsns):
+            kind = type(event)
+            if kind is RowChange:
+                self._row(event)  # type: ignore[arg-type]
+            elif kind is InsertRun:
+                self._inserts(event)  # type: ignore[arg-type]
+            elif kind is TransactionEnd:
+                self.last_end = event.end_lsn  # type: ignore[union-attr]
+                self._last_commit_at = event.tx.commit_time.timestamp()  # type: ignore[union-attr]
+                if self._inflight is not None:
+                    self._collect(repl, block=False)
+                if self._flush_due(idle=False):
+                    self.flush(repl)
+            else:
+                self._event(event)
+        if self.last_end:
+            self.status.received_lsn = fmt_lsn(self.last_end)
+
+    def _inserts(self, run: InsertRun) -> None:
+        tx = run.tx
+        table = self._live(run.relation, tx.commit_lsn)
+        if table is not None:
+            table.add_inserts(run.relation, run.columns, run.lsns, 2 * run.seq, tx.xid, tx.commit_lsn,
+                              tx.commit_time)
+
+    def _event(self, event: pgoutput.Event | None) -> None:
+        if isinstance(event, Relation):
             self._note_relation(event)
         elif isinstance(event, TruncateChange):
             for rel in event.relations:
@@ -507,16 +546,21 @@ class Syncer:
 
     def _flush_due(self, idle: bool) -> bool:
         """Between transactions: every ``flush_interval`` while the stream is idle (low lag under a
-        light load); while changes keep arriving (catching up), at most once a second or every
+        light load); while changes keep arriving or the sync is catching up (the last transaction
+        read committed more than ``BEHIND`` seconds ago), at most once a second or every
         ``max_buffered_rows`` — fewer, larger Delta commits."""
         if self.decoder.state is not pgoutput.TxState.IDLE:
             return False
         if self._buffer_since is None:  # nothing buffered: only the slot position to move on
             return self.last_end > self.confirmed and self._inflight is None and self.drain_target is None
+        if self._inflight is not None and not self._inflight.done():
+            # The previous commit is still being written: keep decoding (the next commit grows
+            # meanwhile), unless the buffer is this large, then wait for it (bounded memory).
+            return self._buffered() >= BACKPRESSURE * self.spec.max_buffered_rows
         age = time.monotonic() - self._buffer_since
         if age >= max(1.0, self.spec.flush_interval) or self._buffered() >= self.spec.max_buffered_rows:
             return True
-        return idle and age >= self.spec.flush_interval
+        return idle and age >= self.spec.flush_interval and time.time() - self._last_commit_at < BEHIND
 
     def _buffered(self) -> int:
         return sum(t.rows for t in self.tables.values())
@@ -528,16 +572,32 @@ class Syncer:
         repl.start_replication(slot_name=self.spec.slot, decode=False, status_interval=5,
                                options={"proto_version": "1", "publication_names": self.spec.slot})
         last_ping = 0.0
+        read = repl.read_message
+        payloads: list[bytes] = []
+        lsns: list[int] = []
         while not self.stop_requested:
-            msg = repl.read_message()
-            if msg is not None:
-                self.handle(msg.payload, msg.data_start)
-                if self.decoder.state is pgoutput.TxState.IDLE:
-                    if self._inflight is not None:
-                        self._collect(repl, block=False)
-                    if self._flush_due(idle=False):
-                        self.flush(repl)
+            # What has arrived (up to READ_BATCH messages) is read first, then decoded as one batch:
+            # runs of inserts are decoded column by column (pgoutput.feed_many), which pays off
+            # on long runs.
+            while len(payloads) < READ_BATCH:
+                msg = read()
+                if msg is None:
+                    break
+                payloads.append(msg.payload)
+                lsns.append(msg.data_start)
+            if payloads and len(payloads) < READ_BATCH and payloads[-1][:1] not in TX_BOUNDARY:
+                # Inside a transaction: pgoutput sends one only once it committed, so the rest is
+                # on its way. Wait for it instead of decoding a small batch (nothing of it could
+                # be flushed before its Commit anyway).
+                with contextlib.suppress(InterruptedError):
+                    select.select([repl], [], [], 0.05)
                 continue
+            if payloads:
+                self.handle(payloads, lsns, repl)
+                full = len(payloads) >= READ_BATCH
+                payloads, lsns = [], []
+                if full:
+                    continue
             self._collect(repl, block=False)
             if self._flush_due(idle=True):
                 self.flush(repl)
@@ -557,13 +617,20 @@ class Syncer:
                 select.select([repl], [], [], 0.05)
         self._collect(repl, block=True)
 
-    def _resnapshot_reason(self, progress: dict[str, Any], exists: bool) -> str | None:
+    def _resnapshot_reason(self, progress: dict[str, Any], slot: str | None) -> str | None:
         if not progress.get("snapshot_done"):
             return None  # the first snapshot (or one a crash interrupted)
         if progress.get("slot") != self.spec.slot:
             return (f"the branch was restored or reset (now slot {self.spec.slot}, was {progress.get('slot')}): "
                     "history replaced by a fresh snapshot")
-        if not exists:
+        if slot == "lost":
+            return (f"slot {self.spec.slot} was invalidated by Postgres: it held more than max_slot_wal_keep_size "
+                    f"({self._lost_limit}) of WAL that no worker read (the sync was failing or stopped): "
+                    "history replaced by a fresh snapshot")
+        if slot == "gone":
+            return (f"WAL that slot {self.spec.slot} needs is gone ({progress.get('wal_gone')}): "
+                    "history replaced by a fresh snapshot")
+        if slot is None:
             return (f"slot {self.spec.slot} was lost (the compute was rebuilt from an image without it): "
                     "history replaced by a fresh snapshot")
         return None
@@ -571,19 +638,34 @@ class Syncer:
     # -- run --------------------------------------------------------------------------------------
 
     def run(self) -> None:
+        try:
+            location.check(self.spec.lakehouse_uri)
+        except location.LocationError as e:
+            if e.transient:
+                raise
+            raise StopSync(str(e)) from None
         conn = self._connect()
         try:
             self.prepare(conn)
             progress = self._progress()
-            exists = self._slot_exists(conn)
+            slot = self._slot_state(conn)
             repl_conn = psycopg2.connect(connection_factory=psycopg2.extras.LogicalReplicationConnection,
                                          **self.spec.dsn())
             try:
                 repl = repl_conn.cursor()
-                if not (exists and progress.get("slot") == self.spec.slot and progress.get("snapshot_done")):
-                    self.snapshot(conn, repl, self._resnapshot_reason(progress, exists))
+                if not (slot == "ok" and progress.get("slot") == self.spec.slot and progress.get("snapshot_done")):
+                    self.snapshot(conn, repl, self._resnapshot_reason(progress, slot))
                 conn.close()
-                self.stream(repl)
+                try:
+                    self.stream(repl)
+                except psycopg2.Error as e:
+                    # The slot is there but WAL it needs is not (a data dir rebuilt from an image whose
+                    # slot is older than the archive GC kept, say): the next run starts over, and says why.
+                    if "has already been removed" not in str(e):
+                        raise
+                    progress["wal_gone"] = str(e).strip().splitlines()[0]
+                    _write_json(self.state_dir / "progress.json", progress)
+                    raise
             finally:
                 repl_conn.close()
         finally:

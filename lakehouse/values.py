@@ -99,13 +99,16 @@ _PARSERS: dict[int, Callable[[str], Any]] = {
 }
 
 
-def _scalar_array(texts: Sequence[str | None], type_oid: int, typ: pa.DataType) -> pa.Array:
-    strings = pa.array(texts, pa.string())
+Texts = Sequence[str | None] | pa.Array  # an Arrow array: of strings, from the bulk insert path
+
+
+def _scalar_array(texts: Texts, type_oid: int, typ: pa.DataType) -> pa.Array:
+    strings = texts if isinstance(texts, pa.Array) else pa.array(texts, pa.string())
     if pa.types.is_string(typ):
         return strings
     if type_oid == t.BOOL:
         return pc.or_(pc.equal(strings, "t"), pc.equal(strings, "true"))  # type: ignore[attr-defined]
-    if pa.types.is_decimal(typ) and any(v == "NaN" for v in texts):
+    if pa.types.is_decimal(typ) and pc.any(pc.equal(strings, "NaN")).as_py():  # type: ignore[attr-defined]
         raise UnsyncableValue("numeric NaN cannot be held by a Delta decimal: declare the column as unconstrained "
                               "numeric (synced as text) or remove the NaN")
     if type_oid != t.BYTEA:
@@ -115,15 +118,16 @@ def _scalar_array(texts: Sequence[str | None], type_oid: int, typ: pa.DataType) 
             if type_oid not in _PARSERS:
                 raise
     parser = _PARSERS[type_oid]  # infinity, BC dates, bytea: one by one
-    return pa.array([None if v is None else parser(v) for v in texts], typ)
+    return pa.array([None if v is None else parser(v) for v in strings.to_pylist()], typ)
 
 
-def to_arrow(texts: Sequence[str | None], type_oid: int, typmod: int = -1) -> pa.Array:
+def to_arrow(texts: Texts, type_oid: int, typmod: int = -1) -> pa.Array:
     """One column's text values (None for NULL) as an Arrow array of ``types.arrow_type``."""
     typ = t.arrow_type(type_oid, typmod)
     if pa.types.is_list(typ):
         element_oid = t.ARRAY_ELEMENT[type_oid]
-        lists = [None if v is None else parse_array(v) for v in texts]
+        items = texts.to_pylist() if isinstance(texts, pa.Array) else texts
+        lists = [None if v is None else parse_array(v) for v in items]
         flat = [x for item in lists if item is not None for x in item]
         values = _scalar_array(flat, element_oid, typ.value_type)
         offsets, mask, pos = [0], [], 0

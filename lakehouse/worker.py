@@ -6,7 +6,8 @@ without taking anything else down — the Delta log and the slot make the next r
 
 Commands arrive as lines on stdin: ``drain LSN`` (flush and confirm through LSN; status then shows
 ``drained_lsn``) and ``stop``. SIGTERM stops too. Exit codes: 0 stopped, 3 the compute went away
-(the manager restarts the worker once it is active again), 2 a configuration error (in status).
+(the manager restarts the worker once it is active again), 2 a configuration error (in status),
+1 anything else, e.g. the object store not answering (restarted with backoff).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from pathlib import Path
 
 import psycopg2
 
+from lakehouse.location import LocationError
 from lakehouse.syncer import StopSync, Syncer, SyncSpec, parse_lsn
 
 
@@ -55,6 +57,10 @@ def main(argv: list[str]) -> int:
         syncer.status.state, syncer.status.error = "error", str(e)
         syncer.write_status(force=True)
         return 2
+    except LocationError as e:  # the object store did not answer: the manager retries with backoff
+        syncer.status.state, syncer.status.error = "disconnected", str(e)
+        syncer.write_status(force=True)
+        return 1
     except (psycopg2.OperationalError, psycopg2.InterfaceError, psycopg2.DatabaseError) as e:
         # DatabaseError: psycopg2 reports a server gone mid-COPY ("no COPY in progress") so.
         reason = (str(e).strip().splitlines() or ["connection lost"])[0]

@@ -28,6 +28,7 @@ from lakelet import dataapi_wiring, project
 from lakelet.config import Config
 from lakelet.lakehouse_api import LakehouseRoutes
 from proxy import Proxy
+from storage.bucket import upload_status
 
 log = logging.getLogger("lakelet.api")
 
@@ -111,6 +112,9 @@ class ControlAPI:
         if not self.ready:
             return _json({"status": "starting"}, 503)
         stalled = self.endpoints.stalled()
+        upload = upload_status(self.store)
+        if upload is not None and upload["stalled"]:
+            stalled = {**stalled, "store": upload["stalled"]}  # the bucket is behind: every branch waits
         if stalled:
             # Commits on these branches wait for the store: say so instead of "ok".
             return _json({"status": "degraded", "durability_stalled": stalled}, 503)
@@ -124,7 +128,8 @@ class ControlAPI:
 
     async def list_endpoints(self, request: web.Request) -> web.Response:
         # connections: the proxy's own count (the control plane hands it the branch's one signals).
-        return _json({"endpoints": [asdict(st) for st in self.endpoints.status()]})
+        return _json({"endpoints": [asdict(st) for st in self.endpoints.status()],
+                      "store_upload": upload_status(self.store)})
 
     async def suspend(self, request: web.Request) -> web.Response:
         branch = request.match_info["branch"]

@@ -11,6 +11,7 @@ import argparse
 import json
 import os
 import sys
+import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -115,6 +116,16 @@ def _table(rows: list[dict[str, Any]], columns: Sequence[str]) -> str:
     return "\n".join(lines)
 
 
+def _upload_notes(upload: dict[str, Any] | None) -> list[str]:
+    """A bucket store's upload state under ``lakelet status``."""
+    if not upload:
+        return []
+    last = upload.get("last_upload")
+    ago = f"{max(time.time() - last, 0):.1f}s ago" if last else "not yet"
+    line = f"store {upload['store']}: {_size(upload['bytes_behind'])} of WAL not yet uploaded, last upload {ago}"
+    return [line, *([f"store: durability stalled: {upload['stalled']}"] if upload.get("stalled") else [])]
+
+
 def _status(c: ControlClient, a: argparse.Namespace) -> tuple[Output, str]:
     out = c.call("GET", "/api/v1/endpoints")
     text = _table(out["endpoints"], ["branch", "state", "cu", "pid", "host", "port", "connections"])
@@ -123,6 +134,7 @@ def _status(c: ControlClient, a: argparse.Namespace) -> tuple[Output, str]:
              if e.get("state") == "failed" and e.get("reason")]
     notes += [f"{e['branch']}: durability stalled: {e['durability_stalled']}" for e in out["endpoints"]
               if e.get("durability_stalled")]
+    notes += _upload_notes(out.get("store_upload"))
     return out, "\n".join([text, *notes])
 
 

@@ -36,7 +36,7 @@ class Config:
     wake_timeout: float = 30.0
     max_client_connections: int = 10000
     max_unauthenticated_per_address: int = 100
-    warm_backends: int = 8
+    warm_backends: int = 32
     pool_mode: str = "session"  # transaction pooling: the default for connections that do not choose
     pool_size: int = 0  # backends per (branch, role, database); 0 = from the compute size
     pool_timeout: float = 30.0
@@ -61,6 +61,8 @@ class Config:
     data_api_pre_request: str = ""
     data_api_pool_size: int = 10
     data_api_idle_timeout: float = 60.0
+    data_api_jwt_aud: str = ""
+    data_api_plan_enabled: bool = False
     # Where lakehouse sync writes Delta tables: a path or s3://bucket/prefix (AWS_* settings from
     # the environment); empty = <data_dir>/lakehouse.
     lakehouse_uri: str = ""
@@ -97,7 +99,8 @@ SECTIONS: dict[str, str] = {
     "store_uri": "storage", "wal_upload_interval": "storage", "cache_size": "storage",
     **{name: "data_api" for name in ("data_api", "data_api_schemas", "data_api_anon_role", "data_api_jwt_secret",
                                      "data_api_jwt_role_claim", "data_api_max_rows", "data_api_pre_request",
-                                     "data_api_pool_size", "data_api_idle_timeout")},
+                                     "data_api_pool_size", "data_api_idle_timeout", "data_api_jwt_aud",
+                                     "data_api_plan_enabled")},
     "lakehouse_uri": "lakehouse",
 }
 ENV_NAMES = {name: "LAKELET_" + name.upper() for name in SECTIONS} | {"user": "LAKELET_COMPUTE_USER"}

@@ -28,7 +28,8 @@ def data_api_config(config: Config):  # noqa: ANN201 - dataapi is imported lazil
         anon_role=config.data_api_anon_role, jwt_secret=config.data_api_jwt_secret,
         jwt_role_claim=config.data_api_jwt_role_claim, max_rows=config.data_api_max_rows or None,
         pre_request=config.data_api_pre_request, pool_size=config.data_api_pool_size,
-        idle_timeout=config.data_api_idle_timeout)
+        idle_timeout=config.data_api_idle_timeout, jwt_aud=config.data_api_jwt_aud,
+        plan_enabled=config.data_api_plan_enabled)
 
 
 async def start(config: Config, endpoints: Endpoints, registry: CollectorRegistry | None = None) -> DataAPI | None:

@@ -45,6 +45,10 @@ class LakehouseRoutes:
             return _error(400, "the request body must be a JSON object")
         if not isinstance(body, dict) or not body.get("branch") or not body.get("schema"):
             return _error(400, 'give "branch" and "schema" (and optionally "database", "tables", "uri")')
+        unknown = sorted(set(body) - {"branch", "schema", "database", "tables", "uri"})
+        if unknown:
+            return _error(400, f"unknown field {unknown[0]!r}: give \"branch\", \"schema\" and optionally "
+                               '"database", "tables", "uri"')
         tables = body.get("tables")
         if tables is not None and not (isinstance(tables, list) and all(isinstance(t, str) for t in tables)):
             return _error(400, '"tables" must be a list of table names')

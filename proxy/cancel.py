@@ -28,6 +28,9 @@ class BackendKey:
 class CancelMap:
     def __init__(self) -> None:
         self._by_secret: dict[int, BackendKey] = {}
+        # Sessions whose client sent a cancel: an interrupted client, whose backend is not kept
+        # warm when it leaves (on Postgres that backend ends with its client; tools watch for it).
+        self._cancelled: set[int] = set()
 
     def issue(self, backend: BackendKey) -> tuple[int, int]:
         """The key a client is given for ``backend``: its real pid and a fresh secret."""
@@ -42,6 +45,10 @@ class CancelMap:
             backend = self._by_secret.get(key[1])
             if backend is not None and backend.pid == key[0]:
                 del self._by_secret[key[1]]
+                self._cancelled.discard(key[1])
+
+    def was_cancelled(self, key: tuple[int, int] | None) -> bool:
+        return key is not None and key[1] in self._cancelled and self.find(*key) is not None
 
     def __len__(self) -> int:
         return len(self._by_secret)
@@ -54,6 +61,7 @@ class CancelMap:
         backend = self.find(pid, secret)
         if backend is None:
             return False
+        self._cancelled.add(secret)
         return await cancel_backend(backend)
 
 

@@ -1,5 +1,7 @@
 """Proxy metrics. Byte and session counts are read from the per-branch ``LoadSignals`` at scrape
-time, so the relay's hot path touches no Prometheus object."""
+time, so the relay's hot path touches no Prometheus object. Bytes are the kernel's count of each
+client connection (``TCP_INFO``: handshake and TLS included), added to the signals when a session
+ends and read live for the sessions still open."""
 
 from __future__ import annotations
 
@@ -11,24 +13,30 @@ from prometheus_client.registry import Collector
 
 from compute import LoadSignals
 
+LiveBytes = Callable[[], dict[str, tuple[int, int]]]
+
 
 class _SignalsCollector(Collector):
-    def __init__(self, branches: Callable[[], dict[str, LoadSignals]]) -> None:
+    def __init__(self, branches: Callable[[], dict[str, LoadSignals]], live: LiveBytes | None) -> None:
         self.branches = branches
+        self.live = live
 
     def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
         active = GaugeMetricFamily("lakelet_proxy_connections_active", "Sessions relayed now", labels=["branch"])
         moved = CounterMetricFamily("lakelet_proxy_bytes", "Bytes relayed", labels=["branch", "direction"])
+        live = self.live() if self.live is not None else {}
         for branch, s in sorted(self.branches().items()):
+            live_in, live_out = live.get(branch, (0, 0))
             active.add_metric([branch], s.sessions)
-            moved.add_metric([branch, "in"], s.bytes_in)
-            moved.add_metric([branch, "out"], s.bytes_out)
+            moved.add_metric([branch, "in"], s.bytes_in + live_in)
+            moved.add_metric([branch, "out"], s.bytes_out + live_out)
         yield active
         yield moved
 
 
 class ProxyMetrics:
-    def __init__(self, registry: CollectorRegistry | None, branches: Callable[[], dict[str, LoadSignals]]) -> None:
+    def __init__(self, registry: CollectorRegistry | None, branches: Callable[[], dict[str, LoadSignals]],
+                 live: LiveBytes | None = None) -> None:
         kw = {"registry": registry}
         self.connections = Counter("lakelet_proxy_connections_total", "Client connections by outcome",
                                    ["branch", "outcome"], **kw)
@@ -40,4 +48,4 @@ class ProxyMetrics:
             "Connections closed quietly because their first bytes were not a startup packet", **kw)
         self.protocol_errors = Counter("lakelet_proxy_protocol_errors_total", "Protocol violations by clients", **kw)
         if registry is not None:
-            registry.register(_SignalsCollector(branches))
+            registry.register(_SignalsCollector(branches, live))

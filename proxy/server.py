@@ -19,7 +19,7 @@ from pathlib import Path
 
 from prometheus_client import CollectorRegistry
 
-from compute import LoadSignals, UnknownBranch, WakeError
+from compute import ComputeAddress, LoadSignals, UnknownBranch, WakeError
 from proxy import codec, tls
 from proxy.admission import PreAuthGate
 from proxy.auth import FailureThrottle, authenticate
@@ -36,7 +36,7 @@ from proxy.errors import (
 )
 from proxy.handshake import Cancel, negotiate, route
 from proxy.metrics import ProxyMetrics
-from proxy.pipe import Side
+from proxy.pipe import Side, tcp_bytes
 from proxy.pooled_client import PooledClient
 from proxy.pooler import PoolConfig, Pooler, select_mode
 from proxy.warm import PoolKey, WarmBackend, WarmPool, pool_key
@@ -44,6 +44,7 @@ from proxy.warm import PoolKey, WarmBackend, WarmPool, pool_key
 log = logging.getLogger("lakelet.proxy")
 
 TLS_HANDSHAKE_BYTE = 0x16
+OUT_OF_SLOTS_RETRIES = 5  # a closed backend frees its slot when its process exits: milliseconds
 
 
 @dataclass
@@ -58,7 +59,7 @@ class ProxyConfig:
     wake_timeout: float = 30.0
     max_client_connections: int = 10000
     max_unauthenticated_per_address: int = 100
-    warm_backends: int = 8  # idle, reset backends kept per branch (keyed by startup parameters); 0: none
+    warm_backends: int = 32  # idle, reset backends kept per branch (keyed by startup parameters); 0: none
     default_branch: str = "main"
     pool: PoolConfig = field(default_factory=PoolConfig)  # transaction pooling (proxy/pooler.py)
 
@@ -86,7 +87,8 @@ class Proxy:
         self.warm = WarmPool(config.warm_backends)
         self.throttle = FailureThrottle()
         self._branches: dict[str, LoadSignals] = {}
-        self.metrics = ProxyMetrics(registry, lambda: self._branches)
+        self._relaying: dict[Side, str] = {}  # client side → branch, while relayed
+        self.metrics = ProxyMetrics(registry, lambda: self._branches, self._live_bytes)
         self.pooler = Pooler(config.pool, wake=self._wake, signals=self._signals, registry=registry)
         self.material = tls.load(config.tls_dir, config.tls_cert, config.tls_key)
         self._ssl = self._direct_ssl = None
@@ -121,6 +123,16 @@ class Proxy:
     def authenticated_clients(self) -> int:
         """Sessions past authentication: what max_client_connections limits."""
         return self._authenticated
+
+    def _live_bytes(self) -> dict[str, tuple[int, int]]:
+        """Bytes (in, out) per branch on the connections of sessions still relayed (a session adds
+        its own to the branch's signals when it ends), read from the kernel at scrape time."""
+        live: dict[str, tuple[int, int]] = {}
+        for client, branch in list(self._relaying.items()):
+            received, sent = tcp_bytes(client.transport)
+            was = live.get(branch, (0, 0))
+            live[branch] = (was[0] + received, was[1] + sent)
+        return live
 
     def connections(self, branch: str) -> int:
         s = self._branches.get(branch)
@@ -310,11 +322,11 @@ class Proxy:
             return await self.pooler.connect(client, branch, startup.params, accepted)
         compute = await self._wake(branch)
         s.pool_key = pool_key(branch, startup.params)
-        warm = self.warm.take(s.pool_key, compute.pid)
+        warm = await self.warm.take_or_wait(s.pool_key, compute.pid)
         if warm is not None:
             server = ServerSession(warm.side, warm.key, warm.greeting, codec.ready_for_query(b"I"))
         else:
-            server = await open_session(compute, startup.params, branch)
+            server = await self._open_backend(compute, startup.params, branch)
             warm = WarmBackend(server.side, server.key, server.greeting, compute.pid)
         s.warm = warm
         s.key = self.cancels.issue(server.key)
@@ -325,6 +337,20 @@ class Proxy:
         signals.last_activity = time.monotonic()
         s.signals = signals  # from here on, the session's end undoes the count
         return server.side, signals
+
+    async def _open_backend(self, compute: ComputeAddress, params: dict[str, str], branch: str) -> ServerSession:
+        """A new backend; when the compute has no slot left (53300) and idle warm backends hold
+        some, they are closed and the open retried while their processes exit."""
+        for attempt in range(OUT_OF_SLOTS_RETRIES + 1):
+            try:
+                return await open_session(compute, params, branch)
+            except SessionError as e:
+                if e.sqlstate != "53300" or attempt == OUT_OF_SLOTS_RETRIES:
+                    raise
+                if not self.warm.drop_idle(branch) and attempt == 0:
+                    raise
+                await asyncio.sleep(0.05 * (attempt + 1))
+        raise AssertionError("unreachable")
 
     async def _peek_direct_tls(self, conn: socket.socket) -> bool:
         """Look at the first byte without consuming it; 0x16 starts a TLS ClientHello. It has
@@ -374,14 +400,20 @@ class Proxy:
         warm pool (which keeps it only if a reset proves it clean); otherwise both close."""
         ended: asyncio.Future[Side] = loop.create_future()
         client.track = self.warm.per_key > 0
-        client.relay_to(server, signals, inbound=True, ended=ended)
-        server.relay_to(client, signals, inbound=False, ended=ended)
+        client.relay_to(server, ended=ended)
+        server.relay_to(client, ended=ended)
+        self._relaying[client] = s.branch
         first: Side | None = None
         try:
             first = await ended
         finally:
+            del self._relaying[client]
+            received, sent = client.take_final_bytes()  # the kernel's counts, before the socket closes
+            signals.bytes_in += received
+            signals.bytes_out += sent
             client.close()
-            if first is client and not server.closed and s.warm is not None and s.pool_key is not None:
+            if (first is client and not server.closed and s.warm is not None and s.pool_key is not None
+                    and not self.cancels.was_cancelled(s.key)):
                 self.warm.park(s.pool_key, s.warm)
             else:
                 server.close()

@@ -33,6 +33,7 @@ from storage.backpressure import receivers
 from storage.lease import LEASE_TTL, Lease
 from storage.objectstore import ObjectNotFound
 from storage.postgres import PgBinaries, ServiceUser
+from storage.remotewal import RemoteWal
 from storage.s3 import S3Client, S3Error, parse_s3_uri
 from storage.s3objects import S3ObjectStore
 from storage.store import Store
@@ -75,6 +76,12 @@ def local_root(uri: str | None, default: Path) -> Path:
     if uri and not is_bucket(uri):
         raise S3Error(f"store_uri {uri!r} is neither file://PATH nor s3://BUCKET[/PREFIX]")
     return default
+
+
+def upload_status(store: Store) -> dict[str, Any] | None:
+    """A bucket store's upload state (``Uploader.status``), None for a local store."""
+    uploader = getattr(store.objects, "uploader", None)
+    return uploader.status() if uploader is not None else None
 
 
 def _stop_orphan_receivers(wal_root: Path) -> None:
@@ -143,12 +150,16 @@ def open_store(uri: str | None, root: Path, *, user: ServiceUser, pg: PgBinaries
         _stop_orphan_receivers(root / "wal")
         listing = dict(client.list(WAL_PREFIX))
         objects = S3ObjectStore(client, root / "cache", cache_size)
-        objects.fence = lease.check
+        objects.fence, objects.check = lease.confirm, lease.check
+        client.fence = lease.check
         store = Store.open(root, user=user, pg=pg, retention_days=retention_days, objects=objects, **store_args)
         try:
+            remote_wal = RemoteWal(client, objects.queue_delete)
             uploader = Uploader(client, root, objects, lease, interval=upload_interval,
-                                maintenance=lambda: store._maintenance.shared(), files=carry)
+                                maintenance=lambda: store._maintenance.shared(), files=carry, remote_wal=remote_wal)
             uploader.adopt(state, etag, listing)
+            store.remote_wal = remote_wal
+            uploader.drop_orphans({str(b.id) for b in store.catalog.branches()})
             uploader.round(force_publish=True)  # fences out whoever held the bucket before
         except BaseException:
             store.close()

@@ -18,12 +18,12 @@ by the highest LSN they can hold, so the first commit popped is the latest one o
 
 from __future__ import annotations
 
+import contextlib
 import heapq
 import itertools
-import os
 import sqlite3
 import threading
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from enum import Enum
@@ -89,17 +89,23 @@ class CommitIndex:
         except sqlite3.DatabaseError:
             path.unlink(missing_ok=True)
             self.db = self._open(path)
-        # (path, inode, mtime) → earliest commit time in that finished segment (None: no commit).
-        # The inode and mtime make a file rewritten under the same name (a reset branch) new.
-        self._earliest: dict[tuple[str, int, int], datetime | None] = {
-            (p, ino, mtime): _from_us(us) for p, ino, mtime, us in self.db.execute("SELECT * FROM earliest")}
+        # "<branch-dir>/<segment>" → earliest commit time in that finished segment (None: no
+        # commit). A finished segment never changes, and its name never comes back with other
+        # contents: timeline IDs are unique store-wide and never reused (a reset branch writes on
+        # a new one). Keyed by name, not by local file, so the index stays valid when the store is
+        # rebuilt from a bucket on another machine and when segments live only in the bucket.
+        self._earliest: dict[str, datetime | None] = {
+            name: _from_us(us) for name, us in self.db.execute("SELECT name, commit_us FROM earliest_segment")}
+        # Makes ``files`` readable for pg_waldump (``Store.readable_wal``: segments only in a bucket).
+        self.readable: Callable[[dict[str, Path]], contextlib.AbstractContextManager[dict[str, Path]]] = \
+            contextlib.nullcontext
 
     @staticmethod
     def _open(path: Path) -> sqlite3.Connection:
         db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
         db.execute("PRAGMA synchronous=OFF")
-        db.execute("CREATE TABLE IF NOT EXISTS earliest (path TEXT NOT NULL, ino INTEGER NOT NULL,"
-                   " mtime_ns INTEGER NOT NULL, commit_us INTEGER, PRIMARY KEY (path, ino, mtime_ns))")
+        db.execute("DROP TABLE IF EXISTS earliest")  # keyed by local file: older stores
+        db.execute("CREATE TABLE IF NOT EXISTS earliest_segment (name TEXT PRIMARY KEY, commit_us INTEGER)")
         return db
 
     def close(self) -> None:
@@ -135,35 +141,32 @@ class CommitIndex:
                     heapq.heappush(heap, (-r.lsn, next(order), r))
         return None
 
-    def forget_missing(self) -> None:
-        """Drop what is remembered of segments that are gone (after GC)."""
+    def forget_missing(self, present: set[str]) -> None:
+        """Drop what is remembered of segments not in ``present`` ("<branch-dir>/<segment>": after GC)."""
         with self._lock:
-            gone = [k for k in self._earliest if not os.path.exists(k[0])]
+            gone = [k for k in self._earliest if k not in present]
             for key in gone:
                 del self._earliest[key]
-            self.db.executemany("DELETE FROM earliest WHERE path = ? AND ino = ? AND mtime_ns = ?", gone)
+            self.db.executemany("DELETE FROM earliest_segment WHERE name = ?", [(k,) for k in gone])
 
     # -- internals -------------------------------------------------------------------------------
 
     def _start(self, name: str) -> int:
         return lsnmod.segment_start(name, self.seg_size)[1]
 
-    def _key(self, path: Path) -> tuple[str, int, int] | None:
+    @staticmethod
+    def _key(path: Path) -> str | None:
         if path.name.endswith(".partial"):
             return None  # still growing
-        try:
-            st = path.stat()
-        except FileNotFoundError:
-            return None
-        return str(path), st.st_ino, st.st_mtime_ns
+        return f"{path.parent.name}/{path.name}"
 
     def _known(self, path: Path) -> datetime | None | _Unread:
         key = self._key(path)
         return self._earliest.get(key, _UNREAD) if key is not None else _UNREAD
 
     def _scan(self, piece: HistoryPiece, names: list[str]) -> list[wal.WalRecord]:
-        files = {n: piece.files[n] for n in names}
-        return wal.scan(self.pg, self.user, files, piece.tli, self.seg_size, transactions_only=True)
+        with self.readable({n: piece.files[n] for n in names}) as files:
+            return wal.scan(self.pg, self.user, files, piece.tli, self.seg_size, transactions_only=True)
 
     def _read(self, piece: HistoryPiece, names: list[str]) -> list[wal.WalRecord]:
         """Read ``names`` (a contiguous run's tail) in full and remember their earliest commits."""
@@ -174,13 +177,13 @@ class CommitIndex:
                 seg = r.lsn - r.lsn % self.seg_size
                 if seg not in earliest or r.commit_time < earliest[seg]:
                     earliest[seg] = r.commit_time
-        learned: dict[tuple[str, int, int], datetime | None] = {}
+        learned: dict[str, datetime | None] = {}
         for name in names[:-2]:
             key = self._key(piece.files[name])
             if key is not None:
                 learned[key] = earliest.get(self._start(name))
         with self._lock:
             self._earliest.update(learned)
-            self.db.executemany("INSERT OR REPLACE INTO earliest VALUES (?, ?, ?, ?)",
-                                [(*key, _to_us(t)) for key, t in learned.items()])
+            self.db.executemany("INSERT OR REPLACE INTO earliest_segment VALUES (?, ?)",
+                                [(key, _to_us(t)) for key, t in learned.items()])
         return records

@@ -47,7 +47,7 @@ def pieces(store: Store, row: BranchRow) -> Iterator[HistoryPiece]:
     """Where ``row``'s history lies: per ancestor and timeline, the streamed segments and
     which LSNs of them belong to it."""
     for branch, cutoff in store._ancestry(row):
-        files = wal.segments(store.wal_root / str(branch.id))
+        files = store.wal_files(branch.id)
         tls = store.catalog.timelines(branch.id)
         if branch.parent_id is None and not any(t == 1 for t, _ in tls):
             tls = [(1, 0), *tls]
@@ -61,8 +61,10 @@ def records(store: Store, row: BranchRow) -> list[wal.WalRecord]:
     """Every WAL record on ``row``'s history (each ancestor up to its branch point), by LSN."""
     out: list[wal.WalRecord] = []
     for piece in pieces(store, row):
-        out += [r for r in wal.scan(store.pg, store.user, piece.files, piece.tli, store._segment_size())
-                if piece.holds(r.lsn)]
+        on_tli = {n: p for n, p in piece.files.items() if int(n[:8], 16) == piece.tli}
+        with store.readable_wal(on_tli) as files:
+            out += [r for r in wal.scan(store.pg, store.user, files, piece.tli, store._segment_size())
+                    if piece.holds(r.lsn)]
     out.sort(key=lambda r: r.lsn)
     return out
 

@@ -23,6 +23,8 @@ from functools import cache
 from pathlib import Path
 
 MIN_MAJOR = 15
+# util-linux: drops to the service user after exec (see ServiceUser.command).
+SETPRIV = shutil.which("setpriv") or shutil.which("setpriv", path="/usr/bin:/bin")
 
 
 class PostgresNotFound(RuntimeError):
@@ -103,6 +105,16 @@ class ServiceUser:
         os.setgroups([])
         os.setgid(self.gid)
         os.setuid(self.uid)
+
+    def command(self, argv: Sequence[str]) -> tuple[list[str], bool]:
+        """``argv`` run as this user: (the command, whether a ``preexec`` must still drop to it).
+        With ``setpriv`` the drop happens after exec, so Python can start the child with vfork
+        instead of forking (copying the page tables of) the whole calling process."""
+        if self.is_current:
+            return list(argv), False
+        if SETPRIV is None:
+            return list(argv), True
+        return [SETPRIV, f"--reuid={self.uid}", f"--regid={self.gid}", "--clear-groups", *argv], False
 
     def child_env(self, extra: dict[str, str] | None = None) -> dict[str, str]:
         env = {k: v for k, v in os.environ.items() if not k.startswith("PG")}
@@ -214,9 +226,10 @@ def run(
     cwd: str | None = None,
 ) -> subprocess.CompletedProcess[str]:
     """Run a Postgres program as ``user``; on failure raise with the program's own last line."""
+    command, needs_preexec = user.command(argv)
     proc = subprocess.run(
-        list(argv), capture_output=True, text=True, preexec_fn=user.preexec, env=user.child_env(env),
-        timeout=timeout, cwd=cwd or "/",
+        command, capture_output=True, text=True, preexec_fn=user.preexec if needs_preexec else None,
+        env=user.child_env(env), timeout=timeout, cwd=cwd or "/",
     )
     if check and proc.returncode != 0:
         raise subprocess.CalledProcessError(proc.returncode, list(argv), proc.stdout, proc.stderr)
@@ -226,16 +239,13 @@ def run(
 async def run_async(
     argv: Sequence[str], user: ServiceUser, *, env: dict[str, str] | None = None, check: bool = True
 ) -> tuple[int, str, str]:
-    """``run`` without blocking the event loop."""
-    proc = await asyncio.create_subprocess_exec(
-        *argv, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
-        preexec_fn=user.preexec, env=user.child_env(env), cwd="/",
-    )
-    out, err = await proc.communicate()
+    """``run`` without blocking the event loop (in a thread: under uvloop an asyncio subprocess
+    is always a full fork of the calling process)."""
+    proc = await asyncio.to_thread(run, argv, user, env=env, check=False)
     rc = proc.returncode or 0
     if check and rc != 0:
-        raise subprocess.CalledProcessError(rc, list(argv), out.decode(), err.decode())
-    return rc, out.decode(), err.decode()
+        raise subprocess.CalledProcessError(rc, list(argv), proc.stdout, proc.stderr)
+    return rc, proc.stdout, proc.stderr
 
 
 def quote_literal(value: str) -> str:

@@ -9,7 +9,7 @@ import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from storage import images, wal
+from storage import images
 from storage import lsn as lsnmod
 from storage.catalog import BranchRow, ImageRow
 
@@ -37,7 +37,8 @@ def gc(store: Store) -> GcReport:
             store.catalog.delete_images(db, [i.id for i in doomed])
         freed = store._drop_image_files(doomed)
         wal_deleted, wal_freed = drop_wal_below(store, floors)
-        store.commits.forget_missing()
+        store.commits.forget_missing({f"{p.parent.name}/{p.name}" for b in store.catalog.branches()
+                                      for p in store.wal_files(b.id).values()})
         live: set[bytes] = set()
         for image in store.catalog.images():
             live |= images.image_digests(store.objects, image.manifest_key)
@@ -91,11 +92,16 @@ def drop_wal_below(store: Store, floors: dict[int, int]) -> tuple[int, int]:
     seg_size = store._segment_size()
     deleted = freed = 0
     for branch_id, floor in floors.items():
-        for name, path in wal.segments(store.wal_root / str(branch_id)).items():
+        offloaded = store._offloaded(branch_id)
+        for name, path in store.wal_files(branch_id).items():
             _, start = lsnmod.segment_start(name, seg_size)
             if start + seg_size <= floor - seg_size:  # keep one segment of slack before the floor
-                freed += path.stat().st_size
-                path.unlink()
+                if name in offloaded and store.remote_wal is not None:
+                    freed += offloaded[name][0]
+                    store.remote_wal.forget(f"{branch_id}/{name}")
+                else:
+                    freed += path.stat().st_size
+                    path.unlink()
                 deleted += 1
         forked = store.wal_root / str(branch_id) / FORKED_DIR
         cutoff = time.time() - store.retention.total_seconds()

@@ -129,6 +129,9 @@ class S3Client:
                               request_checksum_calculation="when_required",
                               response_checksum_validation="when_required"),
         )
+        # Called before every attempt of every write (retries included): the lease's fence, so a
+        # write retried past the moment this process stopped holding the bucket is never sent.
+        self.fence: Callable[[], None] = lambda: None
         self.transfer = TransferConfig(multipart_threshold=MULTIPART_THRESHOLD, multipart_chunksize=16 << 20,
                                        max_concurrency=4, use_threads=True)
 
@@ -141,12 +144,14 @@ class S3Client:
     # -- the one retry policy -------------------------------------------------------------------
 
     def _call(self, what: str, name: str, fn: Callable[[], T], *, retry_for: float | None = None,
-              warn: bool = True) -> T:
+              warn: bool = True, fenced: bool = False) -> T:
         deadline = time.monotonic() + (self.retry_for if retry_for is None else retry_for)
         delay = 0.1
         attempt = 0
         while True:
             attempt += 1
+            if fenced:
+                self.fence()
             try:
                 return fn()
             except botocore.exceptions.ClientError as e:
@@ -188,25 +193,33 @@ class S3Client:
         except ObjectNotFound:
             raise BucketMissing(f"bucket {self.bucket!r} does not exist at {self.endpoint or 'AWS S3'}: "
                                 "create it or fix store_uri") from None
+        except CredentialsRefused:
+            # A HEAD answer has no body: ask once more with a GET to name the reason
+            # (InvalidAccessKeyId, SignatureDoesNotMatch, AccessDenied) in the line.
+            self._call("LIST", "", lambda: self.c.list_objects_v2(Bucket=self.bucket, MaxKeys=1), retry_for=10,
+                       warn=False)
+            raise
         except S3Error as e:
             if "400" in str(e) or "Bad Request" in str(e):
                 raise CredentialsRefused(f"{self.where()} refused the request (400): check the region "
                                          "(AWS_REGION) and credentials") from None
             raise
 
-    def put(self, name: str, data: bytes, *, if_none_match: bool = False, if_match: str | None = None) -> str:
+    def put(self, name: str, data: bytes, *, if_none_match: bool = False, if_match: str | None = None,
+            fenced: bool = True) -> str:
         """PUT one object; returns its ETag. ``if_none_match``: only if absent; ``if_match``: only
-        if its ETag is still that (both raise ``PreconditionFailed`` otherwise)."""
+        if its ETag is still that (both raise ``PreconditionFailed`` otherwise). ``fenced``: not
+        for the lease object itself, which is how the fence is kept."""
         args: dict[str, Any] = {"Bucket": self.bucket, "Key": self.key(name), "Body": data}
         if if_none_match:
             args["IfNoneMatch"] = "*"
         if if_match is not None:
             args["IfMatch"] = if_match
-        return str(self._call("PUT", name, lambda: self.c.put_object(**args))["ETag"])
+        return str(self._call("PUT", name, lambda: self.c.put_object(**args), fenced=fenced)["ETag"])
 
     def put_file(self, name: str, path: Path) -> None:
         self._call("PUT", name, lambda: self.c.upload_file(str(path), self.bucket, self.key(name),
-                                                           Config=self.transfer))
+                                                           Config=self.transfer), fenced=True)
 
     def get(self, name: str) -> bytes:
         return self._call("GET", name, lambda: self.c.get_object(Bucket=self.bucket, Key=self.key(name))["Body"].read())
@@ -262,7 +275,7 @@ class S3Client:
             batch = names[i:i + DELETE_BATCH]
             req = {"Objects": [{"Key": self.key(n)} for n in batch], "Quiet": True}
             out = self._call("DELETE", batch[0], lambda r=req: self.c.delete_objects(  # type: ignore[misc]
-                Bucket=self.bucket, Delete=r))
+                Bucket=self.bucket, Delete=r), fenced=True)
             errors = [e for e in out.get("Errors", []) if e.get("Code") != "NoSuchKey"]
             if errors:
                 raise S3Error(f"DELETE {self.where(errors[0]['Key'][len(self.prefix):])} failed: "

@@ -49,8 +49,11 @@ class S3ObjectStore:
         # Deleted for everyone reading through this store, though the bucket delete is deferred.
         self._doomed: set[str] = set()
         self.closers: list[Callable[[], None]] = []
-        # Called before every write: the lease's fence (raises once this process may not write).
+        # Called before every pack or manifest write: the lease's fencing token, confirmed with a
+        # conditional PUT (raises once this process may not write).
         self.fence: Callable[[], None] = lambda: None
+        # Called before a delete is queued: the cheap, time-based half of the fence.
+        self.check: Callable[[], None] = lambda: None
         self.uploader: Any = None  # the storage.uploader.Uploader mirroring this store, once started
         self.cleanup_temp()
         for path in sorted(self._cached_files(), key=lambda p: p.stat().st_mtime):
@@ -219,7 +222,7 @@ class S3ObjectStore:
         return self.client.head(PREFIX + check_key(key)) is not None
 
     def delete(self, key: str) -> None:
-        self.fence()
+        self.check()
         self._forget(check_key(key))
         with self._lock:
             self._deletes.append(PREFIX + key)
@@ -253,6 +256,12 @@ class S3ObjectStore:
         """The bucket no longer has ``keys``."""
         with self._lock:
             self._doomed.difference_update(keys)
+
+    def queue_delete(self, bucket_key: str) -> None:
+        """Delete ``bucket_key`` (any key, not only under ``objects/``) after the next publish."""
+        self.check()
+        with self._lock:
+            self._deletes.append(bucket_key)
 
     def requeue_deletes(self, keys: list[str]) -> None:
         """Put back keys taken by a round that failed before deleting them."""

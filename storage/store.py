@@ -49,6 +49,7 @@ from storage.objectstore import LocalObjectStore, ObjectStore, fsync_dir
 from storage.pagestore import PageStore
 from storage.pitr import parse_time
 from storage.postgres import PgBinaries, ServiceUser, last_error_line, quote_literal, repair_tree, run
+from storage.remotewal import RemoteWal, link_or_copy
 from storage.retention import FORKED_DIR, GcReport
 
 log = logging.getLogger("lakelet.storage")
@@ -59,6 +60,9 @@ BRANCH_NAME = re.compile(r"[a-z0-9][a-z0-9_-]{0,62}")  # whole name: fullmatch (
 SOURCE_FILE = "lakelet-source.json"
 # Next to a compute's data dir: placeholder history files that steer its promotion's timeline ID.
 RESERVED_DIR = "reserved-timelines"
+# Next to a compute's data dir: finished WAL segments its replay needs, staged by materialize when
+# the archive keeps only its tail locally (a bucket store).
+STAGED_WAL_DIR = "staged-wal"
 IMAGE_WAL_THRESHOLD = 256 << 20
 # Small WAL segments: a branch that wrote a little holds a little, in the archive and in copies.
 WAL_SEGMENT_MB = 1
@@ -120,6 +124,9 @@ class Store:
         self.objects.cleanup_temp()
         self.pages = PageStore(self.objects, root / "pages.db")
         self.commits = CommitIndex(pg, user, self._segment_size(), root / "commits.db")
+        self.commits.readable = self.readable_wal
+        # With a bucket store: the WAL segments that are only in the bucket (storage.remotewal).
+        self.remote_wal: RemoteWal | None = None
         self.wal_root = root / "wal"
         self.history_dir = self.wal_root / "history"
         self.ckpt_root = self.wal_root / "ckpt"
@@ -187,7 +194,7 @@ class Store:
         for entry in os.listdir(self.wal_root):
             stem = entry.removesuffix(".ckpt")
             if stem.isdigit() and stem not in branch_ids:
-                shutil.rmtree(self.wal_root / entry, ignore_errors=True)
+                self._drop_wal(entry)
         recorded = {i.manifest_key for i in self.catalog.images()}
         for key in self.objects.list("images/"):
             if key.endswith(".manifest") and key not in recorded:
@@ -327,6 +334,7 @@ class Store:
             image = self._image_for(row)
             logical = image.logical_bytes if image else 0
             wal_bytes = sum(p.stat().st_size for p in (self.wal_root / str(row.id)).glob("*") if p.is_file())
+            wal_bytes += sum(size for size, _ in self._offloaded(row.id).values())
             out.append(BranchInfo(self._public(row), logical, wal_bytes, len(self.catalog.images(row.id))))
         return out
 
@@ -334,6 +342,8 @@ class Store:
         total = self.objects.total_bytes()
         for dirpath, _, files in os.walk(self.wal_root):
             total += sum(os.path.getsize(os.path.join(dirpath, f)) for f in files)
+        if self.remote_wal is not None:
+            total += sum(size for size, _ in self.remote_wal.all().values())
         return total
 
     def delete_branch(self, name: str, *, force: bool = False) -> None:
@@ -358,8 +368,8 @@ class Store:
         self._changed()
         self._drop_image_files(dropped)
         for b in doomed:
-            shutil.rmtree(self.wal_root / str(b.id), ignore_errors=True)
-            shutil.rmtree(self.wal_root / f"{b.id}.ckpt", ignore_errors=True)
+            self._drop_wal(str(b.id))
+            self._drop_wal(f"{b.id}.ckpt")
 
     def subtree(self, name: str) -> list[str]:
         """``name`` and every branch descending from it, parents before children."""
@@ -393,8 +403,8 @@ class Store:
         with self.catalog.transaction() as db:
             self.catalog.repoint_branch(db, row.id, lsn, kind)
         self._drop_image_files(dropped)
-        shutil.rmtree(self.wal_root / str(row.id), ignore_errors=True)
-        shutil.rmtree(self.wal_root / f"{row.id}.ckpt", ignore_errors=True)
+        self._drop_wal(str(row.id))
+        self._drop_wal(f"{row.id}.ckpt")
         self._changed()
         return self.get_branch(name)
 
@@ -473,7 +483,7 @@ class Store:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()
         for src in segments:
-            shutil.copyfile(src, tmp / src.name)
+            self._copy_segment(src, tmp / src.name)
             with open(tmp / src.name, "rb") as f:
                 os.fsync(f.fileno())
             self.user.own(tmp / src.name, 0o600)
@@ -499,7 +509,8 @@ class Store:
         """Store a cleanly shut down compute's data dir as the branch's newest image."""
         self._image(self._row(branch).id, datadir)
 
-    def take_online_image(self, branch: str, *, host: str, port: int) -> ImageRow:
+    def take_online_image(self, branch: str, *, host: str, port: int,
+                          add_files: Callable[[Path], object] | None = None) -> ImageRow:
         """Image ``branch`` while its compute (listening at ``host``/``port``) runs on.
 
         A base backup of the running compute (see ``storage.online`` for why this design), stored
@@ -510,13 +521,17 @@ class Store:
         image alone reaches consistency: GC keeps the branch's WAL from ``lsn`` on, as for any
         image, and may drop what lies before the copy.
 
-        The branch stays marked running: its compute goes on writing past the image."""
+        The branch stays marked running: its compute goes on writing past the image.
+        ``add_files(datadir)`` may add to the copy before it is stored what ``pg_basebackup``
+        leaves out (the compute's lakehouse-sync slots, ``compute.logical_slots.copy_live``)."""
         row = self._row(branch)
         work = Path(tempfile.mkdtemp(prefix="online-", dir=self.tmp_root))
         try:
             self.user.own(work, 0o700)
             backup = online.base_backup(self.pg, self.user, host=host, port=port, role=ADMIN_ROLE,
                                         datadir=work / "pgdata")
+            if add_files is not None:
+                add_files(backup.datadir)
             segments = self._streamed_range(row, backup)
             return self._record_image(row.id, backup.datadir, backup.end_lsn, backup.tli, segments,
                                       redo_lsn=backup.start_lsn)
@@ -532,7 +547,7 @@ class Store:
         names = online.segment_names(backup.tli, backup.start_lsn, backup.end_lsn, seg)
         deadline = time.monotonic() + STREAMED_TIMEOUT
         while True:
-            files = wal.segments(self.wal_root / str(row.id))
+            files = self.wal_files(row.id)
             last = files.get(names[-1])
             if last is not None and not last.name.endswith(".partial"):
                 break
@@ -553,6 +568,7 @@ class Store:
         since = latest.created_at if latest else 0
         wal_dir = self.wal_root / str(row.id)
         grown = sum(p.stat().st_size for p in wal_dir.glob("*") if p.is_file() and p.stat().st_mtime > since)
+        grown += sum(size for size, mtime in self._offloaded(row.id).values() if mtime > since)
         return grown > self.image_wal_threshold
 
     # -- materialize --------------------------------------------------------------------------------
@@ -587,6 +603,9 @@ class Store:
         shutil.rmtree(datadir, ignore_errors=True)
         with self._maintenance.shared():
             images.restore_image(self.pages, self.objects, image.manifest_key, datadir)
+        staged = self._stage_wal(row, image, settings, dirs, datadir.parent / STAGED_WAL_DIR)
+        if staged is not None:
+            dirs = [staged, *dirs]
         tli = self._reserve_timeline()
         try:
             fillers = self._timeline_fillers(datadir.parent / RESERVED_DIR, int(settings["recovery_target_timeline"]),
@@ -641,6 +660,7 @@ class Store:
         branch's new timeline starts (``expected``: the timeline ``materialize`` reserved)."""
         row = self._row(branch)
         self.catalog.set_running(row.id, True)
+        shutil.rmtree(datadir.parent / STAGED_WAL_DIR, ignore_errors=True)  # replay is over
         try:
             # restore_command runs as the compute's user and must read them: a history file it
             # cannot read counts as missing, and Postgres would promote onto a taken timeline.
@@ -704,6 +724,99 @@ class Store:
     def mark_running(self, branch: str) -> None:
         """A compute started on the branch: until its next clean image, WAL may run past it."""
         self.catalog.set_running(self._row(branch).id, True)
+
+    # -- the WAL archive, wherever its segments are ---------------------------------------------------
+
+    def _offloaded(self, branch_id: int | str) -> dict[str, tuple[int, float]]:
+        return self.remote_wal.entries(str(branch_id)) if self.remote_wal is not None else {}
+
+    def wal_files(self, branch_id: int | str) -> dict[str, Path]:
+        """A branch's whole archive, canonical segment name → file. With a bucket store, segments
+        only in the bucket are named by where they would be locally (they do not exist there):
+        read them through ``readable_wal``."""
+        files = wal.segments(self.wal_root / str(branch_id))
+        for name in self._offloaded(branch_id):
+            files.setdefault(name, self.wal_root / str(branch_id) / name)
+        return files
+
+    def _drop_wal(self, branch_dir: str) -> None:
+        shutil.rmtree(self.wal_root / branch_dir, ignore_errors=True)
+        if self.remote_wal is not None:
+            self.remote_wal.drop_dir(branch_dir)
+
+    def _copy_segment(self, src: Path, dest: Path, *, link: bool = False) -> None:
+        """``src`` (an archive path) to ``dest``: from local disk, else from the bucket."""
+        try:
+            if link:
+                link_or_copy(src, dest)
+            else:
+                shutil.copyfile(src, dest)
+            return
+        except FileNotFoundError:
+            rel = f"{src.parent.name}/{src.name}"
+            if self.remote_wal is None or not self.remote_wal.is_offloaded(rel):
+                raise
+        self.remote_wal.fetch(rel, dest)
+
+    @contextmanager
+    def readable_wal(self, files: dict[str, Path]) -> Iterator[dict[str, Path]]:
+        """``files`` (from ``wal_files``) as files that exist until the block ends. Locally the
+        archive is complete and is used as it is; with a bucket store, a private directory holds a
+        hard link to each local file (an eviction meanwhile does not pull it away) and a download
+        of each offloaded one."""
+        if self.remote_wal is None:
+            yield files
+            return
+        work = Path(tempfile.mkdtemp(prefix="walread-", dir=self.tmp_root))
+        try:
+            out: dict[str, Path] = {}
+            for name, src in files.items():
+                dest = work / src.parent.name / src.name  # keeps "<branch>/<segment>": the commit index's key
+                dest.parent.mkdir(exist_ok=True)
+                try:
+                    self._copy_segment(src, dest, link=True)
+                except FileNotFoundError:
+                    done = src.with_name(src.name.removesuffix(".partial"))
+                    if done == src:
+                        raise
+                    dest = dest.with_name(done.name)  # a .partial finished (renamed) meanwhile
+                    self._copy_segment(done, dest, link=True)
+                out[name] = dest
+            yield out
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+
+    def _stage_wal(self, row: BranchRow, image: ImageRow, settings: dict[str, str], dirs: list[Path],
+                   staged: Path) -> Path | None:
+        """With a bucket store: put every finished segment replay from ``image`` may ask for into
+        ``staged`` (links to local ones, downloads of offloaded ones), so the compute's
+        ``restore_command`` serves them whatever the uploader evicts while it replays. Segments
+        from the image's redo point on, up to each ancestor's branch point and the target, of the
+        archive directories the plan serves (none when it serves only the image's own WAL copy)."""
+        shutil.rmtree(staged, ignore_errors=True)
+        served = {d.name for d in dirs if d.parent == self.wal_root}
+        if self.remote_wal is None or not served:
+            return None
+        seg = self._segment_size()
+        start = image.redo_lsn if image.redo_lsn is not None else image.lsn
+        target = lsnmod.parse(settings["recovery_target_lsn"]) if "recovery_target_lsn" in settings else None
+        staged.mkdir(parents=True)
+        fetched = 0
+        for branch, cutoff in self._ancestry(row):
+            if str(branch.id) not in served:
+                continue
+            for name, path in self.wal_files(branch.id).items():
+                if path.name.endswith(".partial"):
+                    continue  # growing: served from the archive itself
+                first = lsnmod.segment_start(name, seg)[1]
+                if first + seg <= start - seg or any(x is not None and first > x for x in (cutoff, target)):
+                    continue
+                self._copy_segment(path, staged / name, link=True)
+                fetched += 1
+        self.user.own_tree(staged)
+        self.user.own(staged, 0o700)
+        log.info("staged WAL for replay", extra={"branch": row.name, "segments": fetched})
+        return staged
 
     # -- retention ----------------------------------------------------------------------------------
 

@@ -42,6 +42,7 @@ from storage import wal
 from storage.backpressure import CommitHold
 from storage.lease import Lease, LeaseLost
 from storage.objectstore import ObjectNotFound
+from storage.remotewal import RemoteWal
 from storage.s3 import PreconditionFailed, S3Client, S3Error
 from storage.s3objects import S3ObjectStore
 
@@ -87,8 +88,12 @@ def write_marker(root: Path, uri: str, seq: int) -> None:
 class Uploader:
     def __init__(self, client: S3Client, root: Path, objects: S3ObjectStore, lease: Lease, *,
                  interval: float, maintenance: Callable[[], contextlib.AbstractContextManager[object]],
-                 files: dict[str, Path] | None = None, hold_after: float | None = None) -> None:
+                 files: dict[str, Path] | None = None, hold_after: float | None = None,
+                 remote_wal: RemoteWal | None = None) -> None:
         self.client = client
+        # Finished segments go from local disk once in the bucket (None: keep every one locally).
+        self.remote_wal = remote_wal
+        self.evicted = 0
         self.root = root
         self.wal_root = root / "wal"
         self.objects = objects
@@ -103,6 +108,7 @@ class Uploader:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._round_lock = threading.Lock()
+        self._confirmed = False  # this round confirmed the lease (see _confirm)
         self.failing: str | None = None
         self.rounds = 0
         self.last_round_at = 0.0  # wall time at which the last successful round started
@@ -113,6 +119,7 @@ class Uploader:
         self._pending_since: dict[str, tuple[Signature | None, float]] = {}
         self._watchdog: threading.Thread | None = None
         self.backlog_seconds = 0.0  # the watchdog's latest backlog_age()
+        self.bytes_behind = 0  # and the size of the WAL files changed since their last upload
 
     # -- start ----------------------------------------------------------------------------------
 
@@ -128,8 +135,22 @@ class Uploader:
             sig = _sig(local)
             if sig is not None and sig[0] == size and not key.endswith(".partial"):
                 self._uploaded[key] = sig
+            elif sig is None and self.remote_wal is not None and offloadable(key[len(WAL_PREFIX):]):
+                self.remote_wal.offload(key[len(WAL_PREFIX):], size, time.time())
             elif sig is None:
                 self._uploaded[key] = (size, 0)  # in the bucket only: deleted after the first publish
+
+    def drop_orphans(self, branch_dirs: set[str]) -> None:
+        """Forget offloaded segments of branches the catalog does not have (a crash between a
+        branch delete and the bucket delete), and of timelines with no history file (see
+        ``_drop_unknown_timelines``): they go with the next round's deletes."""
+        if self.remote_wal is None:
+            return
+        known = {1} | {int(p.name[:8], 16) for p in (self.wal_root / "history").glob("*.history")}
+        for rel in self.remote_wal.all():
+            branch_dir, name = rel.split("/", 1)
+            if branch_dir not in branch_dirs or int(name[:8], 16) not in known:
+                self.remote_wal.forget(rel)
 
     def start(self) -> None:
         self._thread = threading.Thread(target=self._run, name="lakelet-uploader", daemon=True)
@@ -141,13 +162,16 @@ class Uploader:
         """Seconds since the oldest WAL change not yet in the bucket was first seen (0: none)."""
         now = time.monotonic()
         seen: dict[str, tuple[Signature | None, float]] = {}
+        behind = 0
         for path in self._walk(self.wal_root):
             key = WAL_PREFIX + str(path.relative_to(self.wal_root))
             sig, done = _sig(path), self._uploaded.get(key)
             if sig is not None and done != sig:
                 before = self._pending_since.get(key)
                 seen[key] = before if before is not None and before[0] == done else (done, now)
+                behind += sig[0]
         self._pending_since = seen
+        self.bytes_behind = behind
         return now - min(t for _, t in seen.values()) if seen else 0.0
 
     def _watch(self) -> None:
@@ -161,6 +185,20 @@ class Uploader:
                                f"({self.failing or 'the upload is behind'}); they complete once it is uploaded")
             elif age < self.hold_after / 2:
                 self.hold.release()
+
+    def status(self) -> dict[str, Any]:
+        """How far the bucket is behind, for ``lakelet status`` and ``/healthz`` (no I/O: what the
+        watchdog measured last). ``stalled`` is why commits cannot become durable in the bucket
+        now (None while it keeps up): the oldest change not yet uploaded is older than the point
+        where commits start waiting for it."""
+        stalled = None
+        if self.hold.holding or self.backlog_seconds > self.hold_after:
+            stalled = (f"the WAL not yet in {self.client.where()} is {self.backlog_seconds:.0f}s old "
+                       f"({self.failing or 'the upload is behind'})")
+        return {"store": self.client.where(), "bytes_behind": self.bytes_behind,
+                "backlog_seconds": round(self.backlog_seconds, 3),
+                "last_upload": self.last_round_at or None, "failing": self.failing,
+                "commits_held": self.hold.holding, "stalled": stalled}
 
     def _run(self) -> None:
         while not self._stop.wait(self.interval):
@@ -199,9 +237,11 @@ class Uploader:
         with self._round_lock:
             started = time.time()
             self.lease.check()
+            self._confirmed = False
             doomed = self.objects.take_deletes()
             try:
                 gone = self._upload_tree(self.wal_root, WAL_PREFIX)
+                self._evict()
                 snapshots = self._snapshot()
                 self._upload_tree(self.wal_root / "history", WAL_PREFIX + "history/")
                 self._upload_tree(self.wal_root / "ckpt", WAL_PREFIX + "ckpt/")
@@ -212,16 +252,47 @@ class Uploader:
                 raise
             doomed += gone + superseded
             if doomed:
+                self._confirm()
                 try:
                     self.client.delete_many(doomed)
                 except BaseException:
-                    self.objects.requeue_deletes([k for k in doomed if k.startswith("objects/")])
+                    self.objects.requeue_deletes([k for k in doomed if k.startswith("objects/") or (
+                        k.startswith(WAL_PREFIX) and k not in gone)])
                     raise
                 self.objects.deleted(doomed)
                 for key in gone:
                     self._uploaded.pop(key, None)
             self.rounds += 1
             self.last_round_at = started
+
+    def _evict(self) -> None:
+        """Drop the local copy of every finished segment the bucket has, but the newest of each
+        branch directory (``pg_receivewal`` resumes after it)."""
+        if self.remote_wal is None:
+            return
+        for entry in os.scandir(self.wal_root):
+            if not (entry.is_dir() and entry.name.isdigit()):
+                continue
+            finished = sorted((lsn_order(name), name) for name in os.listdir(entry.path)
+                              if (m := wal.SEGMENT.match(name)) and m.group(2) is None)
+            for _, name in finished[:-1]:
+                path = Path(entry.path) / name
+                key = f"{WAL_PREFIX}{entry.name}/{name}"
+                sig = _sig(path)
+                if sig is None or self._uploaded.get(key) != sig:
+                    continue
+                self.remote_wal.offload(f"{entry.name}/{name}", sig[0], sig[1] / 1e9)
+                path.unlink(missing_ok=True)
+                del self._uploaded[key]
+                self.evicted += 1
+
+    def _confirm(self) -> None:
+        """Before a round's first write: the fencing token is still ours (a conditional PUT on
+        the lease object; ``LeaseLost`` once another took it). A round with nothing to write
+        sends nothing, so an idle store costs no requests."""
+        if not self._confirmed:
+            self.lease.confirm()
+            self._confirmed = True
 
     def _walk(self, top: Path) -> Iterator[Path]:
         for dirpath, dirnames, files in os.walk(top):
@@ -241,7 +312,7 @@ class Uploader:
             if sig is not None and self._uploaded.get(key) != sig:
                 todo.append((key, path, sig))
         if todo:
-            self.lease.check()
+            self._confirm()
             with ThreadPoolExecutor(UPLOAD_THREADS, thread_name_prefix="lakelet-upload") as pool:
                 list(pool.map(lambda t: self._upload_one(*t), todo))
         return [k for k in self._uploaded if k.startswith(prefix) and k not in present]
@@ -271,6 +342,7 @@ class Uploader:
             key = FILES_PREFIX + name
             sig = _sig(path)
             if sig is not None and self._uploaded.get(key) != sig:
+                self._confirm()
                 self.client.put(key, path.read_bytes())
                 self._uploaded[key] = sig
 
@@ -291,11 +363,14 @@ class Uploader:
         """Upload new snapshots and switch ``state.json`` to them; returns keys now superseded."""
         if not snapshots and not force:
             return []
+        self._confirm()
         seq = int(self.state.get("seq", 0)) + 1
         files = dict(self.state.get("files", {}))
         superseded = []
         for name, blob in snapshots.items():
-            key = f"{META_PREFIX}{seq:012d}/{name}.zst"
+            # Keyed by the holder's token too: a write still in flight when another took the lease
+            # can never replace a snapshot the new holder published under the same seq.
+            key = f"{META_PREFIX}{seq:012d}-{self.lease.token}/{name}.zst"
             self.client.put(key, blob)
             self.bytes_uploaded += len(blob)
             if name in files:
@@ -335,6 +410,17 @@ class UploadMetrics:
                                 value=1 if u.failing else 0)
         yield GaugeMetricFamily("lakelet_store_commits_held", "1 while commits wait for the bucket to catch up",
                                 value=1 if u.hold.holding else 0)
+
+
+def lsn_order(segment: str) -> tuple[int, int]:
+    """(segment number, timeline): ``pg_receivewal``'s order for "the newest segment"."""
+    return int(segment[8:16], 16) << 32 | int(segment[16:24], 16), int(segment[:8], 16)
+
+
+def offloadable(rel: str) -> bool:
+    """A finished segment directly in a branch's archive ("<branch-id>/<segment>")."""
+    parts = rel.split("/")
+    return len(parts) == 2 and parts[0].isdigit() and bool((m := wal.SEGMENT.match(parts[1])) and m.group(2) is None)
 
 
 def _backup(path: Path) -> bytes:
@@ -387,6 +473,16 @@ def restore(client: S3Client, root: Path, state: dict[str, Any], files: dict[str
             os.fsync(f.fileno())
         os.replace(tmp, root / name)
     wal_keys = [(k, size) for k, size in client.list(WAL_PREFIX) if not any(p.startswith(".") for p in k.split("/"))]
+    # Locally only the tail: finished segments stay in the bucket (storage.remotewal), but the
+    # newest of each branch directory, which pg_receivewal resumes after.
+    segs = [(k, size) for k, size in wal_keys if offloadable(k[len(WAL_PREFIX):])]
+    wal_keys = [item for item in wal_keys if item not in segs]
+    newest: dict[str, tuple[tuple[int, int], tuple[str, int]]] = {}
+    for key, size in segs:
+        branch_dir, name = key[len(WAL_PREFIX):].split("/")
+        if branch_dir not in newest or lsn_order(name) > newest[branch_dir][0]:
+            newest[branch_dir] = (lsn_order(name), (key, size))
+    wal_keys += [item for _, item in newest.values()]
 
     def fetch(item: tuple[str, int]) -> int:
         key, size = item

@@ -8,6 +8,7 @@ multipart, ranged reads, batch deletes are all real requests.
 from __future__ import annotations
 
 import http.client
+import json
 import os
 import shutil
 import socket
@@ -15,6 +16,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.request
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -54,6 +56,23 @@ class S3Server:
         name = f"{prefix}-{uuid.uuid4().hex[:10]}"
         self.client().create_bucket(Bucket=name)
         return name
+
+
+def require_credentials(server: S3Server) -> tuple[str, str]:
+    """Make ``server`` check every request's signature and key (moto's IAM mode: requests after
+    a reset of its auth count are authenticated and authorized). Returns the one access key it
+    then accepts, which may do anything on S3; any other key or secret is refused, as AWS would."""
+    iam = boto3.client("iam", endpoint_url=server.endpoint, region_name="us-east-1",
+                       aws_access_key_id="setup", aws_secret_access_key="setup")
+    iam.create_user(UserName="lakelet")
+    iam.put_user_policy(UserName="lakelet", PolicyName="s3", PolicyDocument=json.dumps({
+        "Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Action": "s3:*", "Resource": "*"}]}))
+    key = iam.create_access_key(UserName="lakelet")["AccessKey"]
+    req = urllib.request.Request(f"{server.endpoint}/moto-api/reset-auth", data=b"0", method="POST",
+                                 headers={"Content-Type": "application/octet-stream"})
+    with urllib.request.urlopen(req, timeout=30) as resp:
+        resp.read()
+    return key["AccessKeyId"], key["SecretAccessKey"]
 
 
 @contextmanager

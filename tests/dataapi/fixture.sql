@@ -130,3 +130,13 @@ INSERT INTO blobs VALUES (1, '\x89504e47'::bytea, 'png'), (2, '\x0001ff'::bytea,
 GRANT SELECT ON blobs TO web_anon;
 CREATE VIEW book_refs AS SELECT id AS ref, title AS headline, author_id AS writer FROM books;
 GRANT SELECT ON book_refs TO web_anon;
+-- Prefer: timezone, variadic functions, params=single-object (PostgREST's TimezoneSpec / RpcSpec).
+CREATE TABLE stamps (id int PRIMARY KEY, t timestamptz NOT NULL);
+INSERT INTO stamps VALUES (1, '2023-10-18 12:37:59.611+00'), (2, '2023-10-18 14:37:59.611+00');
+GRANT SELECT ON stamps TO web_anon;
+CREATE FUNCTION join_words(VARIADIC words text[]) RETURNS text LANGUAGE sql IMMUTABLE
+  AS $$ SELECT array_to_string(words, ' ') $$;
+CREATE FUNCTION sum_of(VARIADIC v int[]) RETURNS int LANGUAGE sql IMMUTABLE AS $$ SELECT sum(x)::int FROM unnest(v) x $$;
+CREATE FUNCTION total_of(payload json) RETURNS numeric LANGUAGE sql IMMUTABLE
+  AS $$ SELECT sum(value::numeric) FROM json_each_text(payload) $$;
+GRANT EXECUTE ON FUNCTION join_words(text[]), sum_of(int[]), total_of(json) TO web_anon, web_user;

@@ -192,3 +192,137 @@ def test_jwks_file_with_an_ec_key(tmp_path) -> None:  # noqa: ANN001
     with pytest.raises(ApiError) as e:
         auth.authenticate(f"Bearer {hs}")  # an HMAC token cannot pass for a JWKS key
     assert e.value.code == "PGRST301"
+
+
+AUD_SECRET = "an-audience-test-secret-long-enough-for-hs256"
+
+
+@pytest.mark.parametrize(("aud", "ok"), [
+    ("youraudience", True), ("notyouraudience", False), ("", False),
+    (["youraudience"], True), (["notyouraudience", "youraudience", "anotheraudience"], True),
+    (["notyouraudience"], False), (["notyouraudience", "stillnotyouraudience"], False),
+    ([], True), (None, True), ("absent", True)])
+def test_jwt_audience_as_postgrest_checks_it(aud: object, ok: bool) -> None:
+    """PostgREST's AudienceJwtSecretSpec: with jwt-aud set, a token's aud must name it (absent, null
+    and [] pass); a mismatch is 401 PGRST303 "JWT not in audience". Without jwt-aud, aud is ignored."""
+    import jwt
+
+    claims: dict[str, object] = {"role": "web_user", "exp": 9999999999}
+    if aud != "absent":
+        claims["aud"] = aud
+    tok = "Bearer " + jwt.encode(claims, AUD_SECRET, algorithm="HS256")
+    checked = Authenticator(AUD_SECRET, None, audience="youraudience")
+    if ok:
+        assert checked.authenticate(tok).role == "web_user"
+    else:
+        with pytest.raises(ApiError) as e:
+            checked.authenticate(tok)
+        assert (e.value.status, e.value.code, e.value.message, e.value.details) == (
+            401, "PGRST303", "JWT not in audience", None)
+        assert e.value.headers["WWW-Authenticate"].startswith('Bearer error="invalid_token"')
+    assert Authenticator(AUD_SECRET, None).authenticate(tok).role == "web_user"
+
+
+async def test_jwks_from_a_url_with_kid_selection_and_rotation() -> None:
+    """A JWKS URL: fetched on first use, the key picked by kid; a rotated key (a kid it has not
+    seen) is fetched again; an unknown kid does not refetch more often than JWKS_RETRY."""
+    import json
+
+    import jwt
+    from aiohttp import web
+    from cryptography.hazmat.primitives.asymmetric import ec, rsa
+    from jwt.algorithms import ECAlgorithm, RSAAlgorithm
+
+    from dataapi import auth as auth_module
+
+    rsa_key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    ec_key = ec.generate_private_key(ec.SECP256R1())
+
+    def jwk(alg: type, key: object, kid: str) -> dict:
+        out = json.loads(alg.to_jwk(key.public_key()))  # type: ignore[attr-defined]
+        out["kid"] = kid
+        return out
+
+    served = {"keys": [jwk(RSAAlgorithm, rsa_key, "r1")]}
+    fetches = 0
+
+    async def handler(request: web.Request) -> web.Response:
+        nonlocal fetches
+        fetches += 1
+        return web.json_response(served)
+
+    app = web.Application()
+    app.router.add_get("/jwks.json", handler)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    try:
+        auth = Authenticator(f"http://127.0.0.1:{port}/jwks.json", None)
+        tok = "Bearer " + jwt.encode({"role": "web_user"}, rsa_key, algorithm="RS256", headers={"kid": "r1"})
+        await auth.refresh(tok)
+        assert auth.authenticate(tok).role == "web_user" and fetches == 1
+        await auth.refresh(tok)
+        assert fetches == 1  # fresh and holding r1: no fetch
+        # The issuer rotates to an EC key; a token naming it makes the next request fetch again.
+        served = {"keys": [jwk(RSAAlgorithm, rsa_key, "r1"), jwk(ECAlgorithm, ec_key, "e2")]}
+        auth._fetched_at -= auth_module.JWKS_RETRY
+        ec_tok = "Bearer " + jwt.encode({"role": "ec_user"}, ec_key, algorithm="ES256", headers={"kid": "e2"})
+        await auth.refresh(ec_tok)
+        assert auth.authenticate(ec_tok).role == "ec_user" and fetches == 2
+        # Forged kids right after a fetch: no new fetch, and a 401.
+        forged = "Bearer " + jwt.encode({"role": "x"}, ec_key, algorithm="ES256", headers={"kid": "nope"})
+        await auth.refresh(forged)
+        assert fetches == 2
+        with pytest.raises(ApiError) as e:
+            auth.authenticate(forged)
+        assert e.value.status == 401 and e.value.code == "PGRST301"
+        # An HS token signed with the public key's text is refused (algorithm confusion).
+        hs = "Bearer " + jwt.encode({"role": "web_user"}, "x" * 40, algorithm="HS256", headers={"kid": "r1"})
+        with pytest.raises(ApiError) as e:
+            auth.authenticate(hs)
+        assert e.value.code == "PGRST301"
+    finally:
+        await runner.cleanup()
+    unreachable = Authenticator(f"http://127.0.0.1:{port}/jwks.json", None)  # the server is gone now
+    await unreachable.refresh(tok)
+    with pytest.raises(ApiError) as e:
+        unreachable.authenticate(tok)
+    assert e.value.status == 500 and e.value.code == "PGRST300" and "could not be fetched" in (e.value.details or "")
+    with pytest.raises(ConfigError):
+        Authenticator("http://keys.example.com/jwks.json", None)  # only https:// from elsewhere
+
+
+def test_verified_tokens_are_cached_until_they_expire(monkeypatch: pytest.MonkeyPatch) -> None:
+    """PostgREST's JWT cache: a token seen again is not verified again, but its entry never outlives
+    the token's exp (plus the leeway): past it, the token is verified again (and so refused once
+    PyJWT's clock agrees it expired)."""
+    import time
+
+    import jwt
+
+    from dataapi import auth as auth_module
+
+    auth = Authenticator(AUD_SECRET, None)
+    now = time.time()
+    tok = "Bearer " + jwt.encode({"role": "web_user", "exp": int(now) + 60}, AUD_SECRET, algorithm="HS256")
+    calls = 0
+    real_decode = jwt.decode
+
+    def counting(*args: object, **kwargs: object) -> object:
+        nonlocal calls
+        calls += 1
+        return real_decode(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(auth_module.jwt, "decode", counting)
+    first = auth.authenticate(tok)
+    assert auth.authenticate(tok) is first and calls == 1
+    monkeypatch.setattr(auth_module.time, "time", lambda: now + 60 + auth_module.LEEWAY_SECONDS + 1)
+    auth.authenticate(tok)  # PyJWT's own clock still says valid; ours says the entry is over
+    assert calls == 2
+    expired = "Bearer " + jwt.encode({"role": "web_user", "exp": int(now) - 3600}, AUD_SECRET, algorithm="HS256")
+    for _ in range(2):  # a refused token is never cached
+        with pytest.raises(ApiError) as e:
+            auth.authenticate(expired)
+        assert (e.value.status, e.value.code) == (401, "PGRST303")

@@ -136,3 +136,70 @@ def test_the_insert_fast_path_checks_like_parse() -> None:
             d.feed(bad)
     with pytest.raises(p.DecodeError, match="before its Relation"):
         d.feed(p.encode(p.Insert(999, ("1", "x"))))
+
+
+# -- the bulk insert path ---------------------------------------------------------------------------
+
+row_values = st.one_of(st.none(), st.text(st.characters(blacklist_categories=("Cs",)), max_size=30))
+insert_rows = st.lists(st.tuples(row_values, row_values), min_size=0, max_size=3 * p.BULK_MIN)
+
+
+def _rows_of(events: list[p.Event]) -> list[tuple[int, int, tuple[p.Value, ...]]]:
+    """(seq, lsn, values) of every inserted row, whichever path decoded it."""
+    out = []
+    for e in events:
+        if isinstance(e, p.RowChange):
+            assert e.new is not None
+            out.append((e.seq, e.lsn, e.new))
+        elif isinstance(e, p.InsertRun):
+            texts = [c.to_pylist() for c in e.columns]
+            out.extend((e.seq + k, lsn, tuple(col[k] for col in texts)) for k, lsn in enumerate(e.lsns))
+    return out
+
+
+@given(st.lists(insert_rows, min_size=1, max_size=3))
+def test_bulk_inserts_decode_like_one_by_one(txs: list[list[tuple[str | None, str | None]]]) -> None:
+    """feed_many (insert runs decoded column by column) yields the very rows feed yields one by one."""
+    stream: list[bytes] = []
+    for i, rows in enumerate(txs):
+        stream += [p.encode(p.Begin(100 * (i + 1), T0, i)), p.encode(REL)]
+        stream += [p.encode(p.Insert(REL.oid, r)) for r in rows]
+        stream.append(p.encode(p.Commit(0, 100 * (i + 1), 100 * (i + 1) + 8, T0)))
+    lsns = list(range(len(stream)))
+    scalar = p.Decoder()
+    one_by_one = [e for e in (scalar.feed(m, lsn) for m, lsn in zip(stream, lsns, strict=True)) if e]
+    bulk = list(p.Decoder().feed_many(stream, lsns))
+    expected = []
+    for rows, first in zip(txs, [i for i, m in enumerate(stream) if m[:1] == b"B"], strict=True):
+        expected += [(k, first + 2 + k, r) for k, r in enumerate(rows)]
+    assert _rows_of(bulk) == _rows_of(one_by_one) == expected
+    if any(len(rows) >= p.BULK_MIN for rows in txs):
+        assert any(isinstance(e, p.InsertRun) for e in bulk)
+    assert [type(e) for e in bulk if not isinstance(e, p.RowChange | p.InsertRun)] == \
+        [type(e) for e in one_by_one if not isinstance(e, p.RowChange)]
+
+
+@given(st.data())
+def test_a_bad_message_in_a_bulk_run_is_the_same_error(data: st.DataObject) -> None:
+    """One malformed insert among many: the bulk path hands the run back to the scalar path, which
+    names the problem, as it would have for that message alone."""
+    rows = [(str(i), "x" * (i % 7)) for i in range(2 * p.BULK_MIN)]
+    msgs = [p.encode(p.Insert(REL.oid, r)) for r in rows]
+    at = data.draw(st.integers(0, len(msgs) - 1))
+    raw = msgs[at]
+    bad = data.draw(st.sampled_from([raw[:-1], raw + b"\0", raw[:5] + b"X" + raw[6:], raw[:8] + b"u" + raw[9:],
+                                     raw[:6] + b"\0\3" + raw[8:], raw[:9] + b"\x7f\xff\xff\xff" + raw[13:],
+                                     raw[:10] + b"\xff\xfe" + raw[12:], raw[:13] + b"\xff" + raw[14:]]))
+    msgs[at] = bad
+    head = [p.encode(p.Begin(10, T0, 1)), p.encode(REL)]
+    expected: BaseException | None = None
+    d = p.Decoder()
+    for m in head:
+        d.feed(m)
+    try:
+        d.feed(bad)
+    except (p.DecodeError, UnicodeDecodeError) as e:
+        expected = e
+    assert expected is not None
+    with pytest.raises(type(expected), match=str(expected)[:20].replace("(", r"\(").replace("[", r"\[")):
+        list(p.Decoder().feed_many(head + msgs, list(range(len(head) + len(msgs)))))

@@ -106,6 +106,14 @@ def test_sync_with_scale_to_zero_and_restart(data_root: Path) -> None:
         bad = cli("lakehouse-sync", "enable", "--branch", "main", "--schema", "App; drop", "--json",
                   data_dir=data_dir)
         assert bad.returncode == 1 and "lower-case" in json.loads(bad.stderr)["error"]
+        # A typo in the schema, a table or the destination is refused at once, and nothing is enabled.
+        for args, says in ((["--schema", "apps"], "schema 'apps' does not exist"),
+                           (["--schema", "public", "--tables", "itemz"], "no table itemz in postgres.public"),
+                           (["--schema", "public", "--database", "nodb"], "database 'nodb' does not exist"),
+                           (["--schema", "public", "--to", "gs://bucket/x"], "use a local path or s3://")):
+            bad = cli("lakehouse-sync", "enable", "--branch", "main", *args, data_dir=data_dir)
+            assert bad.returncode == 1 and bad.stderr.strip().count("\n") == 0 and says in bad.stderr, bad.stderr
+        assert [s["schema"] for s in cli_json("lakehouse-sync", "status", data_dir=data_dir)["syncs"]] == ["app"]
 
         out = cli_json("lakehouse-sync", "disable", "--branch", "main", data_dir=data_dir)
         assert out["disabled"] == ["postgres.app"]

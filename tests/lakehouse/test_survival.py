@@ -161,13 +161,23 @@ async def test_children_do_not_inherit_and_restore_resnapshots(lake: Lake, lake_
         await conn.close()
         await lake.endpoints.suspend("main")
         lake.endpoints.forget("main")
-        lake.store.restore_branch("main", point)
+        _, backup = lake.store.restore_branch("main", point)
         conn = await connect(lake)
         await wait_for(lambda: (sync.status("main")[0]["snapshot_note"] or "").startswith("the branch was restored"),
                        "re-snapshot after restore")
         await wait_for(lambda: sync.status("main")[0]["state"] == "streaming", "streaming after restore")
         rows = sorted((r["_pg_change_type"], r["id"]) for r in _rows(sync, "br"))
         assert rows == [("insert", 1)]
+        # The backup branch the restore left keeps the old state, but not the old slot: no syncer
+        # reads it there, and it would hold that compute's WAL.
+        old = await connect(lake, backup)
+        try:
+            assert await old.fetchval("SELECT count(*) FROM br.t") == 2
+            assert await old.fetchval("SELECT count(*) FROM pg_replication_slots "
+                                      "WHERE slot_name LIKE 'lakelet\\_sync\\_%'") == 0
+        finally:
+            await old.close()
+            await lake.endpoints.suspend(backup)
     finally:
         await conn.close()
         await sync.close()

@@ -11,8 +11,9 @@ import asyncpg
 import psycopg
 import pytest
 
+from lakelet.project import create_role
 from proxy import codec
-from proxy.warm import reset_outcome
+from proxy.warm import left_in_open_transaction, reset_outcome
 from tests.conftest import poll_until
 from tests.proxy.harness import PASSWORD, Harness
 
@@ -44,6 +45,21 @@ def test_reset_outcome_needs_the_whole_proof() -> None:
     idle = codec.ready_for_query(b"I")
     squeezed = clean.replace(idle + b"T", idle + codec.parameter_status("x", "y") + b"T", 1)
     assert reset_outcome(squeezed, NONCE) is False
+
+
+def test_an_open_transaction_is_told_from_a_failed_one() -> None:
+    def error(code: str) -> bytes:
+        return codec.error_response("ERROR", code, "x") + codec.ready_for_query(b"E")
+
+    # Left open: DISCARD ALL refused (25001), then our SELECT fails (25P02) — roll back and retry.
+    assert left_in_open_transaction(error("25001") + error("25P02"))
+    assert left_in_open_transaction(error("25001"))  # the SELECT's answer may not have arrived yet
+    # Left failed: everything answers 25P02 — the backend is closed.
+    assert not left_in_open_transaction(error("25P02") + error("25P02"))
+    # A 25P02 of the client's own before our refusal: it had failed already.
+    assert not left_in_open_transaction(error("25P02") + error("25001") + error("25P02"))
+    # Not ending in a failed transaction at all.
+    assert not left_in_open_transaction(error("25001") + codec.ready_for_query(b"I"))
 
 
 async def _idle_warm(harness: Harness, n: int) -> None:
@@ -98,25 +114,112 @@ async def test_cancel_reaches_a_reused_backend(harness: Harness) -> None:
         await conn.close()
 
 
-async def test_a_client_that_leaves_mid_transaction_does_not_lend_its_backend(harness: Harness) -> None:
+async def test_a_client_that_leaves_mid_transaction_has_it_rolled_back(harness: Harness) -> None:
+    """Postgres rolls back the transaction of a client that disconnects inside one; the warm
+    backend does the same, and is kept only once a second reset proves it clean."""
     await harness.proxy.warm.close()
     setup = await harness.apg()
     await setup.execute("CREATE TABLE IF NOT EXISTS warm_left (x int)")
     await setup.close()
     await _idle_warm(harness, 1)
 
+    rolled_back = harness.proxy.warm.rolled_back
     conn = await harness.apg()
     await conn.execute("BEGIN")
     await conn.execute("INSERT INTO warm_left VALUES (1)")
+    await conn.execute("SET LOCAL work_mem = '1234kB'")
     pid = conn.get_server_pid()
-    await conn.close()  # Terminate with the transaction open: Postgres would roll it back and exit
-    await poll_until(lambda: harness.proxy.warm.discarded > 0 and len(harness.proxy.warm) == 0,
-                     "the backend closed instead of kept", timeout=30, every=0.05)
+    await conn.close()  # Terminate with the transaction open
+    await _idle_warm(harness, 1)
+    conn = await harness.apg()
+    try:
+        assert conn.get_server_pid() == pid
+        assert await conn.fetchval("SELECT count(*) FROM warm_left") == 0
+        assert await conn.fetchval("SHOW work_mem") != "1234kB"
+        assert not conn.is_in_transaction()  # the server said idle, not in a transaction
+    finally:
+        await conn.close()
+    assert harness.proxy.warm.rolled_back == rolled_back + 1
+
+
+async def test_a_client_that_leaves_a_failed_transaction_does_not_lend_its_backend(harness: Harness) -> None:
+    """An error or cancel never rolled back (an interrupted client, typically): the backend ends,
+    as it would on Postgres when that client goes — tools watching its pid see it go."""
+    await harness.proxy.warm.close()
+    conn = await harness.apg()
+    await conn.execute("BEGIN")
+    with pytest.raises(asyncpg.DivisionByZeroError):
+        await conn.execute("SELECT 1/0")
+    pid = conn.get_server_pid()
+    discarded = harness.proxy.warm.discarded
+    await conn.close()
+    await poll_until(lambda: harness.proxy.warm.discarded > discarded, "the backend closed", timeout=30, every=0.05)
     conn = await harness.apg()
     try:
         assert conn.get_server_pid() != pid
-        assert await conn.fetchval("SELECT count(*) FROM warm_left") == 0
         await _gone(conn, pid)
+    finally:
+        await conn.close()
+
+
+async def test_a_client_that_cancelled_a_query_does_not_lend_its_backend(harness: Harness) -> None:
+    """An interrupted client (Ctrl-C: cancel, roll back, leave): its backend ends with it, as on
+    Postgres, where tools and drivers' tests watch the pid go away."""
+    await harness.proxy.warm.close()
+    conn = await harness.apg()
+    pid = conn.get_server_pid()
+    task = asyncio.create_task(conn.execute("SELECT pg_sleep(30)"))
+    await asyncio.sleep(0.3)
+    task.cancel()  # asyncpg sends a CancelRequest
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert await conn.fetchval("SELECT 1") == 1
+    await conn.close()  # a clean Terminate from an idle session
+    other = await harness.apg()
+    try:
+        assert other.get_server_pid() != pid
+        await _gone(other, pid)
+    finally:
+        await other.close()
+
+
+async def test_a_client_arriving_during_a_reset_waits_for_that_backend(harness: Harness) -> None:
+    await harness.proxy.warm.close()
+    conn = await harness.apg()
+    pid = conn.get_server_pid()
+    await conn.close()
+    # Straight back in: the reset may still be in flight; the client waits for it rather than
+    # opening a second backend.
+    conn = await harness.apg()
+    try:
+        assert conn.get_server_pid() == pid
+        assert len(harness.proxy.warm) == 0
+    finally:
+        await conn.close()
+
+
+async def test_idle_warm_backends_give_their_slots_to_a_new_client(harness: Harness) -> None:
+    """A role limited to one connection: its idle warm backend (another application name) must
+    not make the compute refuse the role's next client with 53300."""
+    await create_role(harness.endpoints, "main", "limited", PASSWORD)
+    admin = await (await harness.endpoints.node("main")).connect()
+    try:
+        await admin.execute("ALTER ROLE limited CONNECTION LIMIT 1")
+    finally:
+        await admin.close()
+    await harness.proxy.warm.close()
+
+    async def connect(name: str) -> asyncpg.Connection:
+        return await asyncpg.connect(host="127.0.0.1", port=harness.proxy.port, user="limited", password=PASSWORD,
+                                     database="postgres", ssl=False, server_settings={"application_name": name})
+
+    conn = await connect("first")
+    await conn.close()
+    await _idle_warm(harness, 1)
+    conn = await connect("second")
+    try:
+        assert await conn.fetchval("SHOW application_name") == "second"
+        assert len(harness.proxy.warm) == 0
     finally:
         await conn.close()
 

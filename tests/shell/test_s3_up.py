@@ -24,8 +24,9 @@ from pathlib import Path
 import psycopg
 import pytest
 
+from storage.s3 import S3Client, parse_s3_uri
 from tests.conftest import scratch_dir
-from tests.s3server import FaultyRelay, S3Server, aws_env, free_port, moto_server
+from tests.s3server import FaultyRelay, S3Server, aws_env, free_port, moto_server, require_credentials
 from tests.shell.lakelet_process import Lakelet, cli, cli_json, password_of
 
 UPLOAD_INTERVAL = 0.5
@@ -108,12 +109,35 @@ def test_kill_9_and_an_empty_data_dir_lose_nothing_acknowledged(s3: tuple[S3Serv
                 # The bucket answers 503 SlowDown for a while: commits go on (fsynced locally) until
                 # the WAL not yet uploaded is HOLD_AFTER seconds old, then they wait until the
                 # upload has caught up.
+                # Meanwhile /healthz and `lakelet status` say the store's durability is stalled.
+                health: list[tuple[int, str]] = []
+                status_text: list[str] = []
+                sampled = threading.Event()
+
+                def sample() -> None:
+                    while not sampled.wait(0.5):
+                        health.append(first.http("/healthz"))
+                        if health[-1][0] == 503 and not any("store: durability stalled" in t for t in status_text):
+                            status_text.append(cli("status", data_dir=data_dir).stdout)
+
+                sampler = threading.Thread(target=sample, daemon=True)
                 relay.failing.set()
                 threading.Timer(OUTAGE, relay.failing.clear).start()
+                sampler.start()
                 longest = write_for(conn, "t", OUTAGE + 2.0, max(acked) + 1, acked)
+                sampled.set()
+                sampler.join()
                 assert relay.refused > 0 and not relay.failing.is_set()
                 assert longest > 2.0  # some commit waited for the bucket
+                stalled = [json.loads(body)["durability_stalled"] for code, body in health if code == 503]
+                assert any("not yet in s3://" in s.get("store", "") for s in stalled), health
+                assert any("store: durability stalled: the WAL not yet in" in t for t in status_text), status_text
                 write_for(conn, "t", WINDOW + 4.0, max(acked) + 1, acked)
+                deadline = time.monotonic() + 60
+                while first.http("/healthz")[0] != 200 and time.monotonic() < deadline:
+                    time.sleep(0.2)
+                assert first.http("/healthz")[0] == 200  # caught up: durable again
+                assert "of WAL not yet uploaded, last upload" in cli("status", data_dir=data_dir).stdout
             with psycopg.connect(first.dsn("lakelet", password, branch="feature"), autocommit=True) as conn:
                 conn.execute("INSERT INTO t VALUES (-1)")
             feature_acked = time.monotonic()
@@ -201,3 +225,43 @@ def test_missing_bucket_credentials_or_endpoint_fail_at_start_in_one_line(s3: tu
     nobody = f"http://127.0.0.1:{free_port()}"  # nothing listens there
     lines = start(f"s3://{server.new_bucket()}", aws_env(nobody))
     assert len(lines) == 1 and f"check that {nobody} is reachable" in lines[0], lines
+
+
+def test_refused_credentials_fail_at_start_in_one_line_naming_which(workdir: Path) -> None:
+    """Against a server that checks signatures (moto's IAM mode): a wrong secret and an unknown
+    key each fail ``up`` in one line naming the credentials and S3's reason, while the right key
+    on a missing bucket names the bucket."""
+    with moto_server() as server:
+        bucket = server.new_bucket()
+        key, secret = require_credentials(server)
+
+        def start(uri: str, key: str, secret: str) -> list[str]:
+            env = {**aws_env(server.endpoint), "AWS_ACCESS_KEY_ID": key, "AWS_SECRET_ACCESS_KEY": secret}
+            proc = subprocess.run(
+                [sys.executable, "-m", "lakelet.cli", "up", "--data-dir", str(workdir / "data"), "--store", uri,
+                 "--listen", "127.0.0.1:0", "--http", "127.0.0.1:0"],
+                capture_output=True, text=True, timeout=120, env=env)
+            assert proc.returncode != 0
+            return proc.stderr.strip().splitlines()
+
+        lines = start(f"s3://{bucket}/x", key, secret + "x")
+        assert len(lines) == 1 and "refused the credentials" in lines[0] and "SignatureDoesNotMatch" in lines[0], lines
+        lines = start(f"s3://{bucket}/x", "AKIANOSUCHKEY0000000", secret)
+        assert len(lines) == 1 and "refused the credentials" in lines[0] and "InvalidAccessKeyId" in lines[0], lines
+        lines = start("s3://no-such-bucket-here/x", key, secret)
+        assert len(lines) == 1 and "bucket 'no-such-bucket-here' does not exist" in lines[0], lines
+        # The right key is taken: the same check passes, and a conditional write works signed.
+        env = {"AWS_ACCESS_KEY_ID": key, "AWS_SECRET_ACCESS_KEY": secret}
+        saved = {k: os.environ.get(k) for k in [*server.env(), *env]}
+        os.environ.update({**server.env(), **env})
+        try:
+            client = S3Client(parse_s3_uri(f"s3://{bucket}/x"))
+            client.check()
+            client.put("probe", b"1", if_none_match=True)
+            assert client.get("probe") == b"1"
+        finally:
+            for k, v in saved.items():
+                if v is None:
+                    os.environ.pop(k, None)
+                else:
+                    os.environ[k] = v
