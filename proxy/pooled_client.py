@@ -164,6 +164,7 @@ class PooledClient(asyncio.Protocol):
     def _lend(self, server: PooledServer) -> None:
         server.client = self
         server.skipping = False
+        server.pending_set = None
         self.server = server
         if not self.active:
             self.active = True
@@ -313,15 +314,38 @@ class PooledClient(asyncio.Protocol):
                         break
                     self._lend(server)
                 run = pos
-            if kind == 0x45 and not server.skipping:  # Execute: the common case, inline
-                server.status = 0
-                server.expect.append(_EXECUTE)
-                pos = end
-                continue
-            if kind == 0x53 and not server.skipping:  # Sync
-                server.expect.append(_SYNC)
-                pos = end
-                continue
+            if not server.skipping:  # what every driver's extended query sends, inline
+                if kind == 0x45:  # Execute
+                    server.status = 0
+                    server.expect.append(_EXECUTE)
+                    pos = end
+                    continue
+                if kind == 0x53:  # Sync
+                    if server.pending_set is None:
+                        server.expect.append(_SYNC)
+                    else:
+                        server.expect.append((E_SYNC, server.pending_set, None))
+                        server.pending_set = None
+                    pos = end
+                    continue
+                if kind == 0x42 and buf[buf.index(0, pos + 5) + 1] == 0:  # Bind of the unnamed statement
+                    server.status = 0
+                    server.expect.append(_BIND)
+                    pos = end
+                    continue
+                if kind == 0x44 and buf[pos + 5] == 0x50:  # Describe of a portal
+                    server.status = 0
+                    server.expect.append(_DESCRIBE)
+                    pos = end
+                    continue
+                if kind == 0x50 and buf[pos + 5] == 0:  # Parse of the unnamed statement, not a SET
+                    c = buf[pos + 6]
+                    if c not in _MAYBE_SPECIAL or (c in _LETTERS and bytes(buf[pos + 6:pos + 9]).lower()
+                                                   not in PREFIXES):
+                        server.status = 0
+                        server.expect.append(_PARSE_UNNAMED)
+                        pos = end
+                        continue
             done = self._forward(server, kind, buf, pos, end)
             if done is not None:
                 if run < pos:
@@ -403,6 +427,8 @@ class PooledClient(asyncio.Protocol):
         if server.skipping:  # Postgres ignores all of it until Sync: pass it on unread
             if kind == 0x53:
                 server.skipping = False
+                if server.pending_set is not None:  # a SET of the failed batch: it did not happen
+                    server.pending_set = None
                 expect.append(_SYNC)
             return None
         if kind == 0x45:  # Execute
@@ -410,7 +436,11 @@ class PooledClient(asyncio.Protocol):
             expect.append(_EXECUTE)
             return None
         if kind == 0x53:  # Sync
-            expect.append(_SYNC)
+            if server.pending_set is None:
+                expect.append(_SYNC)
+            else:
+                expect.append((E_SYNC, server.pending_set, None))
+                server.pending_set = None
             return None
         if kind == 0x42:  # Bind
             server.status = 0
@@ -430,13 +460,13 @@ class PooledClient(asyncio.Protocol):
             if buf[pos + 5] == 0:  # the unnamed statement: passed on
                 if buf[pos + 6] in _MAYBE_SPECIAL and (buf[pos + 6] not in _LETTERS
                                                        or bytes(buf[pos + 6:pos + 9]).lower() in PREFIXES):
-                    self._untracked_set(server, bytes(buf[pos + 6:min(end, pos + 300)]))
+                    self._set_in_parse(server, bytes(buf[pos + 6:buf.index(0, pos + 6)]))
                 expect.append(_PARSE_UNNAMED)
                 return None
             payload = bytes(buf[pos + 5:end])
             name, at = split_cstring(payload)
             if payload[at] in _MAYBE_SPECIAL:
-                self._untracked_set(server, payload[at:at + 300])
+                self._set_in_parse(server, payload[at:payload.index(0, at)])
             if name in self.statements:
                 self._synth(server, codec.error_response(
                     "ERROR", "42P05", f'prepared statement "{name.decode(errors="replace")}" already exists'))
@@ -490,8 +520,16 @@ class PooledClient(asyncio.Protocol):
         return None  # Flush, CopyData, CopyDone, CopyFail: no answer of their own
 
     @staticmethod
-    def _untracked_set(server: PooledServer, sql: bytes) -> None:
-        """A SET in a Parse: the pooler cannot follow it, so the backend is reset before its next
-        client (the setting lasts until this transaction ends)."""
-        if first_word(sql) in (SET, RESET) and not is_transaction_scoped_set(sql):
+    def _set_in_parse(server: PooledServer, sql: bytes) -> None:
+        """A SET in a Parse (psycopg sends every statement so): kept with the batch's Sync, and
+        tracked if that ends outside a transaction with no error; any other SET makes the backend's
+        settings unknown, so it is reset before its next client."""
+        if first_word(sql) not in (SET, RESET) or is_transaction_scoped_set(sql):
+            return
+        track = tracked_set(sql)
+        if track is None:
             server.applied = None
+        elif server.pending_set is None:
+            server.pending_set = [track]
+        else:
+            server.pending_set.append(track)

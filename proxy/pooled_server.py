@@ -48,7 +48,7 @@ IDLE = 0x49  # 'I'
 class PooledServer(asyncio.Protocol):
     __slots__ = ("transport", "pool", "key", "compute_pid", "client", "expect", "prepared", "applied", "status",
                  "buf", "closed", "reported", "skipping", "failed", "broken", "cancelling", "held", "idle_since",
-                 "_waiter", "_paused_client", "last_rows", "where")
+                 "_waiter", "_paused_client", "last_rows", "where", "pending_set")
 
     def __init__(self, pool: Pool, transport: asyncio.Transport, key: BackendKey, greeting: bytes,
                  compute_pid: int, max_prepared: int) -> None:
@@ -79,6 +79,7 @@ class PooledServer(asyncio.Protocol):
         self._paused_client = False
         self.last_rows: list[bytes] = []
         self.where = 2  # in its pool: 0 idle, 1 in use, 2 not (yet, or any more)
+        self.pending_set: list[tuple[str, bytes | None]] | None = None  # SETs parsed since the last Sync
 
     # -- asyncio.Protocol ---------------------------------------------------------------------------
 
@@ -137,8 +138,15 @@ class PooledServer(asyncio.Protocol):
             if kind == 0x5A:  # ReadyForQuery
                 if code in (E_SYNC, E_QUERY):
                     entry = expect.popleft()
-                    if code == E_QUERY and entry[1] is not None and not self.failed:
-                        client.tracked(self, entry[1])
+                    if entry[1] is not None:
+                        if code == E_QUERY:
+                            if not self.failed:
+                                client.tracked(self, entry[1])
+                        elif not self.failed and data[pos + 5] == IDLE:  # the SETs of a batch
+                            for change in entry[1]:
+                                client.tracked(self, change)
+                        else:  # ran, but rolled back or still in a transaction: unknown from here
+                            self.applied = None
                 self.failed = False
                 self.status = data[pos + 5]
                 ended = True
@@ -146,6 +154,7 @@ class PooledServer(asyncio.Protocol):
                 if code == E_QUERY:
                     self.failed = True
                 elif code:
+                    self.failed = True
                     self._skip_to_sync()
             elif kind == 0x31:  # ParseComplete
                 if code == E_PARSE:
