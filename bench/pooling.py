@@ -256,7 +256,7 @@ def run(args: argparse.Namespace, cleanup: object) -> None:
         raise bp.SetupError(f"pgbench -i failed: {init.stderr.strip()[-1500:]}")
     ep = lake.endpoint()
     socket_dir, compute_port = str(ep["host"]), int(ep["port"])
-    verifier, _ = asyncio.run(bp.fetch_verifier(socket_dir, compute_port))
+    verifier, _, _ = asyncio.run(bp.fetch_verifier(socket_dir, compute_port))
     targets = [Target("lakelet-pooled", lake.port, lake.proc.pid, "pool=transaction")]
     binary = shutil.which("pgbouncer") or shutil.which("pgbouncer", path="/usr/sbin:/usr/local/sbin")
     bouncer: TxBouncer | None = None

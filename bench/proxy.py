@@ -12,7 +12,10 @@ it; skipped when missing) runs in session mode with the role's SCRAM verifier, l
 like the proxy, and pointing at the same compute socket. "bare-relay" (``bench/bare_relay.py``) is
 the floor for a relay written in Python on uvloop: TCP in, the compute's socket out, a write per
 chunk and nothing else — the proxy's cost above it is the proxy's; its cost above PgBouncer is
-the runtime's.
+the runtime's. "plain-scram" is a plain Postgres 15 on 127.0.0.1 with ``scram-sha-256`` (the
+compute's ``shared_buffers`` and ``max_connections``, the same tables): the connection-rate floor
+for a client that logs in with a password, since "direct" (trust) skips the key derivation every
+password login costs the client.
 
 Goals: proxy TPS ≥ PgBouncer's and CPU per transaction ≤ PgBouncer's; connection rate ≥ direct (the proxy
 hands new clients warm backends, reset with DISCARD ALL).
@@ -279,6 +282,58 @@ class PgBouncer:
 
 
 @dataclass
+class PlainPostgres:
+    """A plain Postgres 15 cluster as an application reaches one with a password: TCP on
+    127.0.0.1, ``scram-sha-256`` for host connections, the compute's ``shared_buffers`` and
+    ``max_connections``, the same pgbench tables. It is the floor for the connection rate a client
+    that logs in with SCRAM gets without Lakelet: "direct" (trust on the compute's socket) leaves
+    out the key derivation every password login costs the client."""
+
+    root: Path
+    user: ServiceUser
+    pg: PgBinaries
+    port: int = field(default_factory=free_port)
+    proc: subprocess.Popen[bytes] | None = None
+
+    def start(self, settings: dict[str, str], scale: int, cleanup: Cleanup) -> None:
+        datadir, sock = self.root / "plain", self.root / "plain-socket"
+        for d in (datadir, sock):
+            d.mkdir()
+            self.user.own(d, 0o700)
+        pwfile = self.root / "plain-pw"
+        pwfile.write_text(PASSWORD + "\n")
+        self.user.own(pwfile, 0o600)
+        done = subprocess.run([self.pg["initdb"], "-D", str(datadir), "-U", ROLE, f"--pwfile={pwfile}", "-E",
+                               "UTF8", "--locale=C.UTF-8", "-N", "--auth-local=trust", "--auth-host=scram-sha-256"],
+                              capture_output=True, text=True, preexec_fn=self.user.preexec,
+                              env=self.user.child_env(), cwd="/")
+        if done.returncode != 0:
+            raise SetupError(f"initdb of the plain postgres failed: {done.stderr.strip()[-1500:]}")
+        args = [self.pg["postgres"], "-D", str(datadir), "-k", str(sock), "-c", "listen_addresses=127.0.0.1",
+                "-c", f"port={self.port}", "-c", "fsync=off"]
+        for key, value in settings.items():
+            args += ["-c", f"{key}={value}"]
+        self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                     preexec_fn=self.user.preexec, env=self.user.child_env(), cwd="/",
+                                     start_new_session=True)
+        cleanup.push("plain postgres", lambda: stop_process(self.proc, signal.SIGINT, timeout=30))  # type: ignore[arg-type]
+        deadline = time.monotonic() + 60
+        while True:
+            if self.proc.poll() is not None:
+                raise SetupError(f"plain postgres exited {self.proc.returncode}")
+            if time.monotonic() > deadline:
+                raise SetupError("plain postgres did not accept connections within 60 s")
+            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", self.port), timeout=1):
+                break
+            time.sleep(0.05)
+        init = subprocess.run([self.pg["pgbench"], "-i", "-q", "-s", str(scale), "-h", "127.0.0.1",
+                               "-p", str(self.port), "-U", ROLE, DATABASE],
+                              capture_output=True, text=True, env=pgbench_env())
+        if init.returncode != 0:
+            raise SetupError(f"pgbench -i on the plain postgres failed: {init.stderr.strip()[-1500:]}")
+
+
+@dataclass
 class BareRelay:
     port: int = field(default_factory=free_port)
     proc: subprocess.Popen[bytes] | None = None
@@ -522,14 +577,15 @@ def background_cpu(pid: int, seconds: float = 3.0) -> float:
     return (cpu_seconds(pid) - before) / seconds
 
 
-async def fetch_verifier(socket_dir: str, port: int) -> tuple[str, int]:
+async def fetch_verifier(socket_dir: str, port: int) -> tuple[str, int, str]:
     conn = await asyncpg.connect(host=socket_dir, port=port, user=ADMIN_ROLE, database=DATABASE, timeout=30)
     try:
         verifier = await conn.fetchval("SELECT rolpassword FROM pg_authid WHERE rolname = $1", ROLE)
         max_conn = int(await conn.fetchval("SHOW max_connections"))
+        shared_buffers = await conn.fetchval("SHOW shared_buffers")
     finally:
         await conn.close()
-    return verifier, max_conn
+    return verifier, max_conn, shared_buffers
 
 
 @contextlib.contextmanager
@@ -569,6 +625,8 @@ def report(s: Settings, select: dict[str, list[Run]], connect: dict[str, list[Ru
               f"{median_client(connect[name]):17.0f}")
     print(f"CPU: the Lakelet process (proxy + control plane; idle background {idle_cpu * 100:.1f}% of a core), "
           "the bare relay's and the pgbouncer process; sys = kernel share.")
+    print("plain-scram: a plain Postgres on 127.0.0.1 with scram-sha-256, the compute's shared_buffers and "
+          "max_connections, as an application logs in without Lakelet.")
     print("direct and bare-relay log in with trust on the compute's socket (no SCRAM); pgbouncer keeps server "
           "connections across clients in session mode, the proxy keeps warm backends (reset with DISCARD ALL).")
     print("pgbench µs/conn: the client's own CPU per connection (with SCRAM it derives the password's key, "
@@ -593,7 +651,8 @@ def report(s: Settings, select: dict[str, list[Run]], connect: dict[str, list[Ru
         b_tps, b_conn = median_tps(select["pgbouncer"]), median_tps(connect["pgbouncer"])
         p_tps, p_conn = median_tps(select["proxy"]), median_tps(connect["proxy"])
         line = (f"proxy/pgbouncer: select TPS {p_tps / b_tps:.2f} (goal ≥ 1), connections/s {p_conn / b_conn:.2f}; "
-                f"proxy/direct connections/s {p_conn / direct_conn:.2f} (goal ≥ 1)")
+                f"proxy/direct connections/s {p_conn / direct_conn:.2f} (goal ≥ 1); proxy/plain-scram "
+                f"connections/s {p_conn / median_tps(connect['plain-scram']):.2f} (both log in with SCRAM)")
         p_c, b_c = median_cpu(connect["proxy"]), median_cpu(connect["pgbouncer"])
         if p_c is not None and b_c is not None:
             line += f"; CPU/connection proxy/pgbouncer {p_c / b_c:.2f}"
@@ -626,9 +685,12 @@ def run(args: argparse.Namespace, cleanup: Cleanup) -> None:
     if ep["state"] != "active" or not ep["host"]:
         raise SetupError(f"compute not active after pgbench -i: {json.dumps(ep)}")
     socket_dir, compute_port = str(ep["host"]), int(ep["port"])
-    verifier, max_conn = asyncio.run(fetch_verifier(socket_dir, compute_port))
+    verifier, max_conn, shared_buffers = asyncio.run(fetch_verifier(socket_dir, compute_port))
 
     targets = [Target("proxy", "127.0.0.1", lake.port, proxy_pid), Target("direct", socket_dir, compute_port, None)]
+    plain = PlainPostgres(root, user, pg)
+    plain.start({"shared_buffers": shared_buffers, "max_connections": str(max_conn)}, s.scale, cleanup)
+    targets.append(Target("plain-scram", "127.0.0.1", plain.port, None))
     relay = start_bare_relay(f"{socket_dir}/.s.PGSQL.{compute_port}", cleanup)
     assert relay.proc is not None
     targets.append(Target("bare-relay", "127.0.0.1", relay.port, relay.proc.pid))
