@@ -3,6 +3,7 @@ compute (CPU and memory from ``/proc``, active backends and commits from Postgre
 
 from __future__ import annotations
 
+import asyncio
 import os
 import time
 from collections.abc import Iterator
@@ -66,6 +67,12 @@ def _pss_bytes(pid: int) -> int:
     return 0
 
 
+def _read_proc(pids: list[int], memory: bool) -> tuple[dict[int, int], int]:
+    """CPU ticks of each live pid, and (when asked) their summed PSS — in a worker thread."""
+    ticks = {pid: t for pid in pids if (t := _cpu_ticks(pid)) is not None}
+    return ticks, sum(_pss_bytes(p) for p in pids) if memory else 0
+
+
 class ComputeSampler:
     """Turns a compute's cumulative counters into one ``Sample`` per tick."""
 
@@ -82,19 +89,16 @@ class ComputeSampler:
         now = time.monotonic()
         dt = max(now - self._at, 1e-3)
         self._at = now
-        delta = 0
-        ticks: dict[int, int] = {}
-        for pid in pids:
-            t = _cpu_ticks(pid)
-            if t is None:
-                continue
-            ticks[pid] = t
-            delta += t - self._ticks.get(pid, t if not self._ticks else 0)
+        read_memory = self._until_memory <= 0
+        # /proc reads are file I/O, and smaps_rollup walks page tables (milliseconds for a compute's
+        # backends): off the event loop the proxy and the Data API share.
+        ticks, memory = await asyncio.to_thread(_read_proc, pids, read_memory)
+        delta = sum(t - self._ticks.get(pid, t if not self._ticks else 0) for pid, t in ticks.items())
         self._ticks = ticks
         cpu_seconds = max(0, delta) / CLOCK_TICKS
         self.last_cpu_seconds = cpu_seconds
-        if self._until_memory <= 0:
-            self._memory = sum(_pss_bytes(p) for p in pids)
+        if read_memory:
+            self._memory = memory
             self._until_memory = MEMORY_EVERY
         self._until_memory -= 1
         active, commits = await self._pg_counts(connect)
