@@ -337,21 +337,7 @@ def main() -> int:
     ap.add_argument("--scale", type=int, default=10, help="pgbench scale factor (default 10)")
     ap.add_argument("--cu", type=float, default=0.25, help="compute size, pinned (default 0.25: max_connections 100)")
     ap.add_argument("--no-pgbouncer", action="store_true")
-    args = ap.parse_args()
-    cleanup = bp.Cleanup()
-    try:
-        with bp.interrupts_as_keyboard():
-            run(args, cleanup)
-    except bp.SetupError as e:
-        print(f"bench/pooling.py: setup failed: {e}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("interrupted; cleaning up", file=sys.stderr)
-        return 130
-    finally:
-        with contextlib.suppress(KeyboardInterrupt):
-            cleanup.run()
-    return 0
+    return bp.run_bench("bench/pooling.py", run, ap.parse_args())
 
 
 if __name__ == "__main__":

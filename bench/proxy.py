@@ -747,13 +747,18 @@ def main() -> int:
     ap.add_argument("--cu", type=float, default=16,
                     help="compute size, pinned (default 16: max_connections 1600 for authenticated idle clients)")
     ap.add_argument("--no-pgbouncer", action="store_true", help="skip PgBouncer even when installed")
-    args = ap.parse_args()
+    return run_bench("bench/proxy.py", run, ap.parse_args())
+
+
+def run_bench(name: str, body: Callable[[argparse.Namespace, Cleanup], None], args: argparse.Namespace) -> int:
+    """Run a bench with its cleanup stack: the exit code, one line for a setup failure, and every
+    process and directory it started gone afterwards, Ctrl-C and SIGTERM included."""
     cleanup = Cleanup()
     try:
         with interrupts_as_keyboard():
-            run(args, cleanup)
+            body(args, cleanup)
     except SetupError as e:
-        print(f"bench/proxy.py: setup failed: {e}", file=sys.stderr)
+        print(f"{name}: setup failed: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("interrupted; cleaning up", file=sys.stderr)
