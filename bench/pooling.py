@@ -39,7 +39,7 @@ import sys
 import tempfile
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import asyncpg
@@ -60,58 +60,9 @@ def _load_proxy_bench():  # noqa: ANN202 - the module
 
 
 bp = _load_proxy_bench()
-from storage.postgres import ServiceUser, find_binaries, resolve_service_user  # noqa: E402
+from storage.postgres import find_binaries, resolve_service_user  # noqa: E402
 
 ROLE, DATABASE, PASSWORD = bp.ROLE, bp.DATABASE, bp.PASSWORD
-
-
-@dataclass
-class TxBouncer:
-    """PgBouncer in transaction mode, ``pool_size`` server connections, on the compute's socket."""
-
-    root: Path
-    user: ServiceUser
-    socket_dir: str
-    compute_port: int
-    verifier: str
-    clients: int
-    pool_size: int
-    port: int = field(default_factory=bp.free_port)
-    proc: subprocess.Popen[bytes] | None = None
-
-    def start(self, binary: str, cleanup: object) -> None:
-        home = self.root / "pgbouncer"
-        home.mkdir(exist_ok=True)
-        self.user.own(home, 0o700)
-        (home / "userlist.txt").write_text(f'"{ROLE}" "{self.verifier}"\n')
-        (home / "pgbouncer.ini").write_text(
-            "[databases]\n"
-            f"{DATABASE} = host={self.socket_dir} port={self.compute_port} dbname={DATABASE}\n"
-            "[pgbouncer]\n"
-            f"listen_addr = 127.0.0.1\nlisten_port = {self.port}\nunix_socket_dir =\n"
-            f"auth_type = scram-sha-256\nauth_file = {home}/userlist.txt\n"
-            f"pool_mode = transaction\ndefault_pool_size = {self.pool_size}\nmax_db_connections = 0\n"
-            f"max_client_conn = {self.clients + 2000}\nclient_login_timeout = 900\nquery_wait_timeout = 300\n"
-            f"logfile = {home}/pgbouncer.log\nlog_connections = 0\nlog_disconnections = 0\n"
-            "ignore_startup_parameters = extra_float_digits\n")
-        for name in ("userlist.txt", "pgbouncer.ini"):
-            self.user.own(home / name, 0o600)
-        self.proc = subprocess.Popen(
-            [binary, str(home / "pgbouncer.ini")], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-            preexec_fn=self.user.preexec, env=self.user.child_env(), cwd="/", start_new_session=True)
-        if not getattr(self, "_registered", False):
-            cleanup.push("pgbouncer", lambda: bp.stop_process(self.proc, signal.SIGINT, timeout=10))  # type: ignore
-            self._registered = True
-        deadline = time.monotonic() + 20
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise bp.SetupError(f"pgbouncer exited {self.proc.returncode}")
-            with contextlib.suppress(OSError):
-                import socket
-                with socket.create_connection(("127.0.0.1", self.port), timeout=1):
-                    return
-            time.sleep(0.1)
-        raise bp.SetupError("pgbouncer did not start listening within 20 s")
 
 
 @dataclass
@@ -259,9 +210,10 @@ def run(args: argparse.Namespace, cleanup: object) -> None:
     verifier, _, _ = asyncio.run(bp.fetch_verifier(socket_dir, compute_port))
     targets = [Target("lakelet-pooled", lake.port, lake.proc.pid, "pool=transaction")]
     binary = shutil.which("pgbouncer") or shutil.which("pgbouncer", path="/usr/sbin:/usr/local/sbin")
-    bouncer: TxBouncer | None = None
+    bouncer: bp.PgBouncer | None = None
     if binary and not args.no_pgbouncer:
-        bouncer = TxBouncer(root, user, socket_dir, compute_port, verifier, max(clients, idle), args.pool_size)
+        bouncer = bp.PgBouncer(root, user, socket_dir, compute_port, verifier, max_clients=max(clients, idle) + 2000,
+                               pool_mode="transaction", pool_size=args.pool_size)
         bouncer.start(binary, cleanup)
         targets.append(Target("pgbouncer-tx", bouncer.port, bouncer.proc.pid))  # type: ignore[union-attr]
     else:

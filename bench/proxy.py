@@ -236,20 +236,27 @@ class Lakelet:
 
 @dataclass
 class PgBouncer:
+    """PgBouncer on 127.0.0.1 in front of the compute's socket, with the role's SCRAM verifier:
+    session mode for bench/proxy.py, transaction mode (``pool_size`` server connections) for
+    bench/pooling.py. ``start`` may be called again after a stop (a fresh heap)."""
+
     root: Path
     user: ServiceUser
     socket_dir: str
     compute_port: int
     verifier: str
-    idle: int
+    max_clients: int
+    pool_mode: str = "session"
+    pool_size: int = 64
     port: int = field(default_factory=free_port)
     proc: subprocess.Popen[bytes] | None = None
+    _registered: bool = False
 
     def start(self, binary: str, cleanup: Cleanup) -> None:
         """PgBouncer refuses to run as root: its files go to a directory of the service user,
         which can also reach the compute's private socket."""
         home = self.root / "pgbouncer"
-        home.mkdir()
+        home.mkdir(exist_ok=True)
         self.user.own(home, 0o700)
         (home / "userlist.txt").write_text(f'"{ROLE}" "{self.verifier}"\n')
         (home / "pgbouncer.ini").write_text(
@@ -258,8 +265,8 @@ class PgBouncer:
             "[pgbouncer]\n"
             f"listen_addr = 127.0.0.1\nlisten_port = {self.port}\nunix_socket_dir =\n"
             f"auth_type = scram-sha-256\nauth_file = {home}/userlist.txt\n"
-            "pool_mode = session\ndefault_pool_size = 64\nmax_db_connections = 0\n"
-            f"max_client_conn = {self.idle + 3000}\nclient_login_timeout = 900\n"
+            f"pool_mode = {self.pool_mode}\ndefault_pool_size = {self.pool_size}\nmax_db_connections = 0\n"
+            f"max_client_conn = {self.max_clients}\nclient_login_timeout = 900\nquery_wait_timeout = 300\n"
             f"logfile = {home}/pgbouncer.log\nlog_connections = 0\nlog_disconnections = 0\n"
             "ignore_startup_parameters = extra_float_digits\n")
         for name in ("userlist.txt", "pgbouncer.ini"):
@@ -268,7 +275,9 @@ class PgBouncer:
             [binary, str(home / "pgbouncer.ini")], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
             preexec_fn=self.user.preexec, env=self.user.child_env(), cwd="/", start_new_session=True,
         )
-        cleanup.push("pgbouncer", lambda: stop_process(self.proc, signal.SIGINT, timeout=10))
+        if not self._registered:
+            cleanup.push("pgbouncer", lambda: stop_process(self.proc, signal.SIGINT, timeout=10))  # type: ignore[arg-type]
+            self._registered = True
         deadline = time.monotonic() + 20
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
@@ -317,20 +326,29 @@ class PlainPostgres:
                                      preexec_fn=self.user.preexec, env=self.user.child_env(), cwd="/",
                                      start_new_session=True)
         cleanup.push("plain postgres", lambda: stop_process(self.proc, signal.SIGINT, timeout=30))  # type: ignore[arg-type]
-        deadline = time.monotonic() + 60
-        while True:
-            if self.proc.poll() is not None:
-                raise SetupError(f"plain postgres exited {self.proc.returncode}")
-            if time.monotonic() > deadline:
-                raise SetupError("plain postgres did not accept connections within 60 s")
-            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", self.port), timeout=1):
-                break
-            time.sleep(0.05)
+        asyncio.run(self._until_ready(time.monotonic() + 60))
         init = subprocess.run([self.pg["pgbench"], "-i", "-q", "-s", str(scale), "-h", "127.0.0.1",
                                "-p", str(self.port), "-U", ROLE, DATABASE],
                               capture_output=True, text=True, env=pgbench_env())
         if init.returncode != 0:
             raise SetupError(f"pgbench -i on the plain postgres failed: {init.stderr.strip()[-1500:]}")
+
+    async def _until_ready(self, deadline: float) -> None:
+        """A log-in that succeeds: the port opens while the server still refuses ("starting up")."""
+        assert self.proc is not None
+        while True:
+            if self.proc.poll() is not None:
+                raise SetupError(f"plain postgres exited {self.proc.returncode}")
+            try:
+                conn = await asyncpg.connect(host="127.0.0.1", port=self.port, user=ROLE, password=PASSWORD,
+                                             database=DATABASE, ssl=False, timeout=5)
+            except (TimeoutError, OSError, asyncpg.PostgresError):
+                if time.monotonic() > deadline:
+                    raise SetupError("plain postgres did not accept a log-in within 60 s") from None
+                await asyncio.sleep(0.02)
+                continue
+            await conn.close()
+            return
 
 
 @dataclass
@@ -697,7 +715,7 @@ def run(args: argparse.Namespace, cleanup: Cleanup) -> None:
     bouncer_bin = shutil.which("pgbouncer") or shutil.which("pgbouncer", path="/usr/sbin:/usr/local/sbin")
     bouncer: PgBouncer | None = None
     if bouncer_bin and not args.no_pgbouncer:
-        bouncer = PgBouncer(root, user, socket_dir, compute_port, verifier, s.idle)
+        bouncer = PgBouncer(root, user, socket_dir, compute_port, verifier, max_clients=s.idle + 3000)
         bouncer.start(bouncer_bin, cleanup)
         assert bouncer.proc is not None
         targets.append(Target("pgbouncer", "127.0.0.1", bouncer.port, bouncer.proc.pid))
