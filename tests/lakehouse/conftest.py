@@ -120,6 +120,21 @@ def history(spec: SyncSpec, table: str) -> list[dict[str, Any]]:
     return sorted(rows, key=lambda r: r["_sort_by"])
 
 
+async def kill_while_writing(worker: Worker, spec: SyncSpec, writing: asyncio.Task[None], kills: int,
+                             rng: random.Random) -> Worker:
+    """kill -9 the syncer ``kills`` times at random moments while ``writing`` runs, restarting it
+    each time; half the kills land before the restarted worker is even streaming again. Returns the
+    last worker."""
+    for _ in range(kills):
+        await asyncio.sleep(rng.uniform(0.05, 0.8))
+        worker.kill()
+        assert not writing.done()
+        worker = Worker(spec)
+        if rng.random() < 0.5:
+            await wait_for(lambda w=worker: w.status().get("state") == "streaming", "restart")
+    return worker
+
+
 async def wait_lsn(worker: Worker, conn: asyncpg.Connection, timeout: float = 90.0) -> None:
     """Wait until the syncer confirmed everything committed so far (drain through the current LSN)."""
     target = await conn.fetchval("SELECT pg_current_wal_lsn()::text")

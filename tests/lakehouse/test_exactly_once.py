@@ -7,7 +7,7 @@ from __future__ import annotations
 import asyncio
 import random
 
-from tests.lakehouse.conftest import Worker, Writer, connect, history, make_spec, wait_for, wait_lsn
+from tests.lakehouse.conftest import Worker, Writer, connect, history, kill_while_writing, make_spec, wait_for, wait_lsn
 from tests.storage.conftest import Lake
 
 KILLS = 20
@@ -37,14 +37,7 @@ async def test_kill_syncer_at_random_points(lake: Lake) -> None:
         stop = asyncio.Event()
         writing = asyncio.create_task(writer.run(stop))
         try:
-            for _ in range(KILLS):
-                await asyncio.sleep(rng.uniform(0.05, 0.8))
-                worker.kill()
-                assert not writing.done()
-                worker = Worker(spec)
-                # Half the kills land before the restarted worker is even streaming again.
-                if rng.random() < 0.5:
-                    await wait_for(lambda w=worker: w.status().get("state") == "streaming", "restart")
+            worker = await kill_while_writing(worker, spec, writing, KILLS, rng)
         finally:
             stop.set()
             await writing

@@ -11,7 +11,7 @@ import random
 import asyncpg
 
 from lakehouse.pgoutput import BULK_MIN
-from tests.lakehouse.conftest import Worker, connect, history, make_spec, wait_for, wait_lsn
+from tests.lakehouse.conftest import Worker, connect, history, kill_while_writing, make_spec, wait_for, wait_lsn
 from tests.storage.conftest import Lake
 
 KILLS = 8
@@ -81,13 +81,7 @@ async def test_kill_syncer_during_bulk_inserts(lake: Lake) -> None:
         stop = asyncio.Event()
         writing = asyncio.create_task(writer.run(stop))
         try:
-            for _ in range(KILLS):
-                await asyncio.sleep(rng.uniform(0.05, 0.8))
-                worker.kill()
-                assert not writing.done()
-                worker = Worker(spec)
-                if rng.random() < 0.5:
-                    await wait_for(lambda w=worker: w.status().get("state") == "streaming", "restart")
+            worker = await kill_while_writing(worker, spec, writing, KILLS, rng)
         finally:
             stop.set()
             await writing
