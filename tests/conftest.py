@@ -29,6 +29,22 @@ def service_user() -> ServiceUser:
 
 
 @contextmanager
+def environ(values: dict[str, str]) -> Iterator[None]:
+    """``values`` set in ``os.environ`` for the block, each variable put back as it was after
+    (for clients that read the standard AWS settings from the environment)."""
+    saved = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+@contextmanager
 def scratch_dir(prefix: str) -> Iterator[Path]:
     """An empty directory under /tmp that the service user can traverse; removed afterwards."""
     path = Path(tempfile.mkdtemp(prefix=prefix, dir="/tmp"))

@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import decimal
-import os
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -23,6 +22,7 @@ from lakehouse.synced.spec import SpecError, SyncedTableSpec
 from lakehouse.synced.target import TargetError
 from storage import Store
 from storage.postgres import PgBinaries, ServiceUser
+from tests.conftest import environ
 from tests.lakehouse.synced_support import admin, assert_equal_at_recorded_version, pg_rows, write
 from tests.s3server import moto_server
 
@@ -323,24 +323,14 @@ async def test_readers_never_see_a_partial_table_during_a_refresh(conn: asyncpg.
 async def test_an_s3_source_is_read_with_the_standard_aws_settings(conn: asyncpg.Connection) -> None:
     """``s3://`` sources through a real S3 API (moto's server on loopback), found by deltalake from
     the environment like any AWS client (plus ``AWS_ALLOW_HTTP`` for a plain-HTTP endpoint)."""
-    with moto_server() as server:
-        env = {**server.env(), "AWS_ALLOW_HTTP": "true"}
-        saved = {k: os.environ.get(k) for k in env}
-        os.environ.update(env)
-        try:
-            uri = f"s3://{server.new_bucket()}/lake/items"
-            write_deltalake(uri, rows([1, 2, 3], "s"), configuration={"delta.enableChangeDataFeed": "true"})
-            s = SyncedTableSpec.make(source=uri, branch="main", target="public.from_s3", primary_key="id",
-                                     mode="triggered")
-            assert (await sync_once(conn, s)).kind == "snapshot"
-            DeltaTable(uri).update(updates={"v": "'changed'"}, predicate="id = 2")
-            DeltaTable(uri).delete("id = 3")
-            run = await sync_once(conn, s)
-            assert (run.kind, run.version, run.rows) == ("incremental", 2, 2)
-            await assert_equal_at_recorded_version(conn, s, COLS)
-        finally:
-            for k, v in saved.items():
-                if v is None:
-                    os.environ.pop(k, None)
-                else:
-                    os.environ[k] = v
+    with moto_server() as server, environ({**server.env(), "AWS_ALLOW_HTTP": "true"}):
+        uri = f"s3://{server.new_bucket()}/lake/items"
+        write_deltalake(uri, rows([1, 2, 3], "s"), configuration={"delta.enableChangeDataFeed": "true"})
+        s = SyncedTableSpec.make(source=uri, branch="main", target="public.from_s3", primary_key="id",
+                                 mode="triggered")
+        assert (await sync_once(conn, s)).kind == "snapshot"
+        DeltaTable(uri).update(updates={"v": "'changed'"}, predicate="id = 2")
+        DeltaTable(uri).delete("id = 3")
+        run = await sync_once(conn, s)
+        assert (run.kind, run.version, run.rows) == ("incremental", 2, 2)
+        await assert_equal_at_recorded_version(conn, s, COLS)

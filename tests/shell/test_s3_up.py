@@ -25,7 +25,7 @@ import psycopg
 import pytest
 
 from storage.s3 import S3Client, parse_s3_uri
-from tests.conftest import scratch_dir
+from tests.conftest import environ, scratch_dir
 from tests.s3server import FaultyRelay, S3Server, aws_env, free_port, moto_server, require_credentials
 from tests.shell.lakelet_process import Lakelet, cli, cli_json, password_of
 
@@ -203,17 +203,22 @@ def test_kill_9_and_an_empty_data_dir_lose_nothing_acknowledged(s3: tuple[S3Serv
             kill_leftovers(data_dir)
 
 
+def _failed_up(workdir: Path, uri: str, env: dict[str, str]) -> list[str]:
+    """``lakelet up --store uri`` that must fail at start: the lines it wrote to stderr."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "lakelet.cli", "up", "--data-dir", str(workdir / "data"), "--store", uri,
+         "--listen", "127.0.0.1:0", "--http", "127.0.0.1:0"],
+        capture_output=True, text=True, timeout=120, env=env)
+    assert proc.returncode != 0
+    return proc.stderr.strip().splitlines()
+
+
 def test_missing_bucket_credentials_or_endpoint_fail_at_start_in_one_line(s3: tuple[S3Server, FaultyRelay],
                                                                  workdir: Path) -> None:
     server, _ = s3
 
     def start(uri: str, env: dict[str, str]) -> list[str]:
-        proc = subprocess.run(
-            [sys.executable, "-m", "lakelet.cli", "up", "--data-dir", str(workdir / "data"), "--store", uri,
-             "--listen", "127.0.0.1:0", "--http", "127.0.0.1:0"],
-            capture_output=True, text=True, timeout=120, env=env)
-        assert proc.returncode != 0
-        return proc.stderr.strip().splitlines()
+        return _failed_up(workdir, uri, env)
 
     lines = start("s3://no-such-bucket-here/x", aws_env(server.endpoint))
     assert len(lines) == 1 and "bucket 'no-such-bucket-here' does not exist" in lines[0], lines
@@ -237,12 +242,7 @@ def test_refused_credentials_fail_at_start_in_one_line_naming_which(workdir: Pat
 
         def start(uri: str, key: str, secret: str) -> list[str]:
             env = {**aws_env(server.endpoint), "AWS_ACCESS_KEY_ID": key, "AWS_SECRET_ACCESS_KEY": secret}
-            proc = subprocess.run(
-                [sys.executable, "-m", "lakelet.cli", "up", "--data-dir", str(workdir / "data"), "--store", uri,
-                 "--listen", "127.0.0.1:0", "--http", "127.0.0.1:0"],
-                capture_output=True, text=True, timeout=120, env=env)
-            assert proc.returncode != 0
-            return proc.stderr.strip().splitlines()
+            return _failed_up(workdir, uri, env)
 
         lines = start(f"s3://{bucket}/x", key, secret + "x")
         assert len(lines) == 1 and "refused the credentials" in lines[0] and "SignatureDoesNotMatch" in lines[0], lines
@@ -251,17 +251,8 @@ def test_refused_credentials_fail_at_start_in_one_line_naming_which(workdir: Pat
         lines = start("s3://no-such-bucket-here/x", key, secret)
         assert len(lines) == 1 and "bucket 'no-such-bucket-here' does not exist" in lines[0], lines
         # The right key is taken: the same check passes, and a conditional write works signed.
-        env = {"AWS_ACCESS_KEY_ID": key, "AWS_SECRET_ACCESS_KEY": secret}
-        saved = {k: os.environ.get(k) for k in [*server.env(), *env]}
-        os.environ.update({**server.env(), **env})
-        try:
+        with environ({**server.env(), "AWS_ACCESS_KEY_ID": key, "AWS_SECRET_ACCESS_KEY": secret}):
             client = S3Client(parse_s3_uri(f"s3://{bucket}/x"))
             client.check()
             client.put("probe", b"1", if_none_match=True)
             assert client.get("probe") == b"1"
-        finally:
-            for k, v in saved.items():
-                if v is None:
-                    os.environ.pop(k, None)
-                else:
-                    os.environ[k] = v

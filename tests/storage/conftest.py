@@ -18,7 +18,7 @@ from compute import ComputeAddress, EndpointConfig, Endpoints
 from storage import Store
 from storage.bucket import open_store
 from storage.postgres import PgBinaries, ServiceUser
-from tests.conftest import scratch_dir
+from tests.conftest import environ, scratch_dir
 from tests.s3server import S3Server, moto_server
 
 ADMIN = "lakelet_admin"
@@ -58,17 +58,8 @@ async def close_lake(lake: Lake) -> None:
 @pytest.fixture(scope="session")
 def s3_server() -> Iterator[S3Server]:
     """moto's S3 server on 127.0.0.1, found by the store's boto3 the standard way (environment)."""
-    with moto_server() as server:
-        saved = {k: os.environ.get(k) for k in server.env()}
-        os.environ.update(server.env())
-        try:
-            yield server
-        finally:
-            for k, v in saved.items():
-                if v is None:
-                    os.environ.pop(k, None)
-                else:
-                    os.environ[k] = v
+    with moto_server() as server, environ(server.env()):
+        yield server
 
 
 # Modules whose tests also run on a store in a bucket (moto's S3 server on loopback): durability
