@@ -13,7 +13,8 @@ UNKNOWN = "-"
 
 class DataAPIMetrics:
     def __init__(self, registry: CollectorRegistry | None) -> None:
-        kw = {"registry": registry if registry is not None else CollectorRegistry()}
+        self.registry = registry if registry is not None else CollectorRegistry()
+        kw = {"registry": self.registry}
         self.requests = Counter("lakelet_data_api_requests_total", "Data API requests answered",
                                 ["branch", "method", "status"], **kw)
         self.seconds = Histogram("lakelet_data_api_request_seconds", "Data API request latency, wake included",

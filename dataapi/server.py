@@ -17,6 +17,7 @@ import csv
 import io
 import json
 import logging
+import socket
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -27,7 +28,7 @@ from prometheus_client import CollectorRegistry
 
 from dataapi import actions, pgwire
 from dataapi.auth import Authenticator, Identity
-from dataapi.databases import Computes, Databases, PoolSettings
+from dataapi.databases import Computes, Databases, PoolSettings, Unreachable
 from dataapi.errors import ApiError, from_postgres
 from dataapi.metrics import UNKNOWN, DataAPIMetrics
 from dataapi.openapi import describe
@@ -208,15 +209,17 @@ class DataAPI:
         return web.BaseRequest(message, payload, protocol, writer, task, asyncio.get_running_loop(),
                                client_max_size=self.config.max_body_bytes)
 
-    async def start(self, host: str, port: int) -> None:
+    async def start(self, host: str = "127.0.0.1", port: int = 0, sock: socket.socket | None = None) -> None:
         """aiohttp's low-level server: one handler takes every path (the Data API routes itself),
-        so no application router runs on each request."""
+        so no application router runs on each request. ``sock``: a listening socket to accept on
+        (a worker's, inherited from ``lakelet up``) instead of binding HOST:PORT."""
         self.databases.start()
         server = web.Server(self.handle, request_factory=self._make_request, access_log=None,
                             max_line_size=self.config.max_url_bytes, max_field_size=64 * 1024)
         self._runner = web.ServerRunner(server, handle_signals=False)
         await self._runner.setup()
-        site = web.TCPSite(self._runner, host, port)
+        site: web.BaseSite = web.SockSite(self._runner, sock) if sock is not None else \
+            web.TCPSite(self._runner, host, port)
         await site.start()
         sockets = getattr(site._server, "sockets", None) or []
         self.port = sockets[0].getsockname()[1] if sockets else port
@@ -233,7 +236,13 @@ class DataAPI:
         started = time.perf_counter()
         request[BRANCH_KEY] = UNKNOWN
         try:
-            response: web.StreamResponse = await self._handle(request)
+            try:
+                response: web.StreamResponse = await self._handle(request)
+            except Unreachable:
+                # The compute went away under us before any statement was sent (suspended,
+                # restarted, moved): ask the control plane again, which wakes it, and retry once.
+                self.databases.forget(parse_route(request.path).branch)
+                response = await self._handle(request)
         except ApiError as e:
             response = error_response(e)
         except web.HTTPRequestEntityTooLarge:
@@ -326,7 +335,7 @@ class DataAPI:
             except pgwire.PgError as e:
                 raise from_postgres(e, authenticated=identity.authenticated) from None
             except pgwire.ConnectFailed as e:
-                raise ApiError(503, "PGRST000", "Could not connect with the database", str(e),
+                raise Unreachable(503, "PGRST000", "Could not connect with the database", str(e),
                                "The branch's compute may be restarting; retry the request") from None
             except (OSError, TimeoutError) as e:  # pgwire.ConnectionLost too
                 raise ApiError(503, "PGRST001", "Database connection lost", str(e), "Retry the request") from None
