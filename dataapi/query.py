@@ -388,7 +388,6 @@ class Builder:
 # -- read templates -------------------------------------------------------------------------------
 
 SLOT_OPS = frozenset({"eq", "neq", "gt", "gte", "lt", "lte"})
-_SLOT = "\0pgrst-slot\0"
 TEMPLATES_KEPT = 512
 
 
@@ -409,14 +408,14 @@ class ReadTemplates:
     def read(self, cache: SchemaCache, query: Query, shape: ReadShape) -> Statement:
         top = query.conditions.get((), [])
         values: list[str] = []
-        masked: list[Condition] = []
+        masked: list[object] = []   # the conditions, slots without their values: the shape
         at: list[int] = []   # positions in ``top`` that are slots
         for i, c in enumerate(top):
             if (isinstance(c, Filter) and c.op in SLOT_OPS and c.quantifier is None and not c.field.path
                     and isinstance(c.value, str)):
                 values.append(c.value)
                 at.append(i)
-                masked.append(dataclasses.replace(c, value=_SLOT))
+                masked.append((c.field, c.op, c.negate))  # the filter without its value (a slot)
             else:
                 masked.append(c)
         key = (id(cache), shape.table.schema, shape.table.name, shape.source, shape.limit, shape.offset, shape.count,

@@ -112,6 +112,7 @@ class Explaining:
 BRANCH_KEY = web.RequestKey("lakelet_branch", str)  # the metrics label, set once the branch exists
 MAX_CONTENT_LOCATION = 4096
 ALLOW_TABLE = "OPTIONS,GET,HEAD,POST,PUT,PATCH,DELETE"
+HEADERS_KEPT = 256
 
 
 @dataclass(frozen=True)
@@ -195,6 +196,21 @@ def to_csv(body: str, scalar_name: str) -> str:
     return out.getvalue()
 
 
+_PLAIN_QUERY = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_.-~=&")
+
+
+def content_location_query(request: web.BaseRequest) -> str:
+    """The query string as ``Content-Location`` carries it: parameters sorted, each name and value
+    percent-encoded. A query string of unreserved characters alone is already encoded, so it is
+    only split and sorted (the common case, and cheaper than decoding and quoting again)."""
+    raw = request.query_string
+    if _PLAIN_QUERY.issuperset(raw):
+        pairs = [p.split("=") for p in raw.split("&") if p]
+        if all(len(p) == 2 for p in pairs):  # an "=" in a value, or none at all, is encoded below
+            return "&".join(f"{k}={v}" for k, v in sorted(pairs))
+    return "&".join(f"{quote(k, safe='')}={quote(v, safe='')}" for k, v in sorted(request.query.items()))
+
+
 class DataAPI:
     def __init__(self, computes: Computes, config: DataAPIConfig, registry: CollectorRegistry | None = None) -> None:
         self.config = config
@@ -204,6 +220,7 @@ class DataAPI:
                                    PoolSettings(size=config.pool_size, idle_timeout=config.idle_timeout))
         self._runner: web.ServerRunner | None = None
         self.port: int | None = None
+        self._headers_kept: dict[Any, tuple[str, bool]] = {}
 
     def _make_request(self, message: Any, payload: Any, protocol: Any, writer: Any, task: Any) -> web.BaseRequest:
         return web.BaseRequest(message, payload, protocol, writer, task, asyncio.get_running_loop(),
@@ -389,12 +406,12 @@ class DataAPI:
         is one statement also carries its ``COMMIT`` in that write — one round trip in all (a
         read-only transaction changes nothing, so committing before the response is checked is
         the same as rolling back). Writes commit after their checks, in a second round trip."""
-        headers = {k.lower(): v for k, v in request.headers.items()}
+        headers_json, has_cookie = self._headers_json(request)
         path = ("/" if route.kind == "table" else "/rpc/") + route.name
         conn.defer(BEGIN_READ if readonly else BEGIN_WRITE)
         conn.defer(SETTINGS_SQL, (identity.role, f"{ident(schema)}, public", identity.claims_text, method,
-                                  path, json.dumps(headers),
-                                  json.dumps(dict(request.cookies)) if "cookie" in headers else "{}"))
+                                  path, headers_json,
+                                  json.dumps(dict(request.cookies)) if has_cookie else "{}"))
         if ctx.prefs.timezone:
             conn.defer("SELECT set_config('timezone', $1::text, true)", (ctx.prefs.timezone,))
         if self.config.pre_request:
@@ -429,6 +446,20 @@ class DataAPI:
             if conn.status != "I" and not conn.broken:
                 await conn.execute("ROLLBACK")
 
+    def _headers_json(self, request: web.BaseRequest) -> tuple[str, bool]:
+        """``request.headers`` as PostgREST sets it (lower-case names, JSON), and whether a cookie
+        came. A client sends the same headers request after request, so the JSON is kept by the
+        raw header block (bounded; cleared when full)."""
+        raw = request.raw_headers
+        kept = self._headers_kept.get(raw)
+        if kept is None:
+            headers = {k.lower(): v for k, v in request.headers.items()}
+            kept = (json.dumps(headers), "cookie" in headers)
+            if len(self._headers_kept) >= HEADERS_KEPT:
+                self._headers_kept.clear()
+            self._headers_kept[raw] = kept
+        return kept
+
     def _respond(self, request: web.BaseRequest, method: str, media: str, prefs: Any, ctx: actions.Context,
                  result: actions.Result, route: Route) -> web.Response:
         headers: dict[str, str] = dict(result.headers)
@@ -442,7 +473,7 @@ class DataAPI:
         if applied:
             headers["Preference-Applied"] = ", ".join(applied)
         if method in ("GET", "HEAD") and route.kind == "table":
-            ordered = "&".join(f"{quote(k, safe='')}={quote(v, safe='')}" for k, v in sorted(request.query.items()))
+            ordered = content_location_query(request)
             if len(ordered) <= MAX_CONTENT_LOCATION:  # a 5,000-value in-list would break clients' header limits
                 headers["Content-Location"] = f"/{route.name}" + (f"?{ordered}" if ordered else "")
         total = "*" if result.total is None else str(result.total)
