@@ -418,11 +418,12 @@ class ReadTemplates:
                 masked.append((c.field, c.op, c.negate))  # the filter without its value (a slot)
             else:
                 masked.append(c)
+        conditions = query.conditions
         key = (id(cache), shape.table.schema, shape.table.name, shape.source, shape.limit, shape.offset, shape.count,
                query.select_text, tuple(masked),
-               tuple((p, tuple(v)) for p, v in query.conditions.items() if p != ()),
-               tuple((p, tuple(v)) for p, v in query.order.items()),
-               tuple(query.limit.items()), tuple(query.offset.items()))
+               tuple((p, tuple(v)) for p, v in conditions.items() if p != ()) if len(conditions) > 1 else (),
+               tuple((p, tuple(v)) for p, v in query.order.items()) if query.order else (),
+               tuple(query.limit.items()) if query.limit else (), tuple(query.offset.items()) if query.offset else ())
         kept = self._kept.get(key)
         if kept is not None and kept[0] is cache:
             self._kept.move_to_end(key)

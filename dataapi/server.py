@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import csv
+import functools
 import io
 import json
 import logging
@@ -131,7 +132,7 @@ class DataAPIConfig:
     max_url_bytes: int = 64 * 1024
 
 
-@dataclass
+@dataclass(frozen=True)
 class Route:
     branch: str
     database: str
@@ -139,7 +140,9 @@ class Route:
     name: str = ""
 
 
+@functools.lru_cache(maxsize=1024)
 def parse_route(path: str) -> Route:
+    """``/<branch>/<database>/rest/v1/[<table> | rpc/<function>]`` (kept: paths repeat)."""
     parts = path.strip("/").split("/")
     if len(parts) >= 4 and parts[2:4] == ["rest", "v1"] and all(parts[:2]):
         rest = parts[4:]

@@ -12,8 +12,10 @@ fewer), and serves it with the same ``DataAPI`` as everywhere. The control plane
 - a branch's in-flight count is sent the moment it goes 0 ↔ non-zero (scale-to-zero must never
   stop a compute under a request), and with the bytes moved every second while there is load.
 
-The worker imports neither the control plane nor storage: its heap is the Data API's alone. The
-first message on the link is ``start`` with the configuration (secrets never travel in argv);
+The worker imports neither the control plane nor storage: its heap is the Data API's alone (so
+the collector has little to walk; ``gc.freeze`` after start-up and higher thresholds were measured
+under bench/data_api.py and made throughput worse, not better, so the defaults stay). The first
+message on the link is ``start`` with the configuration (secrets never travel in argv);
 the link closing (``lakelet up`` gone, even by kill -9) ends the worker.
 """
 
@@ -21,7 +23,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import gc
 import json
 import logging
 import os
@@ -53,11 +54,13 @@ class Address:
 class WorkerSignals:
     """A branch's load as this worker sees it; ``RemoteComputes`` ships it to ``lakelet up``."""
 
-    __slots__ = ("branch", "sessions", "bytes_in", "bytes_out", "touched", "_computes")
+    __slots__ = ("branch", "sessions", "bytes_in", "bytes_out", "touched", "reported_busy", "settling", "_computes")
 
     def __init__(self, branch: str, computes: RemoteComputes) -> None:
         self.branch = branch
         self.sessions = 0
+        self.reported_busy = False  # what lakelet up was last told: requests in flight or not
+        self.settling = False       # a report of "none in flight" is due at the end of this turn
         self.bytes_in = 0
         self.bytes_out = 0
         self.touched = False  # requests began or ended since the last report
@@ -79,14 +82,17 @@ class _Held:
         s = self._s
         s.sessions += 1
         s.touched = True
-        if s.sessions == 1:
-            s._computes.report(s)
+        if s.sessions == 1 and not s.reported_busy:
+            s._computes.report(s)  # at once: scale-to-zero must not stop the compute under it
 
     def __exit__(self, *exc: object) -> None:
         s = self._s
         s.sessions -= 1
-        if s.sessions == 0:
-            s._computes.report(s)
+        if s.sessions == 0 and not s.settling:
+            # Reported at the end of this turn of the loop, unless a request arrived meanwhile
+            # (under load the count touches zero between requests all the time).
+            s.settling = True
+            asyncio.get_running_loop().call_soon(s._computes.settle, s)
 
 
 class RemoteComputes:
@@ -139,6 +145,12 @@ class RemoteComputes:
                             "bytes_out": s.bytes_out, "active": s.touched or s.sessions > 0})
         s.bytes_in = s.bytes_out = 0
         s.touched = False
+        s.reported_busy = s.sessions > 0
+
+    def settle(self, s: WorkerSignals) -> None:
+        s.settling = False
+        if s.sessions == 0 and s.reported_busy:
+            self.report(s)
 
     def start(self) -> None:
         self._reporter = asyncio.get_running_loop().create_task(self._report_loop(), name="data-api-load")
@@ -197,21 +209,12 @@ class Worker:
         try:
             await self.api.start(sock=self.listen)
             self.computes.start()
-            tune_gc()
             link.send({"op": "ready", "pid": os.getpid()})
             await self.stop.wait()
         finally:
             self.computes.stop()
             await self.api.close()
             link.close()
-
-
-def tune_gc() -> None:
-    """Everything loaded so far (modules, the schema-free server) lives as long as the process:
-    move it out of the collector's sight, so a collection walks only what requests allocate."""
-    gc.collect()
-    gc.freeze()
-    gc.set_threshold(50_000, 20, 100)
 
 
 class _Formatter(logging.Formatter):
