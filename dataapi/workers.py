@@ -92,6 +92,7 @@ class Workers:
         self._tasks: set[asyncio.Task[Any]] = set()
         self._watcher: asyncio.Task[None] | None = None
         self._stopping = False
+        self._up = False  # every worker accepted once: from then on, a worker that dies is replaced
         registry = registry if registry is not None else CollectorRegistry()
         self.restarts = Counter("lakelet_data_api_worker_restarts_total",
                                 "Data API worker processes that exited and were replaced", registry=registry)
@@ -116,7 +117,8 @@ class Workers:
             await asyncio.wait_for(asyncio.gather(*(w.ready for w in self.workers)), READY_TIMEOUT)
         except (TimeoutError, WorkerStartError) as e:
             await self.close()
-            raise WorkerStartError(f"the data API workers did not start: {e}") from None
+            raise WorkerStartError(f"the data API workers did not start: {e or 'no answer'}") from None
+        self._up = True
 
     async def _spawn(self, index: int) -> WorkerProcess:
         assert self.sock is not None
@@ -148,16 +150,19 @@ class Workers:
         if worker.link is not None:
             worker.link.close()
         self._drop_load(worker)
-        if not worker.ready.done():
+        if worker.ready.done():
+            self.alive.dec()
+        else:
             worker.ready.set_exception(WorkerStartError(f"worker {worker.index} exited with code {code} "
                                                         "before accepting; see the lines above"))
-            return
-        self.alive.dec()
+            worker.ready.exception()  # retrieved: start() reports it, or the restart below follows it
+            if not self._up:
+                return
         if self._stopping:
             return
         self.restarts.inc()
         # A worker that keeps dying right after start is not restarted in a tight loop.
-        delay = 0.0 if time.monotonic() - worker.started > 10 else 1.0
+        delay = 0.0 if worker.ready.exception() is None and time.monotonic() - worker.started > 10 else 1.0
         log.warning("a data API worker exited; starting another", extra={
             "worker": worker.index, "pid": worker.pid, "exit_code": code})
         await asyncio.sleep(delay)
@@ -169,6 +174,10 @@ class Workers:
             log.error("could not start a data API worker", extra={"worker": worker.index, "error": str(e)})
             return
         self.workers[self.workers.index(worker)] = fresh
+        if self._stopping and fresh.proc is not None:  # close() began while it was starting
+            with contextlib.suppress(ProcessLookupError):
+                fresh.proc.terminate()
+            return
         with contextlib.suppress(Exception):
             await asyncio.wait_for(asyncio.shield(fresh.ready), READY_TIMEOUT)
 

@@ -57,7 +57,11 @@ async def start(config: Config, endpoints: Endpoints, registry: CollectorRegistr
                       log_level=config.log_level)
     try:
         await workers.start(host, port)
-    except (OSError, WorkerStartError) as e:
+    except WorkerStartError as e:
+        log.error("the data API workers did not start; running without the data API: see the lines above "
+                  "for the cause", extra={"data_api": config.data_api, "error": str(e)})
+        return None
+    except OSError as e:
         # The Postgres endpoint is the product; a busy HTTP port must not take it down with it.
         log.error("the data API could not listen; running without it: set data_api (--data-api) to a free "
                   "HOST:PORT, or empty to turn it off", extra={"data_api": config.data_api, "error": str(e)})

@@ -9,6 +9,7 @@ import json
 import os
 import re
 import signal
+import socket
 import time
 import urllib.error
 import urllib.request
@@ -187,6 +188,28 @@ def test_a_killed_lakelet_up_leaves_no_worker_behind() -> None:
                 # What a killed up leaves (its compute) the next start stops; do that now.
                 server.start()
                 server.stop(timeout=60)
+    finally:
+        if saved is not None:
+            os.environ["LAKELET_PASSWORD"] = saved
+
+
+def test_a_taken_port_is_reported_and_starts_no_worker() -> None:
+    saved = os.environ.pop("LAKELET_PASSWORD", None)
+    try:
+        with scratch_dir("lakelet-dataapi-workers-busy-") as root, socket.socket() as taken:
+            taken.bind(("127.0.0.1", 0))
+            taken.listen()
+            port = taken.getsockname()[1]
+            server = Lakelet(root / "data", extra_args=["--data-api", f"127.0.0.1:{port}", "--data-api-workers", "2"])
+            server.start()  # the Postgres endpoint and control API run without the Data API
+            try:
+                assert server.proc is not None
+                assert "the data API could not listen; running without it: set data_api (--data-api)" \
+                    in server.output()
+                assert workers_of(server.proc.pid) == []
+                assert server.stop(timeout=60) == 0
+            finally:
+                server.kill()
     finally:
         if saved is not None:
             os.environ["LAKELET_PASSWORD"] = saved
