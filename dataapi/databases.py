@@ -56,14 +56,17 @@ class WakeFailed(Exception):
 class Computes(Protocol):
     """What the Data API needs from the control plane: ``local.LocalComputes`` (the control plane
     in this process) and ``worker.RemoteComputes`` (over the link to ``lakelet up``) provide it.
-    ``ensure_ready`` raises ``NoSuchBranch`` or ``WakeFailed``; ``forget`` says the address it
-    gave for a branch did not answer (a cached one is dropped, so the next call asks again)."""
+    ``ensure_ready`` raises ``NoSuchBranch`` or ``WakeFailed``; ``known`` is the address already
+    held, without asking (None: ask); ``forget`` says the address it gave for a branch did not
+    answer (a cached one is dropped, so the next call asks again)."""
 
     async def ensure_ready(self, branch: str) -> Address: ...
 
     def signals(self, branch: str) -> Signals: ...
 
     def forget(self, branch: str) -> None: ...
+
+    def known(self, branch: str) -> Address | None: ...
 
 
 class Unreachable(ApiError):
@@ -216,7 +219,7 @@ class Databases:
 
     async def _enter(self, branch: str, database: str, body_bytes: int) -> tuple[Database, _Held]:
         try:
-            address = await self.computes.ensure_ready(branch)
+            address = self.computes.known(branch) or await self.computes.ensure_ready(branch)
         except NoSuchBranch:
             raise ApiError(404, "PGRST125", f"Invalid path specified in request URL: branch {branch!r} "
                            "does not exist", None, "lakelet branch list shows the branches") from None
@@ -232,7 +235,8 @@ class Databases:
         held = signals.held()
         held.__enter__()
         try:
-            await db.ready(address)
+            if db.pool is None or db.pid != address.pid or db.cache is None:  # else ready already
+                await db.ready(address)
         except BaseException:
             self._leave(db, held)
             if db.pool is None and db.in_flight == 0:

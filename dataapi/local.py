@@ -23,6 +23,9 @@ class LocalComputes:
     def signals(self, branch: str) -> LoadSignals:
         return self.endpoints.signals(branch)
 
+    def known(self, branch: str) -> Address | None:
+        return None  # ensure_ready is a look at the live endpoint: always ask
+
     def forget(self, branch: str) -> None:
         """Nothing is cached here: ``ensure_ready`` looks at the live endpoint every time."""
 

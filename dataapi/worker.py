@@ -128,6 +128,9 @@ class RemoteComputes:
         self._addresses[branch] = address
         return address
 
+    def known(self, branch: str) -> Address | None:
+        return self._addresses.get(branch)
+
     def forget(self, branch: str) -> None:
         self._addresses.pop(branch, None)
 
