@@ -14,9 +14,8 @@ import asyncpg
 from compute.autoscaler import Sample
 
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
-# Reading smaps_rollup walks every page table of a process, shared_buffers included: a couple of
-# hundred microseconds per backend. Memory only feeds a gauge, so it is read at most this often
-# (seconds; the CPU the autoscaler decides on is read on every CPU reading).
+# Memory only feeds a gauge, so it is read at most this often (seconds; the CPU the autoscaler
+# decides on is read on every CPU reading).
 MEMORY_EVERY = 15.0
 
 
@@ -68,19 +67,34 @@ def child_pids(pid: int) -> list[int]:
         return []
 
 
-def _pss_bytes(pid: int) -> int:
+def _resident(pid: int) -> tuple[int, int]:
+    """(private, shared) resident bytes of a process: ``RssAnon`` and ``RssShmem`` from
+    ``/proc/<pid>/status``, counters the kernel keeps — unlike ``smaps_rollup``, whose page-table
+    walk over shared_buffers took about a millisecond per backend (50 ms a reading for a busy
+    compute, on a thread of the process that relays every session)."""
+    anon = shmem = 0
     try:
-        with open(f"/proc/{pid}/smaps_rollup", "rb") as f:
+        with open(f"/proc/{pid}/status", "rb") as f:
             for line in f:
-                if line.startswith(b"Pss:"):
-                    return int(line.split()[1]) * 1024
-    except (OSError, ValueError):
+                if line.startswith(b"RssAnon:"):
+                    anon = int(line.split()[1]) * 1024
+                elif line.startswith(b"RssShmem:"):
+                    shmem = int(line.split()[1]) * 1024
+                    break
+    except (OSError, ValueError, IndexError):
         pass
-    return 0
+    return anon, shmem
+
+
+def _memory_bytes(pids: list[int]) -> int:
+    """A compute's memory: every process's private pages, plus the shared segment once (as much of
+    it as the process that touched most has resident)."""
+    sizes = [_resident(p) for p in pids]
+    return sum(a for a, _ in sizes) + max((s for _, s in sizes), default=0)
 
 
 def compute_cpu_ticks(postmaster: int, memory: bool = False) -> tuple[int | None, int]:
-    """All the CPU a compute has used (clock ticks), and (when asked) its summed PSS — one call in a
+    """All the CPU a compute has used (clock ticks), and (when asked) its memory — one call in a
     worker thread. The postmaster's own time plus its reaped children's (``cutime``/``cstime``:
     every backend that has exited) plus each live child's: a cumulative total, so two readings
     minutes apart still account for every backend that lived between them, however briefly."""
@@ -90,8 +104,7 @@ def compute_cpu_ticks(postmaster: int, memory: bool = False) -> tuple[int | None
     pids = child_pids(postmaster)
     for pid in pids:
         total += _stat_ticks(pid) or 0
-    pss = sum(_pss_bytes(p) for p in (postmaster, *pids)) if memory else 0
-    return total, pss
+    return total, _memory_bytes([postmaster, *pids]) if memory else 0
 
 
 Counts = Callable[[], Awaitable[tuple[int, int]]]
@@ -127,8 +140,8 @@ class ComputeSampler:
     async def _read_cpu(self, postmaster: int) -> None:
         now = time.monotonic()
         read_memory = self._memory_at is None or now - self._memory_at >= MEMORY_EVERY
-        # /proc reads are file I/O, and smaps_rollup walks page tables (milliseconds for a compute's
-        # backends): off the event loop the proxy and the Data API share.
+        # /proc reads are file I/O (one file per backend): off the event loop the proxy and the
+        # Data API share.
         ticks, memory = await asyncio.to_thread(compute_cpu_ticks, postmaster, read_memory)
         if ticks is None:
             return
