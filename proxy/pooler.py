@@ -382,7 +382,11 @@ class Pool:
         if self.opened >= self.size:
             return False
         pooler = self.pooler
-        return pooler.branch_opened[self.branch] < pooler.branch_cap(self.branch) or pooler.evict_idle(self)
+        cap = pooler.branch_cap(self.branch)
+        while pooler.branch_opened[self.branch] >= cap:
+            if not pooler.evict_idle(self):
+                return False
+        return True
 
     def starved(self) -> bool:
         """Clients wait here, and only the branch's cap keeps it from opening a backend for them."""
