@@ -139,7 +139,7 @@ class CpuSampler(threading.Thread):
 
 
 def pgbench(pgbench_bin: str, target: Target, clients: int, duration: int, mode: str, logdir: Path,
-            threads: int, postmaster: int) -> Result:
+            threads: int, postmaster: int, quiet: bool = False) -> Result:
     prefix = str(logdir / f"log-{target.name}-{mode}")
     cmd = [pgbench_bin, "-h", "127.0.0.1", "-p", str(target.port), "-U", ROLE, "-n", "-S", "-M", mode,
            "-c", str(clients), "-j", str(threads), "-T", str(duration), "-l", f"--log-prefix={prefix}", DATABASE]
@@ -169,6 +169,8 @@ def pgbench(pgbench_bin: str, target: Target, clients: int, duration: int, mode:
     result = Result(target.name, mode, float(tps.group(1)) if tps else 0.0, int(txns.group(1)), p99,
                     cpu * 1e6 / n if n else float("nan"), backends * 1e6 / n if n else float("nan"),
                     (int(failed.group(1)) if failed else 0) + aborted + (out.returncode != 0))
+    if quiet:
+        return result
     print(f"  {target.name:<16} -M {mode:<9} {result.tps:9.0f} tps  p99 {result.p99_ms:8.1f} ms  "
           f"{result.cpu_us:7.1f} µs CPU/txn  backends {result.backend_us:5.1f} µs/txn  errors {result.failed}  "
           f"(logins {logins:.1f}s)", flush=True)
@@ -238,6 +240,10 @@ def run(args: argparse.Namespace, cleanup: object) -> None:
     logdir.mkdir()
     results: list[Result] = []
     print(f"pgbench -S, {clients} clients, -j {args.threads}, {duration}s, {rounds} alternating round(s)", flush=True)
+    # Untimed, short, through each target in turn: the first timed run is not the one that warms
+    # the compute's caches and opens the pool's backends.
+    for target in targets:
+        pgbench(pg["pgbench"], target, min(clients, 200), 5, "extended", logdir, args.threads, postmaster, quiet=True)
     for r in range(rounds):
         order = targets[r % len(targets):] + targets[:r % len(targets)]
         for target in order:
