@@ -562,6 +562,12 @@ class _PoolCollector(Collector):
             b[3] += pool.waiting
             b[4] += pool.active - pool.waiting
             b[5] += pool.clients - pool.active
+        for branch, signals in sorted(self.pooler.session_branches.items()):
+            # Session mode has no pool: each session holds its own backend from log-in to log-out.
+            # Its sessions are the branch's sessions less the pooled clients counted among them.
+            sessions = signals.sessions - sum(p.active for p in self.pooler.by_branch.get(branch, ()))
+            backends.add_metric([branch, "session", "in_use"], sessions)
+            clients.add_metric([branch, "session", "active"], sessions)
         for branch, (sz, idle, in_use, waiting, active, idle_clients) in sorted(by_branch.items()):
             size.add_metric([branch, "transaction"], sz)
             backends.add_metric([branch, "transaction", "idle"], idle)
@@ -598,6 +604,8 @@ class Pooler:
         self.signals = signals
         self.pools: dict[tuple[str, str, str], Pool] = {}
         self.by_branch: dict[str, list[Pool]] = {}
+        # The proxy's branches and their load signals (session-mode rows of the metrics), set by it.
+        self.session_branches: dict[str, LoadSignals] = {}
         self.branch_opened: dict[str, int] = {}  # backends open or opening per branch, all pools
         self.names = StatementNames()
         self.max_connections: dict[int, int] = {}  # compute pid → its max_connections

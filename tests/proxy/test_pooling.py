@@ -81,6 +81,14 @@ async def test_pooled_clients_share_a_backend_session_clients_do_not(harness: Ha
         assert await _pid(a) == await _pid(b)  # one idle backend serves both, one transaction at a time
         assert await _pid(s1) != await _pid(s2)
         assert s1.get_server_pid() == await _pid(s1)  # session mode keeps the real pid
+        # Session mode in the pool metrics: each session holds a backend; idle pooled clients are not counted.
+        metrics = harness.metric("lakelet_proxy_pool_")
+        assert 'lakelet_proxy_pool_clients{branch="main",mode="session",state="active"} 2.0' in metrics
+        assert 'lakelet_proxy_pool_backends{branch="main",mode="session",state="in_use"} 2.0' in metrics
+        async with a.transaction():  # a pooled client in a transaction is not a session-mode one
+            await a.fetchval("SELECT 1")
+            assert 'lakelet_proxy_pool_clients{branch="main",mode="session",state="active"} 2.0' in \
+                harness.metric("lakelet_proxy_pool_clients")
         # The config default: without pool= in the options, pool_mode decides.
         pool_config.mode = "transaction"
         c = await asyncpg.connect(**pooled(harness, "endpoint=main"))
