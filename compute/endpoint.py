@@ -170,10 +170,15 @@ class Endpoint:
                     return node
                 await self._lost(node, await node.wait_exit())  # exited: returns at once
                 continue
-            if self._suspending is not None:
+            suspending = self._suspending
+            if suspending is not None:
                 # A session arriving mid-suspend waits for the clean stop, then wakes a fresh compute.
                 with contextlib.suppress(Exception):
-                    await asyncio.shield(self._suspending)
+                    await asyncio.shield(suspending)
+                # Awaiting a finished task does not yield: its done callback may not have run yet,
+                # and looping on it would spin the event loop forever.
+                if self._suspending is suspending:
+                    self._suspending = None
                 continue
             if self._wake is None:
                 self._wake = asyncio.create_task(self._start(), name=f"wake-{self.branch}")
@@ -284,7 +289,8 @@ class Endpoint:
         await asyncio.shield(self._suspending)
 
     def _suspend_done(self, task: asyncio.Task[None]) -> None:
-        self._suspending = None
+        if self._suspending is task:
+            self._suspending = None
         if not task.cancelled():
             task.exception()
 

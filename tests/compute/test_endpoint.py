@@ -261,6 +261,21 @@ async def test_idle_endpoint_scales_to_zero(endpoints: Endpoints) -> None:
     await endpoints.suspend("idle")
 
 
+async def test_wake_when_a_finished_suspend_has_not_been_cleared_yet(endpoints: Endpoints) -> None:
+    """A suspend task that has finished but whose done callback has not run yet (the same loop
+    turn) must not make a waking session spin: awaiting a finished task does not yield."""
+    await make_branch(endpoints, "turn")
+    await endpoints.ensure_ready("turn")
+    await endpoints.suspend("turn")
+    endpoint = endpoints.endpoint("turn")
+    finished = asyncio.get_running_loop().create_future()
+    finished.set_result(None)
+    endpoint._suspending = finished  # type: ignore[assignment]  # as between its end and its callback
+    node = await endpoints.node("turn")
+    assert node.alive() and endpoint._suspending is None
+    await endpoints.suspend("turn")
+
+
 async def test_failed_start_gives_every_caller_the_same_clear_error(endpoints: Endpoints, root: Path) -> None:
     await make_branch(endpoints, "broken")
     await endpoints.ensure_ready("broken")
