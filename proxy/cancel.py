@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from proxy.codec import encode_cancel
 
 log = logging.getLogger("lakelet.proxy")
+CANCEL_TIMEOUT = 5.0  # seconds for the compute to take a CancelRequest
 
 
 @dataclass(frozen=True, slots=True)
@@ -66,12 +67,18 @@ class CancelMap:
 
 
 async def cancel_backend(backend: BackendKey) -> bool:
-    """Send the compute a CancelRequest with the backend's own key."""
-    with contextlib.suppress(OSError, asyncio.TimeoutError):
-        _, writer = await asyncio.wait_for(asyncio.open_unix_connection(backend.socket_path), 5)
-        writer.write(encode_cancel(backend.pid, backend.secret))
-        await writer.drain()
-        writer.close()
-        return True
+    """Send the compute a CancelRequest with the backend's own key, and return only once the
+    compute has closed that connection: Postgres signals the backend before it closes, and
+    clients (libpq, asyncpg) wait for the close before their next query — closing earlier would
+    let the signal land on that next query."""
+    with contextlib.suppress(OSError, TimeoutError):
+        async with asyncio.timeout(CANCEL_TIMEOUT):
+            reader, writer = await asyncio.open_unix_connection(backend.socket_path)
+            try:
+                writer.write(encode_cancel(backend.pid, backend.secret))
+                await reader.read()
+            finally:
+                writer.close()
+            return True
     log.info("cancel could not reach the compute", extra={"socket": os.path.basename(backend.socket_path)})
     return False

@@ -107,6 +107,27 @@ async def test_cancel_reaches_the_right_backend(harness: Harness) -> None:
     assert out.stdout.strip() == "57014", out.stderr
 
 
+async def test_a_cancel_has_landed_when_its_connection_closes(harness: Harness) -> None:
+    """libpq and asyncpg wait for the cancel connection to close before their next query, because
+    Postgres signals the backend first: a cancel of an idle session must never hit the query
+    after it. (The proxy used to close as soon as it had written the request.)"""
+    script = (
+        "import sys, psycopg\n"
+        "hit = 0\n"
+        "with psycopg.connect(sys.argv[1], autocommit=True) as c:\n"
+        "    for _ in range(30):\n"
+        "        c.cancel()\n"
+        "        try:\n"
+        "            c.execute('SELECT pg_sleep(0.02)')\n"
+        "        except psycopg.errors.QueryCanceled:\n"
+        "            hit += 1\n"
+        "print(hit)\n"
+    )
+    out = await asyncio.to_thread(subprocess.run, [sys.executable, "-c", script, harness.dsn()],
+                                  capture_output=True, text=True, timeout=120)
+    assert out.stdout.strip() == "0", (out.stdout, out.stderr)
+
+
 @pytest.mark.parametrize("binding", ["require", "disable"])
 async def test_tls_verify_full_with_and_without_channel_binding(harness: Harness, binding: str) -> None:
     assert harness.proxy.ca_file is not None
