@@ -31,6 +31,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import inspect
 import json
 import os
 import re
@@ -63,6 +64,14 @@ DATABASE = "postgres"
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 # Headroom below max_connections for Lakelet's own admin connections and superuser slots.
 BACKEND_MARGIN = 30
+# The proxy runs at most this many handshakes per client address at once (the
+# ``max_unauthenticated_per_address`` the bench starts Lakelet with, its default): clients parked
+# in SCRAM are spread over source addresses 127.0.0.2, 127.0.0.3, … (all loopback) this many each,
+# or the ones past it would wait in line behind handshakes that never finish.
+PARKED_PER_ADDRESS = 100
+# No wait of the bench is unbounded: a client that does not get through its step in this long
+# counts as failed (and is reported), a pgbench run gets its duration plus this.
+STEP_TIMEOUT = 120.0
 
 
 class SetupError(RuntimeError):
@@ -106,6 +115,17 @@ def raise_nofile(wanted: int) -> int:
             resource.setrlimit(resource.RLIMIT_NOFILE, limits)
             return limits[0]
     return soft
+
+
+def run_bounded(cmd: list[str], what: str, timeout: float, **kw: object) -> subprocess.CompletedProcess[str]:
+    """``subprocess.run`` capturing text output, with a deadline: a child that hangs (a stuck
+    proxy under pgbench, say) ends the bench with a line saying which step it was."""
+    try:
+        return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, **kw)  # type: ignore[call-overload]
+    except subprocess.TimeoutExpired as e:
+        tail = (e.stderr or e.stdout or b"")
+        tail = tail.decode(errors="replace") if isinstance(tail, bytes) else tail
+        raise SetupError(f"{what} did not finish within {timeout:.0f}s; last output: {tail.strip()[-500:]!r}") from None
 
 
 # -- processes ------------------------------------------------------------------------------------
@@ -183,6 +203,7 @@ class Lakelet:
             # 60 s handshake limit, and all of them must be admitted on top of the authenticated ones.
             "LAKELET_AUTH_TIMEOUT": "900",
             "LAKELET_MAX_CLIENT_CONNECTIONS": str(self.idle + 3000),
+            "LAKELET_MAX_UNAUTHENTICATED_PER_ADDRESS": str(PARKED_PER_ADDRESS),
         }
         cu = f"{self.cu:g}"
         with open(self.log_path, "wb") as log:
@@ -312,10 +333,10 @@ class PlainPostgres:
         pwfile = self.root / "plain-pw"
         pwfile.write_text(PASSWORD + "\n")
         self.user.own(pwfile, 0o600)
-        done = subprocess.run([self.pg["initdb"], "-D", str(datadir), "-U", ROLE, f"--pwfile={pwfile}", "-E",
-                               "UTF8", "--locale=C.UTF-8", "-N", "--auth-local=trust", "--auth-host=scram-sha-256"],
-                              capture_output=True, text=True, preexec_fn=self.user.preexec,
-                              env=self.user.child_env(), cwd="/")
+        done = run_bounded([self.pg["initdb"], "-D", str(datadir), "-U", ROLE, f"--pwfile={pwfile}", "-E",
+                            "UTF8", "--locale=C.UTF-8", "-N", "--auth-local=trust", "--auth-host=scram-sha-256"],
+                           "initdb of the plain postgres", 300, preexec_fn=self.user.preexec,
+                           env=self.user.child_env(), cwd="/")
         if done.returncode != 0:
             raise SetupError(f"initdb of the plain postgres failed: {done.stderr.strip()[-1500:]}")
         args = [self.pg["postgres"], "-D", str(datadir), "-k", str(sock), "-c", "listen_addresses=127.0.0.1",
@@ -327,9 +348,9 @@ class PlainPostgres:
                                      start_new_session=True)
         cleanup.push("plain postgres", lambda: stop_process(self.proc, signal.SIGINT, timeout=30))  # type: ignore[arg-type]
         asyncio.run(self._until_ready(time.monotonic() + 60))
-        init = subprocess.run([self.pg["pgbench"], "-i", "-q", "-s", str(scale), "-h", "127.0.0.1",
-                               "-p", str(self.port), "-U", ROLE, DATABASE],
-                              capture_output=True, text=True, env=pgbench_env())
+        init = run_bounded([self.pg["pgbench"], "-i", "-q", "-s", str(scale), "-h", "127.0.0.1",
+                            "-p", str(self.port), "-U", ROLE, DATABASE],
+                           "pgbench -i on the plain postgres", 600, env=pgbench_env())
         if init.returncode != 0:
             raise SetupError(f"pgbench -i on the plain postgres failed: {init.stderr.strip()[-1500:]}")
 
@@ -417,7 +438,8 @@ def pgbench(pg: PgBinaries, target: Target, args: list[str]) -> Run:
     cmd = [pg["pgbench"], "-h", target.host, "-p", str(target.port), "-U", ROLE, *args, DATABASE]
     before = cpu_times(target.pid) if target.pid else None
     children = resource.getrusage(resource.RUSAGE_CHILDREN)
-    out = subprocess.run(cmd, capture_output=True, text=True, env=pgbench_env())
+    seconds = float(args[args.index("-T") + 1]) if "-T" in args else 600.0
+    out = run_bounded(cmd, f"pgbench {' '.join(args)} against {target.name}", seconds + STEP_TIMEOUT, env=pgbench_env())
     after = cpu_times(target.pid) if target.pid else None
     done = resource.getrusage(resource.RUSAGE_CHILDREN)
     client = (done.ru_utime + done.ru_stime) - (children.ru_utime + children.ru_stime)
@@ -469,41 +491,68 @@ def median_sys(runs: list[Run]) -> float | None:
 # -- idle clients ---------------------------------------------------------------------------------
 
 
-async def gather_limited(n: int, concurrency: int, make: Callable[[], object]) -> list:
+async def gather_limited(n: int, concurrency: int, make: Callable[[int], object] | Callable[[], object],
+                         timeout: float = STEP_TIMEOUT) -> list:
     """Open ``n`` clients, ``concurrency`` handshakes at a time (a burst of thousands would only
-    measure the listen backlog)."""
+    measure the listen backlog). ``make`` gets the client's index when it takes one argument.
+    Each client gets ``timeout`` seconds: one that is not through by then counts as failed, and
+    the failures are printed (how many, of which kind) instead of waited for."""
     sem = asyncio.Semaphore(concurrency)
+    indexed = _takes_index(make)
 
-    async def one() -> object:
+    async def one(i: int) -> object:
         async with sem:
-            return await make()  # type: ignore[misc]
+            opening = make(i) if indexed else make()  # type: ignore[call-arg]
+            return await asyncio.wait_for(opening, timeout)  # type: ignore[arg-type]
 
-    results = await asyncio.gather(*(one() for _ in range(n)), return_exceptions=True)
+    results = await asyncio.gather(*(one(i) for i in range(n)), return_exceptions=True)
     errors = [r for r in results if isinstance(r, BaseException)]
     good = [r for r in results if not isinstance(r, BaseException)]
     if errors:
-        print(f"  {len(errors)} of {n} clients failed to open, e.g. {errors[0]!r}", flush=True)
+        kinds: dict[str, int] = {}
+        for e in errors:
+            name = "timed out" if isinstance(e, TimeoutError) else type(e).__name__
+            kinds[name] = kinds.get(name, 0) + 1
+        summary = ", ".join(f"{k} {v}" for k, v in sorted(kinds.items()))
+        print(f"  {len(errors)} of {n} clients failed to open ({summary}), e.g. {errors[0]!r}", flush=True)
     return good
 
 
-async def open_in_auth(port: int) -> asyncio.StreamWriter:
+def _takes_index(make: Callable[..., object]) -> bool:
+    try:
+        return len(inspect.signature(make).parameters) >= 1
+    except (TypeError, ValueError):
+        return False
+
+
+def parked_source(i: int) -> str:
+    """The loopback source address of the i-th parked client: ``PARKED_PER_ADDRESS`` per address
+    from 127.0.0.2 on, so each address stays within the proxy's per-address handshake limit."""
+    k = 2 + i // PARKED_PER_ADDRESS
+    return f"127.{k >> 16 & 255}.{k >> 8 & 255}.{k & 255}"
+
+
+async def open_in_auth(port: int, source: str = "127.0.0.1") -> asyncio.StreamWriter:
     """A client that sent its StartupMessage and got AuthenticationSASL, then says nothing."""
-    reader, writer = await asyncio.open_connection("127.0.0.1", port)
-    params = b"".join(k.encode() + b"\0" + v.encode() + b"\0" for k, v in (("user", ROLE), ("database", DATABASE)))
-    body = struct.pack("!I", 196608) + params + b"\0"
-    writer.write(struct.pack("!I", len(body) + 4) + body)
-    await writer.drain()
-    kind, length = struct.unpack("!cI", await reader.readexactly(5))
-    payload = await reader.readexactly(length - 4)
-    if kind != b"R" or struct.unpack("!I", payload[:4])[0] != 10:
+    reader, writer = await asyncio.open_connection("127.0.0.1", port, local_addr=(source, 0))
+    try:
+        params = b"".join(k.encode() + b"\0" + v.encode() + b"\0" for k, v in (("user", ROLE), ("database", DATABASE)))
+        body = struct.pack("!I", 196608) + params + b"\0"
+        writer.write(struct.pack("!I", len(body) + 4) + body)
+        await writer.drain()
+        kind, length = struct.unpack("!cI", await reader.readexactly(5))
+        payload = await reader.readexactly(length - 4)
+        if kind != b"R" or struct.unpack("!I", payload[:4])[0] != 10:
+            raise ConnectionError(f"expected AuthenticationSASL, got {kind!r} {payload[:80]!r}")
+    except BaseException:
         writer.close()
-        raise ConnectionError(f"expected AuthenticationSASL, got {kind!r} {payload[:80]!r}")
+        raise
     return writer
 
 
 async def open_authenticated(port: int) -> asyncpg.Connection:
     return await asyncpg.connect(host="127.0.0.1", port=port, user=ROLE, password=PASSWORD, database=DATABASE,
-                                 ssl=False, timeout=120)
+                                 ssl=False, timeout=STEP_TIMEOUT)
 
 
 async def close_all(clients: list) -> None:
@@ -539,11 +588,13 @@ async def measure_idle(target: str, port: int, pid: int, authenticated: int, par
         for kind, n in (("authenticated", authenticated), ("in-auth", parked)):
             if n <= 0:
                 continue
-            opener = open_authenticated if kind == "authenticated" else open_in_auth
             await asyncio.sleep(1)
             before = rss_kib(pid)
             t0 = time.perf_counter()
-            clients = await gather_limited(n, 32 if kind == "authenticated" else 256, lambda o=opener: o(port))
+            if kind == "authenticated":
+                clients = await gather_limited(n, 32, lambda: open_authenticated(port))
+            else:  # spread over loopback addresses: see PARKED_PER_ADDRESS
+                clients = await gather_limited(n, 256, lambda i: open_in_auth(port, parked_source(i)))
             seconds = time.perf_counter() - t0
             held += clients
             await asyncio.sleep(2)  # let the other side finish whatever the last packets started
@@ -695,8 +746,8 @@ def run(args: argparse.Namespace, cleanup: Cleanup) -> None:
     assert lake.proc is not None
     proxy_pid = lake.proc.pid
     print(f"pgbench -i -s {s.scale} through the proxy", flush=True)
-    init = subprocess.run([pg["pgbench"], "-i", "-q", "-s", str(s.scale), "-h", "127.0.0.1", "-p", str(lake.port),
-                           "-U", ROLE, DATABASE], capture_output=True, text=True, env=pgbench_env())
+    init = run_bounded([pg["pgbench"], "-i", "-q", "-s", str(s.scale), "-h", "127.0.0.1", "-p", str(lake.port),
+                        "-U", ROLE, DATABASE], "pgbench -i through the proxy", 600, env=pgbench_env())
     if init.returncode != 0:
         raise SetupError(f"pgbench -i failed: {init.stderr.strip()[-1500:]}")
     ep = lake.endpoint()
@@ -734,7 +785,10 @@ def run(args: argparse.Namespace, cleanup: Cleanup) -> None:
     idle: list[IdleResult] = []
     if s.idle > 0:
         authed = max(0, min(s.idle, max_conn - BACKEND_MARGIN))
-        print(f"idle clients: {authed} authenticated (max_connections {max_conn}), then {s.idle} parked in SCRAM; "
+        addresses = -(-s.idle // PARKED_PER_ADDRESS)
+        print(f"idle clients: {authed} authenticated (max_connections {max_conn}), then {s.idle} parked in SCRAM "
+              f"from {addresses} loopback addresses ({parked_source(0)}…{parked_source(s.idle - 1)}, "
+              f"{PARKED_PER_ADDRESS} each: the proxy's per-address handshake limit); "
               "restarting lakelet up for a fresh heap", flush=True)
 
         lake.restart(cleanup)

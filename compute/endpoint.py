@@ -36,6 +36,9 @@ scale_log = logging.getLogger("lakelet.autoscaler")
 
 START_ATTEMPTS = 3
 ROLE_SYNC_EVERY = 5.0
+# With nothing to decide (the size is pinned), CPU and memory only feed the metrics: read this often
+# (seconds). The CPU total is cumulative, so the counter loses nothing between readings.
+METRICS_EVERY = 15.0
 IMAGE_CHECK_EVERY = 30.0
 BEFORE_STOP_TIMEOUT = 30.0
 
@@ -146,6 +149,7 @@ class Endpoint:
         self._next_start_cu = config.min_cu
         self._image_job: asyncio.Task[None] | None = None
         self._image_checked = 0.0
+        self._metrics_at = 0.0
         ctx.metrics.set_state(branch, self.state)
         ctx.metrics.cu.labels(branch).set(0)
 
@@ -166,10 +170,15 @@ class Endpoint:
                     return node
                 await self._lost(node, await node.wait_exit())  # exited: returns at once
                 continue
-            if self._suspending is not None:
+            suspending = self._suspending
+            if suspending is not None:
                 # A session arriving mid-suspend waits for the clean stop, then wakes a fresh compute.
                 with contextlib.suppress(Exception):
-                    await asyncio.shield(self._suspending)
+                    await asyncio.shield(suspending)
+                # Awaiting a finished task does not yield: its done callback may not have run yet,
+                # and looping on it would spin the event loop forever.
+                if self._suspending is suspending:
+                    self._suspending = None
                 continue
             if self._wake is None:
                 self._wake = asyncio.create_task(self._start(), name=f"wake-{self.branch}")
@@ -254,7 +263,6 @@ class Endpoint:
         receiver) and go back to ``suspended``; acknowledged commits are in the store already."""
         if self.node is not node or self.state != S.ACTIVE:
             return
-        sampler = self._sampler
         self.node = None
         self._next_start_cu = self.cu
         reason = f"compute exited unexpectedly (exit code {code})"
@@ -263,7 +271,6 @@ class Endpoint:
         self.ctx.metrics.cu.labels(self.branch).set(0)
         self._set_state(S.SUSPENDED, reason)
         await node.kill()
-        await sampler.close()
 
     # -- suspend --------------------------------------------------------------------------------
 
@@ -282,7 +289,8 @@ class Endpoint:
         await asyncio.shield(self._suspending)
 
     def _suspend_done(self, task: asyncio.Task[None]) -> None:
-        self._suspending = None
+        if self._suspending is task:
+            self._suspending = None
         if not task.cancelled():
             task.exception()
 
@@ -290,7 +298,6 @@ class Endpoint:
         try:
             with contextlib.suppress(Exception):
                 await node.sync_roles()
-            await self._sampler.close()
             # A background image in flight finishes first: the copy must not race the shutdown,
             # and the clean image must be the branch's newest.
             await self.image_job_done()
@@ -367,17 +374,31 @@ class Endpoint:
         return now - max(self.signals.last_activity, self._active_since)
 
     async def tick(self) -> None:
-        """Once a second while active: scale to zero when idle, else sample and maybe resize."""
+        """Once a second while active: scale to zero when idle, else sample and maybe resize.
+
+        A tick reads only what a decision needs now: CPU and active backends when the size can
+        change (1 s samples, as the policy counts them); with the size pinned, active backends
+        only while no proxied session holds the compute (direct clients keep it awake, and only
+        then could it be idle), and CPU and memory every ``METRICS_EVERY`` seconds for the metrics.
+        """
         node = self.node
-        if self.state != S.ACTIVE or node is None or not node.alive():
+        if self.state != S.ACTIVE or node is None or not node.alive() or node.pid is None:
             return
-        sample = await self._sampler.sample(node.process_ids(), node.connect, self.signals.sessions,
-                                            self.signals.waiting)
+        now = time.monotonic()
+        policy = self.config.policy()
+        decides = policy.min_cu < policy.max_cu or not policy.min_cu <= self.cu <= policy.max_cu
+        metrics_due = now - self._metrics_at >= METRICS_EVERY
+        read_cpu = decides or metrics_due
+        read_pg = decides or metrics_due or self.signals.sessions == 0
+        if read_cpu:
+            self._metrics_at = now
+        sample = await self._sampler.sample(node.pid, node.counts, self.signals.sessions, self.signals.waiting,
+                                            cpu=read_cpu, pg=read_pg)
         if self.state != S.ACTIVE or self.node is not node:
             return  # suspended or lost while we were reading it
         self.last_sample = sample
         now = time.monotonic()
-        if sample.active_backends > 0:
+        if read_pg and sample.active_backends > 0:
             # Queries from clients that bypass the proxy (the control plane, direct tools) count too.
             self.signals.last_activity = now
         if self.idle_for(now) >= self.config.suspend_timeout and self.state == S.ACTIVE:
@@ -385,12 +406,14 @@ class Endpoint:
                                                      "idle_seconds": round(self.idle_for(now), 1)})
             self._spawn(self.suspend())
             return
-        self.ctx.metrics.cpu.labels(self.branch).inc(self._sampler.last_cpu_seconds)
-        self.ctx.metrics.memory.labels(self.branch).set(sample.memory_bytes)
-        decision = decide(self._policy, sample, self.config.policy())
-        self._policy = decision.state
-        if decision.direction != "hold":
-            await self._resize(node, decision)
+        if read_cpu:
+            self.ctx.metrics.cpu.labels(self.branch).inc(self._sampler.last_cpu_seconds)
+            self.ctx.metrics.memory.labels(self.branch).set(sample.memory_bytes)
+        if decides:
+            decision = decide(self._policy, sample, policy)
+            self._policy = decision.state
+            if decision.direction != "hold":
+                await self._resize(node, decision)
         self.maybe_background_image(now)
         if now - self._roles_synced >= ROLE_SYNC_EVERY:
             self._roles_synced = now

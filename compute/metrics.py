@@ -23,7 +23,8 @@ class ComputeMetrics:
                                  ["branch", "direction"], **kw)
         self.cpu = Counter("lakelet_compute_cpu_seconds_total", "CPU time of the compute's processes",
                            ["branch"], **kw)
-        self.memory = Gauge("lakelet_compute_memory_bytes", "Proportional memory of the compute's processes",
+        self.memory = Gauge("lakelet_compute_memory_bytes",
+                            "Resident memory of the compute's processes (private pages, shared memory once)",
                             ["branch"], **kw)
         self.background_images = Counter(
             "lakelet_compute_background_images_total",

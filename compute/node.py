@@ -19,6 +19,7 @@ from pathlib import Path
 import asyncpg
 
 from compute import logical_slots
+from compute.signals import COUNTS_SQL, child_pids
 from compute.spawn import Child, spawn
 from compute.walreceiver import RECEIVER_NAME, SLOT_NAME, WalReceiver
 from storage import ADMIN_ROLE, Materialized, Store
@@ -70,6 +71,10 @@ class ComputeNode:
         self.ready_at = 0.0
         self.timings: dict[str, float] = {}  # the last start's steps, in seconds
         self._step_at = 0.0
+        # One kept admin session for the periodic reads (load counts, role sync): a connection
+        # per read would fork a backend and load its catalog caches every few seconds.
+        self._admin: asyncpg.Connection | None = None
+        self._admin_lock = asyncio.Lock()
 
     # -- start ----------------------------------------------------------------------------------
 
@@ -279,15 +284,43 @@ class ComputeNode:
             await conn.close()
         self.settings.update(settings)
 
+    async def admin_fetch(self, sql: str) -> list[asyncpg.Record]:
+        """``sql`` on the kept admin session (opened on first use, and again after any failure)."""
+        async with self._admin_lock:
+            if self._admin is None or self._admin.is_closed():
+                self._admin = await self.connect()
+            try:
+                return await self._admin.fetch(sql, timeout=10)
+            except BaseException:
+                conn, self._admin = self._admin, None
+                conn.terminate()
+                raise
+
+    async def close_admin(self) -> None:
+        conn, self._admin = self._admin, None
+        if conn is not None and not conn.is_closed():
+            try:
+                await asyncio.wait_for(conn.close(), 2)
+            except Exception:
+                conn.terminate()
+
+    async def counts(self) -> tuple[int, int]:
+        """Active client backends (other than ours) and commits so far: the load the autoscaler
+        and scale-to-zero read from Postgres."""
+        row = (await self.admin_fetch(COUNTS_SQL))[0]
+        return int(row[0]), int(row[1] or 0)
+
     async def sync_roles(self) -> dict[str, str | None]:
-        conn = await self.connect()
-        try:
-            rows = await conn.fetch("SELECT rolname, CASE WHEN rolcanlogin THEN rolpassword END FROM pg_authid")
-        finally:
-            await conn.close()
+        """The compute's login roles and verifiers into the store — written (and the proxy's
+        snapshot reloaded) only when they differ from what the store holds."""
+        rows = await self.admin_fetch("SELECT rolname, CASE WHEN rolcanlogin THEN rolpassword END FROM pg_authid")
         roles = {r[0]: r[1] for r in rows if r[0] != ADMIN_ROLE}
-        await asyncio.to_thread(self.store.set_roles, self.branch, roles)
+        await asyncio.to_thread(self._store_roles, roles)
         return roles
+
+    def _store_roles(self, roles: dict[str, str | None]) -> None:
+        if self.store.roles(self.branch) != roles:
+            self.store.set_roles(self.branch, roles)
 
     async def durable_lsn(self) -> str:
         conn = await self.connect()
@@ -326,19 +359,14 @@ class ComputeNode:
     def process_ids(self) -> list[int]:
         if self.pid is None:
             return []
-        pids = [self.pid]
-        try:
-            children = Path(f"/proc/{self.pid}/task/{self.pid}/children").read_text().split()
-            pids += [int(p) for p in children]
-        except OSError:
-            pass
-        return pids
+        return [self.pid, *child_pids(self.pid)]
 
     # -- stop -----------------------------------------------------------------------------------
 
     async def stop(self, *, image: bool = True) -> None:
         """Fast shutdown (sessions get FATAL 57P01), the receiver drains, the store takes the image."""
         self.stopping = True
+        await self.close_admin()
         if self.alive():
             assert self._proc is not None
             self._proc.send_signal(signal.SIGINT)  # Postgres' "fast" shutdown
@@ -356,6 +384,9 @@ class ComputeNode:
 
     async def kill(self) -> None:
         """SIGKILL the postmaster, its backends and the receiver (a crash, or a failed start)."""
+        if self._admin is not None:
+            self._admin.terminate()
+            self._admin = None
         if self._proc is not None and self._proc.returncode is None:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(self._proc.pid, signal.SIGKILL)

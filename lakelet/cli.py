@@ -74,6 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     connstr = sub.add_parser("connstr", help="print a ready-to-paste connection URL")
     connstr.add_argument("branch", nargs="?", default="main")
+    connstr.add_argument("--pooled", action="store_true", help="the transaction-pooled string (pool=transaction)")
     _common(connstr)
 
     role = sub.add_parser("role", help="create or list login roles")
@@ -165,6 +166,10 @@ def _suspend(c: ControlClient, a: argparse.Namespace) -> tuple[Output, str]:
 
 def _connstr(c: ControlClient, a: argparse.Namespace) -> tuple[Output, str]:
     out = c.call("GET", "/api/v1/connstr", query={"branch": a.branch})
+    if a.pooled:
+        from proxy.connstr import pooled_url
+
+        out = {**out, "url": pooled_url(out["url"], out["branch"]), "pooled": True}
     return out, out["url"]
 
 

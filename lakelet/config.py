@@ -39,6 +39,7 @@ class Config:
     warm_backends: int = 32
     pool_mode: str = "session"  # transaction pooling: the default for connections that do not choose
     pool_size: int = 0  # backends per (branch, role, database); 0 = from the compute size
+    pool_branch_size: int = 0  # backends per branch, all its (role, database) pools together; 0 = from the compute
     pool_timeout: float = 30.0
     pool_idle_transaction_timeout: float = 0.0  # >0: Postgres ends a pooled transaction left idle this long
     suspend_timeout: float = 300.0
@@ -95,6 +96,7 @@ SECTIONS: dict[str, str] = {
     "auth_timeout": "proxy", "wake_timeout": "proxy", "max_client_connections": "proxy",
     "max_unauthenticated_per_address": "proxy", "warm_backends": "proxy",
     "pool_mode": "proxy", "pool_size": "proxy", "pool_timeout": "proxy", "pool_idle_transaction_timeout": "proxy",
+    "pool_branch_size": "proxy",
     "suspend_timeout": "compute", "min_cu": "compute", "max_cu": "compute", "durability": "compute",
     "user": "compute", "retention_days": "storage", "gc_interval": "storage", "superuser": "project",
     "store_uri": "storage", "wal_upload_interval": "storage", "cache_size": "storage",
@@ -206,9 +208,9 @@ def validate(c: Config) -> None:
         raise ConfigError("warm_backends must be 0 (off) or more")
     if c.pool_mode not in ("session", "transaction"):
         raise ConfigError(f"pool_mode = {c.pool_mode!r}: use 'session' or 'transaction'")
-    if c.pool_size < 0 or c.pool_timeout <= 0 or c.pool_idle_transaction_timeout < 0:
-        raise ConfigError("pool_size must be 0 (from the compute size) or more, pool_timeout a positive number "
-                          "of seconds, pool_idle_transaction_timeout 0 (off) or more")
+    if c.pool_size < 0 or c.pool_branch_size < 0 or c.pool_timeout <= 0 or c.pool_idle_transaction_timeout < 0:
+        raise ConfigError("pool_size and pool_branch_size must be 0 (from the compute size) or more, pool_timeout "
+                          "a positive number of seconds, pool_idle_transaction_timeout 0 (off) or more")
     if bool(c.tls_cert) != bool(c.tls_key):
         raise ConfigError("tls_cert and tls_key go together: set both, or neither for a self-signed certificate")
     parse_hostport(c.listen, "listen")

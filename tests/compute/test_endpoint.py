@@ -14,6 +14,7 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 from compute import ComputeAddress, EndpointConfig, Endpoints, UnknownBranch, WakeError
+from compute.signals import CLOCK_TICKS, compute_cpu_ticks
 from storage.postgres import PgBinaries, ServiceUser
 from tests.storage.conftest import open_lake
 
@@ -151,6 +152,99 @@ async def test_roles_reach_the_store_without_waking(endpoints: Endpoints) -> Non
     assert endpoints.role_verifier("main", "nobody") is None
 
 
+async def admin_backends(addr: ComputeAddress) -> set[int]:
+    conn = await asyncpg.connect(host=addr.socket_dir, port=addr.port, user="lakelet_admin", database="postgres")
+    try:
+        rows = await conn.fetch("SELECT pid FROM pg_stat_activity WHERE usename = 'lakelet_admin' "
+                                "AND backend_type = 'client backend' AND pid <> pg_backend_pid()")
+        return {r[0] for r in rows}
+    finally:
+        await conn.close()
+
+
+async def test_role_sync_keeps_one_session_and_writes_only_changes(endpoints: Endpoints) -> None:
+    addr = await endpoints.ensure_ready("main")
+    node = await endpoints.node("main")
+    changes: list[str | None] = []
+    endpoints.store.subscribe(changes.append)
+    await node.sync_roles()
+    kept = await admin_backends(addr)
+    for _ in range(3):
+        await node.sync_roles()
+        await node.counts()
+    # The same admin backend served every read (no backend forked per sync), and roles that did
+    # not change were not written again (no store write, no reload of the proxy's snapshot).
+    assert await admin_backends(addr) == kept and len(kept) == 1
+    assert "main" not in changes
+    conn = await node.connect()
+    try:
+        await conn.execute("SET password_encryption = 'scram-sha-256'")
+        await conn.execute("CREATE ROLE carol LOGIN PASSWORD 'secret-three'")
+    finally:
+        await conn.close()
+    await node.sync_roles()
+    assert changes.count("main") == 1
+    verifier = endpoints.role_verifier("main", "carol")
+    assert verifier is not None and verifier.startswith("SCRAM-SHA-256$")
+
+
+async def test_cpu_of_backends_gone_between_readings_is_counted(endpoints: Endpoints) -> None:
+    node = await endpoints.node("main")
+    assert node.pid is not None
+    before, _ = await asyncio.to_thread(compute_cpu_ticks, node.pid)
+    conn = await node.connect()
+    backend = await conn.fetchval("SELECT pg_backend_pid()")
+    await conn.fetchval("SELECT count(*) FROM generate_series(1, 5000000)")  # about half a CPU second
+    await conn.close()
+    deadline = time.monotonic() + DEADLINE
+    while backend in node.process_ids():  # exited and reaped: its time is the postmaster's cutime now
+        assert time.monotonic() < deadline, "the backend never exited"
+        await asyncio.sleep(0.05)
+    after, _ = await asyncio.to_thread(compute_cpu_ticks, node.pid)
+    assert before is not None and after is not None
+    assert (after - before) / CLOCK_TICKS >= 0.05
+
+
+async def test_a_tick_reads_only_what_a_decision_needs(endpoints: Endpoints,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    endpoint = endpoints.endpoint("main")
+    node = await endpoints.node("main")
+    calls = 0
+    real_counts = node.counts
+
+    async def counting() -> tuple[int, int]:
+        nonlocal calls
+        calls += 1
+        return await real_counts()
+
+    monkeypatch.setattr(node, "counts", counting)
+    monkeypatch.setattr("compute.endpoint.METRICS_EVERY", 1e9)  # no metrics reading due in this test
+    signals = endpoints.signals("main")
+    cu = endpoint.cu
+    try:
+        # Pinned size, a proxied session open: nothing to decide and nothing could be idle.
+        endpoints.configure("main", EndpointConfig(suspend_timeout=300, min_cu=cu, max_cu=cu))
+        signals.sessions += 1
+        await endpoint.tick()  # the first tick takes the metrics' first reading
+        calls = 0
+        for _ in range(3):
+            await endpoint.tick()
+        assert calls == 0
+        # No session: direct clients decide whether it is idle, so Postgres is asked.
+        signals.sessions -= 1
+        await endpoint.tick()
+        assert calls >= 1
+        # A size that can change: every tick samples, sessions or not.
+        signals.sessions += 1
+        endpoints.configure("main", EndpointConfig(suspend_timeout=300))
+        calls = 0
+        await endpoint.tick()
+        assert calls >= 1
+    finally:
+        signals.sessions -= 1
+        endpoints.configure("main", EndpointConfig(suspend_timeout=300))
+
+
 async def test_idle_endpoint_scales_to_zero(endpoints: Endpoints) -> None:
     await make_branch(endpoints, "idle")
     endpoints.configure("idle", EndpointConfig(suspend_timeout=1))
@@ -165,6 +259,21 @@ async def test_idle_endpoint_scales_to_zero(endpoints: Endpoints) -> None:
     await wait_for_state(endpoints, "idle", "suspended")
     assert (await endpoints.ensure_ready("idle")).pid != addr.pid
     await endpoints.suspend("idle")
+
+
+async def test_wake_when_a_finished_suspend_has_not_been_cleared_yet(endpoints: Endpoints) -> None:
+    """A suspend task that has finished but whose done callback has not run yet (the same loop
+    turn) must not make a waking session spin: awaiting a finished task does not yield."""
+    await make_branch(endpoints, "turn")
+    await endpoints.ensure_ready("turn")
+    await endpoints.suspend("turn")
+    endpoint = endpoints.endpoint("turn")
+    finished = asyncio.get_running_loop().create_future()
+    finished.set_result(None)
+    endpoint._suspending = finished  # type: ignore[assignment]  # as between its end and its callback
+    node = await endpoints.node("turn")
+    assert node.alive() and endpoint._suspending is None
+    await endpoints.suspend("turn")
 
 
 async def test_failed_start_gives_every_caller_the_same_clear_error(endpoints: Endpoints, root: Path) -> None:
