@@ -190,6 +190,11 @@ class ControlPlane:
         """Run ``hook(branch, node)`` before any compute stops cleanly (lakehouse sync drains there)."""
         self.ctx.before_stop.append(hook)
 
+    def on_state_change(self, listener: Callable[[str, EndpointState], None]) -> None:
+        """Call ``listener(branch, state)`` on every endpoint state change, synchronously (it must
+        not block): every compute change passes through a state that is not ``active``."""
+        self.ctx.state_changed.append(listener)
+
     def require_logical(self, branch: str, on: bool = True) -> None:
         """Start the branch's computes with ``wal_level = logical`` (restart-only: from its next start)."""
         if on:

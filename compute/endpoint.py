@@ -126,6 +126,9 @@ class Context:
     before_stop: list[Callable[[str, ComputeNode], Awaitable[None]]] = field(default_factory=list)
     # Branches whose computes start with wal_level = logical (a lakehouse sync is enabled there).
     logical_branches: set[str] = field(default_factory=set)
+    # Called (branch, new state) on every state change, synchronously: rooms that cache a
+    # compute's address (the Data API's workers) drop it the moment it stops being the live one.
+    state_changed: list[Callable[[str, EndpointState], None]] = field(default_factory=list)
 
 
 class Endpoint:
@@ -159,6 +162,11 @@ class Endpoint:
         self.state = state
         self.reason = reason
         self.ctx.metrics.set_state(self.branch, state)
+        for listener in self.ctx.state_changed:
+            try:
+                listener(self.branch, state)
+            except Exception:
+                log.exception("a state-change listener failed", extra={"branch": self.branch})
 
     # -- wake -----------------------------------------------------------------------------------
 

@@ -43,14 +43,13 @@ from prometheus_client import CollectorRegistry, Counter, Gauge
 from prometheus_client.core import Metric
 from prometheus_client.registry import Collector
 
-from compute import Endpoints, UnknownBranch, WakeError
+from compute import Endpoints, EndpointState, UnknownBranch, WakeError
 from dataapi.ipc import Link, LinkClosed, Message
 from dataapi.metrics import DataAPIMetrics
 from dataapi.server import DataAPIConfig
 
 log = logging.getLogger("lakelet.dataapi")
 
-WATCH_EVERY = 0.05      # seconds between checks that handed-out compute addresses still hold
 READY_TIMEOUT = 60.0    # a worker that is not accepting after this long failed to start
 STOP_TIMEOUT = 10.0
 ROOT = str(Path(__file__).resolve().parent.parent)  # where the dataapi package is importable from
@@ -90,7 +89,6 @@ class Workers:
         self.workers: list[WorkerProcess] = []
         self._handed: dict[str, int] = {}  # branch → pid of the compute whose address workers hold
         self._tasks: set[asyncio.Task[Any]] = set()
-        self._watcher: asyncio.Task[None] | None = None
         self._stopping = False
         self._up = False  # every worker accepted once: from then on, a worker that dies is replaced
         registry = registry if registry is not None else CollectorRegistry()
@@ -109,7 +107,7 @@ class Workers:
         sock.setblocking(False)
         self.sock = sock
         self.port = sock.getsockname()[1]
-        self._watcher = asyncio.get_running_loop().create_task(self._watch(), name="data-api-watch")
+        self.endpoints.on_state_change(self._state_changed)
         for index in range(self.count):
             worker = await self._spawn(index)
             self.workers.append(worker)
@@ -183,8 +181,6 @@ class Workers:
 
     async def close(self) -> None:
         self._stopping = True
-        if self._watcher is not None:
-            self._watcher.cancel()
         for w in self.workers:
             if w.proc is not None and w.proc.returncode is None:
                 with contextlib.suppress(ProcessLookupError):
@@ -235,6 +231,10 @@ class Workers:
             return
         self._handed[branch] = address.pid
         link.reply(message, {"socket_dir": address.socket_dir, "port": address.port, "pid": address.pid})
+        node = self.endpoints.active_node(branch)
+        if node is None or node.pid != address.pid:  # it changed before this task resumed
+            self._handed.pop(branch, None)
+            self._forget([branch])
 
     def _load(self, worker: WorkerProcess, message: Message) -> None:
         branch = str(message.get("branch"))
@@ -260,23 +260,17 @@ class Workers:
 
     # -- pushed invalidation --------------------------------------------------------------------
 
-    async def _watch(self) -> None:
-        """Name to every worker each branch whose compute is no longer the one handed out."""
-        while True:
-            await asyncio.sleep(WATCH_EVERY)
-            if not self._handed:
-                continue
-            gone = []
-            for branch, pid in list(self._handed.items()):
-                node = self.endpoints.active_node(branch) if self.endpoints.has_branch(branch) else None
-                if node is None or node.pid != pid:
-                    gone.append(branch)
-                    del self._handed[branch]
-            if gone:
-                for w in self.workers:
-                    if w.link is not None and w.link.is_open:
-                        with contextlib.suppress(LinkClosed):
-                            w.link.send({"op": "forget", "branches": gone})
+    def _state_changed(self, branch: str, state: EndpointState) -> None:
+        """Every compute change (stop, crash, restart, move) passes through a state that is not
+        active: the workers drop that branch's address then, and wake it again when they need it."""
+        if state != EndpointState.ACTIVE and self._handed.pop(branch, None) is not None:
+            self._forget([branch])
+
+    def _forget(self, branches: list[str]) -> None:
+        for w in self.workers:
+            if w.link is not None and w.link.is_open:
+                with contextlib.suppress(LinkClosed):
+                    w.link.send({"op": "forget", "branches": branches})
 
     # -- metrics ----------------------------------------------------------------------------------
 
