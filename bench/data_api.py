@@ -1,10 +1,11 @@
 """Data API throughput and latency against its floor: the same SQL sent straight through asyncpg.
 
     .venv/bin/python bench/data_api.py [--seconds S] [--clients N] [--rounds R] [--client wrk|aiohttp]
-                                       [--pool P] [--only single|100-row] [--quick]
+                                       [--pool P] [--workers W] [--only single|100-row] [--quick]
 
-A real ``lakelet up`` (its own process, with ``--data-api``) serves a branch holding 100 categories
-× 100 items. Two workloads, each run by N concurrent clients for S seconds:
+A real ``lakelet up`` (its own process, with ``--data-api`` and its Data API worker processes,
+``--data-api-workers``, one per CPU unless ``--workers`` says otherwise) serves a branch holding
+100 categories × 100 items. Two workloads, each run by N concurrent clients for S seconds:
 
 - ``single``: ``GET /items?id=eq.<random>`` — one row by primary key;
 - ``embedded``: ``GET /categories?select=id,name,items(id,name,price)&id=eq.<random>`` — a 100-row
@@ -14,9 +15,10 @@ The HTTP load comes from wrk when it is installed (``scripts/setup.sh --bench``)
 in this process. The floor runs, with the same concurrency, the exact statement the Data API builds
 for each request (taken from its planner) through an asyncpg pool connected to the compute's Unix
 socket: what Postgres alone costs, with no HTTP, no transaction, no role switch. Rounds alternate
-Data API / floor so machine noise hits both. Printed: requests/s, p50 and p99 latency, the ratios,
-the CPU the lakelet process spent per request, the CPU the compute's Postgres processes spent per
-request on each side, and the floor client's own CPU per query. Goals (issue #15): single ≥ 0.5× its floor with
+Data API / floor so machine noise hits both. Printed: the worker count, requests/s, p50 and p99
+latency, the ratios, the CPU the lakelet process and its Data API workers spent per request (and
+the workers' share), the CPU the compute's Postgres processes spent per request on each side, and
+the floor client's own CPU per query. Goals (issue #15): single ≥ 0.5× its floor with
 p99 ≤ 10 ms; embedded ≥ 0.5× its floor.
 """
 
@@ -101,11 +103,31 @@ def descendants(pid: int) -> list[int]:
     return out
 
 
-def tree_cpu(pid: int) -> float:
-    """CPU seconds of every process below ``pid`` (exited ones are not counted: the computes'
-    backends outlive a round, since both pools keep their connections)."""
-    total = 0.0
+def data_api_workers(pid: int) -> list[int]:
+    """``lakelet up``'s Data API worker processes."""
+    out = []
     for p in descendants(pid):
+        try:
+            if b"dataapi.worker" in Path(f"/proc/{p}/cmdline").read_bytes():
+                out.append(p)
+        except OSError:
+            pass
+    return out
+
+
+def workers_cpu(pid: int) -> float:
+    return sum(cpu_seconds(p) for p in data_api_workers(pid))
+
+
+def tree_cpu(pid: int) -> float:
+    """CPU seconds of every process below ``pid`` but the Data API workers: the computes'
+    Postgres processes (exited ones are not counted: the computes' backends outlive a round,
+    since both pools keep their connections)."""
+    total = 0.0
+    workers = set(data_api_workers(pid))
+    for p in descendants(pid):
+        if p in workers:
+            continue
         try:
             total += cpu_seconds(p)
         except (OSError, ValueError, IndexError):
@@ -190,8 +212,10 @@ async def run(args: argparse.Namespace) -> None:
     os.chmod(root, 0o755)
     data_dir = root / "data"
     pg_port, http_port, api_port = free_port(), free_port(), free_port()
-    env = {**os.environ, "LAKELET_DATA_API_ANON_ROLE": "bench_anon", "LAKELET_DATA_API_POOL_SIZE": str(args.pool),
-           "LAKELET_LOG_LEVEL": "warning"}
+    # Each worker has its own pool: together they hold as many connections as the floor's pool.
+    per_worker = max(1, -(-args.pool // args.workers))
+    env = {**os.environ, "LAKELET_DATA_API_ANON_ROLE": "bench_anon", "LAKELET_DATA_API_POOL_SIZE": str(per_worker),
+           "LAKELET_LOG_LEVEL": "warning", "LAKELET_DATA_API_WORKERS": str(args.workers)}
     log = open(root / "up.log", "w")  # noqa: SIM115
     proc = subprocess.Popen(
         [sys.executable, "-m", "lakelet.cli", "up", "--data-dir", str(data_dir), "--listen", f"127.0.0.1:{pg_port}",
@@ -243,7 +267,8 @@ async def run(args: argparse.Namespace) -> None:
                 await drive(args.clients, 1.0, via_asyncpg)
                 api_runs, floor_runs = [], []
                 for n in range(args.rounds):
-                    cpu_before, pg_before = cpu_seconds(proc.pid), tree_cpu(proc.pid)
+                    workers_before = workers_cpu(proc.pid)
+                    cpu_before, pg_before = cpu_seconds(proc.pid) + workers_before, tree_cpu(proc.pid)
                     if use_wrk:
                         rps, p50, p99 = await asyncio.to_thread(
                             run_wrk, f"http://127.0.0.1:{api_port}", w.wrk_path, w.wrk_keys, args.clients,
@@ -252,8 +277,10 @@ async def run(args: argparse.Namespace) -> None:
                     else:
                         rps, lat = await drive(args.clients, args.seconds, via_api)
                         p50, p99, done = pct(lat, 0.5), pct(lat, 0.99), len(lat)
-                    api_runs.append((rps, p50, p99, (cpu_seconds(proc.pid) - cpu_before) / done,
-                                     (tree_cpu(proc.pid) - pg_before) / done))
+                    workers_after = workers_cpu(proc.pid)
+                    api_runs.append((rps, p50, p99, (cpu_seconds(proc.pid) + workers_after - cpu_before) / done,
+                                     (tree_cpu(proc.pid) - pg_before) / done,
+                                     (workers_after - workers_before) / done))
                     me_before, pg_before = cpu_seconds(os.getpid()), tree_cpu(proc.pid)
                     rate, lat = await drive(args.clients, args.seconds, via_asyncpg)
                     floor_runs.append((rate, pct(lat, 0.5), pct(lat, 0.99), (cpu_seconds(os.getpid()) - me_before)
@@ -278,11 +305,13 @@ def report(name: str, api_runs: list, floor_runs: list, args: argparse.Namespace
 
     print(json.dumps({
         "workload": name, "clients": args.clients, "seconds": args.seconds, "rounds": args.rounds,
-        "http_client": client, "data_api_rps": round(med(api_runs, 0)), "asyncpg_rps": round(med(floor_runs, 0)),
+        "http_client": client, "data_api_workers": args.workers, "data_api_rps": round(med(api_runs, 0)),
+        "asyncpg_rps": round(med(floor_runs, 0)),
         "ratio_rps": round(med(api_runs, 0) / med(floor_runs, 0), 3),
         "data_api_p50_ms": round(med(api_runs, 1) * 1000, 2), "data_api_p99_ms": round(med(api_runs, 2) * 1000, 2),
         "asyncpg_p50_ms": round(med(floor_runs, 1) * 1000, 2), "asyncpg_p99_ms": round(med(floor_runs, 2) * 1000, 2),
         "data_api_cpu_us_per_request": round(med(api_runs, 3) * 1e6),
+        "data_api_workers_cpu_us_per_request": round(med(api_runs, 5) * 1e6),
         "data_api_postgres_cpu_us_per_request": round(med(api_runs, 4) * 1e6),
         "asyncpg_client_cpu_us_per_request": round(med(floor_runs, 3) * 1e6),
         "asyncpg_postgres_cpu_us_per_request": round(med(floor_runs, 4) * 1e6),
@@ -300,10 +329,13 @@ def main() -> None:
     parser.add_argument("--pool", type=int, default=None,
                         help="the Data API's connections per branch (data_api_pool_size; default: --clients, "
                              "as many as the floor's pool)")
+    parser.add_argument("--workers", type=int, default=None,
+                        help="Data API worker processes (data_api_workers; default: one per CPU)")
     parser.add_argument("--only", choices=["single", "100-row"], default=None, help="run one workload")
     parser.add_argument("--quick", action="store_true", help="one round of 2 s (make bench)")
     args = parser.parse_args()
     args.pool = args.pool or args.clients
+    args.workers = args.workers or len(os.sched_getaffinity(0))
     if args.quick:
         args.rounds, args.seconds = 1, 2.0
     try:

@@ -81,6 +81,7 @@ class Result:
     txns: int
     p99_ms: float
     cpu_us: float
+    backend_us: float
     failed: int
 
 
@@ -101,34 +102,49 @@ def _window(prefix: str, start: float, end: float) -> tuple[int, float]:
     return len(latencies), latencies[min(len(latencies) - 1, int(len(latencies) * 0.99))] / 1000
 
 
-class CpuSampler(threading.Thread):
-    """The pooler process's CPU seconds, sampled with wall-clock time, so CPU per transaction is
-    taken over a steady window after every client has logged in."""
+def children_cpu(ppid: int) -> float:
+    """CPU seconds of the children of ``ppid`` (a compute's postmaster: its backends and helpers)
+    that are alive now; pooled backends live through a run, so differences over it are theirs."""
+    with open(f"/proc/{ppid}/task/{ppid}/children") as f:
+        pids = f.read().split()
+    total = 0.0
+    for pid in pids:
+        with contextlib.suppress(OSError):
+            total += bp.cpu_seconds(int(pid))
+    return total
 
-    def __init__(self, pid: int) -> None:
+
+class CpuSampler(threading.Thread):
+    """The pooler process's CPU seconds and the compute's (its backends'), sampled with wall-clock
+    time, so CPU per transaction is taken over a steady window after every client has logged in."""
+
+    def __init__(self, pid: int, postmaster: int) -> None:
         super().__init__(daemon=True)
         self.pid = pid
-        self.samples: list[tuple[float, float]] = []
+        self.postmaster = postmaster
+        self.samples: list[tuple[float, float, float]] = []
         self.stop = threading.Event()
 
     def run(self) -> None:
         while not self.stop.is_set():
             with contextlib.suppress(OSError):
-                self.samples.append((time.time(), bp.cpu_seconds(self.pid)))
+                self.samples.append((time.time(), bp.cpu_seconds(self.pid), children_cpu(self.postmaster)))
             self.stop.wait(0.25)
 
-    def between(self, start: float, end: float) -> float:
-        inside = [c for t, c in self.samples if start <= t <= end]
-        return inside[-1] - inside[0] if len(inside) > 1 else float("nan")
+    def between(self, start: float, end: float) -> tuple[float, float]:
+        inside = [(c, b) for t, c, b in self.samples if start <= t <= end]
+        if len(inside) < 2:
+            return float("nan"), float("nan")
+        return inside[-1][0] - inside[0][0], inside[-1][1] - inside[0][1]
 
 
 def pgbench(pgbench_bin: str, target: Target, clients: int, duration: int, mode: str, logdir: Path,
-            threads: int) -> Result:
+            threads: int, postmaster: int, quiet: bool = False) -> Result:
     prefix = str(logdir / f"log-{target.name}-{mode}")
     cmd = [pgbench_bin, "-h", "127.0.0.1", "-p", str(target.port), "-U", ROLE, "-n", "-S", "-M", mode,
            "-c", str(clients), "-j", str(threads), "-T", str(duration), "-l", f"--log-prefix={prefix}", DATABASE]
     env = {**bp.pgbench_env(), "PGOPTIONS": target.options}
-    sampler = CpuSampler(target.pid)
+    sampler = CpuSampler(target.pid, postmaster)
     sampler.start()
     began = time.time()
     out = subprocess.run(cmd, capture_output=True, text=True, env=env)
@@ -149,12 +165,14 @@ def pgbench(pgbench_bin: str, target: Target, clients: int, duration: int, mode:
     # The steady window: from a second after the last login to a second before the end.
     start, end = max(began + logins + 1, ended - 1 - 0.6 * duration), ended - 1
     n, p99 = _window(prefix, start, end)
-    cpu = sampler.between(start, end) if end - start >= 2 else float("nan")
+    cpu, backends = sampler.between(start, end) if end - start >= 2 else (float("nan"), float("nan"))
     result = Result(target.name, mode, float(tps.group(1)) if tps else 0.0, int(txns.group(1)), p99,
-                    cpu * 1e6 / n if n else float("nan"),
+                    cpu * 1e6 / n if n else float("nan"), backends * 1e6 / n if n else float("nan"),
                     (int(failed.group(1)) if failed else 0) + aborted + (out.returncode != 0))
+    if quiet:
+        return result
     print(f"  {target.name:<16} -M {mode:<9} {result.tps:9.0f} tps  p99 {result.p99_ms:8.1f} ms  "
-          f"{result.cpu_us:7.1f} µs CPU/txn  errors {result.failed}  "
+          f"{result.cpu_us:7.1f} µs CPU/txn  backends {result.backend_us:5.1f} µs/txn  errors {result.failed}  "
           f"(logins {logins:.1f}s)", flush=True)
     return result
 
@@ -206,7 +224,7 @@ def run(args: argparse.Namespace, cleanup: object) -> None:
     if init.returncode != 0:
         raise bp.SetupError(f"pgbench -i failed: {init.stderr.strip()[-1500:]}")
     ep = lake.endpoint()
-    socket_dir, compute_port = str(ep["host"]), int(ep["port"])
+    socket_dir, compute_port, postmaster = str(ep["host"]), int(ep["port"]), int(ep["pid"])
     verifier, _, _ = asyncio.run(bp.fetch_verifier(socket_dir, compute_port))
     targets = [Target("lakelet-pooled", lake.port, lake.proc.pid, "pool=transaction")]
     binary = shutil.which("pgbouncer") or shutil.which("pgbouncer", path="/usr/sbin:/usr/local/sbin")
@@ -222,14 +240,19 @@ def run(args: argparse.Namespace, cleanup: object) -> None:
     logdir.mkdir()
     results: list[Result] = []
     print(f"pgbench -S, {clients} clients, -j {args.threads}, {duration}s, {rounds} alternating round(s)", flush=True)
+    # Untimed, short, through each target in turn: the first timed run is not the one that warms
+    # the compute's caches and opens the pool's backends.
+    for target in targets:
+        pgbench(pg["pgbench"], target, min(clients, 200), 5, "extended", logdir, args.threads, postmaster, quiet=True)
     for r in range(rounds):
         order = targets[r % len(targets):] + targets[:r % len(targets)]
         for target in order:
-            results.append(pgbench(pg["pgbench"], target, clients, duration, "extended", logdir, args.threads))
+            results.append(pgbench(pg["pgbench"], target, clients, duration, "extended", logdir, args.threads,
+                                   postmaster))
         # pgbench prepares each client's statements with a blocking call in a thread shared by
         # thousands of clients: behind a deep line that serializes logins, not the pooler; 1,000 at most.
         results.append(pgbench(pg["pgbench"], targets[0], min(clients, 1000), duration, "prepared", logdir,
-                               args.threads))
+                               args.threads, postmaster))
 
     memory: dict[str, float] = {}
     if idle > 0:
@@ -254,22 +277,24 @@ def report(clients: int, duration: int, pool_size: int, threads: int, results: l
            memory: dict[str, float]) -> None:
     print()
     print(f"{clients} clients, pool size {pool_size}, pgbench -S -j {threads} -T {duration}; medians over rounds")
-    print(f"{'target':<16}{'mode':>10}{'tps':>10}{'p99 ms':>10}{'CPU µs/txn':>12}{'errors':>8}{'KiB/idle':>10}")
+    print(f"{'target':<16}{'mode':>10}{'tps':>10}{'p99 ms':>10}{'CPU µs/txn':>12}{'backends µs':>13}{'errors':>8}"
+          f"{'KiB/idle':>10}")
     rows: dict[tuple[str, str], list[Result]] = {}
     for r in results:
         rows.setdefault((r.target, r.mode), []).append(r)
-    med: dict[tuple[str, str], tuple[float, float, float, int]] = {}
+    med: dict[tuple[str, str], tuple[float, float, float, float, int]] = {}
     for (target, mode), rs in rows.items():
         med[(target, mode)] = (statistics.median(r.tps for r in rs), statistics.median(r.p99_ms for r in rs),
-                               statistics.median(r.cpu_us for r in rs), sum(r.failed for r in rs))
-        tps, p99, cpu, failed = med[(target, mode)]
+                               statistics.median(r.cpu_us for r in rs), statistics.median(r.backend_us for r in rs),
+                               sum(r.failed for r in rs))
+        tps, p99, cpu, backends, failed = med[(target, mode)]
         mem = memory.get(target)
-        print(f"{target:<16}{mode:>10}{tps:10.0f}{p99:10.1f}{cpu:12.1f}{failed:8d}"
+        print(f"{target:<16}{mode:>10}{tps:10.0f}{p99:10.1f}{cpu:12.1f}{backends:13.1f}{failed:8d}"
               f"{'' if mem is None or mode != 'extended' else format(mem, '10.2f')}")
     lake, bouncer = med.get(("lakelet-pooled", "extended")), med.get(("pgbouncer-tx", "extended"))
     if lake and bouncer:
         print(f"lakelet/pgbouncer: TPS {lake[0] / bouncer[0]:.2f} (goal ≥ 1), p99 {lake[1] / bouncer[1]:.2f}, "
-              f"CPU/txn {lake[2] / bouncer[2]:.2f}", end="")
+              f"CPU/txn {lake[2] / bouncer[2]:.2f}, backends' CPU/txn {lake[3] / bouncer[3]:.2f}", end="")
         if "lakelet-pooled" in memory and "pgbouncer-tx" in memory:
             print(f", KiB/idle client {memory['lakelet-pooled']:.2f} vs {memory['pgbouncer-tx']:.2f} (goal ≤ 10)",
                   end="")

@@ -22,7 +22,6 @@ from typing import Protocol
 
 import asyncpg
 
-from compute import UnknownBranch, WakeError
 from dataapi import pgwire, schema
 from dataapi.errors import ApiError
 from dataapi.schema import SchemaCache
@@ -46,12 +45,33 @@ class Signals(Protocol):
     def held(self) -> contextlib.AbstractContextManager[None]: ...
 
 
+class NoSuchBranch(LookupError):
+    """``Computes.ensure_ready``: the branch does not exist."""
+
+
+class WakeFailed(Exception):
+    """``Computes.ensure_ready``: the branch's compute could not be started."""
+
+
 class Computes(Protocol):
-    """What the Data API needs from the control plane (``compute.Endpoints`` provides it)."""
+    """What the Data API needs from the control plane: ``local.LocalComputes`` (the control plane
+    in this process) and ``worker.RemoteComputes`` (over the link to ``lakelet up``) provide it.
+    ``ensure_ready`` raises ``NoSuchBranch`` or ``WakeFailed``; ``known`` is the address already
+    held, without asking (None: ask); ``forget`` says the address it gave for a branch did not
+    answer (a cached one is dropped, so the next call asks again)."""
 
     async def ensure_ready(self, branch: str) -> Address: ...
 
     def signals(self, branch: str) -> Signals: ...
+
+    def forget(self, branch: str) -> None: ...
+
+    def known(self, branch: str) -> Address | None: ...
+
+
+class Unreachable(ApiError):
+    """No connection to the branch's compute could be opened, so no statement was sent: the
+    request may be retried once against a fresh address (``DataAPI.handle`` does)."""
 
 
 @dataclass(frozen=True)
@@ -104,7 +124,11 @@ class Database:
                 raise ApiError(404, "3D000", f'database "{self.name}" does not exist', None,
                                f"Create it on branch {self.branch!r} first (CREATE DATABASE), or use an existing "
                                "database name in the URL") from None
-            except (TimeoutError, OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as e:
+            except (TimeoutError, OSError) as e:
+                await self.close()
+                raise Unreachable(503, "PGRST002", "Could not query the database for the schema cache", str(e),
+                                  "The branch's compute may be restarting; retry the request") from None
+            except (asyncpg.PostgresError, asyncpg.InterfaceError) as e:
                 await self.close()
                 raise ApiError(503, "PGRST002", "Could not query the database for the schema cache", str(e),
                                "The branch's compute may be restarting; retry the request") from None
@@ -195,11 +219,11 @@ class Databases:
 
     async def _enter(self, branch: str, database: str, body_bytes: int) -> tuple[Database, _Held]:
         try:
-            address = await self.computes.ensure_ready(branch)
-        except UnknownBranch:
+            address = self.computes.known(branch) or await self.computes.ensure_ready(branch)
+        except NoSuchBranch:
             raise ApiError(404, "PGRST125", f"Invalid path specified in request URL: branch {branch!r} "
                            "does not exist", None, "lakelet branch list shows the branches") from None
-        except WakeError as e:
+        except WakeFailed as e:
             raise ApiError(503, "PGRST000", "Could not connect with the database", str(e),
                            "The branch's compute failed to start; retry, or see lakelet status") from None
         signals = self.computes.signals(branch)
@@ -211,7 +235,8 @@ class Databases:
         held = signals.held()
         held.__enter__()
         try:
-            await db.ready(address)
+            if db.pool is None or db.pid != address.pid or db.cache is None:  # else ready already
+                await db.ready(address)
         except BaseException:
             self._leave(db, held)
             if db.pool is None and db.in_flight == 0:
@@ -224,6 +249,10 @@ class Databases:
         db.in_flight -= 1
         db.last_used = time.monotonic()
         held.__exit__(None, None, None)
+
+    def forget(self, branch: str) -> None:
+        """The branch's compute did not answer at the address it was given: ask again next time."""
+        self.computes.forget(branch)
 
     def note_response(self, branch: str, nbytes: int) -> None:
         with contextlib.suppress(Exception):
@@ -266,4 +295,4 @@ class _Use:
             self._entered = None
 
 
-__all__ = ["Computes", "Database", "Databases", "PoolSettings"]
+__all__ = ["Computes", "Database", "Databases", "NoSuchBranch", "PoolSettings", "Unreachable", "WakeFailed"]

@@ -388,7 +388,6 @@ class Builder:
 # -- read templates -------------------------------------------------------------------------------
 
 SLOT_OPS = frozenset({"eq", "neq", "gt", "gte", "lt", "lte"})
-_SLOT = "\0pgrst-slot\0"
 TEMPLATES_KEPT = 512
 
 
@@ -409,21 +408,22 @@ class ReadTemplates:
     def read(self, cache: SchemaCache, query: Query, shape: ReadShape) -> Statement:
         top = query.conditions.get((), [])
         values: list[str] = []
-        masked: list[Condition] = []
+        masked: list[object] = []   # the conditions, slots without their values: the shape
         at: list[int] = []   # positions in ``top`` that are slots
         for i, c in enumerate(top):
             if (isinstance(c, Filter) and c.op in SLOT_OPS and c.quantifier is None and not c.field.path
                     and isinstance(c.value, str)):
                 values.append(c.value)
                 at.append(i)
-                masked.append(dataclasses.replace(c, value=_SLOT))
+                masked.append((c.field, c.op, c.negate))  # the filter without its value (a slot)
             else:
                 masked.append(c)
+        conditions = query.conditions
         key = (id(cache), shape.table.schema, shape.table.name, shape.source, shape.limit, shape.offset, shape.count,
                query.select_text, tuple(masked),
-               tuple((p, tuple(v)) for p, v in query.conditions.items() if p != ()),
-               tuple((p, tuple(v)) for p, v in query.order.items()),
-               tuple(query.limit.items()), tuple(query.offset.items()))
+               tuple((p, tuple(v)) for p, v in conditions.items() if p != ()) if len(conditions) > 1 else (),
+               tuple((p, tuple(v)) for p, v in query.order.items()) if query.order else (),
+               tuple(query.limit.items()) if query.limit else (), tuple(query.offset.items()) if query.offset else ())
         kept = self._kept.get(key)
         if kept is not None and kept[0] is cache:
             self._kept.move_to_end(key)

@@ -199,7 +199,9 @@ def parse_list(text: str, what: str) -> tuple[str, ...]:
     return tuple(unquote(p.strip()) for p in split_top(inner))
 
 
+@functools.lru_cache(maxsize=1024)
 def parse_field(text: str) -> Field:
+    """A column name with JSON arrows (kept: a table's few column names recur on every request)."""
     parts = _JSON_OP.split(text)
     name = parts[0].strip()
     if name.startswith('"') and name.endswith('"') and len(name) > 1:

@@ -14,9 +14,11 @@ from __future__ import annotations
 
 import asyncio
 import csv
+import functools
 import io
 import json
 import logging
+import socket
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -27,7 +29,7 @@ from prometheus_client import CollectorRegistry
 
 from dataapi import actions, pgwire
 from dataapi.auth import Authenticator, Identity
-from dataapi.databases import Computes, Databases, PoolSettings
+from dataapi.databases import Computes, Databases, PoolSettings, Unreachable
 from dataapi.errors import ApiError, from_postgres
 from dataapi.metrics import UNKNOWN, DataAPIMetrics
 from dataapi.openapi import describe
@@ -111,6 +113,7 @@ class Explaining:
 BRANCH_KEY = web.RequestKey("lakelet_branch", str)  # the metrics label, set once the branch exists
 MAX_CONTENT_LOCATION = 4096
 ALLOW_TABLE = "OPTIONS,GET,HEAD,POST,PUT,PATCH,DELETE"
+HEADERS_KEPT = 256
 
 
 @dataclass(frozen=True)
@@ -129,7 +132,7 @@ class DataAPIConfig:
     max_url_bytes: int = 64 * 1024
 
 
-@dataclass
+@dataclass(frozen=True)
 class Route:
     branch: str
     database: str
@@ -137,7 +140,9 @@ class Route:
     name: str = ""
 
 
+@functools.lru_cache(maxsize=1024)
 def parse_route(path: str) -> Route:
+    """``/<branch>/<database>/rest/v1/[<table> | rpc/<function>]`` (kept: paths repeat)."""
     parts = path.strip("/").split("/")
     if len(parts) >= 4 and parts[2:4] == ["rest", "v1"] and all(parts[:2]):
         rest = parts[4:]
@@ -194,6 +199,21 @@ def to_csv(body: str, scalar_name: str) -> str:
     return out.getvalue()
 
 
+_PLAIN_QUERY = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_.-~=&")
+
+
+def content_location_query(request: web.BaseRequest) -> str:
+    """The query string as ``Content-Location`` carries it: parameters sorted, each name and value
+    percent-encoded. A query string of unreserved characters alone is already encoded, so it is
+    only split and sorted (the common case, and cheaper than decoding and quoting again)."""
+    raw = request.query_string
+    if _PLAIN_QUERY.issuperset(raw):
+        pairs = [p.split("=") for p in raw.split("&") if p]
+        if all(len(p) == 2 for p in pairs):  # an "=" in a value, or none at all, is encoded below
+            return "&".join(f"{k}={v}" for k, v in sorted(pairs))
+    return "&".join(f"{quote(k, safe='')}={quote(v, safe='')}" for k, v in sorted(request.query.items()))
+
+
 class DataAPI:
     def __init__(self, computes: Computes, config: DataAPIConfig, registry: CollectorRegistry | None = None) -> None:
         self.config = config
@@ -203,20 +223,23 @@ class DataAPI:
                                    PoolSettings(size=config.pool_size, idle_timeout=config.idle_timeout))
         self._runner: web.ServerRunner | None = None
         self.port: int | None = None
+        self._headers_kept: dict[Any, tuple[str, bool]] = {}
 
     def _make_request(self, message: Any, payload: Any, protocol: Any, writer: Any, task: Any) -> web.BaseRequest:
         return web.BaseRequest(message, payload, protocol, writer, task, asyncio.get_running_loop(),
                                client_max_size=self.config.max_body_bytes)
 
-    async def start(self, host: str, port: int) -> None:
+    async def start(self, host: str = "127.0.0.1", port: int = 0, sock: socket.socket | None = None) -> None:
         """aiohttp's low-level server: one handler takes every path (the Data API routes itself),
-        so no application router runs on each request."""
+        so no application router runs on each request. ``sock``: a listening socket to accept on
+        (a worker's, inherited from ``lakelet up``) instead of binding HOST:PORT."""
         self.databases.start()
         server = web.Server(self.handle, request_factory=self._make_request, access_log=None,
                             max_line_size=self.config.max_url_bytes, max_field_size=64 * 1024)
         self._runner = web.ServerRunner(server, handle_signals=False)
         await self._runner.setup()
-        site = web.TCPSite(self._runner, host, port)
+        site: web.BaseSite = web.SockSite(self._runner, sock) if sock is not None else \
+            web.TCPSite(self._runner, host, port)
         await site.start()
         sockets = getattr(site._server, "sockets", None) or []
         self.port = sockets[0].getsockname()[1] if sockets else port
@@ -233,7 +256,13 @@ class DataAPI:
         started = time.perf_counter()
         request[BRANCH_KEY] = UNKNOWN
         try:
-            response: web.StreamResponse = await self._handle(request)
+            try:
+                response: web.StreamResponse = await self._handle(request)
+            except Unreachable:
+                # The compute went away under us before any statement was sent (suspended,
+                # restarted, moved): ask the control plane again, which wakes it, and retry once.
+                self.databases.forget(parse_route(request.path).branch)
+                response = await self._handle(request)
         except ApiError as e:
             response = error_response(e)
         except web.HTTPRequestEntityTooLarge:
@@ -326,7 +355,7 @@ class DataAPI:
             except pgwire.PgError as e:
                 raise from_postgres(e, authenticated=identity.authenticated) from None
             except pgwire.ConnectFailed as e:
-                raise ApiError(503, "PGRST000", "Could not connect with the database", str(e),
+                raise Unreachable(503, "PGRST000", "Could not connect with the database", str(e),
                                "The branch's compute may be restarting; retry the request") from None
             except (OSError, TimeoutError) as e:  # pgwire.ConnectionLost too
                 raise ApiError(503, "PGRST001", "Database connection lost", str(e), "Retry the request") from None
@@ -380,12 +409,12 @@ class DataAPI:
         is one statement also carries its ``COMMIT`` in that write — one round trip in all (a
         read-only transaction changes nothing, so committing before the response is checked is
         the same as rolling back). Writes commit after their checks, in a second round trip."""
-        headers = {k.lower(): v for k, v in request.headers.items()}
+        headers_json, has_cookie = self._headers_json(request)
         path = ("/" if route.kind == "table" else "/rpc/") + route.name
         conn.defer(BEGIN_READ if readonly else BEGIN_WRITE)
         conn.defer(SETTINGS_SQL, (identity.role, f"{ident(schema)}, public", identity.claims_text, method,
-                                  path, json.dumps(headers),
-                                  json.dumps(dict(request.cookies)) if "cookie" in headers else "{}"))
+                                  path, headers_json,
+                                  json.dumps(dict(request.cookies)) if has_cookie else "{}"))
         if ctx.prefs.timezone:
             conn.defer("SELECT set_config('timezone', $1::text, true)", (ctx.prefs.timezone,))
         if self.config.pre_request:
@@ -420,6 +449,20 @@ class DataAPI:
             if conn.status != "I" and not conn.broken:
                 await conn.execute("ROLLBACK")
 
+    def _headers_json(self, request: web.BaseRequest) -> tuple[str, bool]:
+        """``request.headers`` as PostgREST sets it (lower-case names, JSON), and whether a cookie
+        came. A client sends the same headers request after request, so the JSON is kept by the
+        raw header block (bounded; cleared when full)."""
+        raw = request.raw_headers
+        kept = self._headers_kept.get(raw)
+        if kept is None:
+            headers = {k.lower(): v for k, v in request.headers.items()}
+            kept = (json.dumps(headers), "cookie" in headers)
+            if len(self._headers_kept) >= HEADERS_KEPT:
+                self._headers_kept.clear()
+            self._headers_kept[raw] = kept
+        return kept
+
     def _respond(self, request: web.BaseRequest, method: str, media: str, prefs: Any, ctx: actions.Context,
                  result: actions.Result, route: Route) -> web.Response:
         headers: dict[str, str] = dict(result.headers)
@@ -433,7 +476,7 @@ class DataAPI:
         if applied:
             headers["Preference-Applied"] = ", ".join(applied)
         if method in ("GET", "HEAD") and route.kind == "table":
-            ordered = "&".join(f"{quote(k, safe='')}={quote(v, safe='')}" for k, v in sorted(request.query.items()))
+            ordered = content_location_query(request)
             if len(ordered) <= MAX_CONTENT_LOCATION:  # a 5,000-value in-list would break clients' header limits
                 headers["Content-Location"] = f"/{route.name}" + (f"?{ordered}" if ordered else "")
         total = "*" if result.total is None else str(result.total)

@@ -106,6 +106,7 @@ async def _serve_locked(config: Config, data_dir: Path) -> int:
         max_unauthenticated_per_address=config.max_unauthenticated_per_address,
         warm_backends=config.warm_backends,
         pool=PoolConfig(mode=config.pool_mode, size=config.pool_size, timeout=config.pool_timeout,
+                        branch_size=config.pool_branch_size,
                         idle_transaction_timeout=config.pool_idle_transaction_timeout),
     ), registry=registry)
 

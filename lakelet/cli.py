@@ -43,6 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--log-format", choices=["text", "json"], help="log line format")
     up.add_argument("--store", dest="store_uri", help="file:///PATH or s3://BUCKET/PREFIX (default: <data-dir>/store)")
     up.add_argument("--data-api", help="HOST:PORT of the PostgREST-compatible Data API (empty = off)")
+    up.add_argument("--data-api-workers", type=int, help="Data API worker processes (0 = one per CPU)")
     up.add_argument("--lakehouse", help="lakehouse URI for lakehouse sync (path or s3://bucket/prefix)")
 
     _common(sub.add_parser("status", help="state of every endpoint"))
@@ -73,6 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     connstr = sub.add_parser("connstr", help="print a ready-to-paste connection URL")
     connstr.add_argument("branch", nargs="?", default="main")
+    connstr.add_argument("--pooled", action="store_true", help="the transaction-pooled string (pool=transaction)")
     _common(connstr)
 
     role = sub.add_parser("role", help="create or list login roles")
@@ -164,6 +166,10 @@ def _suspend(c: ControlClient, a: argparse.Namespace) -> tuple[Output, str]:
 
 def _connstr(c: ControlClient, a: argparse.Namespace) -> tuple[Output, str]:
     out = c.call("GET", "/api/v1/connstr", query={"branch": a.branch})
+    if a.pooled:
+        from proxy.connstr import pooled_url
+
+        out = {**out, "url": pooled_url(out["url"], out["branch"]), "pooled": True}
     return out, out["url"]
 
 
@@ -204,7 +210,8 @@ def _up(a: argparse.Namespace) -> int:
 
     overrides = {"data_dir": a.data_dir, "listen": a.listen, "http": a.http, "suspend_timeout": a.suspend_timeout,
                  "min_cu": a.min_cu, "max_cu": a.max_cu, "log_format": a.log_format,
-                 "data_api": a.data_api, "lakehouse_uri": a.lakehouse, "store_uri": a.store_uri}
+                 "data_api": a.data_api, "lakehouse_uri": a.lakehouse, "store_uri": a.store_uri,
+                 "data_api_workers": a.data_api_workers}
     conf = configuration.load(a.config, overrides)
     logs.setup(conf.log_format, conf.log_level)
     try:

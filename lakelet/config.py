@@ -39,6 +39,7 @@ class Config:
     warm_backends: int = 32
     pool_mode: str = "session"  # transaction pooling: the default for connections that do not choose
     pool_size: int = 0  # backends per (branch, role, database); 0 = from the compute size
+    pool_branch_size: int = 0  # backends per branch, all its (role, database) pools together; 0 = from the compute
     pool_timeout: float = 30.0
     pool_idle_transaction_timeout: float = 0.0  # >0: Postgres ends a pooled transaction left idle this long
     suspend_timeout: float = 300.0
@@ -63,6 +64,7 @@ class Config:
     data_api_idle_timeout: float = 60.0
     data_api_jwt_aud: str = ""
     data_api_plan_enabled: bool = False
+    data_api_workers: int = 0  # Data API worker processes; 0 = one per CPU
     # Where lakehouse sync writes Delta tables: a path or s3://bucket/prefix (AWS_* settings from
     # the environment); empty = <data_dir>/lakehouse.
     lakehouse_uri: str = ""
@@ -94,13 +96,14 @@ SECTIONS: dict[str, str] = {
     "auth_timeout": "proxy", "wake_timeout": "proxy", "max_client_connections": "proxy",
     "max_unauthenticated_per_address": "proxy", "warm_backends": "proxy",
     "pool_mode": "proxy", "pool_size": "proxy", "pool_timeout": "proxy", "pool_idle_transaction_timeout": "proxy",
+    "pool_branch_size": "proxy",
     "suspend_timeout": "compute", "min_cu": "compute", "max_cu": "compute", "durability": "compute",
     "user": "compute", "retention_days": "storage", "gc_interval": "storage", "superuser": "project",
     "store_uri": "storage", "wal_upload_interval": "storage", "cache_size": "storage",
     **{name: "data_api" for name in ("data_api", "data_api_schemas", "data_api_anon_role", "data_api_jwt_secret",
                                      "data_api_jwt_role_claim", "data_api_max_rows", "data_api_pre_request",
                                      "data_api_pool_size", "data_api_idle_timeout", "data_api_jwt_aud",
-                                     "data_api_plan_enabled")},
+                                     "data_api_plan_enabled", "data_api_workers")},
     "lakehouse_uri": "lakehouse",
 }
 ENV_NAMES = {name: "LAKELET_" + name.upper() for name in SECTIONS} | {"user": "LAKELET_COMPUTE_USER"}
@@ -205,9 +208,9 @@ def validate(c: Config) -> None:
         raise ConfigError("warm_backends must be 0 (off) or more")
     if c.pool_mode not in ("session", "transaction"):
         raise ConfigError(f"pool_mode = {c.pool_mode!r}: use 'session' or 'transaction'")
-    if c.pool_size < 0 or c.pool_timeout <= 0 or c.pool_idle_transaction_timeout < 0:
-        raise ConfigError("pool_size must be 0 (from the compute size) or more, pool_timeout a positive number "
-                          "of seconds, pool_idle_transaction_timeout 0 (off) or more")
+    if c.pool_size < 0 or c.pool_branch_size < 0 or c.pool_timeout <= 0 or c.pool_idle_transaction_timeout < 0:
+        raise ConfigError("pool_size and pool_branch_size must be 0 (from the compute size) or more, pool_timeout "
+                          "a positive number of seconds, pool_idle_transaction_timeout 0 (off) or more")
     if bool(c.tls_cert) != bool(c.tls_key):
         raise ConfigError("tls_cert and tls_key go together: set both, or neither for a self-signed certificate")
     parse_hostport(c.listen, "listen")
@@ -216,6 +219,8 @@ def validate(c: Config) -> None:
         parse_hostport(c.data_api, "data_api")
     if not [s for s in c.data_api_schemas.split(",") if s.strip()]:
         raise ConfigError("data_api_schemas is empty: name at least one schema (for example public)")
+    if c.data_api_workers < 0:
+        raise ConfigError("data_api_workers must be >= 0 (0 = one worker process per CPU)")
     if c.data_api_max_rows < 0 or c.data_api_pool_size < 1 or c.data_api_idle_timeout <= 0:
         raise ConfigError("data_api_max_rows must be >= 0 (0 = no limit), data_api_pool_size >= 1 and "
                           "data_api_idle_timeout > 0 seconds")

@@ -5,6 +5,7 @@ carry a hook each."""
 from __future__ import annotations
 
 import logging
+import os
 from typing import TYPE_CHECKING
 
 from aiohttp import web
@@ -15,7 +16,7 @@ if TYPE_CHECKING:
     from prometheus_client import CollectorRegistry
 
     from compute import Endpoints
-    from dataapi import DataAPI
+    from dataapi.workers import Workers
 
 log = logging.getLogger("lakelet")
 
@@ -32,28 +33,42 @@ def data_api_config(config: Config):  # noqa: ANN201 - dataapi is imported lazil
         plan_enabled=config.data_api_plan_enabled)
 
 
-async def start(config: Config, endpoints: Endpoints, registry: CollectorRegistry | None = None) -> DataAPI | None:
-    """Start the Data API listener when ``data_api`` is set; None when it is off."""
+def worker_count(config: Config) -> int:
+    """``data_api_workers``; 0 means one per CPU this process may run on."""
+    return config.data_api_workers or len(os.sched_getaffinity(0))
+
+
+async def start(config: Config, endpoints: Endpoints, registry: CollectorRegistry | None = None) -> Workers | None:
+    """Start the Data API's worker processes on ``data_api`` when it is set; None when it is off."""
     if not config.data_api:
         return None
     from dataapi import ConfigError as AuthConfigError
-    from dataapi import DataAPI
+    from dataapi.auth import Authenticator
+    from dataapi.workers import Workers, WorkerStartError
 
-    try:
-        api = DataAPI(endpoints, data_api_config(config), registry)
+    api_config = data_api_config(config)
+    try:  # a bad secret is the user's to fix: one line here, not one per worker
+        Authenticator(api_config.jwt_secret, api_config.anon_role or None, api_config.jwt_role_claim,
+                      api_config.jwt_aud)
     except AuthConfigError as e:
         raise ConfigError(str(e)) from None
     host, port = parse_hostport(config.data_api, "data_api")
+    workers = Workers(endpoints, api_config, worker_count(config), registry, log_format=config.log_format,
+                      log_level=config.log_level)
     try:
-        await api.start(host, port)
+        await workers.start(host, port)
+    except WorkerStartError as e:
+        log.error("the data API workers did not start; running without the data API: see the lines above "
+                  "for the cause", extra={"data_api": config.data_api, "error": str(e)})
+        return None
     except OSError as e:
         # The Postgres endpoint is the product; a busy HTTP port must not take it down with it.
         log.error("the data API could not listen; running without it: set data_api (--data-api) to a free "
                   "HOST:PORT, or empty to turn it off", extra={"data_api": config.data_api, "error": str(e)})
-        await api.close()
+        await workers.close()
         return None
-    log.info("data API is up", extra={"data_api": f"{host}:{api.port}"})
-    return api
+    log.info("data API is up", extra={"data_api": f"{host}:{workers.port}", "workers": workers.count})
+    return workers
 
 
 def base_url(config: Config, branch: str, database: str) -> str:

@@ -30,6 +30,8 @@ from proxy.pooled_server import (
     E_SYNC,
     E_SYNTH,
     IDLE,
+    QUERY_ENTRY,
+    SYNC_ENTRY,
     PooledServer,
 )
 from proxy.statements import (
@@ -63,20 +65,20 @@ _LEN = struct.Struct("!i")
 MAX_MESSAGE = 1 << 30
 READ_AHEAD_LIMIT = 256 * 1024  # buffered client bytes while waiting for a backend, before reading pauses
 _IDLE_READY = codec.ready_for_query(b"I")
-_SYNC = (E_SYNC, None, None)
+_SYNC = SYNC_ENTRY
 _BIND = (E_BIND, None, None)
 _EXECUTE = (E_EXECUTE, None, None)
 _DESCRIBE = (E_DESCRIBE, None, None)
 _CLOSE = (E_CLOSE, None, None)
 _PARSE_UNNAMED = (E_PARSE, None, None)
-_QUERY = (E_QUERY, None, None)
+_QUERY = QUERY_ENTRY
 _MAYBE_SPECIAL = frozenset(b"sSrRdD \t\r\n-/")
 _LETTERS = frozenset(b"sSrRdD")
 
 
 class PooledClient(asyncio.Protocol):
     __slots__ = ("transport", "pool", "buf", "server", "statements", "settings", "startup", "pid", "secret",
-                 "done", "asking", "queued", "wait_since", "discarding", "active", "closed")
+                 "done", "asking", "queued", "wait_since", "discarding", "active", "closed", "held", "paused")
 
     def __init__(self, pool: Pool, transport: asyncio.Transport, settings: Settings, pid: int, secret: int) -> None:
         self.transport = transport
@@ -95,6 +97,8 @@ class PooledClient(asyncio.Protocol):
         self.discarding = False  # after an error the pooler raised itself: ignore until Sync, as Postgres does
         self.active = False  # counted as a session (holding or waiting for a backend)
         self.closed = False
+        self.held: bytes | None = None  # what arrived while asking for a backend, kept as received (no copy)
+        self.paused = False  # reading paused: too much buffered
 
     async def run(self) -> None:
         """Until the client's connection is gone."""
@@ -107,19 +111,37 @@ class PooledClient(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         if self.buf or self.asking:
+            if self.held is not None:
+                self._unhold()
             self.buf += data
             if not self.asking:
                 self._pump()
             elif len(self.buf) > READ_AHEAD_LIMIT:
-                self.transport.pause_reading()
+                self._pause()
             return
         # The usual case, whole messages with nothing before them: read in place, and passed on
         # without a copy when none is rewritten.
         pos = self._forward_from(data)
         if pos < len(data) and not self.closed:
+            if pos == 0 and self.asking:  # all of it waits for a backend: kept as it is
+                self.held = data
+                return
             self.buf += data[pos:]
             if len(self.buf) > READ_AHEAD_LIMIT:
-                self.transport.pause_reading()
+                self._pause()
+
+    def _unhold(self) -> None:
+        self.buf += self.held  # type: ignore[operator]
+        self.held = None
+
+    def _pause(self) -> None:
+        self.paused = True
+        self.transport.pause_reading()
+
+    def _resume(self) -> None:
+        if self.paused:
+            self.paused = False
+            self.transport.resume_reading()
 
     def eof_received(self) -> bool:
         return False
@@ -165,6 +187,7 @@ class PooledClient(asyncio.Protocol):
         server.client = self
         server.skipping = False
         server.pending_set = None
+        server.plain = True
         self.server = server
         if not self.active:
             self.active = True
@@ -181,8 +204,15 @@ class PooledClient(asyncio.Protocol):
             self.pool.release(server)
             return
         self._lend(server)
-        self.transport.resume_reading()
-        self._pump()
+        held = self.held
+        if held is not None and not self.buf:  # the usual case: one chunk waited, passed on as it is
+            self.held = None
+            pos = self._forward_from(held)
+            if pos < len(held) and not self.closed:
+                self.buf += held[pos:]
+        else:
+            self._pump()
+        self._resume()
 
     def refused(self, error: SessionError) -> None:
         """No backend: past pool_timeout the messages fail (not fatal: the client held no backend,
@@ -237,6 +267,8 @@ class PooledClient(asyncio.Protocol):
         self._close()
 
     def _refuse(self, error: bytes) -> None:
+        if self.held is not None:
+            self._unhold()
         buf = self.buf
         if len(buf) >= 5 and buf[0] in (0x51, 0x46):  # a simple query or function call: one answer
             del buf[:1 + _LEN.unpack_from(buf, 1)[0]]
@@ -244,7 +276,7 @@ class PooledClient(asyncio.Protocol):
         else:  # extended protocol: the error, then nothing until Sync
             self.transport.write(error)
             self.discarding = True
-        self.transport.resume_reading()
+        self._resume()
         self._pump()
 
     # -- statements and settings (called by the backend's side) ---------------------------------------
@@ -264,11 +296,13 @@ class PooledClient(asyncio.Protocol):
 
     def _pump(self) -> None:
         """Forward the whole messages buffered."""
+        if self.held is not None:
+            self._unhold()
         pos = self._forward_from(self.buf)
         if pos:
             del self.buf[:pos]
         if len(self.buf) > READ_AHEAD_LIMIT:
-            self.transport.pause_reading()
+            self._pause()
 
     def _forward_from(self, buf: bytes | bytearray) -> int:
         """Forward every whole message of ``buf``; return how many bytes were consumed. Runs of
@@ -333,6 +367,13 @@ class PooledClient(asyncio.Protocol):
                     server.expect.append(_BIND)
                     pos = end
                     continue
+                if kind == 0x51:  # a simple query that is not a SET/RESET/DEALLOCATE/DISCARD
+                    c = buf[pos + 5]
+                    if c not in _MAYBE_SPECIAL or (c in _LETTERS and bytes(buf[pos + 5:pos + 8]).lower()
+                                                   not in PREFIXES):
+                        server.expect.append(_QUERY)
+                        pos = end
+                        continue
                 if kind == 0x44 and buf[pos + 5] == 0x50:  # Describe of a portal
                     server.status = 0
                     server.expect.append(_DESCRIBE)
@@ -424,6 +465,7 @@ class PooledClient(asyncio.Protocol):
         """Record what the backend will answer to this message; None: pass it on as it is, else
         what to send instead (b"" for nothing)."""
         expect = server.expect
+        server.plain = False  # not one of the messages passed on inline: the backend's answers are read one by one
         if server.skipping:  # Postgres ignores all of it until Sync: pass it on unread
             if kind == 0x53:
                 server.skipping = False

@@ -43,12 +43,16 @@ E_QUERY = 9  # a simple query or function call, answered up to ReadyForQuery: (c
 E_SYNTH = 10  # the pooler's own answer: (code, bytes, _)
 
 IDLE = 0x49  # 'I'
+SYNC_ENTRY = (E_SYNC, None, None)  # the plain entries: nothing to do when answered but pop them
+QUERY_ENTRY = (E_QUERY, None, None)
+_IDLE_TAIL = b"Z\x00\x00\x00\x05I"  # ReadyForQuery I
+_LOOK_INTO = frozenset(b"ESZ")  # ErrorResponse, ParameterStatus, ReadyForQuery: not for the fast path
 
 
 class PooledServer(asyncio.Protocol):
     __slots__ = ("transport", "pool", "key", "compute_pid", "client", "expect", "prepared", "applied", "status",
                  "buf", "closed", "reported", "skipping", "failed", "broken", "cancelling", "held", "idle_since",
-                 "_waiter", "_paused_client", "last_rows", "where", "pending_set")
+                 "_waiter", "_paused_client", "last_rows", "where", "pending_set", "plain")
 
     def __init__(self, pool: Pool, transport: asyncio.Transport, key: BackendKey, greeting: bytes,
                  compute_pid: int, max_prepared: int) -> None:
@@ -80,6 +84,9 @@ class PooledServer(asyncio.Protocol):
         self.last_rows: list[bytes] = []
         self.where = 2  # in its pool: 0 idle, 1 in use, 2 not (yet, or any more)
         self.pending_set: list[tuple[str, bytes | None]] | None = None  # SETs parsed since the last Sync
+        # Every entry in ``expect`` is a plain one (no statement of the pooler's, no answer of its
+        # own, no SET to track), as the client's side sets it for the messages it passes on inline.
+        self.plain = True
 
     # -- asyncio.Protocol ---------------------------------------------------------------------------
 
@@ -115,6 +122,31 @@ class PooledServer(asyncio.Protocol):
             self.buf += data
             self._wake()
             return
+        expect = self.expect
+        if self.plain and data[-6:] == _IDLE_TAIL and not self.buf and not self.skipping:
+            # The common answer: a whole batch ending in ReadyForQuery I. If it is the answer to the
+            # one batch outstanding (one Sync or Query, the last entry) and holds no error and no
+            # ParameterStatus, nothing in it needs looking at: walk the headers to be sure the tail
+            # is a message of its own, then hand the chunk over and the backend back.
+            last = expect[-1] if expect else None
+            if (last is SYNC_ENTRY and expect.count(SYNC_ENTRY) == 1) or (last is QUERY_ENTRY and len(expect) == 1):
+                n = len(data) - 6
+                pos = 0
+                unpack = _LEN.unpack_from
+                look = _LOOK_INTO
+                while pos < n:
+                    if data[pos] in look:
+                        break
+                    pos += 1 + unpack(data, pos + 1)[0]
+                else:
+                    if pos == n:
+                        expect.clear()
+                        self.failed = False
+                        self.status = IDLE
+                        client.transport.write(data)  # type: ignore[union-attr]
+                        if self.client is client:
+                            client.release(self)
+                        return
         if self.buf:
             self.buf += data
             data = bytes(self.buf)
@@ -122,7 +154,6 @@ class PooledServer(asyncio.Protocol):
         n = len(data)
         pos = run = 0
         parts: list[bytes] | None = None
-        expect = self.expect
         ended = False
         unpack = _LEN.unpack_from
         while pos + 5 <= n:

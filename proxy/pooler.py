@@ -56,6 +56,7 @@ GREETINGS_PER_POOL = 64
 class PoolConfig:
     mode: str = "session"  # for connections that do not choose
     size: int = 0  # backends per (branch, role, database); 0: from the compute's max_connections
+    branch_size: int = 0  # backends per branch, all its pools together; 0: from the compute's max_connections
     timeout: float = 30.0  # pool_timeout: how long a client waits for a backend
     max_prepared: int = 200  # prepared statements kept per backend (LRU)
     server_idle_timeout: float = 60.0  # an idle backend closes after this
@@ -64,8 +65,9 @@ class PoolConfig:
     def __post_init__(self) -> None:
         if self.mode not in MODES:
             raise ValueError(f"pool_mode = {self.mode!r}: use 'session' or 'transaction'")
-        if self.size < 0 or self.timeout <= 0:
-            raise ValueError("pool_size must be 0 (from the compute size) or more, pool_timeout above 0")
+        if self.size < 0 or self.branch_size < 0 or self.timeout <= 0:
+            raise ValueError("pool_size and pool_branch_size must be 0 (from the compute size) or more, "
+                             "pool_timeout above 0")
 
 
 # -- mode selection ---------------------------------------------------------------------------------------
@@ -265,8 +267,12 @@ class Pool:
     def request(self, w: Waiter) -> None:
         """``w`` needs a backend and no idle one has its settings: adapt an idle one or open a new
         one (in a task), else wait in line; ``w.granted(server)`` or ``w.refused(error)`` follows."""
-        if self.idle or self.opened < self.size:
+        if self.idle:
             self.pooler.spawn(self._provide(w))
+            return
+        if self._may_open():
+            self._count_open(1)
+            self.pooler.spawn(self._provide(w, reserved=True))
             return
         w.queued = True
         w.wait_since = time.monotonic()
@@ -280,26 +286,28 @@ class Pool:
         self.waiting -= 1
         self.signals.waiting -= 1
 
-    async def _provide(self, w: Waiter) -> None:
-        server = self._take_any()
+    async def _provide(self, w: Waiter, reserved: bool = False) -> None:
+        """An idle backend for ``w``, or a new one (``reserved``: its room is already counted)."""
+        server = None if reserved else self._take_any()
         if server is None:
-            if self.opened >= self.size:  # others took the room meanwhile
-                self.request(w)
-                return
-            self.opened += 1
+            if not reserved:
+                if not self._may_open():  # others took the room meanwhile
+                    self.request(w)
+                    return
+                self._count_open(1)
             try:
                 server = await self._open()
             except asyncio.CancelledError:
-                self.opened -= 1
+                self._count_open(-1)
                 raise
             except SessionError as e:
-                self.opened -= 1
-                self._next_may_open()
+                self._count_open(-1)
+                self.pooler.room_freed(self.branch)
                 w.refused(e)
                 return
             except (ConnectionError, OSError) as e:
-                self.opened -= 1
-                self._next_may_open()
+                self._count_open(-1)
+                self.pooler.room_freed(self.branch)
                 w.refused(ConnectError(f"could not open a backend for the pool: {e}"))
                 return
             server.where = _IN_USE
@@ -364,12 +372,45 @@ class Pool:
                 return w
         return None
 
-    def _next_may_open(self) -> None:
-        """A backend closed or failed to open: the next in line may open one."""
+    def _count_open(self, n: int) -> None:
+        self.opened += n
+        self.pooler.branch_opened[self.branch] += n
+
+    def _may_open(self) -> bool:
+        """Room for one more backend: in this pool, and in the branch's cap across its pools (made
+        by closing an idle backend of another pool of the branch if need be)."""
+        if self.opened >= self.size:
+            return False
+        pooler = self.pooler
+        cap = pooler.branch_cap(self.branch)
+        while pooler.branch_opened[self.branch] >= cap:
+            if not pooler.evict_idle(self):
+                return False
+        return True
+
+    def starved(self) -> bool:
+        """Clients wait here, and only the branch's cap keeps it from opening a backend for them."""
+        return self.waiting > 0 and self.opened < self.size
+
+    def open_for_next(self) -> bool:
+        """Room came free in the branch: the next in line here opens a backend (False: none waits)."""
         if self.waiters and self.opened < self.size:
             w = self._next_in_line()
             if w is not None:
-                self.pooler.spawn(self._provide(w))
+                self._count_open(1)
+                self.pooler.spawn(self._provide(w, reserved=True))
+                return True
+        return False
+
+    def evict(self, server: PooledServer) -> None:
+        """Close an idle backend to give its room to another pool of the branch: counted out now,
+        so the room is there at once (Postgres frees the slot as the backend exits)."""
+        with contextlib.suppress(ValueError):
+            self.idle.remove(server)
+        server.where = _GONE
+        self.servers.discard(server)
+        self._count_open(-1)
+        server.close()
 
     def release(self, server: PooledServer) -> None:
         """Back from a client at the end of a transaction: to the next in line, or idle."""
@@ -392,6 +433,11 @@ class Pool:
                 return
         server.where = _IDLE
         self.in_use -= 1
+        pooler = self.pooler
+        if pooler.branch_opened[self.branch] >= pooler.branch_cap(self.branch) and pooler.starved(self.branch):
+            self.evict(server)  # another pool of the branch waits for room: it is theirs
+            pooler.room_freed(self.branch)
+            return
         server.idle_since = time.monotonic()
         self.idle.append(server)
 
@@ -412,8 +458,8 @@ class Pool:
         elif where == _IN_USE:
             self.in_use -= 1
         if where != _GONE:
-            self.opened -= 1
-            self._next_may_open()
+            self._count_open(-1)
+            self.pooler.room_freed(self.branch)
 
     async def _open(self) -> PooledServer:
         compute = await self.pooler.wake(self.branch)
@@ -516,6 +562,12 @@ class _PoolCollector(Collector):
             b[3] += pool.waiting
             b[4] += pool.active - pool.waiting
             b[5] += pool.clients - pool.active
+        for branch, signals in sorted(self.pooler.session_branches.items()):
+            # Session mode has no pool: each session holds its own backend from log-in to log-out.
+            # Its sessions are the branch's sessions less the pooled clients counted among them.
+            sessions = signals.sessions - sum(p.active for p in self.pooler.by_branch.get(branch, ()))
+            backends.add_metric([branch, "session", "in_use"], sessions)
+            clients.add_metric([branch, "session", "active"], sessions)
         for branch, (sz, idle, in_use, waiting, active, idle_clients) in sorted(by_branch.items()):
             size.add_metric([branch, "transaction"], sz)
             backends.add_metric([branch, "transaction", "idle"], idle)
@@ -551,6 +603,10 @@ class Pooler:
         self.wake = wake
         self.signals = signals
         self.pools: dict[tuple[str, str, str], Pool] = {}
+        self.by_branch: dict[str, list[Pool]] = {}
+        # The proxy's branches and their load signals (session-mode rows of the metrics), set by it.
+        self.session_branches: dict[str, LoadSignals] = {}
+        self.branch_opened: dict[str, int] = {}  # backends open or opening per branch, all pools
         self.names = StatementNames()
         self.max_connections: dict[int, int] = {}  # compute pid → its max_connections
         self.compute_pid: dict[str, int] = {}  # branch → the compute last opened on
@@ -561,17 +617,51 @@ class Pooler:
             registry.register(_PoolCollector(self))
 
     def size_for(self, branch: str) -> int:
+        """Backends one pool of ``branch`` may hold."""
         if self.config.size:
             return self.config.size
+        return self.branch_cap(branch)
+
+    def branch_cap(self, branch: str) -> int:
+        """Backends all pools of ``branch`` may hold together: half of what the compute's
+        max_connections leaves after the reserved slots, so however many (role, database) pools
+        a branch has, session-mode clients and the control plane keep their room."""
+        if self.config.branch_size:
+            return self.config.branch_size
         pid = self.compute_pid.get(branch)
         max_conn = self.max_connections.get(pid, DEFAULT_MAX_CONNECTIONS) if pid else DEFAULT_MAX_CONNECTIONS
         return max(1, (max_conn - RESERVED) // 2)
+
+    def evict_idle(self, pool: Pool) -> bool:
+        """Make room in ``pool``'s branch by closing an idle backend of another of its pools."""
+        for other in self.by_branch[pool.branch]:
+            if other is not pool and other.idle:
+                other.evict(other.idle[0])  # the least recently used
+                return True
+        return False
+
+    def starved(self, branch: str) -> bool:
+        return any(p.starved() for p in self.by_branch[branch])
+
+    def room_freed(self, branch: str) -> None:
+        """A backend of ``branch`` closed or failed to open: pools waiting for room open one each
+        while the cap allows (the pool whose client waited longest first)."""
+        cap = self.branch_cap(branch)
+        while self.branch_opened[branch] < cap:
+            waiting = [p for p in self.by_branch[branch] if p.starved()]
+            if not waiting:
+                return
+            oldest = min(waiting, key=lambda p: next((w.wait_since for w in p.waiters if w.queued), 0.0))
+            if not oldest.open_for_next():
+                return
 
     def pool(self, branch: str, role: str, database: str) -> Pool:
         key = (branch, role, database)
         pool = self.pools.get(key)
         if pool is None:
             pool = self.pools[key] = Pool(self, branch, role, database)
+            self.by_branch.setdefault(branch, []).append(pool)
+            self.branch_opened.setdefault(branch, 0)
             if self._janitor is None:
                 self._janitor = asyncio.create_task(self._sweep(), name="pool-janitor")
         return pool
@@ -660,6 +750,8 @@ class Pooler:
             for pool in list(self.pools.values()):
                 pool.close_idle(older)
                 pool.expire(now)
+            for branch in self.by_branch:
+                self.room_freed(branch)
 
     async def close(self) -> None:
         if self._janitor is not None:

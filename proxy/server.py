@@ -91,6 +91,7 @@ class Proxy:
         self._relaying: dict[Side, str] = {}  # client side → branch, while relayed
         self.metrics = ProxyMetrics(registry, lambda: self._branches, self._live_bytes)
         self.pooler = Pooler(config.pool, wake=self._wake, signals=self._signals, registry=registry)
+        self.pooler.session_branches = self._branches
         self.material = tls.load(config.tls_dir, config.tls_cert, config.tls_key)
         self._ssl = self._direct_ssl = None
         if self.material is not None:

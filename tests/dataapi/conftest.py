@@ -15,6 +15,7 @@ from prometheus_client import CollectorRegistry
 
 from compute import EndpointConfig, Endpoints
 from dataapi import DataAPI, DataAPIConfig
+from dataapi.local import LocalComputes
 from storage import Store
 from storage.postgres import PgBinaries, ServiceUser
 
@@ -79,7 +80,7 @@ async def api(root: Path, service_user: ServiceUser, pg: PgBinaries) -> AsyncIte
     eps = Endpoints(store, computes_dir=root / "computes", user=service_user, pg=pg,
                     config=EndpointConfig(suspend_timeout=300), registry=CollectorRegistry())
     await eps.start()
-    data_api = DataAPI(eps, DataAPIConfig(anon_role="web_anon", jwt_secret=SECRET, max_rows=1000,
+    data_api = DataAPI(LocalComputes(eps), DataAPIConfig(anon_role="web_anon", jwt_secret=SECRET, max_rows=1000,
                                           idle_timeout=IDLE_TIMEOUT, max_body_bytes=MAX_BODY,
                                           pre_request="public.pre_request", schemas=("public", "extra")))
     session = aiohttp.ClientSession()

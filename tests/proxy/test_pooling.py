@@ -5,6 +5,7 @@ replayed, cancel landing on the right backend, and idle pooled clients letting a
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 
 import asyncpg
@@ -35,9 +36,9 @@ async def apg(harness: Harness, options: str = "pool=transaction", **kw: object)
 @pytest.fixture
 def pool_config(harness: Harness):
     cfg = harness.proxy.pooler.config
-    saved = (cfg.size, cfg.timeout, cfg.mode)
+    saved = (cfg.size, cfg.branch_size, cfg.timeout, cfg.mode)
     yield cfg
-    cfg.size, cfg.timeout, cfg.mode = saved
+    cfg.size, cfg.branch_size, cfg.timeout, cfg.mode = saved
 
 
 def _pool(harness: Harness, branch: str = "main", database: str = "postgres"):
@@ -80,6 +81,14 @@ async def test_pooled_clients_share_a_backend_session_clients_do_not(harness: Ha
         assert await _pid(a) == await _pid(b)  # one idle backend serves both, one transaction at a time
         assert await _pid(s1) != await _pid(s2)
         assert s1.get_server_pid() == await _pid(s1)  # session mode keeps the real pid
+        # Session mode in the pool metrics: each session holds a backend; idle pooled clients are not counted.
+        metrics = harness.metric("lakelet_proxy_pool_")
+        assert 'lakelet_proxy_pool_clients{branch="main",mode="session",state="active"} 2.0' in metrics
+        assert 'lakelet_proxy_pool_backends{branch="main",mode="session",state="in_use"} 2.0' in metrics
+        async with a.transaction():  # a pooled client in a transaction is not a session-mode one
+            await a.fetchval("SELECT 1")
+            assert 'lakelet_proxy_pool_clients{branch="main",mode="session",state="active"} 2.0' in \
+                harness.metric("lakelet_proxy_pool_clients")
         # The config default: without pool= in the options, pool_mode decides.
         pool_config.mode = "transaction"
         c = await asyncpg.connect(**pooled(harness, "endpoint=main"))
@@ -165,6 +174,69 @@ async def test_pool_timeout_is_a_clear_53300(harness: Harness, pool_config) -> N
     finally:
         await a.close()
         await b.close()
+
+
+async def test_the_branch_cap_holds_across_its_pools(harness: Harness, pool_config) -> None:
+    """Two databases' pools on one branch share its cap: a pool at room of its own but not of the
+    branch waits, an idle backend of another pool is closed to make room, and past pool_timeout
+    the waiter gets 53300 — the compute never sees more pooled backends than the cap."""
+    pooler = harness.proxy.pooler
+    pool_config.size, pool_config.branch_size = 2, 2
+    admin = await (await harness.endpoints.node("main")).connect()
+    with contextlib.suppress(asyncpg.DuplicateDatabaseError):
+        await admin.execute("CREATE DATABASE pool_other OWNER app")
+
+    query = ("SELECT pid FROM pg_stat_activity WHERE usename = 'app' AND backend_type = 'client backend'")
+    for p in pooler.by_branch.get("main", []):  # idle backends of earlier tests' pools
+        p.close_idle(time.monotonic() + 1)
+    await poll_until(lambda: pooler.branch_opened.get("main", 0) == 0, "no pooled backends", timeout=10, every=0.02)
+    await asyncio.sleep(0.5)
+    others = {r["pid"] for r in await admin.fetch(query)}  # the session-mode warm backends of the proxy
+
+    async def pooled_backends() -> int:
+        """The pooled backends on the compute, once closed ones have exited (on their own time)."""
+        for _ in range(100):
+            n = len({r["pid"] for r in await admin.fetch(query)} - others)
+            if n <= 2:
+                return n
+            await asyncio.sleep(0.1)
+        return n
+
+    a, b, d = await apg(harness), await apg(harness), await apg(harness)
+    c, e = await apg(harness, database="pool_other"), await apg(harness, database="pool_other")
+    other = _pool(harness, database="pool_other")
+    try:
+        ta, tb = a.transaction(), b.transaction()
+        for conn, tr in ((a, ta), (b, tb)):
+            await tr.start()
+            await conn.fetchval("SELECT 1")
+        waiting = asyncio.create_task(c.fetchval("SELECT current_database()"))
+        await poll_until(lambda: other.waiting == 1, "c waiting for room in the branch", timeout=10, every=0.02)
+        assert pooler.branch_opened["main"] == 2 and other.opened == 0
+        assert await pooled_backends() == 2
+        # a's backend comes back idle while another pool of the branch waits: closed, its room c's.
+        await ta.commit()
+        assert await asyncio.wait_for(waiting, 10) == "pool_other"
+        assert (_pool(harness).opened, other.opened, pooler.branch_opened["main"]) == (1, 1, 2)
+        # d (postgres) needs a backend: the branch is full, c's idle one in pool_other is closed for it.
+        td = d.transaction()
+        await td.start()
+        assert await d.fetchval("SELECT current_database()") == "postgres"
+        assert (_pool(harness).opened, other.opened) == (2, 0)
+        assert await pooled_backends() == 2
+        # Both room holders in transactions: e's query waits out pool_timeout, a clear 53300.
+        pool_config.timeout = 0.5
+        with pytest.raises(asyncpg.PostgresError) as err:
+            await asyncio.wait_for(e.fetchval("SELECT 1"), 10)
+        assert err.value.sqlstate == "53300"
+        assert pooler.branch_opened["main"] == 2
+        await tb.commit()
+        assert await asyncio.wait_for(e.fetchval("SELECT current_database()"), 10) == "pool_other"
+        await td.rollback()
+    finally:
+        for conn in (a, b, c, d, e):
+            await conn.close()
+        await admin.close()
 
 
 async def test_a_client_dying_mid_transaction_never_lends_its_backend(harness: Harness, pool_config) -> None:
@@ -376,8 +448,9 @@ def test_config_keys() -> None:
     from lakelet.config import ConfigError, load
 
     c = load(env={"LAKELET_POOL_MODE": "transaction", "LAKELET_POOL_SIZE": "20", "LAKELET_POOL_TIMEOUT": "5",
-                  "LAKELET_POOL_IDLE_TRANSACTION_TIMEOUT": "60"})
+                  "LAKELET_POOL_IDLE_TRANSACTION_TIMEOUT": "60", "LAKELET_POOL_BRANCH_SIZE": "30"})
     assert (c.pool_mode, c.pool_size, c.pool_timeout, c.pool_idle_transaction_timeout) == ("transaction", 20, 5.0, 60.0)
+    assert c.pool_branch_size == 30
     assert load(env={}).pool_mode == "session"
     with pytest.raises(ConfigError, match="pool_mode = 'statement'"):
         load(env={"LAKELET_POOL_MODE": "statement"})

@@ -97,3 +97,19 @@ def test_clients_waiting_for_a_backend_are_load_for_the_autoscaler() -> None:
         d = decide(state, Sample(cpu_cores=0.05, active_backends=0, waiting=0), cfg)
         state = d.state
     assert d.direction == "hold"
+
+
+def test_the_pooled_url_names_the_branch_and_the_mode() -> None:
+    from urllib.parse import parse_qs, urlsplit
+
+    from proxy.connstr import pooled_url
+
+    url = pooled_url("postgresql://lakelet:p%40ss@localhost:5432/postgres?sslmode=verify-full"
+                     "&sslrootcert=%2Ftmp%2Fca.pem", "main")
+    assert url.startswith("postgresql://lakelet:p%40ss@localhost:5432/postgres?")
+    query = parse_qs(urlsplit(url).query)
+    assert query == {"sslmode": ["verify-full"], "sslrootcert": ["/tmp/ca.pem"],
+                     "options": ["endpoint=main pool=transaction"]}
+    url = pooled_url("postgresql://u@h:1/postgres?options=endpoint%3Dfeature%20pool%3Dsession%20-c%20work_mem%3D1MB",
+                     "feature")
+    assert parse_qs(urlsplit(url).query)["options"] == ["endpoint=feature pool=transaction -c work_mem=1MB"]

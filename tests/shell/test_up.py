@@ -59,6 +59,14 @@ def test_psql_with_the_connstr(lakelet: Lakelet) -> None:
     assert out.stdout.strip() == "42"
 
 
+def test_the_pooled_connstr_reaches_a_pooled_session(lakelet: Lakelet) -> None:
+    url = cli("connstr", "--pooled", data_dir=lakelet.data_dir, check=True).stdout.strip()
+    assert "options=endpoint%3Dmain%20pool%3Dtransaction" in url
+    with psycopg.connect(url, autocommit=True) as conn:
+        assert conn.info.backend_pid > (1 << 22)  # a pooled client's key, not a backend's pid
+        assert conn.execute("SELECT 40 + 2").fetchone() == (42,)
+
+
 def test_status_reports_the_active_endpoint(lakelet: Lakelet) -> None:
     with psycopg.connect(lakelet.dsn("lakelet", password_of(lakelet.data_dir))) as conn:
         conn.execute("SELECT 1")
