@@ -412,6 +412,8 @@ class Run:
     cpu_user_s: float | None
     cpu_sys_s: float | None
     client_cpu_s: float = 0.0  # pgbench's own CPU: with SCRAM it derives the key on every connection
+    seconds: float = 0.0  # the run's wall time
+    lakelet_cpu_s: float | None = None  # the Lakelet process's CPU during another target's run
 
     @property
     def client_us_per_txn(self) -> float:
@@ -434,13 +436,19 @@ def pgbench_env() -> dict[str, str]:
     return {**os.environ, "PGPASSWORD": PASSWORD, "PGSSLMODE": "disable"}
 
 
-def pgbench(pg: PgBinaries, target: Target, args: list[str]) -> Run:
+def pgbench(pg: PgBinaries, target: Target, args: list[str], lakelet_pid: int | None = None) -> Run:
+    """One pgbench run; with ``lakelet_pid`` (for targets other than the proxy) the Lakelet
+    process's CPU meanwhile too: its control plane's cost under that load, with nothing relayed."""
     cmd = [pg["pgbench"], "-h", target.host, "-p", str(target.port), "-U", ROLE, *args, DATABASE]
+    lakelet_before = cpu_seconds(lakelet_pid) if lakelet_pid else None
+    started = time.monotonic()
     before = cpu_times(target.pid) if target.pid else None
     children = resource.getrusage(resource.RUSAGE_CHILDREN)
     seconds = float(args[args.index("-T") + 1]) if "-T" in args else 600.0
     out = run_bounded(cmd, f"pgbench {' '.join(args)} against {target.name}", seconds + STEP_TIMEOUT, env=pgbench_env())
     after = cpu_times(target.pid) if target.pid else None
+    seconds = time.monotonic() - started
+    lakelet = cpu_seconds(lakelet_pid) - lakelet_before if lakelet_pid and lakelet_before is not None else None
     done = resource.getrusage(resource.RUSAGE_CHILDREN)
     client = (done.ru_utime + done.ru_stime) - (children.ru_utime + children.ru_stime)
     tps = re.search(r"^tps = ([0-9.]+)", out.stdout, re.M)
@@ -451,17 +459,19 @@ def pgbench(pg: PgBinaries, target: Target, args: list[str]) -> Run:
     user = sys_ = None
     if before is not None and after is not None:
         user, sys_ = after[0] - before[0], after[1] - before[1]
-    return Run(float(tps.group(1)), int(txns.group(1)), user, sys_, client)
+    return Run(float(tps.group(1)), int(txns.group(1)), user, sys_, client, seconds, lakelet)
 
 
-def alternate(pg: PgBinaries, targets: list[Target], args: list[str], rounds: int, label: str) -> dict[str, list[Run]]:
+def alternate(pg: PgBinaries, targets: list[Target], args: list[str], rounds: int, label: str,
+              lakelet_pid: int | None = None) -> dict[str, list[Run]]:
     """Every round runs each target once, starting with a different one each round, so drift in
-    a noisy machine's load spreads over all targets instead of favouring one."""
+    a noisy machine's load spreads over all targets instead of favouring one. ``lakelet_pid``'s
+    CPU is also read during the other targets' runs."""
     runs: dict[str, list[Run]] = {t.name: [] for t in targets}
     for r in range(rounds):
         shift = r % len(targets)
         for target in targets[shift:] + targets[:shift]:
-            run = pgbench(pg, target, args)
+            run = pgbench(pg, target, args, None if target.pid == lakelet_pid else lakelet_pid)
             runs[target.name].append(run)
             cpu = ""
             if run.cpu_us_per_txn is not None and run.sys_share is not None:
@@ -481,6 +491,12 @@ def median_cpu(runs: list[Run]) -> float | None:
 
 def median_client(runs: list[Run]) -> float:
     return statistics.median(r.client_us_per_txn for r in runs)
+
+
+def median_lakelet_share(runs: list[Run]) -> float | None:
+    """The Lakelet process's CPU during these runs, as a fraction of a core."""
+    values = [r.lakelet_cpu_s / r.seconds for r in runs if r.lakelet_cpu_s is not None and r.seconds]
+    return statistics.median(values) if values else None
 
 
 def median_sys(runs: list[Run]) -> float | None:
@@ -638,7 +654,7 @@ def settings_from(args: argparse.Namespace) -> Settings:
     )
 
 
-def background_cpu(pid: int, seconds: float = 3.0) -> float:
+def background_cpu(pid: int, seconds: float = 5.0) -> float:
     """The Lakelet process's CPU while nothing is relayed (control plane and autoscaler ticks),
     as a fraction of a core: part of what the proxy column charges per transaction."""
     before = cpu_seconds(pid)
@@ -694,6 +710,11 @@ def report(s: Settings, select: dict[str, list[Run]], connect: dict[str, list[Ru
               f"{median_client(connect[name]):17.0f}")
     print(f"CPU: the Lakelet process (proxy + control plane; idle background {idle_cpu * 100:.1f}% of a core), "
           "the bare relay's and the pgbouncer process; sys = kernel share.")
+    loaded = median_lakelet_share(select["direct"])
+    if loaded is not None:
+        print(f"The Lakelet process while the compute served the direct runs (nothing relayed): {loaded * 100:.2f}% "
+              f"of a core, {loaded * 1e6 / median_tps(select['proxy']):.2f} µs per proxied transaction "
+              "at the proxy's rate (included in its CPU µs/txn).")
     print("plain-scram: a plain Postgres on 127.0.0.1 with scram-sha-256, the compute's shared_buffers and "
           "max_connections, as an application logs in without Lakelet.")
     print("direct and bare-relay log in with trust on the compute's socket (no SCRAM); pgbouncer keeps server "
@@ -778,9 +799,10 @@ def run(args: argparse.Namespace, cleanup: Cleanup) -> None:
         pgbench(pg, target, [*common, "-T", "2"])
     idle_cpu = background_cpu(proxy_pid)
     print(f"select-only: {s.rounds} alternating rounds of {s.duration}s", flush=True)
-    select = alternate(pg, targets, [*common, "-T", str(s.duration)], s.rounds, "select")
+    select = alternate(pg, targets, [*common, "-T", str(s.duration)], s.rounds, "select", proxy_pid)
     print(f"new connection per transaction: {s.conn_rounds} alternating rounds of {s.conn_duration}s", flush=True)
-    connect = alternate(pg, targets, ["-C", *common, "-T", str(s.conn_duration)], s.conn_rounds, "connect")
+    connect = alternate(pg, targets, ["-C", *common, "-T", str(s.conn_duration)], s.conn_rounds, "connect",
+                        proxy_pid)
 
     idle: list[IdleResult] = []
     if s.idle > 0:

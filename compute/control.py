@@ -96,6 +96,7 @@ class ControlPlane:
                            CgroupLimits() if cgroups else None)
         self._endpoints: dict[str, Endpoint] = {}
         self._signals: dict[str, LoadSignals] = {}
+        self._addresses: dict[str, tuple[ComputeNode, ComputeAddress]] = {}  # per node, made once
         # branch → role → verifier; replaced whole (never mutated) so readers need no lock.
         self._roles: dict[str, Roles] = {}
         self._reload_lock = threading.Lock()
@@ -213,7 +214,27 @@ class ControlPlane:
     async def ensure_ready(self, branch: str) -> ComputeAddress:
         node = await self.node(branch)
         assert node.pid is not None
-        return ComputeAddress(str(node.socket_dir), node.port, node.pid)
+        return self._address(branch, node)
+
+    def ready(self, branch: str) -> ComputeAddress | None:
+        """The branch's compute when it is active with its postmaster alive, else None — without
+        waiting: a session's common case, taken with no coroutine and no timer."""
+        endpoint = self._endpoints.get(branch)
+        if endpoint is None or endpoint.state != EndpointState.ACTIVE:
+            return None
+        node = endpoint.node
+        if node is None or node.pid is None or not node.alive():
+            return None
+        return self._address(branch, node)
+
+    def _address(self, branch: str, node: ComputeNode) -> ComputeAddress:
+        kept = self._addresses.get(branch)
+        if kept is not None and kept[0] is node and kept[1].pid == node.pid:
+            return kept[1]
+        assert node.pid is not None
+        address = ComputeAddress(str(node.socket_dir), node.port, node.pid)
+        self._addresses[branch] = (node, address)
+        return address
 
     async def node(self, branch: str) -> ComputeNode:
         return await self._known(branch).ensure_ready()
@@ -256,6 +277,7 @@ class ControlPlane:
         """Drop a branch's endpoint (suspended by the caller); a kept branch name gets a fresh one
         over the same signals, a deleted one loses its signals and metrics too."""
         self._endpoints.pop(branch, None)
+        self._addresses.pop(branch, None)
         if not keep_signals:
             self._signals.pop(branch, None)
             self.ctx.metrics.forget(branch)

@@ -157,7 +157,7 @@ class ComputeSampler:
         now = time.monotonic()
         try:
             active, commits = await counts()
-        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError):
+        except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError):
             self._active, self._commits = 0, None
             return
         if self._commits is not None:

@@ -49,3 +49,12 @@ class ProxyMetrics:
         self.protocol_errors = Counter("lakelet_proxy_protocol_errors_total", "Protocol violations by clients", **kw)
         if registry is not None:
             registry.register(_SignalsCollector(branches, live))
+        self._ended: dict[tuple[str, str], Counter] = {}
+
+    def connection_ended(self, branch: str, outcome: str) -> None:
+        """Count a connection by outcome: the labelled child is looked up once per (branch, outcome)
+        pair, not on every connection (``labels()`` takes a lock and builds a key)."""
+        child = self._ended.get((branch, outcome))
+        if child is None:
+            child = self._ended[branch, outcome] = self.connections.labels(branch, outcome)
+        child.inc()

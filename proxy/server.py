@@ -76,6 +76,7 @@ class _Session:
     admitted: bool = False  # counted against max_client_connections
     warm: WarmBackend | None = None  # the backend, kept warm after the client leaves if it proves clean
     pool_key: PoolKey | None = None
+    client: Side | None = None  # the client's protocol, once its transport is made
 
 
 class Proxy:
@@ -207,7 +208,6 @@ class Proxy:
             self._refuse(conn, address)
             return
         self._sockets += 1
-        client: Side | None = None
         try:
             if admitted is not True:  # in line behind this address's other handshakes
                 try:
@@ -217,23 +217,14 @@ class Proxy:
                     self.gate.give_up(address, admitted)
                     raise
             s.address = address
-            # Small messages both ways (a query, its answer) must not wait for Nagle's timer.
-            conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            async with asyncio.timeout_at(deadline):
-                direct = await self._peek_direct_tls(conn)
-                _, client = await loop.connect_accepted_socket(
-                    lambda: Side("client"), conn, ssl=self._direct_ssl if direct else None)
-            if direct and client.transport is not None:
-                obj = client.transport.get_extra_info("ssl_object")
-                if obj is None or obj.selected_alpn_protocol() != tls.ALPN:
-                    raise HandshakeError("direct TLS connections must use ALPN protocol postgresql")
-            opened = await self._open(client, address, direct, s, deadline)
+            opened = await self._open(conn, loop, s, deadline)
             if opened is not None:
+                assert s.client is not None
                 s.outcome = "ok"
                 if isinstance(opened, PooledClient):
                     await opened.run()
                 else:
-                    await self._passthrough(client, *opened, loop, s)
+                    await self._passthrough(s.client, *opened, loop, s)
         except InvalidStartupPacket as e:
             s.outcome = e.outcome
             self.metrics.invalid_startup_packets.inc()
@@ -243,20 +234,20 @@ class Proxy:
             s.outcome = e.outcome
             if isinstance(e, HandshakeError):
                 self.metrics.protocol_errors.inc()
-            if client is not None:
-                client.write(codec.fatal(e.sqlstate, str(e), hint=e.hint))
+            if s.client is not None:
+                s.client.write(codec.fatal(e.sqlstate, str(e), hint=e.hint))
         except TimeoutError:
             s.outcome = "timeout"
-            if client is not None:
-                client.write(codec.fatal("08006", "authentication timed out: the handshake took longer than "
+            if s.client is not None:
+                s.client.write(codec.fatal("08006", "authentication timed out: the handshake took longer than "
                                                   f"auth_timeout ({self.config.auth_timeout:g}s)"))
         except (ConnectionError, ssl.SSLError, OSError) as e:
             s.outcome = "disconnected"
             log.debug("client connection failed", extra={"error": str(e)})
         except asyncio.CancelledError:
             s.outcome = "shutdown"
-            if client is not None:
-                client.write(codec.fatal("57P01", "terminating connection because the proxy is shutting down"))
+            if s.client is not None:
+                s.client.write(codec.fatal("57P01", "terminating connection because the proxy is shutting down"))
         finally:
             self._sockets -= 1
             self._leave_unauthenticated(s)
@@ -266,11 +257,11 @@ class Proxy:
             if s.signals is not None:
                 s.signals.sessions -= 1
                 s.signals.last_activity = time.monotonic()
-            if client is not None:
-                client.close()
+            if s.client is not None:
+                s.client.close()
             else:
                 conn.close()
-            self.metrics.connections.labels(s.branch, s.outcome).inc()
+            self.metrics.connection_ended(s.branch, s.outcome)
 
     def _refuse(self, conn: socket.socket, address: str) -> None:
         """Over the per-address cap of sockets not yet authenticated: one FATAL, written without
@@ -280,7 +271,7 @@ class Proxy:
                                   hint="finish authenticating the connections already open, or raise "
                                        "max_unauthenticated_per_address"))
         conn.close()
-        self.metrics.connections.labels("-", "too_many_unauthenticated").inc()
+        self.metrics.connection_ended("-", "too_many_unauthenticated")
 
     def _leave_unauthenticated(self, s: _Session) -> None:
         if s.address is not None:
@@ -296,12 +287,28 @@ class Proxy:
         self._authenticated += 1
         s.admitted = True
 
-    async def _open(self, client: Side, address: str, direct: bool,
+    async def _open(self, conn: socket.socket, loop: asyncio.AbstractEventLoop,
                     s: _Session, deadline: float) -> tuple[Side, LoadSignals] | PooledClient | None:
         """Handshake, auth, wake and connect: the compute's side of a session ready to relay and
         its branch's signals, or None for a cancel request. The startup packet, the greeting and
-        the rest end with this call, so an idle session keeps only its two protocols."""
+        the rest end with this call, so an idle session keeps only its two protocols.
+
+        One deadline (one timer) covers everything before authentication: first byte, TLS,
+        startup, SCRAM."""
+        address = s.address or "-"
+        # Small messages both ways (a query, its answer) must not wait for Nagle's timer (uvloop
+        # sets this itself; asyncio's loop skips accepted sockets, whose proto reads 0).
+        conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         async with asyncio.timeout_at(deadline):
+            # A first byte of 0x16 is a TLS ClientHello (direct TLS): only looked for when TLS is on.
+            direct = self._direct_ssl is not None and await self._peek_direct_tls(conn)
+            _, client = await loop.connect_accepted_socket(
+                lambda: Side("client"), conn, ssl=self._direct_ssl if direct else None)
+            s.client = client
+            if direct and client.transport is not None:
+                obj = client.transport.get_extra_info("ssl_object")
+                if obj is None or obj.selected_alpn_protocol() != tls.ALPN:
+                    raise HandshakeError("direct TLS connections must use ALPN protocol postgresql")
             startup = await negotiate(client, self._ssl, direct_tls=direct, require_tls=self.config.require_tls)
             if isinstance(startup, Cancel):
                 s.outcome = "cancel"
@@ -381,6 +388,10 @@ class Proxy:
         return s
 
     async def _wake(self, branch: str):  # noqa: ANN202 - ComputeAddress
+        address = self.provider.ready(branch)
+        if address is not None:  # the usual case: running, nothing to wait for (and no timer to arm)
+            self.metrics.wake_wait.observe(0.0)
+            return address
         started = time.monotonic()
         try:
             async with asyncio.timeout(self.config.wake_timeout):

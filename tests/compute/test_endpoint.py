@@ -245,6 +245,18 @@ async def test_a_tick_reads_only_what_a_decision_needs(endpoints: Endpoints,
         endpoints.configure("main", EndpointConfig(suspend_timeout=300))
 
 
+async def test_ready_answers_without_waiting(endpoints: Endpoints) -> None:
+    await make_branch(endpoints, "quick")
+    assert endpoints.ready("quick") is None  # suspended: the caller must wake it (ensure_ready)
+    addr = await endpoints.ensure_ready("quick")
+    assert endpoints.ready("quick") == addr
+    await endpoints.suspend("quick")
+    assert endpoints.ready("quick") is None
+    addr2 = await endpoints.ensure_ready("quick")
+    assert endpoints.ready("quick") == addr2 and addr2.pid != addr.pid
+    await endpoints.suspend("quick")
+
+
 async def test_idle_endpoint_scales_to_zero(endpoints: Endpoints) -> None:
     await make_branch(endpoints, "idle")
     endpoints.configure("idle", EndpointConfig(suspend_timeout=1))

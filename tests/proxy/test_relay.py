@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import re
+import socket
 import struct
 
 from proxy.pipe import TERMINATE, Side
@@ -32,6 +33,21 @@ async def test_bytes_moved_are_counted_live_and_after_the_session(harness: Harne
         await conn.close()
     after_in, after_out = _bytes(harness, "in"), _bytes(harness, "out")
     assert after_out >= live_out and after_in >= live_in  # a counter: the session's bytes stay counted
+
+
+async def test_client_sockets_do_not_wait_for_nagle(harness: Harness) -> None:
+    """Small writes go out at once (asyncio's loop does not set TCP_NODELAY on accepted sockets)."""
+    conn = await harness.apg()
+    try:
+        assert await conn.fetchval("SELECT 1") == 1
+        clients = list(harness.proxy._relaying)
+        assert clients
+        for side in clients:
+            assert side.transport is not None
+            sock = side.transport.get_extra_info("socket")
+            assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) != 0
+    finally:
+        await conn.close()
 
 
 class _Transport:
