@@ -145,3 +145,23 @@ async def test_client_killed_mid_copy_ends_its_backend(harness: Harness) -> None
         if not con.is_closed():
             con.terminate()
         await watcher.close()
+
+
+def test_codec_error_code_reported_setting_and_retire() -> None:
+    from proxy import codec
+    from proxy.statements import StatementNames, error_code, reported_setting
+
+    assert error_code(codec.error_response("ERROR", "XX000", "cache lookup failed for type 1")) == b"XX000"
+    assert error_code(codec.encode_message(b"E", b"SERROR\x00Mno code\x00\x00")) == b""
+    assert reported_setting(codec.parameter_status("TimeZone", "Asia/Tokyo")) == (
+        "timezone", b"SELECT pg_catalog.set_config('timezone', 'Asia/Tokyo', false)")
+    assert reported_setting(codec.parameter_status("server_version", "15.0")) is None
+    assert reported_setting(codec.parameter_status("application_name", "o'k"))[1].endswith(b"'o''k', false)")
+    names = StatementNames()
+    first = names.get(b"SELECT $1\x00\x00\x00")
+    assert names.get(b"SELECT $1\x00\x00\x00") is first
+    names.retire(first)
+    fresh = names.get(b"SELECT $1\x00\x00\x00")
+    assert fresh.name != first.name and fresh.parse.endswith(b"SELECT $1\x00\x00\x00")
+    names.retire(first)  # an old one retired again does not drop the fresh one
+    assert names.get(b"SELECT $1\x00\x00\x00") is fresh
