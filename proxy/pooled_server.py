@@ -218,6 +218,7 @@ class PooledServer(asyncio.Protocol):
                 name = data[pos + 5:data.index(b"\x00", pos + 5)]
                 if self.changed is None:
                     self.changed = {}
+                    self.plain = False  # the transaction's end must be read (follow_reported), not handed over whole
                 self.changed.setdefault(name, self.reported.get(name))
                 self.reported[name] = data[pos:end]
             if drop:

@@ -165,3 +165,25 @@ def test_codec_error_code_reported_setting_and_retire() -> None:
     assert fresh.name != first.name and fresh.parse.endswith(b"SELECT $1\x00\x00\x00")
     names.retire(first)  # an old one retired again does not drop the fresh one
     assert names.get(b"SELECT $1\x00\x00\x00") is fresh
+
+
+async def test_reported_settings_through_simple_queries(harness: Harness) -> None:
+    """asyncpg's simple queries: BEGIN, SET TimeZone, a plain COMMIT answered in one chunk."""
+    cfg = harness.proxy.pooler.config
+    saved = cfg.size
+    cfg.size = 2
+    other = await apg(harness)
+    con = await apg(harness)
+    try:
+        await con.execute("BEGIN")
+        await con.execute("SET TimeZone TO 'America/Lima'")
+        await con.execute("COMMIT")
+        for _ in range(4):
+            async with other.transaction():  # holds a backend while con runs: con moves
+                await other.execute("SELECT 1")
+                assert await con.fetchval("SHOW TimeZone") == "America/Lima"
+            assert await con.fetchval("SHOW TimeZone") == "America/Lima"
+    finally:
+        cfg.size = saved
+        await con.close()
+        await other.close()
