@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING
 from proxy import codec
 from proxy.errors import PoolTimeout, SessionError
 from proxy.pooled_server import (
+    BLOCK_SERVER,
     E_BIND,
     E_CLOSE,
     E_CLOSE_HIDDEN,
@@ -51,6 +52,7 @@ from proxy.statements import (
     is_discard_all,
     is_transaction_scoped_set,
     rename_bind,
+    reported_setting,
     split_cstring,
     tracked_set,
     with_setting,
@@ -64,6 +66,7 @@ log = logging.getLogger("lakelet.proxy")
 _LEN = struct.Struct("!i")
 MAX_MESSAGE = 1 << 30
 READ_AHEAD_LIMIT = 256 * 1024  # buffered client bytes while waiting for a backend, before reading pauses
+BLOCK_BUFFER = 1  # reasons reading from the client is paused (PooledClient.blocks); BLOCK_SERVER: pooled_server
 _IDLE_READY = codec.ready_for_query(b"I")
 _SYNC = SYNC_ENTRY
 _BIND = (E_BIND, None, None)
@@ -78,7 +81,8 @@ _LETTERS = frozenset(b"sSrRdD")
 
 class PooledClient(asyncio.Protocol):
     __slots__ = ("transport", "pool", "buf", "server", "statements", "settings", "startup", "pid", "secret",
-                 "done", "asking", "queued", "wait_since", "discarding", "active", "closed", "held", "paused")
+                 "done", "asking", "queued", "wait_since", "discarding", "active", "closed", "held", "blocks",
+                 "server_paused")
 
     def __init__(self, pool: Pool, transport: asyncio.Transport, settings: Settings, pid: int, secret: int) -> None:
         self.transport = transport
@@ -98,7 +102,11 @@ class PooledClient(asyncio.Protocol):
         self.active = False  # counted as a session (holding or waiting for a backend)
         self.closed = False
         self.held: bytes | None = None  # what arrived while asking for a backend, kept as received (no copy)
-        self.paused = False  # reading paused: too much buffered
+        # Why reading from the client is paused: one owner of pause/resume, a bit per reason
+        # (BLOCK_BUFFER: too much buffered while waiting for a backend; BLOCK_SERVER: the lent
+        # backend's write buffer is full). Reading resumes only when no reason is left.
+        self.blocks = 0
+        self.server_paused = False  # the lent backend's reading paused: the client's writes are full
 
     async def run(self) -> None:
         """Until the client's connection is gone."""
@@ -127,7 +135,7 @@ class PooledClient(asyncio.Protocol):
                 self.held = data
                 return
             self.buf += data[pos:]
-            if len(self.buf) > READ_AHEAD_LIMIT:
+            if self.asking and len(self.buf) > READ_AHEAD_LIMIT:
                 self._pause()
 
     def _unhold(self) -> None:
@@ -135,13 +143,31 @@ class PooledClient(asyncio.Protocol):
         self.held = None
 
     def _pause(self) -> None:
-        self.paused = True
-        self.transport.pause_reading()
+        self.block(BLOCK_BUFFER)
 
     def _resume(self) -> None:
-        if self.paused:
-            self.paused = False
-            self.transport.resume_reading()
+        if self.blocks & BLOCK_BUFFER:
+            self.unblock(BLOCK_BUFFER)
+
+    def block(self, reason: int) -> None:
+        """Pause reading the client for ``reason`` (idempotent per reason)."""
+        if not self.blocks and self.transport is not None:
+            self.transport.pause_reading()
+        self.blocks |= reason
+
+    def unblock(self, reason: int) -> None:
+        """Drop ``reason``; reading resumes once no reason is left."""
+        if self.blocks & reason:
+            self.blocks &= ~reason
+            if not self.blocks and self.transport is not None and not self.transport.is_closing():
+                self.transport.resume_reading()
+
+    def _unpause_server(self, server: PooledServer) -> None:
+        """A backend leaving this client must not stay paused by this client's full socket."""
+        if self.server_paused:
+            self.server_paused = False
+            if not server.closed:
+                server.transport.resume_reading()
 
     def eof_received(self) -> bool:
         return False
@@ -154,6 +180,7 @@ class PooledClient(asyncio.Protocol):
         if server is not None:
             self.server = None
             server.client = None
+            self._unpause_server(server)
             if not server.expect and server.status == IDLE and not server.skipping:
                 self.pool.release(server)
             else:  # gone mid-transaction or mid-query: Postgres rolls back when the backend closes
@@ -165,11 +192,13 @@ class PooledClient(asyncio.Protocol):
 
     def pause_writing(self) -> None:
         if self.server is not None and not self.server.closed:
+            self.server_paused = True
             self.server.transport.pause_reading()
 
     def resume_writing(self) -> None:
-        if self.server is not None and not self.server.closed:
-            self.server.transport.resume_reading()
+        server = self.server
+        if server is not None:
+            self._unpause_server(server)
 
     # -- lending ------------------------------------------------------------------------------------
 
@@ -188,6 +217,7 @@ class PooledClient(asyncio.Protocol):
         server.skipping = False
         server.pending_set = None
         server.plain = True
+        server.changed = None
         self.server = server
         if not self.active:
             self.active = True
@@ -241,6 +271,8 @@ class PooledClient(asyncio.Protocol):
         """The transaction ended (ReadyForQuery I, nothing outstanding): the backend goes back."""
         server.client = None
         self.server = None
+        self._unpause_server(server)
+        self.unblock(BLOCK_SERVER)
         pool = self.pool
         if self.active:
             self.active = False
@@ -255,6 +287,8 @@ class PooledClient(asyncio.Protocol):
         if self.server is server:
             self.server = None
             server.client = None
+            self.server_paused = False
+            self.unblock(BLOCK_SERVER)
         self._close()
 
     def _close(self) -> None:
@@ -287,6 +321,30 @@ class PooledClient(asyncio.Protocol):
         if server.applied is not None:
             server.applied = self.settings
 
+    def statements_stale(self) -> None:
+        """A statement failed as planned before DDL: every statement of this client is prepared
+        afresh under a new server name when it is next parsed (the old names age out of the
+        backends' LRUs), as a re-prepare on Postgres would be."""
+        names = self.pool.pooler.names
+        for stmt in self.statements.values():
+            names.retire(stmt)
+
+    def follow_reported(self, server: PooledServer, changed: dict[bytes, bytes | None]) -> None:
+        """The transaction ended with the backend reporting settings other than before it (a SET
+        of client_encoding, TimeZone, DateStyle… inside a committed transaction, which Postgres
+        keeps): they become the client's, replayed on its next backend."""
+        settings = self.settings
+        for name, old in changed.items():
+            new = server.reported.get(name)
+            if new is not None and new != old:
+                change = reported_setting(new)
+                if change is not None:
+                    settings = with_setting(settings, *change)
+        if settings != self.settings:
+            self.settings = settings
+            if server.applied is not None:
+                server.applied = settings
+
     def forget(self, name: bytes, stmt: ServerStatement) -> None:
         """The client's Parse failed (or was skipped after an error): the name does not exist."""
         if self.statements.get(name) is stmt:
@@ -301,7 +359,9 @@ class PooledClient(asyncio.Protocol):
         pos = self._forward_from(self.buf)
         if pos:
             del self.buf[:pos]
-        if len(self.buf) > READ_AHEAD_LIMIT:
+        # Only whole messages waiting for a backend pause reading: with a backend lent, what is
+        # left is the start of one message (a large CopyData), which needs more bytes to finish.
+        if self.asking and len(self.buf) > READ_AHEAD_LIMIT:
             self._pause()
 
     def _forward_from(self, buf: bytes | bytearray) -> int:
@@ -439,10 +499,15 @@ class PooledClient(asyncio.Protocol):
         word = first_word(sql)
         if word == DEALLOCATE:
             target = deallocate_target(sql)
+            names = self.pool.pooler.names
             if target == b"ALL":
+                for stmt in self.statements.values():
+                    names.retire(stmt)
                 self.statements.clear()
                 return command_complete("DEALLOCATE ALL") + codec.ready_for_query(bytes([status]))
-            if target is not None and self.statements.pop(target, None) is not None:
+            stmt = self.statements.pop(target, None) if target is not None else None
+            if stmt is not None:
+                names.retire(stmt)
                 return command_complete("DEALLOCATE") + codec.ready_for_query(bytes([status]))
         elif word == DISCARD and status == IDLE and is_discard_all(sql):
             self.statements.clear()
@@ -533,7 +598,9 @@ class PooledClient(asyncio.Protocol):
         if kind == 0x43:  # Close
             server.status = 0
             if buf[pos + 5] == 0x53 and end - pos > 7:  # a named statement: it stays prepared on the backend
-                self.statements.pop(bytes(buf[pos + 6:end - 1]), None)
+                stmt = self.statements.pop(bytes(buf[pos + 6:end - 1]), None)
+                if stmt is not None:
+                    self.pool.pooler.names.retire(stmt)
                 self._synth(server, CLOSE_COMPLETE)
                 return b""
             expect.append(_CLOSE)

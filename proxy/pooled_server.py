@@ -22,7 +22,9 @@ from typing import TYPE_CHECKING
 
 from proxy import codec
 from proxy.cancel import BackendKey
-from proxy.statements import BackendStatements, Settings
+from proxy.statements import STALE_STATEMENT_CODES, BackendStatements, Settings, error_code
+
+BLOCK_SERVER = 2  # the reason bit a backend's full write buffer sets on its client (PooledClient.blocks)
 
 if TYPE_CHECKING:
     from proxy.pooled_client import PooledClient
@@ -52,7 +54,8 @@ _LOOK_INTO = frozenset(b"ESZ")  # ErrorResponse, ParameterStatus, ReadyForQuery:
 class PooledServer(asyncio.Protocol):
     __slots__ = ("transport", "pool", "key", "compute_pid", "client", "expect", "prepared", "applied", "status",
                  "buf", "closed", "reported", "skipping", "failed", "broken", "cancelling", "held", "idle_since",
-                 "_waiter", "_paused_client", "last_rows", "where", "pending_set", "plain")
+                 "_waiter", "last_rows", "where", "pending_set", "plain",
+                 "changed")
 
     def __init__(self, pool: Pool, transport: asyncio.Transport, key: BackendKey, greeting: bytes,
                  compute_pid: int, max_prepared: int) -> None:
@@ -80,13 +83,13 @@ class PooledServer(asyncio.Protocol):
         self.held = False  # released while a cancel was in flight
         self.idle_since = 0.0
         self._waiter: asyncio.Future[None] | None = None
-        self._paused_client = False
         self.last_rows: list[bytes] = []
         self.where = 2  # in its pool: 0 idle, 1 in use, 2 not (yet, or any more)
         self.pending_set: list[tuple[str, bytes | None]] | None = None  # SETs parsed since the last Sync
         # Every entry in ``expect`` is a plain one (no statement of the pooler's, no answer of its
         # own, no SET to track), as the client's side sets it for the messages it passes on inline.
         self.plain = True
+        self.changed: dict[bytes, bytes | None] | None = None  # ParameterStatus seen while lent: name → value before
 
     # -- asyncio.Protocol ---------------------------------------------------------------------------
 
@@ -106,15 +109,13 @@ class PooledServer(asyncio.Protocol):
 
     def pause_writing(self) -> None:
         client = self.client
-        if client is not None and client.transport is not None:
-            client.transport.pause_reading()
-            self._paused_client = True
+        if client is not None:
+            client.block(BLOCK_SERVER)
 
     def resume_writing(self) -> None:
         client = self.client
-        if self._paused_client and client is not None and client.transport is not None:
-            self._paused_client = False
-            client.transport.resume_reading()
+        if client is not None:
+            client.unblock(BLOCK_SERVER)
 
     def data_received(self, data: bytes) -> None:
         client = self.client
@@ -180,8 +181,13 @@ class PooledServer(asyncio.Protocol):
                             self.applied = None
                 self.failed = False
                 self.status = data[pos + 5]
+                if self.changed is not None and self.status == IDLE:
+                    changed, self.changed = self.changed, None
+                    client.follow_reported(self, changed)
                 ended = True
             elif kind == 0x45:  # ErrorResponse
+                if error_code(data[pos:end]) in STALE_STATEMENT_CODES:
+                    client.statements_stale()
                 if code == E_QUERY:
                     self.failed = True
                 elif code:
@@ -208,8 +214,13 @@ class PooledServer(asyncio.Protocol):
                 elif code == E_CLOSE_HIDDEN:
                     expect.popleft()
                     drop = True
-            elif kind == 0x53:  # ParameterStatus
-                self.reported[data[pos + 5:data.index(b"\x00", pos + 5)]] = data[pos:end]
+            elif kind == 0x53:  # ParameterStatus: followed for the client at the transaction's end
+                name = data[pos + 5:data.index(b"\x00", pos + 5)]
+                if self.changed is None:
+                    self.changed = {}
+                    self.plain = False  # the transaction's end must be read (follow_reported), not handed over whole
+                self.changed.setdefault(name, self.reported.get(name))
+                self.reported[name] = data[pos:end]
             if drop:
                 if parts is None:
                     parts = []

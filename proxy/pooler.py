@@ -444,8 +444,11 @@ class Pool:
     def abandon(self, server: PooledServer) -> None:
         """Its client left mid-transaction or mid-query: the backend closes, as when a client of
         Postgres disconnects — an open transaction rolls back, and a running query stops at its
-        next check of the connection (``client_connection_check_interval``). Never lent on."""
-        server.close()
+        next check of the connection (``client_connection_check_interval``). Never lent on.
+        Aborted, not closed: what is still buffered for it (the rest of a COPY) is not wanted, and
+        a backend blocked in ``COPY … FROM STDIN`` ends at once on the reset."""
+        if not server.closed:
+            server.transport.abort()
 
     def lost(self, server: PooledServer) -> None:
         """A backend's connection closed (by us, its compute stopping, or an error)."""

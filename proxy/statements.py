@@ -144,6 +144,40 @@ def startup_settings(params: dict[str, str], options: list[tuple[str, str]]) -> 
         for name, value in found.items()))
 
 
+# Errors of a statement planned before DDL changed what it was inferred from ("cache lookup failed
+# for type", "cached plan must not change result type", a statement gone): the client's statements
+# get new server names, so its re-prepare (drivers retry so) is parsed afresh.
+STALE_STATEMENT_CODES = frozenset({b"XX000", b"0A000", b"26000"})
+
+
+def error_code(message: bytes | bytearray | memoryview) -> bytes:
+    """The SQLSTATE of an ErrorResponse message (header included); b"" if it has none."""
+    pos, end = 5, len(message)
+    while pos < end and message[pos]:
+        stop = bytes(message[pos + 1:end]).index(b"\x00") + pos + 1
+        if message[pos] == 0x43:  # 'C'
+            return bytes(message[pos + 1:stop])
+        pos = stop + 1
+    return b""
+
+
+# Settings Postgres reports with ParameterStatus that a session can SET: followed when the backend
+# reports a change during a client's transaction, so they survive on the client's next backend.
+REPORTED_SETTABLE = frozenset({"application_name", "client_encoding", "datestyle", "intervalstyle", "timezone",
+                               "standard_conforming_strings"})
+
+
+def reported_setting(message: bytes) -> tuple[str, bytes] | None:
+    """A ParameterStatus message as a tracked setting (name, replay statement); None when the
+    parameter is not one a session can set."""
+    end = message.index(b"\x00", 5)
+    name = message[5:end].decode(errors="replace").lower()
+    if name not in REPORTED_SETTABLE:
+        return None
+    value = message[end + 1:message.index(b"\x00", end + 1)].decode(errors="replace")
+    return name, f"SELECT pg_catalog.set_config({quote_literal(name)}, {quote_literal(value)}, false)".encode()
+
+
 def with_setting(settings: Settings, name: str, statement: bytes | None) -> Settings:
     """``settings`` after a tracked SET (statement) or RESET (None; name ``all`` clears all)."""
     if statement is None and name == "all":
@@ -219,6 +253,14 @@ class StatementNames:
         if len(self._by_body) > self.limit:
             self._by_body.popitem(last=False)
         return stmt
+
+    def retire(self, stmt: ServerStatement) -> None:
+        """A client deallocated ``stmt``: the next Parse of its text gets a new name, so it is
+        parsed afresh on every backend (as a re-prepare on Postgres is, after DDL changed the
+        types it was inferred from) instead of reusing a server statement planned before."""
+        body = stmt.parse[5 + len(stmt.name) + 1:]
+        if self._by_body.get(body) is stmt:
+            del self._by_body[body]
 
 
 class BackendStatements:

@@ -118,10 +118,11 @@ def outcomes(xml_path: Path) -> dict[str, str]:
     return out
 
 
-def run_suite(folder: Path, dsn: str, dsn_var: str, xml: Path, args: list[str], log: Path) -> dict[str, str]:
+def run_suite(folder: Path, dsn: str, dsn_var: str, xml: Path, args: list[str], log: Path,
+              python: str = sys.executable) -> dict[str, str]:
     env = {**os.environ, dsn_var: dsn}
     with open(log, "wb") as f:
-        subprocess.run([sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-q", f"--junitxml={xml}", *args],
+        subprocess.run([python, "-m", "pytest", "-p", "no:cacheprovider", "-q", f"--junitxml={xml}", *args],
                        cwd=folder, env=env, stdout=f, stderr=subprocess.STDOUT)
     if not xml.exists():
         tail = log.read_text(errors="replace").strip().splitlines()[-5:]
@@ -136,6 +137,10 @@ def main() -> int:
     ap.add_argument("--keep", action="store_true", help="keep the temp dir (logs, XML)")
     ap.add_argument("--lakelet-env", action="append", default=[], metavar="KEY=VALUE",
                     help="environment for lakelet up, e.g. LAKELET_WARM_BACKENDS=0 (repeatable)")
+    ap.add_argument("--python", default=sys.executable,
+                    help="interpreter that runs the suite, e.g. a venv holding psycopg_pool (default: this one)")
+    ap.add_argument("--proxy-dsn-suffix", default="",
+                    help="appended to the proxy's DSN only, e.g. \"options='pool=transaction'\"")
     ap.add_argument("pytest_args", nargs=argparse.REMAINDER, help="after --: arguments for pytest")
     args = ap.parse_args()
     if args.pytest_args[:1] == ["--"]:
@@ -148,13 +153,14 @@ def main() -> int:
         procs.append((plain, signal.SIGINT))
         print(f"direct: {plain_dsn}", flush=True)
         direct = run_suite(args.folder, plain_dsn, args.dsn_var, root / "direct.xml", args.pytest_args,
-                           root / "direct.log")
+                           root / "direct.log", args.python)
         stop(plain, signal.SIGINT)
         lake, lake_dsn = start_lakelet(root, dict(kv.split("=", 1) for kv in args.lakelet_env))
         procs.append((lake, signal.SIGTERM))
+        lake_dsn = f"{lake_dsn} {args.proxy_dsn_suffix}".strip()
         print(f"proxy:  {lake_dsn}", flush=True)
         proxied = run_suite(args.folder, lake_dsn, args.dsn_var, root / "proxy.xml", args.pytest_args,
-                            root / "proxy.log")
+                            root / "proxy.log", args.python)
     finally:
         for proc, sig in reversed(procs):
             stop(proc, sig)
