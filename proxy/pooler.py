@@ -36,6 +36,7 @@ from prometheus_client.registry import Collector
 
 from compute import ComputeAddress, LoadSignals
 from proxy import codec
+from proxy.cancel import cancel_backend
 from proxy.connect import open_session
 from proxy.errors import ConnectError, HandshakeError, PoolTimeout, SessionError
 from proxy.pipe import Side
@@ -721,24 +722,13 @@ class Pooler:
             return True
         server.cancelling += 1
         try:
-            await self.cancel_backend(server.key)
+            await cancel_backend(server.key)
         finally:
             server.cancelling -= 1
             if not server.cancelling and server.held:
                 server.held = False
                 server.pool.release(server)
         return True
-
-    @staticmethod
-    async def cancel_backend(key: object) -> None:
-        """Send the CancelRequest and wait until Postgres closes the request's connection: it has
-        signalled the backend by then."""
-        with contextlib.suppress(OSError, TimeoutError):
-            async with asyncio.timeout(5):
-                reader, writer = await asyncio.open_unix_connection(key.socket_path)  # type: ignore[attr-defined]
-                writer.write(codec.encode_cancel(key.pid, key.secret))  # type: ignore[attr-defined]
-                await reader.read()
-                writer.close()
 
     def spawn(self, coro: Awaitable[object]) -> None:
         task = asyncio.ensure_future(coro)
