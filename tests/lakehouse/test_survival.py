@@ -9,6 +9,7 @@ import shutil
 import signal
 from pathlib import Path
 
+import asyncpg
 from prometheus_client import CollectorRegistry
 
 from compute import EndpointConfig, Endpoints
@@ -45,6 +46,21 @@ async def _caught_up(sync: LakehouseSync, expected: list[tuple[object, ...]], wh
         logs = "".join((p / "worker.log").read_text()[-4000:] for p in [sync.state_dir(c) for c in sync.syncs.values()])
         pglog = (sync.endpoints.ctx.computes_dir / "main" / "postgres.log").read_text()[-3000:]
         assert got == expected, f"{what}: {sync.status('main')}\n{logs}\n{pglog}"
+
+
+async def streaming_with_writes(sync: LakehouseSync, conn: asyncpg.Connection, schema: str, *, seed: int,
+                                transactions: int, what: str) -> Writer:
+    """``schema.t`` synced on main and streaming, ``transactions`` written and caught up; plus an
+    unsynced ``public.filler`` for tests that grow WAL."""
+    await conn.execute(f"CREATE SCHEMA {schema}; CREATE TABLE {schema}.t (id int PRIMARY KEY, v text);"
+                       "CREATE TABLE public.filler (n int, pad text)")
+    await sync.enable("main", schema)
+    await wait_for(lambda: sync.status("main")[0]["state"] == "streaming", "snapshot")
+    writer = Writer(conn, f"{schema}.t", seed=seed)
+    for _ in range(transactions):
+        await writer.transaction()
+    await _caught_up(sync, writer.expected, what)
+    return writer
 
 
 async def test_slot_survives_suspend_crash_lost_computes_and_restart(lake: Lake, lake_root: Path,

@@ -16,8 +16,8 @@ from prometheus_client import CollectorRegistry
 from lakehouse.manager import LakehouseSync
 from storage.postgres import PgBinaries, ServiceUser
 from storage.store import WAL_SEGMENT_MB
-from tests.lakehouse.conftest import Writer, connect, wait_for
-from tests.lakehouse.test_survival import _caught_up
+from tests.lakehouse.conftest import connect, wait_for
+from tests.lakehouse.test_survival import _caught_up, streaming_with_writes
 from tests.s3server import S3Server
 from tests.storage.conftest import Lake, close_lake, open_lake, s3_server  # noqa: F401 - the fixture
 
@@ -49,14 +49,7 @@ async def test_slot_behind_the_local_tail_is_seeded_from_the_bucket(lake: Lake, 
     await sync.start()
     conn = await connect(lake)
     try:
-        await conn.execute("CREATE SCHEMA bkt; CREATE TABLE bkt.t (id int PRIMARY KEY, v text);"
-                           "CREATE TABLE public.filler (n int, pad text)")
-        await sync.enable("main", "bkt")
-        await wait_for(lambda: sync.status("main")[0]["state"] == "streaming", "snapshot")
-        writer = Writer(conn, "bkt.t", seed=5)
-        for _ in range(4):
-            await writer.transaction()
-        await _caught_up(sync, writer.expected, "streaming")
+        writer = await streaming_with_writes(sync, conn, "bkt", seed=5, transactions=4, what="streaming")
 
         # The syncer stops: its slot stays where it was while changes and several segments follow.
         await sync.close()

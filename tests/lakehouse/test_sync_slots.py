@@ -26,8 +26,8 @@ from lakehouse.manager import LakehouseSync
 from storage import images
 from storage.postgres import PgBinaries, ServiceUser
 from storage.store import IMAGE_WAL_THRESHOLD
-from tests.lakehouse.conftest import Worker, Writer, connect, history, make_spec, wait_for, wait_lsn
-from tests.lakehouse.test_survival import _caught_up
+from tests.lakehouse.conftest import Worker, connect, history, make_spec, wait_for, wait_lsn
+from tests.lakehouse.test_survival import _caught_up, streaming_with_writes
 from tests.storage.conftest import Lake, close_lake, open_lake
 
 FILLER = "INSERT INTO public.filler SELECT g, repeat('x', 200) FROM generate_series(1, 4000) g"  # ~1 MB of WAL
@@ -54,14 +54,7 @@ async def test_online_image_carries_the_slot(lake: Lake, lake_root: Path) -> Non
     await sync.start()
     conn = await connect(lake)
     try:
-        await conn.execute("CREATE SCHEMA onl; CREATE TABLE onl.t (id int PRIMARY KEY, v text);"
-                           "CREATE TABLE public.filler (n int, pad text)")
-        await sync.enable("main", "onl")
-        await wait_for(lambda: sync.status("main")[0]["state"] == "streaming", "snapshot")
-        writer = Writer(conn, "onl.t", seed=11)
-        for _ in range(8):
-            await writer.transaction()
-        await _caught_up(sync, writer.expected, "before the online image")
+        writer = await streaming_with_writes(sync, conn, "onl", seed=11, transactions=8, what="before the online image")
 
         # WAL grows past the threshold: the store images the running compute.
         lake.store.image_wal_threshold = 2 << 20
