@@ -80,6 +80,13 @@ async def test_psycopg_sync_and_async_with_listen_notify(harness: Harness) -> No
         assert await cur.fetchone() == ("world",)
 
 
+async def _client_script(script: str, harness: Harness) -> subprocess.CompletedProcess[str]:
+    """Run ``script`` with the session's DSN as argv[1] in its own process: libpq's blocking
+    cancel holds the GIL, and clients run it from their own processes anyway."""
+    return await asyncio.to_thread(subprocess.run, [sys.executable, "-c", script, harness.dsn()],
+                                   capture_output=True, text=True, timeout=120)
+
+
 async def test_cancel_reaches_the_right_backend(harness: Harness) -> None:
     conn = await harness.apg()
     try:
@@ -102,8 +109,7 @@ async def test_cancel_reaches_the_right_backend(harness: Harness) -> None:
         "    except psycopg.errors.QueryCanceled as e:\n"
         "        print(e.sqlstate)\n"
     )
-    out = await asyncio.to_thread(subprocess.run, [sys.executable, "-c", script, harness.dsn()],
-                                  capture_output=True, text=True, timeout=60)
+    out = await _client_script(script, harness)
     assert out.stdout.strip() == "57014", out.stderr
 
 
@@ -123,8 +129,7 @@ async def test_a_cancel_has_landed_when_its_connection_closes(harness: Harness) 
         "            hit += 1\n"
         "print(hit)\n"
     )
-    out = await asyncio.to_thread(subprocess.run, [sys.executable, "-c", script, harness.dsn()],
-                                  capture_output=True, text=True, timeout=120)
+    out = await _client_script(script, harness)
     assert out.stdout.strip() == "0", (out.stdout, out.stderr)
 
 
