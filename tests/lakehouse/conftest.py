@@ -120,18 +120,23 @@ def history(spec: SyncSpec, table: str) -> list[dict[str, Any]]:
     return sorted(rows, key=lambda r: r["_sort_by"])
 
 
-async def kill_while_writing(worker: Worker, spec: SyncSpec, writing: asyncio.Task[None], kills: int,
-                             rng: random.Random) -> Worker:
-    """kill -9 the syncer ``kills`` times at random moments while ``writing`` runs, restarting it
-    each time; half the kills land before the restarted worker is even streaming again. Returns the
-    last worker."""
-    for _ in range(kills):
-        await asyncio.sleep(rng.uniform(0.05, 0.8))
-        worker.kill()
-        assert not writing.done()
-        worker = Worker(spec)
-        if rng.random() < 0.5:
-            await wait_for(lambda w=worker: w.status().get("state") == "streaming", "restart")
+async def kill_while_writing(worker: Worker, spec: SyncSpec, writer: Any, kills: int, rng: random.Random) -> Worker:
+    """Run ``writer.run(stop)`` and meanwhile kill -9 the syncer ``kills`` times at random moments,
+    restarting it each time; half the kills land before the restarted worker is even streaming
+    again. The writer is stopped (and awaited) before this returns the last worker."""
+    stop = asyncio.Event()
+    writing = asyncio.create_task(writer.run(stop))
+    try:
+        for _ in range(kills):
+            await asyncio.sleep(rng.uniform(0.05, 0.8))
+            worker.kill()
+            assert not writing.done()
+            worker = Worker(spec)
+            if rng.random() < 0.5:
+                await wait_for(lambda w=worker: w.status().get("state") == "streaming", "restart")
+    finally:
+        stop.set()
+        await writing
     return worker
 
 

@@ -34,13 +34,7 @@ async def test_kill_syncer_at_random_points(lake: Lake) -> None:
         writer.next_id = 2001
         writer.live = {i: f"v{i}" for i in range(1, 2001)}
         writer.expected = [("insert", i, f"v{i}") for i in range(1, 2001)]
-        stop = asyncio.Event()
-        writing = asyncio.create_task(writer.run(stop))
-        try:
-            worker = await kill_while_writing(worker, spec, writing, KILLS, rng)
-        finally:
-            stop.set()
-            await writing
+        worker = await kill_while_writing(worker, spec, writer, KILLS, rng)
         await wait_lsn(worker, conn)
         worker.stop()
         got = [(r["_pg_change_type"], r["id"], r["v"]) for r in history(spec, "t")]

@@ -78,13 +78,7 @@ async def test_kill_syncer_during_bulk_inserts(lake: Lake) -> None:
                        "first snapshot")
         assert worker.proc.poll() is None, worker.log_text()
         writer = BulkWriter(wconn, seed=5)
-        stop = asyncio.Event()
-        writing = asyncio.create_task(writer.run(stop))
-        try:
-            worker = await kill_while_writing(worker, spec, writing, KILLS, rng)
-        finally:
-            stop.set()
-            await writing
+        worker = await kill_while_writing(worker, spec, writer, KILLS, rng)
         await wait_lsn(worker, conn)
         worker.stop()
         rows = history(spec, "t")
