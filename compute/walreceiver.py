@@ -1,7 +1,7 @@
 """The compute's WAL receiver: ``pg_receivewal --synchronous`` into the store's WAL archive.
 
 The server names it in ``synchronous_standby_names``, so commits wait for it. If it dies, it is
-restarted with a growing delay (reset only once it streams again, so an unwritable store costs a
+restarted with a growing delay (reset only once it has streamed for a second again, so an unwritable store costs a
 restart every few seconds, not a dozen a second); commits wait meanwhile instead of being
 acknowledged without durability, and ``stalled`` says why, for status and /healthz. A physical
 replication slot keeps the server from recycling WAL the receiver has not yet stored.
@@ -32,6 +32,7 @@ PID_FILE = "receiver.pid"
 LOG_FILE = "receiver.log"
 FIRST_DELAY = 0.05
 MAX_DELAY = 5.0
+STABLE_AFTER = 1.0  # seconds a restarted receiver must stream before its restart delay starts over
 
 
 class WalReceiverError(RuntimeError):
@@ -117,11 +118,17 @@ class WalReceiver:
 
     async def _supervise(self) -> None:
         delay = FIRST_DELAY
+        streamed_at: float | None = None
         while not self._stopping:
             assert self._proc is not None
             await self._proc.wait()
             if self._stopping or self.host.stopping or not self.host.alive():
                 return
+            # A receiver that reaches "streaming" and dies writing a moment later (an unwritable
+            # store) has not recovered: the delay starts over only after it streamed a while.
+            if streamed_at is not None and time.monotonic() - streamed_at >= STABLE_AFTER:
+                delay = FIRST_DELAY
+            streamed_at = None
             self.restarts += 1
             why = last_error_line(log_tail(self.host.home / LOG_FILE))
             self.stalled = f"the WAL receiver keeps exiting, commits wait: {why}"
@@ -138,7 +145,7 @@ class WalReceiver:
                 continue
             if await self._streaming(CONNECT_TIMEOUT):
                 self.stalled = None
-                delay = FIRST_DELAY
+                streamed_at = time.monotonic()
 
     def pid(self) -> int | None:
         return self._proc.pid if self._proc is not None and self._proc.returncode is None else None
