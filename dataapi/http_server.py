@@ -73,12 +73,18 @@ class Request:
             self.path = path
             self.query_string = query
         else:
-            url = httptools.parse_url(target)
-            self._target = URL.build(path=(url.path or b"").decode("utf-8", "surrogateescape"),
-                                     query_string=(url.query or b"").decode("utf-8", "surrogateescape"),
-                                     encoded=True)
-            self.path = self._target.path
-            self.query_string = self._target.query_string
+            try:
+                url = httptools.parse_url(target)
+                self._target = URL.build(path=(url.path or b"").decode("utf-8", "surrogateescape"),
+                                         query_string=(url.query or b"").decode("utf-8", "surrogateescape"),
+                                         encoded=True)
+            except (httptools.HttpParserInvalidURLError, ValueError):  # "*", or nothing a URL can be
+                self._target = URL.build(path="/", encoded=True)
+                self.path = target.decode("latin-1")  # routes nowhere: the handler's 404
+                self.query_string = ""
+            else:
+                self.path = self._target.path
+                self.query_string = self._target.query_string
 
     @property
     def query(self) -> MultiDictProxy[str]:
@@ -231,6 +237,7 @@ class HttpProtocol(asyncio.Protocol):
         self._header_bytes = 0
         self._body: list[bytes] = []
         self._body_size = 0
+        self._continue = False
 
     # -- asyncio.Protocol ---------------------------------------------------------------------
 
@@ -258,7 +265,13 @@ class HttpProtocol(asyncio.Protocol):
         if self._drained is not None and not self._drained.done():
             self._drained.set_result(None)
 
+    def eof_received(self) -> bool | None:
+        """The client will send nothing more: answer what it asked, then close."""
+        self.closing = True
+        return None if self.idle() else True
+
     def data_received(self, data: bytes) -> None:
+        self.last_active = self.server.loop.time()
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserUpgrade:
@@ -268,7 +281,8 @@ class HttpProtocol(asyncio.Protocol):
             if isinstance(cause, _ParseLimit):
                 self._refuse(cause.status, cause.text)
             else:
-                raise
+                log.error("data API request could not be read", exc_info=cause)
+                self._refuse(400, "Bad request: it could not be read; send an HTTP/1.1 request")
         except httptools.HttpParserError as e:
             self._refuse(400, f"Bad request: {e}; send an HTTP/1.1 request")
 
@@ -295,6 +309,7 @@ class HttpProtocol(asyncio.Protocol):
         self._header_bytes = 0
         self._body = []
         self._body_size = 0
+        self._continue = False
 
     def on_url(self, url: bytes) -> None:
         self._url += url
@@ -307,6 +322,15 @@ class HttpProtocol(asyncio.Protocol):
         if self._header_bytes > self.server.max_headers:
             raise _ParseLimit(431, f"Request headers too large: send at most {self.server.max_headers} bytes")
         self._headers.append((name, value))
+        if len(name) == 6 and name.lower() == b"expect" and value.lower() == b"100-continue":
+            self._continue = True
+
+    def on_headers_complete(self) -> None:
+        if self._continue:  # the client waits for this before it sends the body
+            self._continue = False
+            # Not while an earlier request is unanswered: interim responses come in order too.
+            if self.transport is not None and self.task is None and self.parser.get_http_version() == "1.1":
+                self.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
 
     def on_body(self, body: bytes) -> None:
         self._body_size += len(body)
@@ -323,7 +347,6 @@ class HttpProtocol(asyncio.Protocol):
                           tuple(self._headers), body, too_large, p.should_keep_alive())
         self._body = []
         self.queue.append(request)
-        self.last_active = self.server.loop.time()
         if self.task is None:
             self.task = self.server.loop.create_task(self._serve())
         elif len(self.queue) >= PIPELINE_DEPTH and self.reading and self.transport is not None:

@@ -152,6 +152,26 @@ async def test_head_204_and_cookies(server: HttpServer) -> None:
     writer.close()
 
 
+async def test_expect_continue_half_close_and_odd_targets(server: HttpServer) -> None:
+    reader, writer = await connect(server)
+    writer.write(b"POST /t HTTP/1.1\r\nHost: h\r\nExpect: 100-continue\r\nContent-Length: 4\r\n\r\n")
+    assert await asyncio.wait_for(reader.readline(), 10) == b"HTTP/1.1 100 Continue\r\n"
+    assert await reader.readline() == b"\r\n"
+    writer.write(b"body")
+    assert json.loads((await read_response(reader))[2])["body"] == "body"
+    writer.write(b"OPTIONS * HTTP/1.1\r\nHost: h\r\n\r\n")
+    assert json.loads((await read_response(reader))[2])["path"] == "*"
+    writer.write(b"GET http://h/abs/form?a=%41 HTTP/1.1\r\nHost: h\r\n\r\n")
+    echo = json.loads((await read_response(reader))[2])
+    assert echo["path"] == "/abs/form" and echo["query"] == [["a", "A"]]
+    # A client that half-closes after its request still gets the answer, then the close.
+    writer.write(b"GET /slow HTTP/1.1\r\nHost: h\r\n\r\n")
+    writer.write_eof()
+    assert json.loads((await read_response(reader))[2])["path"] == "/slow"
+    assert await closed(reader)
+    writer.close()
+
+
 @pytest.mark.parametrize("request_bytes, status", [
     (b"GARBAGE\r\n\r\n", 400),
     (b"GET /" + b"a" * 3000 + b" HTTP/1.1\r\nHost: h\r\n\r\n", 400),
