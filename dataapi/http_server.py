@@ -31,7 +31,6 @@ from collections.abc import Awaitable, Callable
 from email.utils import formatdate
 from http import HTTPStatus
 from http.cookies import CookieError, SimpleCookie
-from typing import Any
 
 import httptools
 from aiohttp.helpers import parse_content_type
@@ -409,47 +408,19 @@ class HttpServer:
         self.keepalive_timeout = keepalive_timeout
         self.connections: set[HttpProtocol] = set()
         self.loop = asyncio.get_running_loop()
-        self._listen: socket.socket | None = None
-        self._accepting: set[asyncio.Task[Any]] = set()
+        self._server: asyncio.base_events.Server | None = None
         self._sweeper: asyncio.Task[None] | None = None
         self.port: int | None = None
 
     async def start(self, host: str = "127.0.0.1", port: int = 0, sock: socket.socket | None = None) -> None:
-        if sock is None:
-            sock = socket.create_server((host, port), backlog=4096)
-        sock.setblocking(False)
-        self._listen = sock
-        self.port = sock.getsockname()[1]
-        self.loop.add_reader(sock.fileno(), self._accept)
+        factory = lambda: HttpProtocol(self)  # noqa: E731
+        if sock is not None:
+            self._server = await self.loop.create_server(factory, sock=sock)
+        else:
+            self._server = await self.loop.create_server(factory, host, port, backlog=4096, reuse_address=True)
+        sockets = self._server.sockets or []
+        self.port = sockets[0].getsockname()[1] if sockets else port
         self._sweeper = self.loop.create_task(self._sweep(), name="data-api-idle-connections")
-
-    def _accept(self) -> None:
-        """One connection per wake-up, not the whole backlog: workers sharing one listening socket
-        then take turns, so 32 connections opened at once spread over the workers instead of
-        landing mostly on whichever was idle at that instant (measured 5 against 27 that way)."""
-        assert self._listen is not None
-        try:
-            conn, _ = self._listen.accept()
-        except (BlockingIOError, InterruptedError, ConnectionAbortedError):
-            return
-        except OSError as e:  # out of file descriptors or memory: stop accepting for a second
-            log.error("data API could not accept a connection; retrying in 1 s", extra={"error": str(e)})
-            self.loop.remove_reader(self._listen.fileno())
-            self.loop.call_later(1.0, self._resume_accepting)
-            return
-        conn.setblocking(False)
-        task = self.loop.create_task(self.loop.connect_accepted_socket(lambda: HttpProtocol(self), conn))
-        self._accepting.add(task)
-        task.add_done_callback(self._accepted)
-
-    def _accepted(self, task: asyncio.Task[Any]) -> None:
-        self._accepting.discard(task)
-        if not task.cancelled() and task.exception() is not None:
-            log.error("data API connection could not be set up", extra={"error": str(task.exception())})
-
-    def _resume_accepting(self) -> None:
-        if self._listen is not None:
-            self.loop.add_reader(self._listen.fileno(), self._accept)
 
     async def _sweep(self) -> None:
         """Close keep-alive connections idle for ``keepalive_timeout`` (one timer for all of them,
@@ -467,12 +438,8 @@ class HttpServer:
         seconds at most), then close what is left."""
         if self._sweeper is not None:
             self._sweeper.cancel()
-        if self._listen is not None:
-            self.loop.remove_reader(self._listen.fileno())
-            self._listen.close()
-            self._listen = None
-        for task in list(self._accepting):
-            task.cancel()
+        if self._server is not None:
+            self._server.close()
         for conn in list(self.connections):
             conn.closing = True
             if conn.idle() and conn.transport is not None:
@@ -483,3 +450,7 @@ class HttpServer:
         for conn in list(self.connections):
             if conn.transport is not None:
                 conn.transport.abort()
+        if self._server is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self._server.wait_closed(), 1.0)
+            self._server = None
