@@ -275,7 +275,11 @@ class HttpProtocol(asyncio.Protocol):
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserUpgrade:
-            pass  # an Upgrade request is answered as a plain one (the Data API upgrades to nothing)
+            # ``Upgrade: h2c`` and the like: answered as plain HTTP/1.1 (the Data API upgrades to
+            # nothing), then closed, since the parser reads nothing after an upgrade.
+            self.closing = True
+            if self.idle() and self.transport is not None:
+                self.transport.close()
         except httptools.HttpParserCallbackError as e:
             cause = e.__context__
             if isinstance(cause, _ParseLimit):

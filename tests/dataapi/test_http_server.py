@@ -164,6 +164,14 @@ async def test_expect_continue_half_close_and_odd_targets(server: HttpServer) ->
     writer.write(b"GET http://h/abs/form?a=%41 HTTP/1.1\r\nHost: h\r\n\r\n")
     echo = json.loads((await read_response(reader))[2])
     assert echo["path"] == "/abs/form" and echo["query"] == [["a", "A"]]
+    # An upgrade offer (curl --http2 sends one) is answered as HTTP/1.1, then the connection closes.
+    reader2, writer2 = await connect(server)
+    writer2.write(b"GET /up HTTP/1.1\r\nHost: h\r\nConnection: Upgrade, HTTP2-Settings\r\nUpgrade: h2c\r\n"
+                  b"HTTP2-Settings: AAMAAABkAARAAAAAAAIAAAAA\r\n\r\n")
+    status, headers, body = await read_response(reader2)
+    assert status == 200 and json.loads(body)["path"] == "/up" and headers["connection"] == "close"
+    assert await closed(reader2)
+    writer2.close()
     # A client that half-closes after its request still gets the answer, then the close.
     writer.write(b"GET /slow HTTP/1.1\r\nHost: h\r\n\r\n")
     writer.write_eof()
