@@ -10,11 +10,12 @@ from collections.abc import AsyncIterator
 from urllib.parse import quote
 
 import pytest
+from aiohttp.helpers import parse_content_type
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from yarl import URL
 
-from dataapi.http_server import BodyTooLarge, HttpServer, Request, Response
+from dataapi.http_server import BodyTooLarge, HttpServer, Request, Response, media_type
 
 MAX_BODY = 1000
 
@@ -257,3 +258,9 @@ def test_request_targets_read_as_aiohttp_reads_them(raw: str) -> None:
     assert request.path == reference.path
     assert request.query_string == reference.query_string
     assert list(request.query.items()) == list(reference.query.items())
+
+
+@pytest.mark.parametrize("value", ["", " ", "text/csv", "Application/JSON ; charset=utf-8", "garbage", ";charset=x",
+                                   "a/b;", " text/plain ", "application/vnd.pgrst.object+json;nulls=stripped"])
+def test_media_types_read_as_aiohttp_reads_them(value: str) -> None:
+    assert media_type(value) == parse_content_type(value)[0]
