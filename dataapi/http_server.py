@@ -443,7 +443,7 @@ class HttpServer:
                 if conn.idle() and conn.last_active < cutoff and conn.transport is not None:
                     conn.transport.close()
 
-    async def close(self, grace: float = 10.0) -> None:
+    async def close(self, grace: float = 8.0) -> None:  # under workers.STOP_TIMEOUT: pools close too
         """Stop accepting, close idle connections, let requests in flight finish (``grace``
         seconds at most), then close what is left."""
         if self._sweeper is not None:
