@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import csv
+import dataclasses
 import functools
 import io
 import json
@@ -128,6 +129,9 @@ class DataAPIConfig:
     idle_timeout: float = 60.0
     plan_enabled: bool = False      # PostgREST's db-plan-enabled: the EXPLAIN media type
     jwt_aud: str = ""               # PostgREST's jwt-aud: tokens must name this audience
+    # PostgREST's db-tx-end: how each request's transaction ends. ``commit``/``rollback`` ignore
+    # ``Prefer: tx=``; the ``-allow-override`` forms honour it (the default: tx=rollback works).
+    tx_end: str = "commit-allow-override"
     max_body_bytes: int = 10 * 1024 * 1024
     max_url_bytes: int = 64 * 1024
 
@@ -298,6 +302,8 @@ class DataAPI:
         plan = parse_plan(accept) if self.config.plan_enabled else None
         media = (plan.for_media or MEDIA_JSON) if plan is not None else negotiate(accept)
         prefs = parse_prefer(request.headers.getall("Prefer", []))
+        if prefs.tx is not None and not self.config.tx_end.endswith("-allow-override"):
+            prefs = dataclasses.replace(prefs, tx=None)  # not honoured, so not in Preference-Applied
         range_ = parse_range(request.headers.get("Range")) if method in ("GET", "HEAD") else None
         params = [(k, v) for k, v in request.query.items()]
         if route.kind == "rpc" and method not in ("GET", "HEAD", "POST"):
@@ -441,7 +447,8 @@ class DataAPI:
                 raise ApiError(406, "PGRST116", "JSON object requested, multiple (or no) rows returned",
                                f"The result contains {result.page} rows", None)
             if conn.in_transaction:
-                await conn.execute("ROLLBACK" if ctx.prefs.tx == "rollback" else "COMMIT")
+                await conn.execute("ROLLBACK" if (ctx.prefs.tx or self.config.tx_end.split("-")[0]) == "rollback"
+                                   else "COMMIT")
             return result
         finally:
             conn = getattr(conn, "conn", conn)

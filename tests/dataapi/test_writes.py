@@ -9,8 +9,10 @@ import asyncio
 
 import pytest
 
+from dataapi import DataAPI, DataAPIConfig
+from dataapi.local import LocalComputes
 from tests.conftest import poll_until
-from tests.dataapi.conftest import IDLE_TIMEOUT, Api, user_token
+from tests.dataapi.conftest import IDLE_TIMEOUT, SECRET, Api, user_token
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -20,6 +22,27 @@ REPR = {"Prefer": "return=representation"}
 async def kv(api: Api) -> dict[str, int]:
     rows = await api.admin("SELECT k, v FROM kv WHERE k NOT LIKE 'row%'")
     return {r["k"]: r["v"] for r in rows}
+
+
+async def test_tx_end_rollback_ends_every_transaction_so(api: Api) -> None:
+    """``tx_end = rollback`` (PostgREST's db-tx-end) rolls every write back and ignores ``Prefer: tx=``
+    (not echoed in Preference-Applied); ``rollback-allow-override`` lets ``tx=commit`` through."""
+    tok = user_token()
+    for tx_end, committed in (("rollback", False), ("rollback-allow-override", True)):
+        other = DataAPI(LocalComputes(api.endpoints), DataAPIConfig(anon_role="web_anon", jwt_secret=SECRET,
+                                                                    tx_end=tx_end))
+        await other.start("127.0.0.1", 0)
+        try:
+            key = f"txend-{tx_end}"
+            url = f"http://127.0.0.1:{other.port}/main/postgres/rest/v1/kv?select=k"
+            async with api.session.post(url, json={"k": key}, headers={
+                    "Authorization": f"Bearer {tok}", "Prefer": "return=representation, tx=commit"}) as r:
+                assert r.status == 201 and await r.json() == [{"k": key}]
+                applied = r.headers.get("Preference-Applied", "")
+            assert ("tx=commit" in applied) == committed
+            assert (key in await kv(api)) == committed
+        finally:
+            await other.close()
 
 
 async def test_insert_single_bulk_and_minimal(api: Api) -> None:
