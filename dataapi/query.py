@@ -142,6 +142,9 @@ class Builder:
             test = "IS NULL" if (f.value == "null") != f.negate else "IS NOT NULL"
             return f"{embeds[f.field.name]} {test}"
         expr, typ = self.field_sql(alias, table, f.field)
+        col = table.columns.get(f.field.name)
+        if f.op in FTS and col is not None and col.base == "tsvector" and not f.field.path:
+            typ = "tsvector"  # a domain over tsvector is searched as it is, not through to_tsvector()
         sql = self._op(expr, typ, f)
         return f"NOT ({sql})" if f.negate else sql
 

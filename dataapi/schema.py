@@ -59,6 +59,7 @@ class ColumnInfo:
     nullable: bool
     default: str | None  # the default expression, as Postgres prints it
     generated: bool = False
+    base: str = ""       # for a domain, the type its chain of domains ends at (PostgREST's base type)
 
 
 @dataclass(frozen=True)
@@ -269,8 +270,14 @@ WHERE n.nspname = ANY($1::text[]) AND c.relkind IN ('r', 'v', 'm', 'f', 'p')
 """
 _COLUMNS = """
 SELECT a.attrelid, a.attname, a.atttypid::regtype::text, NOT a.attnotnull,
-       pg_get_expr(d.adbin, d.adrelid), a.attgenerated <> ''
-FROM pg_attribute a LEFT JOIN pg_attrdef d ON d.adrelid = a.attrelid AND d.adnum = a.attnum
+       pg_get_expr(d.adbin, d.adrelid), a.attgenerated <> '',
+       CASE WHEN ty.typtype = 'd' THEN (
+           WITH RECURSIVE chain(oid, base) AS (
+               SELECT ty.oid, ty.typbasetype
+               UNION ALL SELECT t.oid, t.typbasetype FROM pg_type t JOIN chain ON t.oid = chain.base)
+           SELECT oid::regtype::text FROM chain WHERE base = 0) ELSE '' END
+FROM pg_attribute a JOIN pg_type ty ON ty.oid = a.atttypid
+     LEFT JOIN pg_attrdef d ON d.adrelid = a.attrelid AND d.adnum = a.attnum
 WHERE a.attrelid = ANY($1::oid[]) AND a.attnum > 0 AND NOT a.attisdropped
 ORDER BY a.attrelid, a.attnum
 """
@@ -323,8 +330,8 @@ async def load(conn: asyncpg.Connection, schemas: tuple[str, ...]) -> SchemaCach
     type_rels = {f[6] for f in funcs if f[6]} - {r[0] for r in rels}
     oids = [r[0] for r in rels] + list(type_rels)
     columns: dict[int, dict[str, ColumnInfo]] = {}
-    for oid, name, typ, nullable, default, generated in await conn.fetch(_COLUMNS, oids):
-        columns.setdefault(oid, {})[name] = ColumnInfo(name, typ, nullable, default, generated)
+    for oid, name, typ, nullable, default, generated, base in await conn.fetch(_COLUMNS, oids):
+        columns.setdefault(oid, {})[name] = ColumnInfo(name, typ, nullable, default, generated, base)
     view_oids = [r[0] for r in rels if r[3] in ("v", "m")]
     sources: dict[int, dict[str, tuple[int, int]]] = {}
     for view, rule in (await conn.fetch(_VIEW_RULES, view_oids)) if view_oids else []:
@@ -392,7 +399,7 @@ async def load(conn: asyncpg.Connection, schemas: tuple[str, ...]) -> SchemaCach
     for (nspname, proname, volatility, retset, rettype, typtype, typrelid, argnames, argmodes, argtypes,
          nargs, ndefaults, row_of) in funcs:
         if row_of in by_oid and volatility in ("i", "s"):
-            if typtype == "c" and typrelid in by_oid:
+            if typtype == "c" and typrelid in by_oid and volatility in ("i", "s"):
                 # fn(parent) RETURNS [SETOF] target: a computed relationship, embedded like a foreign key.
                 computed_rels.setdefault(by_oid[row_of].qualified, {}).setdefault(
                     proname, (nspname, by_oid[typrelid], not retset))

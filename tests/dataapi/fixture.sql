@@ -140,3 +140,13 @@ CREATE FUNCTION sum_of(VARIADIC v int[]) RETURNS int LANGUAGE sql IMMUTABLE AS $
 CREATE FUNCTION total_of(payload json) RETURNS numeric LANGUAGE sql IMMUTABLE
   AS $$ SELECT sum(value::numeric) FROM json_each_text(payload) $$;
 GRANT EXECUTE ON FUNCTION join_words(text[]), sum_of(int[]), total_of(json) TO web_anon, web_user;
+-- Full-text search on columns whose type is a domain over tsvector (searched as they are), and a
+-- computed field declared without a volatility (VOLATILE, which PostgREST accepts).
+CREATE DOMAIN memo_vector AS tsvector CHECK (VALUE IS NOT NULL);
+CREATE DOMAIN memo_vector_nonempty AS memo_vector CHECK (VALUE <> '');
+CREATE TABLE memos (id int PRIMARY KEY, body text, vec memo_vector, vec2 memo_vector_nonempty);
+INSERT INTO memos VALUES (1, 'the cat sat', to_tsvector('simple', 'the cat sat'), to_tsvector('simple', 'the cat sat')),
+                         (2, 'a dog ran', to_tsvector('simple', 'a dog ran'), to_tsvector('simple', 'a dog ran'));
+CREATE FUNCTION shouted(memos) RETURNS text LANGUAGE sql AS $$ SELECT upper($1.body) $$;
+GRANT SELECT ON memos TO web_anon;
+GRANT EXECUTE ON FUNCTION shouted(memos) TO web_anon;

@@ -624,3 +624,14 @@ async def test_computed_relationships(api: Api) -> None:
     _, _, body = await api.get("authors?select=name,classics!inner(title)&classics.year=gt.1960&order=id")
     assert body == [{"name": "Ursula K. Le Guin", "classics": [{"title": "The Left Hand of Darkness"}]},
                     {"name": "Stanislaw Lem", "classics": [{"title": "Solaris"}, {"title": "The Cyberiad"}]}]
+
+
+async def test_fts_on_a_domain_over_tsvector_is_not_wrapped_in_to_tsvector(api: Api) -> None:
+    """A column whose type is a domain (or a domain of a domain) over tsvector is searched as it is;
+    only other types go through ``to_tsvector()`` (PostgREST resolves the base type)."""
+    for column in ("vec", "vec2"):
+        status, _, body = await api.get(f"memos?select=id&{column}=fts(simple).the")
+        assert (status, body) == (200, [{"id": 1}]), body
+    status, _, body = await api.get("memos?select=id&body=plfts.dog")  # text: through to_tsvector()
+    assert (status, body) == (200, [{"id": 2}])
+
