@@ -398,11 +398,13 @@ async def load(conn: asyncpg.Connection, schemas: tuple[str, ...]) -> SchemaCach
     computed_rels: dict[tuple[str, str], dict[str, tuple[str, TableInfo, bool]]] = {}
     for (nspname, proname, volatility, retset, rettype, typtype, typrelid, argnames, argmodes, argtypes,
          nargs, ndefaults, row_of) in funcs:
-        if row_of in by_oid and volatility in ("i", "s"):
-            if typtype == "c" and typrelid in by_oid and volatility in ("i", "s"):
-                # fn(parent) RETURNS [SETOF] target: a computed relationship, embedded like a foreign key.
-                computed_rels.setdefault(by_oid[row_of].qualified, {}).setdefault(
-                    proname, (nspname, by_oid[typrelid], not retset))
+        if row_of in by_oid:
+            if typtype == "c" and typrelid in by_oid:
+                if volatility in ("i", "s"):
+                    # fn(parent) RETURNS [SETOF] target: a computed relationship, embedded like a foreign key.
+                    computed_rels.setdefault(by_oid[row_of].qualified, {}).setdefault(
+                        proname, (nspname, by_oid[typrelid], not retset))
+            # A computed field may be volatile too: PostgREST does not look at volatility for them.
             elif not retset and rettype not in ("void", "record"):
                 by_oid[row_of].computed.setdefault(proname, (nspname, proname, rettype))
         modes = list(argmodes) or ["i"] * len(argtypes)

@@ -635,3 +635,9 @@ async def test_fts_on_a_domain_over_tsvector_is_not_wrapped_in_to_tsvector(api: 
     status, _, body = await api.get("memos?select=id&body=plfts.dog")  # text: through to_tsvector()
     assert (status, body) == (200, [{"id": 2}])
 
+
+async def test_a_volatile_computed_field_is_a_computed_field(api: Api) -> None:
+    """PostgREST takes any function of a table's row type as a computed field, whatever its
+    volatility (a function declared without one is VOLATILE)."""
+    status, _, body = await api.get("memos?select=id,shouted&shouted=like.*DOG*")
+    assert (status, body) == (200, [{"id": 2, "shouted": "A DOG RAN"}]), body
