@@ -10,6 +10,7 @@ sends that after every DDL command, and users can send it themselves, as with Po
 
 from __future__ import annotations
 
+import difflib
 import re
 from dataclasses import dataclass, field
 from typing import Literal
@@ -164,9 +165,9 @@ class SchemaCache:
     def table(self, schema: str, name: str) -> TableInfo:
         info = self.tables.get((schema, name))
         if info is None:
+            near = difflib.get_close_matches(name, [t for s, t in self.tables if s == schema], 1, 0.75)
             raise ApiError(404, "PGRST205", f"Could not find the table '{schema}.{name}' in the schema cache",
-                           None, "Check the name, or if the table was just created, reload the schema cache: "
-                                 "NOTIFY pgrst, 'reload schema'")
+                           None, f"Perhaps you meant the table '{schema}.{near[0]}'" if near else None)
         return info
 
     def function(self, schema: str, name: str, given: frozenset[str]) -> FunctionInfo:

@@ -156,8 +156,7 @@ def parse_route(path: str) -> Route:
             return Route(parts[0], parts[1], "table", rest[0])
         if len(rest) == 2 and rest[0] == "rpc" and rest[1]:
             return Route(parts[0], parts[1], "rpc", rest[1])
-    raise ApiError(404, "PGRST125", "Invalid path specified in request URL", None,
-                   "Use /<branch>/<database>/rest/v1/<table> or /<branch>/<database>/rest/v1/rpc/<function>")
+    raise ApiError(404, "PGRST125", "Invalid path specified in request URL")
 
 
 def response_overrides(result: actions.Result) -> None:
@@ -182,7 +181,9 @@ def response_overrides(result: actions.Result) -> None:
 
 
 def error_response(e: ApiError) -> web.Response:
-    headers = {"Content-Type": "application/json; charset=utf-8", **e.headers}
+    """PostgREST's error response: the JSON body, and ``Proxy-Status`` naming the error's code."""
+    headers = {"Content-Type": "application/json; charset=utf-8", "Proxy-Status": f"PostgREST; error={e.code}",
+               **e.headers}
     return web.Response(status=e.status, body=e.body(), headers=headers)
 
 
@@ -307,7 +308,7 @@ class DataAPI:
         range_ = parse_range(request.headers.get("Range")) if method in ("GET", "HEAD") else None
         params = [(k, v) for k, v in request.query.items()]
         if route.kind == "rpc" and method not in ("GET", "HEAD", "POST"):
-            raise ApiError(405, "PGRST101", "Only GET and POST verbs are allowed for functions")
+            raise ApiError(405, "PGRST101", f"Cannot use the {method} method on RPC")
         if route.kind == "table" and method not in ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE"):
             raise ApiError(405, "PGRST117", f"Unsupported HTTP method: {method}")
         query = parse_query(params) if route.kind == "table" or method == "POST" else None
@@ -402,8 +403,8 @@ class DataAPI:
         if wanted is None:
             return self.config.schemas[0]
         if wanted not in self.config.schemas:
-            raise ApiError(406, "PGRST106", "The schema must be one of the following: "
-                           + ", ".join(self.config.schemas), None, None)
+            raise ApiError(406, "PGRST106", f"Invalid schema: {wanted}", None,
+                           "Only the following schemas are exposed: " + ", ".join(self.config.schemas))
         return wanted
 
     async def _run(self, conn: pgwire.Connection, request: web.BaseRequest, identity: Identity, schema: str,

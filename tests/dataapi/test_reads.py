@@ -518,7 +518,7 @@ async def test_schemas_by_profile_headers(api: Api) -> None:
                                         headers={"Content-Profile": "extra", "Prefer": "return=representation"})
     assert status == 201 and body == [{"name": "cog"}]
     status, _, body = await api.get("gadgets", headers={"Accept-Profile": "public2"})
-    assert status == 406 and body["code"] == "PGRST106" and "public, extra" in body["message"]
+    assert status == 406 and body["code"] == "PGRST106" and body["hint"].endswith(": public, extra")
 
 
 async def test_random_query_strings_never_500(api: Api) -> None:
@@ -641,3 +641,25 @@ async def test_a_volatile_computed_field_is_a_computed_field(api: Api) -> None:
     volatility (a function declared without one is VOLATILE)."""
     status, _, body = await api.get("memos?select=id,shouted&shouted=like.*DOG*")
     assert (status, body) == (200, [{"id": 2, "shouted": "A DOG RAN"}]), body
+
+
+async def test_error_bodies_and_headers_as_postgrest_words_them(api: Api) -> None:
+    """PostgREST's own wording for its errors, and ``Proxy-Status: PostgREST; error=<code>`` on every
+    error response (PostgreSQL's errors name their SQLSTATE there)."""
+    status, headers, body = await api.request("DELETE", "rpc/add")
+    assert (status, body["message"]) == (405, "Cannot use the DELETE method on RPC")
+    assert headers["Proxy-Status"] == "PostgREST; error=PGRST101"
+    status, headers, body = await api.get("gadgets", headers={"Accept-Profile": "nowhere"})
+    assert (status, body) == (406, {"code": "PGRST106", "message": "Invalid schema: nowhere", "details": None,
+                                    "hint": "Only the following schemas are exposed: public, extra"})
+    async with api.session.get(f"{api.base}/main/postgres/rest/v1/a/b") as r:
+        assert r.status == 404 and await r.json() == {"code": "PGRST125", "details": None, "hint": None,
+                                                      "message": "Invalid path specified in request URL"}
+        assert r.headers["Proxy-Status"] == "PostgREST; error=PGRST125"
+    status, _, body = await api.get("nothing_like_this")
+    assert (status, body["code"], body["hint"]) == (404, "PGRST205", None)
+    status, _, body = await api.get("author")  # one letter off: PostgREST suggests the near name
+    assert (status, body["hint"]) == (404, "Perhaps you meant the table 'public.authors'")
+    status, headers, body = await api.get("books?id=eq.nope")
+    assert status == 400 and headers["Proxy-Status"] == "PostgREST; error=22P02"
+
