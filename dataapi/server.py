@@ -483,6 +483,8 @@ class DataAPI:
                 applied.append(f"{name}={value}")
         if applied:
             headers["Preference-Applied"] = ", ".join(applied)
+        if len(self.config.schemas) > 1:  # the schema served, as PostgREST names it when there is a choice
+            headers["Content-Profile"] = ctx.schema
         if method in ("GET", "HEAD") and route.kind == "table":
             ordered = content_location_query(request)
             if len(ordered) <= MAX_CONTENT_LOCATION:  # a 5,000-value in-list would break clients' header limits

@@ -663,3 +663,14 @@ async def test_error_bodies_and_headers_as_postgrest_words_them(api: Api) -> Non
     status, headers, body = await api.get("books?id=eq.nope")
     assert status == 400 and headers["Proxy-Status"] == "PostgREST; error=22P02"
 
+
+async def test_content_profile_names_the_schema_when_there_is_a_choice(api: Api) -> None:
+    """With more than one exposed schema, every response says which one it served (PostgREST's
+    ``Content-Profile``), asked for or not."""
+    _, headers, _ = await api.get("books?select=title&id=eq.1")
+    assert headers["Content-Profile"] == "public"
+    _, headers, _ = await api.get("books?select=title&id=eq.1", headers={"Accept-Profile": "extra"})
+    assert headers["Content-Profile"] == "extra"
+    status, headers, _ = await api.request("POST", "gadgets", token=user_token(), json={"id": 7, "name": "nut"},
+                                           headers={"Content-Profile": "extra", "Prefer": "tx=rollback"})
+    assert status == 201 and headers["Content-Profile"] == "extra"
