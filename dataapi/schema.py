@@ -196,7 +196,11 @@ class SchemaCache:
                        "schema cache.", hint)
 
     def relationship(self, source: TableInfo, name: str, hint: str | None) -> Relationship:
-        candidates = [r for r in self._relationships(source) if r.target.name == name or _by_column(r, name)]
+        # As PostgREST keys its relationships: only targets in the source's own schema, named by the
+        # target, by the foreign key's column, or (without a hint) by the foreign key's name.
+        candidates = [r for r in self._relationships(source) if r.target.schema == source.schema and (
+            r.target.name == name or _by_column(r, name)
+            or (hint is None and r.junction is None and r.constraint == name))]
         computed = self.computed_rels.get(source.qualified, {}).get(name)
         if computed is not None:
             fn_schema, target, to_one = computed

@@ -150,3 +150,7 @@ INSERT INTO memos VALUES (1, 'the cat sat', to_tsvector('simple', 'the cat sat')
 CREATE FUNCTION shouted(memos) RETURNS text LANGUAGE sql AS $$ SELECT upper($1.body) $$;
 GRANT SELECT ON memos TO web_anon;
 GRANT EXECUTE ON FUNCTION shouted(memos) TO web_anon;
+-- The same views in a second exposed schema: an embedding only looks in its own schema.
+CREATE VIEW extra.shelves AS SELECT id, label FROM private.shelves;
+CREATE VIEW extra.shelf_books AS SELECT id, shelf_id, book_id FROM private.shelf_books;
+GRANT SELECT ON extra.shelves, extra.shelf_books TO web_anon;

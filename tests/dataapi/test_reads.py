@@ -674,3 +674,15 @@ async def test_content_profile_names_the_schema_when_there_is_a_choice(api: Api)
     status, headers, _ = await api.request("POST", "gadgets", token=user_token(), json={"id": 7, "name": "nut"},
                                            headers={"Content-Profile": "extra", "Prefer": "tx=rollback"})
     assert status == 201 and headers["Content-Profile"] == "extra"
+
+
+async def test_embedding_looks_only_in_its_own_schema_and_takes_a_foreign_key_name(api: Api) -> None:
+    """Relationships are keyed as PostgREST keys them: a view of the same base tables in another
+    exposed schema is no second candidate; and a to-one target may be named by its foreign key."""
+    for profile in ("public", "extra"):
+        status, headers, body = await api.get("shelves?select=label,shelf_books(id)&id=eq.1&shelf_books.order=id",
+                                              headers={"Accept-Profile": profile})
+        assert status == 200 and body == [{"label": "front", "shelf_books": [{"id": 1}, {"id": 2}]}], body
+    status, _, body = await api.get("books?select=title,books_author_id_fkey(name)&id=eq.1")
+    assert (status, body) == (200, [{"title": "The Left Hand of Darkness",
+                                     "books_author_id_fkey": {"name": "Ursula K. Le Guin"}}]), body
