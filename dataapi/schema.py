@@ -72,6 +72,7 @@ class TableInfo:
     pk: tuple[str, ...] = ()
     uniques: tuple[tuple[str, ...], ...] = ()
     description: str | None = None
+    events: int = 28  # pg_relation_is_updatable: UPDATE 4, INSERT 8, DELETE 16 (a view may allow fewer)
     # Computed fields: functions of this table's row type (full_name(authors) → select=full_name),
     # name → (function schema, function name, return type). Filled once, while loading.
     computed: dict[str, tuple[str, str, str]] = field(default_factory=dict, compare=False)
@@ -79,6 +80,13 @@ class TableInfo:
     @property
     def qualified(self) -> tuple[str, str]:
         return (self.schema, self.name)
+
+    def allow(self) -> str:
+        """The methods an ``OPTIONS`` request lists, as PostgREST derives them: reads always; a write
+        when the relation takes it (a view may not); PUT needs a primary key too."""
+        insert, update, delete = self.events & 8, self.events & 4, self.events & 16
+        return ",".join(["OPTIONS,GET,HEAD"] + ["POST"] * bool(insert) + ["PUT"] * bool(insert and update and self.pk)
+                        + ["PATCH"] * bool(update) + ["DELETE"] * bool(delete))
 
 
 @dataclass(frozen=True)
@@ -269,7 +277,8 @@ def _matches_hint(r: Relationship, hint: str) -> bool:
 # -- loading --------------------------------------------------------------------------------------
 
 _TABLES = """
-SELECT c.oid, n.nspname, c.relname, c.relkind::text, obj_description(c.oid, 'pg_class')
+SELECT c.oid, n.nspname, c.relname, c.relkind::text, obj_description(c.oid, 'pg_class'),
+       pg_relation_is_updatable(c.oid, true)
 FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
 WHERE n.nspname = ANY($1::text[]) AND c.relkind IN ('r', 'v', 'm', 'f', 'p')
 """
@@ -383,9 +392,9 @@ async def load(conn: asyncpg.Connection, schemas: tuple[str, ...]) -> SchemaCach
                 pks[rel] = tuple(carried[c] for c in pks[base])
     by_oid: dict[int, TableInfo] = {}
     tables: dict[tuple[str, str], TableInfo] = {}
-    for oid, nspname, relname, relkind, description in rels:
+    for oid, nspname, relname, relkind, description, events in rels:
         info = TableInfo(nspname, relname, relkind, columns.get(oid, {}), pks.get(oid, ()),
-                         tuple(uniques.get(oid, ())), description)
+                         tuple(uniques.get(oid, ())), description, events=events)
         by_oid[oid] = info
         tables[info.qualified] = info
     seen: set[tuple[str, int, int]] = set()

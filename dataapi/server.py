@@ -113,7 +113,6 @@ class Explaining:
 
 BRANCH_KEY = web.RequestKey("lakelet_branch", str)  # the metrics label, set once the branch exists
 MAX_CONTENT_LOCATION = 4096
-ALLOW_TABLE = "OPTIONS,GET,HEAD,POST,PUT,PATCH,DELETE"
 HEADERS_KEPT = 256
 
 
@@ -284,8 +283,7 @@ class DataAPI:
         route = parse_route(request.path)
         method = request.method
         if method == "OPTIONS":
-            allow = "OPTIONS,GET,HEAD,POST" if route.kind == "rpc" else ALLOW_TABLE
-            return web.Response(status=200, headers={"Allow": allow})
+            return await self._options(request, route)
         schema = self._schema(request, method)
         if self.auth.jwks_url is not None:
             await self.auth.refresh(request.headers.get("Authorization"))
@@ -406,6 +404,23 @@ class DataAPI:
             raise ApiError(406, "PGRST106", f"Invalid schema: {wanted}", None,
                            "Only the following schemas are exposed: " + ", ".join(self.config.schemas))
         return wanted
+
+    async def _options(self, request: web.BaseRequest, route: Route) -> web.Response:
+        """``OPTIONS`` as PostgREST answers it: the methods the resource takes, read from the schema
+        cache (a table, view or function that is not there is its usual 404)."""
+        allow = "OPTIONS,GET,HEAD"
+        if route.kind != "root":
+            schema = self._schema(request, "OPTIONS")
+            async with self.databases.use(route.branch, route.database) as db:
+                request[BRANCH_KEY] = route.branch
+                assert db.cache is not None
+                if route.kind == "table":
+                    allow = db.cache.table(schema, route.name).allow()
+                else:
+                    fn = (db.cache.functions.get((schema, route.name), ())
+                          or (db.cache.function(schema, route.name, frozenset()),))[0]
+                    allow = "OPTIONS,POST" if fn.volatility == "v" else "OPTIONS,GET,HEAD,POST"
+        return web.Response(status=200, headers={"Allow": allow, "Access-Control-Allow-Origin": "*"})
 
     async def _run(self, conn: pgwire.Connection, request: web.BaseRequest, identity: Identity, schema: str,
                    readonly: bool, ctx: actions.Context, route: Route, method: str, table: Any, fn: Any,

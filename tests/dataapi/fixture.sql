@@ -154,3 +154,5 @@ GRANT EXECUTE ON FUNCTION shouted(memos) TO web_anon;
 CREATE VIEW extra.shelves AS SELECT id, label FROM private.shelves;
 CREATE VIEW extra.shelf_books AS SELECT id, shelf_id, book_id FROM private.shelf_books;
 GRANT SELECT ON extra.shelves, extra.shelf_books TO web_anon;
+CREATE VIEW book_years AS SELECT DISTINCT year FROM books;  -- not updatable: OPTIONS lists reads only
+GRANT SELECT ON book_years TO web_anon;

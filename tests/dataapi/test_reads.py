@@ -686,3 +686,20 @@ async def test_embedding_looks_only_in_its_own_schema_and_takes_a_foreign_key_na
     status, _, body = await api.get("books?select=title,books_author_id_fkey(name)&id=eq.1")
     assert (status, body) == (200, [{"title": "The Left Hand of Darkness",
                                      "books_author_id_fkey": {"name": "Ursula K. Le Guin"}}]), body
+
+
+async def test_options_lists_what_the_resource_takes(api: Api) -> None:
+    """``OPTIONS`` answers from the schema cache as PostgREST does: a table takes every method, a view
+    only what Postgres can write through it, a volatile function only POST, the root reads only;
+    an unknown table is 404."""
+    async def allow(path: str) -> tuple[int, str | None]:
+        async with api.session.options(api.url(path)) as r:
+            return r.status, r.headers.get("Allow")
+    assert await allow("books") == (200, "OPTIONS,GET,HEAD,POST,PUT,PATCH,DELETE")
+    assert await allow("book_titles") == (200, "OPTIONS,GET,HEAD,POST,PUT,PATCH,DELETE")  # its key traced
+    assert await allow("book_years") == (200, "OPTIONS,GET,HEAD")  # DISTINCT: Postgres writes nothing through it
+    assert await allow("rpc/bump_volatile") == (200, "OPTIONS,POST")
+    assert await allow("rpc/add") == (200, "OPTIONS,GET,HEAD,POST")
+    assert await allow("") == (200, "OPTIONS,GET,HEAD")
+    assert (await allow("no_such_table"))[0] == 404
+    assert (await allow("rpc/no_such_function"))[0] == 404
