@@ -156,3 +156,6 @@ CREATE VIEW extra.shelf_books AS SELECT id, shelf_id, book_id FROM private.shelf
 GRANT SELECT ON extra.shelves, extra.shelf_books TO web_anon;
 CREATE VIEW book_years AS SELECT DISTINCT year FROM books;  -- not updatable: OPTIONS lists reads only
 GRANT SELECT ON book_years TO web_anon;
+CREATE TABLE "Order Items" (id int PRIMARY KEY, "Unit Price" int, "a.b(c)" text);
+INSERT INTO "Order Items" VALUES (1, 150, 'cheap'), (2, 250, 'dear');
+GRANT SELECT ON "Order Items" TO web_anon;
