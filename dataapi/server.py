@@ -34,7 +34,7 @@ from dataapi.databases import Computes, Databases, PoolSettings, Unreachable
 from dataapi.errors import ApiError, from_postgres
 from dataapi.metrics import UNKNOWN, DataAPIMetrics
 from dataapi.openapi import describe
-from dataapi.query import ident
+from dataapi.query import ident, legacy_target_warning
 from dataapi.request import (
     MEDIA_BINARY,
     MEDIA_CSV,
@@ -498,6 +498,8 @@ class DataAPI:
                 applied.append(f"{name}={value}")
         if applied:
             headers["Preference-Applied"] = ", ".join(applied)
+        if warning := legacy_target_warning(ctx.query):
+            headers["Warning"] = warning
         if len(self.config.schemas) > 1:  # the schema served, as PostgREST names it when there is a choice
             headers["Content-Profile"] = ctx.schema
         if method in ("GET", "HEAD") and route.kind == "table":

@@ -710,3 +710,15 @@ async def test_spaces_and_reserved_characters_in_names_over_http(api: Api) -> No
     assert (status, body) == (200, [{"Unit Price": 150, "a.b(c)": "cheap"}]), body
     status, _, body = await api.get('Order%20Items?select=id&%22a.b(c)%22=eq.dear')
     assert (status, body) == (200, [{"id": 2}]), body
+
+
+async def test_naming_an_aliased_embedding_by_its_relation_is_served_with_a_warning(api: Api) -> None:
+    """As PostgREST 13+: the request still works, and a ``Warning: 299`` header says to use the alias."""
+    status, headers, body = await api.get("authors?select=name,written:books(title)&id=eq.1&books.order=year.desc")
+    assert status == 200 and body[0]["written"][0] == {"title": "The Dispossessed"}
+    assert headers["Warning"].startswith("299 ") and headers["Warning"].endswith(
+        '"Embedded resource was referenced by relation name even though it has an alias. This is deprecated '
+        "and will stop working in a future release. Update `books` to `written` in query string filters, "
+        'orders or limits."')
+    _, headers, _ = await api.get("authors?select=name,written:books(title)&id=eq.1&written.order=year.desc")
+    assert "Warning" not in headers
