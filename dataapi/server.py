@@ -491,10 +491,19 @@ class DataAPI:
         headers: dict[str, str] = dict(result.headers)
         status = result.status
         applied = []
-        for name, value in (("return", prefs.return_), ("count", prefs.count), ("resolution", prefs.resolution),
-                            ("missing", prefs.missing), ("tx", prefs.tx), ("handling", prefs.handling),
-                            ("timezone", prefs.timezone)):
-            if value is not None and (name != "resolution" or method == "POST"):
+        # Echoed only where PostgREST applies them: return= on writes to a table, resolution= on an
+        # insert into a table with a key (or on_conflict), missing= on inserts and updates,
+        # max-affected= on updates, deletes and functions.
+        writing = route.kind == "table" and method not in ("GET", "HEAD")
+        resolves = method == "POST" and route.kind == "table" and bool(
+            ctx.query.on_conflict or ctx.cache.table(ctx.schema, route.name).pk)
+        for name, value, applies in (
+                ("return", prefs.return_, writing), ("count", prefs.count, True),
+                ("resolution", prefs.resolution, resolves),
+                ("missing", prefs.missing, writing and method in ("POST", "PATCH")),
+                ("tx", prefs.tx, True), ("handling", prefs.handling, True), ("timezone", prefs.timezone, True),
+                ("max-affected", prefs.max_affected, route.kind == "rpc" or method in ("PATCH", "DELETE"))):
+            if value is not None and applies:
                 applied.append(f"{name}={value}")
         if applied:
             headers["Preference-Applied"] = ", ".join(applied)

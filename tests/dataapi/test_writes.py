@@ -384,3 +384,16 @@ async def test_branch_scales_to_zero_after_http_traffic_and_wakes_again(api: Api
         assert status == 200 and body == [{"title": "Pride and Prejudice"}]
     finally:
         eps.configure("main", before)
+
+
+async def test_preference_applied_echoes_only_what_was_applied(api: Api) -> None:
+    """PostgREST echoes ``return=`` only for writes to a table, ``missing=`` only for inserts and
+    updates, ``max-affected=`` for updates, deletes and functions; count, tx and handling always."""
+    _, headers, _ = await api.get("books?select=id&id=eq.1", headers={"Prefer": "return=representation, count=exact"})
+    assert headers["Preference-Applied"] == "count=exact"
+    status, headers, _ = await api.request("POST", "rpc/add", json={"a": 1, "b": 2},
+                                           headers={"Prefer": "return=minimal, missing=default"})
+    assert status == 200 and "Preference-Applied" not in headers
+    status, headers, _ = await api.request("DELETE", "kv?k=eq.nothing-here", token=user_token(),
+                                           headers={"Prefer": "return=minimal, max-affected=5, handling=strict"})
+    assert status == 204 and headers["Preference-Applied"] == "return=minimal, handling=strict, max-affected=5"
