@@ -46,7 +46,7 @@ from prometheus_client import CollectorRegistry
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from compute import EndpointConfig, Endpoints  # noqa: E402
-from dataapi import DataAPI, DataAPIConfig  # noqa: E402
+from dataapi import ConfigError, DataAPI, DataAPIConfig  # noqa: E402
 from dataapi.local import LocalComputes  # noqa: E402
 from storage import Store  # noqa: E402
 from storage.postgres import find_binaries, resolve_service_user  # noqa: E402
@@ -394,7 +394,10 @@ async def run(args: argparse.Namespace) -> int:
                         raise Unsupported(f"kind {case.get('kind')}")
                     config = config_for(case, root)
                     if config not in apis:
-                        api = DataAPI(LocalComputes(endpoints), config)
+                        try:
+                            api = DataAPI(LocalComputes(endpoints), config)
+                        except ConfigError as e:
+                            raise Unsupported(f"our server refuses this configuration: {e}") from None
                         await api.start("127.0.0.1", 0)
                         apis[config] = api
                     req = case["request"]
