@@ -58,7 +58,10 @@ class Field:
 
     @property
     def default_alias(self) -> str:
-        return str(self.path[-1].key) if self.path else self.name
+        """The JSON key a selected field gets: PostgREST names it after the last key of its path,
+        skipping array indexes (``data->1->c->>2`` is ``c``, ``data->>0`` is ``data``)."""
+        keys = [s.key for s in self.path if isinstance(s.key, str)]
+        return keys[-1] if keys else self.name
 
 
 @dataclass(frozen=True)
@@ -232,6 +235,8 @@ def parse_field(text: str) -> Field:
     for arrow, key in zip(parts[1::2], parts[2::2], strict=True):
         if key == "":
             raise parse_error(f'"failed to parse" ({text})', "a JSON arrow needs a key after it")
+        if key.startswith("-") and not re.fullmatch(r"-\d+", key):
+            raise parse_error(f'"failed to parse" ({text})', 'unexpected "-" expecting digit')
         k: str | int = int(key) if re.fullmatch(r"-?\d+", key) else unquote(key)
         steps.append(JsonStep(arrow, k))  # type: ignore[arg-type]
     return Field(name, tuple(steps))

@@ -342,3 +342,13 @@ def test_names_with_spaces_and_quoted_names_with_reserved_characters() -> None:
         with pytest.raises(ApiError) as e:
             parse_select(bad)
         assert e.value.code == "PGRST100"
+
+
+def test_json_path_keys_and_indexes_as_postgrest_names_them() -> None:
+    """A selected JSON path is named after its last key, array indexes skipped; a negative index is
+    ``-`` and digits, anything else after a ``-`` is a parse error (PGRST100)."""
+    names = [c.field.default_alias for c in parse_select("data->>0,data->1->c->>2,meta->a->-1,x")]  # type: ignore[union-attr]
+    assert names == ["data", "c", "a", "x"]
+    with pytest.raises(ApiError) as e:
+        parse_select("data->>--34")
+    assert (e.value.code, e.value.details) == ("PGRST100", 'unexpected "-" expecting digit')
