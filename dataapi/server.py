@@ -296,7 +296,8 @@ class DataAPI:
                 assert db.cache is not None
                 doc = describe(db.cache, schema, request.url.origin(), request.path)
             return web.Response(body=json.dumps(doc).encode(), content_type="application/openapi+json"
-                                if media == MEDIA_OPENAPI else "application/json", charset="utf-8")
+                                if media == MEDIA_OPENAPI else "application/json", charset="utf-8",
+                                headers={"Content-Profile": schema} if len(self.config.schemas) > 1 else None)
         accept = request.headers.get("Accept")
         plan = parse_plan(accept) if self.config.plan_enabled else None
         media = (plan.for_media or MEDIA_JSON) if plan is not None else negotiate(accept)

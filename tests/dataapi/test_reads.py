@@ -671,6 +671,8 @@ async def test_content_profile_names_the_schema_when_there_is_a_choice(api: Api)
     assert headers["Content-Profile"] == "public"
     _, headers, _ = await api.get("books?select=title&id=eq.1", headers={"Accept-Profile": "extra"})
     assert headers["Content-Profile"] == "extra"
+    status, headers, _ = await api.get("", headers={"Accept-Profile": "extra"})  # the OpenAPI description
+    assert status == 200 and headers["Content-Profile"] == "extra"
     status, headers, _ = await api.request("POST", "gadgets", token=user_token(), json={"id": 7, "name": "nut"},
                                            headers={"Content-Profile": "extra", "Prefer": "tx=rollback"})
     assert status == 201 and headers["Content-Profile"] == "extra"
