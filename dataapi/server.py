@@ -13,6 +13,7 @@ set, body as JSON, a single object, CSV, or the statement's EXPLAIN.
 from __future__ import annotations
 
 import csv
+import dataclasses
 import functools
 import io
 import json
@@ -32,7 +33,7 @@ from dataapi.errors import ApiError, from_postgres
 from dataapi.http_server import BodyTooLarge, HttpServer, Request, Response
 from dataapi.metrics import UNKNOWN, DataAPIMetrics
 from dataapi.openapi import describe
-from dataapi.query import ident
+from dataapi.query import ident, legacy_target_warning
 from dataapi.request import (
     MEDIA_BINARY,
     MEDIA_CSV,
@@ -115,7 +116,6 @@ class Explaining:
 
 
 MAX_CONTENT_LOCATION = 4096
-ALLOW_TABLE = "OPTIONS,GET,HEAD,POST,PUT,PATCH,DELETE"
 HEADERS_KEPT = 256
 
 
@@ -131,6 +131,9 @@ class DataAPIConfig:
     idle_timeout: float = 60.0
     plan_enabled: bool = False      # PostgREST's db-plan-enabled: the EXPLAIN media type
     jwt_aud: str = ""               # PostgREST's jwt-aud: tokens must name this audience
+    # PostgREST's db-tx-end: how each request's transaction ends. ``commit``/``rollback`` ignore
+    # ``Prefer: tx=``; the ``-allow-override`` forms honour it (the default: tx=rollback works).
+    tx_end: str = "commit-allow-override"
     max_body_bytes: int = 10 * 1024 * 1024
     max_url_bytes: int = 64 * 1024
 
@@ -155,8 +158,7 @@ def parse_route(path: str) -> Route:
             return Route(parts[0], parts[1], "table", rest[0])
         if len(rest) == 2 and rest[0] == "rpc" and rest[1]:
             return Route(parts[0], parts[1], "rpc", rest[1])
-    raise ApiError(404, "PGRST125", "Invalid path specified in request URL", None,
-                   "Use /<branch>/<database>/rest/v1/<table> or /<branch>/<database>/rest/v1/rpc/<function>")
+    raise ApiError(404, "PGRST125", "Invalid path specified in request URL")
 
 
 def response_overrides(result: actions.Result) -> None:
@@ -181,7 +183,10 @@ def response_overrides(result: actions.Result) -> None:
 
 
 def error_response(e: ApiError) -> Response:
-    headers = {"Content-Type": "application/json; charset=utf-8", **e.headers}
+    """PostgREST's error response: the JSON body, and ``Proxy-Status`` naming the error's code (the
+    server's own name first, as RFC 9209 asks)."""
+    headers = {"Content-Type": "application/json; charset=utf-8", "Proxy-Status": f"Lakelet; error={e.code}",
+               **e.headers}
     return Response(status=e.status, body=e.body(), headers=headers)
 
 
@@ -277,8 +282,7 @@ class DataAPI:
         route = parse_route(request.path)
         method = request.method
         if method == "OPTIONS":
-            allow = "OPTIONS,GET,HEAD,POST" if route.kind == "rpc" else ALLOW_TABLE
-            return Response(status=200, headers={"Allow": allow})
+            return await self._options(request, route)
         schema = self._schema(request, method)
         if self.auth.jwks_url is not None:
             await self.auth.refresh(request.headers.get("Authorization"))
@@ -291,15 +295,18 @@ class DataAPI:
                 assert db.cache is not None
                 doc = describe(db.cache, schema, request.origin(), request.path)
             return Response(body=json.dumps(doc).encode(), content_type="application/openapi+json"
-                                if media == MEDIA_OPENAPI else "application/json", charset="utf-8")
+                            if media == MEDIA_OPENAPI else "application/json", charset="utf-8",
+                            headers={"Content-Profile": schema} if len(self.config.schemas) > 1 else None)
         accept = request.headers.get("Accept")
         plan = parse_plan(accept) if self.config.plan_enabled else None
         media = (plan.for_media or MEDIA_JSON) if plan is not None else negotiate(accept)
         prefs = parse_prefer(request.headers.getall("Prefer", []))
+        if prefs.tx is not None and not self.config.tx_end.endswith("-allow-override"):
+            prefs = dataclasses.replace(prefs, tx=None)  # not honoured, so not in Preference-Applied
         range_ = parse_range(request.headers.get("Range")) if method in ("GET", "HEAD") else None
         params = [(k, v) for k, v in request.query.items()]
         if route.kind == "rpc" and method not in ("GET", "HEAD", "POST"):
-            raise ApiError(405, "PGRST101", "Only GET and POST verbs are allowed for functions")
+            raise ApiError(405, "PGRST101", f"Cannot use the {method} method on RPC")
         if route.kind == "table" and method not in ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE"):
             raise ApiError(405, "PGRST117", f"Unsupported HTTP method: {method}")
         query = parse_query(params) if route.kind == "table" or method == "POST" else None
@@ -394,9 +401,26 @@ class DataAPI:
         if wanted is None:
             return self.config.schemas[0]
         if wanted not in self.config.schemas:
-            raise ApiError(406, "PGRST106", "The schema must be one of the following: "
-                           + ", ".join(self.config.schemas), None, None)
+            raise ApiError(406, "PGRST106", f"Invalid schema: {wanted}", None,
+                           "Only the following schemas are exposed: " + ", ".join(self.config.schemas))
         return wanted
+
+    async def _options(self, request: Request, route: Route) -> Response:
+        """``OPTIONS`` as PostgREST answers it: the methods the resource takes, read from the schema
+        cache (a table, view or function that is not there is its usual 404)."""
+        allow = "OPTIONS,GET,HEAD"
+        if route.kind != "root":
+            schema = self._schema(request, "OPTIONS")
+            async with self.databases.use(route.branch, route.database) as db:
+                request.branch = route.branch
+                assert db.cache is not None
+                if route.kind == "table":
+                    allow = db.cache.table(schema, route.name).allow()
+                else:
+                    fn = (db.cache.functions.get((schema, route.name), ())
+                          or (db.cache.function(schema, route.name, frozenset()),))[0]
+                    allow = "OPTIONS,POST" if fn.volatility == "v" else "OPTIONS,GET,HEAD,POST"
+        return Response(status=200, headers={"Allow": allow, "Access-Control-Allow-Origin": "*"})
 
     async def _run(self, conn: pgwire.Connection, request: Request, identity: Identity, schema: str,
                    readonly: bool, ctx: actions.Context, route: Route, method: str, table: Any, fn: Any,
@@ -440,7 +464,8 @@ class DataAPI:
                 raise ApiError(406, "PGRST116", "JSON object requested, multiple (or no) rows returned",
                                f"The result contains {result.page} rows", None)
             if conn.in_transaction:
-                await conn.execute("ROLLBACK" if ctx.prefs.tx == "rollback" else "COMMIT")
+                await conn.execute("ROLLBACK" if (ctx.prefs.tx or self.config.tx_end.split("-")[0]) == "rollback"
+                                   else "COMMIT")
             return result
         finally:
             conn = getattr(conn, "conn", conn)
@@ -467,13 +492,26 @@ class DataAPI:
         headers: dict[str, str] = dict(result.headers)
         status = result.status
         applied = []
-        for name, value in (("return", prefs.return_), ("count", prefs.count), ("resolution", prefs.resolution),
-                            ("missing", prefs.missing), ("tx", prefs.tx), ("handling", prefs.handling),
-                            ("timezone", prefs.timezone)):
-            if value is not None and (name != "resolution" or method == "POST"):
+        # Echoed only where PostgREST applies them: return= on writes to a table, resolution= on an
+        # insert into a table with a key (or on_conflict), missing= on inserts and updates,
+        # max-affected= on updates, deletes and functions.
+        writing = route.kind == "table" and method not in ("GET", "HEAD")
+        resolves = method == "POST" and route.kind == "table" and bool(
+            ctx.query.on_conflict or ctx.cache.table(ctx.schema, route.name).pk)
+        for name, value, applies in (
+                ("return", prefs.return_, writing), ("count", prefs.count, True),
+                ("resolution", prefs.resolution, resolves),
+                ("missing", prefs.missing, writing and method in ("POST", "PATCH")),
+                ("tx", prefs.tx, True), ("handling", prefs.handling, True), ("timezone", prefs.timezone, True),
+                ("max-affected", prefs.max_affected, route.kind == "rpc" or method in ("PATCH", "DELETE"))):
+            if value is not None and applies:
                 applied.append(f"{name}={value}")
         if applied:
             headers["Preference-Applied"] = ", ".join(applied)
+        if warning := legacy_target_warning(ctx.query):
+            headers["Warning"] = warning
+        if len(self.config.schemas) > 1:  # the schema served, as PostgREST names it when there is a choice
+            headers["Content-Profile"] = ctx.schema
         if method in ("GET", "HEAD") and route.kind == "table":
             ordered = content_location_query(request)
             if len(ordered) <= MAX_CONTENT_LOCATION:  # a 5,000-value in-list would break clients' header limits
