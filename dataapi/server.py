@@ -28,6 +28,7 @@ from prometheus_client import CollectorRegistry
 
 from dataapi import actions, pgwire
 from dataapi.auth import Authenticator, Identity
+from dataapi.cors import CorsPolicy
 from dataapi.databases import Computes, Databases, PoolSettings, Unreachable
 from dataapi.errors import ApiError, from_postgres
 from dataapi.http_server import BodyTooLarge, HttpServer, Request, Response
@@ -134,6 +135,9 @@ class DataAPIConfig:
     # PostgREST's db-tx-end: how each request's transaction ends. ``commit``/``rollback`` ignore
     # ``Prefer: tx=``; the ``-allow-override`` forms honour it (the default: tx=rollback works).
     tx_end: str = "commit-allow-override"
+    # PostgREST's server-cors-allowed-origins: the origins whose pages may read the answers
+    # (comma-separated); empty = every origin (dataapi/cors.py).
+    cors_origins: str = ""
     max_body_bytes: int = 10 * 1024 * 1024
     max_url_bytes: int = 64 * 1024
 
@@ -232,6 +236,7 @@ class DataAPI:
         self.config = config
         self.metrics = DataAPIMetrics(registry)
         self.auth = Authenticator(config.jwt_secret, config.anon_role or None, config.jwt_role_claim, config.jwt_aud)
+        self.cors = CorsPolicy.parse(config.cors_origins)
         self.databases = Databases(computes, config.schemas,
                                    PoolSettings(size=config.pool_size, idle_timeout=config.idle_timeout))
         self._server: HttpServer | None = None
@@ -259,6 +264,12 @@ class DataAPI:
     async def handle(self, request: Request) -> Response:
         started = time.perf_counter()
         request.branch = UNKNOWN
+        headers = request.headers
+        if "Origin" in headers:  # a cross-origin request from a web page
+            preflight = self.cors.preflight(request.method, headers)
+            if preflight is not None:
+                self.metrics.observe(request.branch, request.method, 200, time.perf_counter() - started)
+                return preflight
         try:
             try:
                 response: Response = await self._handle(request)
@@ -275,6 +286,8 @@ class DataAPI:
         except Exception:
             log.exception("data API request failed", extra={"path": request.path})
             response = internal_error()
+        if "Origin" in headers:
+            self.cors.decorate(headers, response)
         self.metrics.observe(request.branch, request.method, response.status, time.perf_counter() - started)
         return response
 
@@ -420,7 +433,7 @@ class DataAPI:
                     fn = (db.cache.functions.get((schema, route.name), ())
                           or (db.cache.function(schema, route.name, frozenset()),))[0]
                     allow = "OPTIONS,POST" if fn.volatility == "v" else "OPTIONS,GET,HEAD,POST"
-        return Response(status=200, headers={"Allow": allow, "Access-Control-Allow-Origin": "*"})
+        return Response(status=200, headers={"Allow": allow})
 
     async def _run(self, conn: pgwire.Connection, request: Request, identity: Identity, schema: str,
                    readonly: bool, ctx: actions.Context, route: Route, method: str, table: Any, fn: Any,

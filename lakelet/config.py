@@ -66,6 +66,7 @@ class Config:
     data_api_plan_enabled: bool = False
     data_api_workers: int = 0  # Data API worker processes; 0 = one per CPU
     data_api_tx_end: str = "commit-allow-override"  # PostgREST's db-tx-end
+    data_api_cors_origins: str = ""  # origins whose web pages may call the Data API; empty = any
     # Where lakehouse sync writes Delta tables: a path or s3://bucket/prefix (AWS_* settings from
     # the environment); empty = <data_dir>/lakehouse.
     lakehouse_uri: str = ""
@@ -104,7 +105,8 @@ SECTIONS: dict[str, str] = {
     **{name: "data_api" for name in ("data_api", "data_api_schemas", "data_api_anon_role", "data_api_jwt_secret",
                                      "data_api_jwt_role_claim", "data_api_max_rows", "data_api_pre_request",
                                      "data_api_pool_size", "data_api_idle_timeout", "data_api_jwt_aud",
-                                     "data_api_plan_enabled", "data_api_workers", "data_api_tx_end")},
+                                     "data_api_plan_enabled", "data_api_workers", "data_api_tx_end",
+                                     "data_api_cors_origins")},
     "lakehouse_uri": "lakehouse",
 }
 ENV_NAMES = {name: "LAKELET_" + name.upper() for name in SECTIONS} | {"user": "LAKELET_COMPUTE_USER"}
