@@ -60,7 +60,8 @@ SCHEMAS = ("test", "operators", "ordering", "pagination", "representations", "mu
 AREA_SCHEMAS = ("auth", "config", "domain_representations", "headers", "mutations", "operators", "ordering",
                 "pagination", "representations", "rpc")
 ROLES = ("postgrest_test_anonymous", "postgrest_test_default_role", "postgrest_test_author")
-BULK = DataAPIConfig(schemas=SCHEMAS, anon_role=OWNER, plan_enabled=True, tx_end="rollback", pool_size=4)
+BULK = DataAPIConfig(schemas=SCHEMAS, anon_role=OWNER, plan_enabled=True, tx_end="rollback", pool_size=4,
+                     cors_origins="http://example.com, http://example2.com")
 AUTH = replace(BULK, anon_role="postgrest_test_anonymous", jwt_secret=SECRET, pre_request="auth.switch_role")
 RSA_JWK = ('{"alg":"RS256","e":"AQAB","key_ops":["verify"],"kty":"RSA","n":"0etQ2Tg187jb04MWfpuogYGV75IFrQQBxQa'
            'GH75eq_FpbkyoLcEpRUEWSbECP2eeFya2yZ9vIO5ScD-lPmovePk4Aa4SzZ8jdjhmAbNykleRPCxMg0481kz6PQhnHRUv3nF5WP47'
@@ -217,6 +218,8 @@ def config_for(case: dict, scratch: Path) -> DataAPIConfig:
             base = replace(base, jwt_role_claim=value[1:] if value.startswith("$") else value)
         elif key == "db-schemas":
             base = replace(base, schemas=tuple([value] if isinstance(value, str) else value))
+        elif key == "server-cors-allowed-origins":
+            base = replace(base, cors_origins=value or "")
         elif key == "log-level":
             continue
         else:
