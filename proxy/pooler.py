@@ -472,7 +472,7 @@ class Pool:
         assert transport is not None
         server = PooledServer(self, transport, session.key, session.greeting, compute.pid,
                               self.pooler.config.max_prepared)
-        transport.set_protocol(server)
+        transport.set_protocol(server)  # type: ignore[arg-type]  # a protocol by its methods
         if session.side.buf:
             server.buf += session.side.buf
         transport.resume_reading()
@@ -690,7 +690,7 @@ class Pooler:
         client = PooledClient(pool, transport, settings, pid, secret)
         self._clients[secret] = client
         pool.clients += 1
-        transport.set_protocol(client)
+        transport.set_protocol(client)  # type: ignore[arg-type]  # a protocol by its methods
         transport.write(accepted + greeting + codec.backend_key_data(pid, secret) + codec.ready_for_query(b"I"))
         transport.resume_reading()
         if side.buf:
