@@ -78,6 +78,27 @@ _MAYBE_SPECIAL: Final = frozenset(b"sSrRdD \t\r\n-/")
 _LETTERS: Final = frozenset(b"sSrRdD")
 
 
+def _plain_sql(buf: bytes, at: int) -> bool:
+    """The statement at ``at`` is surely none of SET, RESET, DEALLOCATE, DISCARD (which the pooler
+    reads with ``first_word``): by its first byte, or its first three letters when that is an s, r
+    or d. Whitespace or a comment first: not sure. Byte by byte, with no slice made."""
+    c = buf[at]
+    if c == 0x20 or c == 0x09 or c == 0x0A or c == 0x0D or c == 0x2D or c == 0x2F:  # space, tab, LF, CR, -, /
+        return False
+    low = c | 0x20  # a letter's lower case (exact for the letters compared here)
+    if low != 0x73 and low != 0x72 and low != 0x64:  # s, r, d
+        return True
+    if at + 2 >= len(buf):
+        return True
+    b1 = buf[at + 1] | 0x20
+    b2 = buf[at + 2] | 0x20
+    if low == 0x73:
+        return not (b1 == 0x65 and b2 == 0x74)  # set
+    if low == 0x72:
+        return not (b1 == 0x65 and b2 == 0x73)  # res
+    return not (b1 == 0x65 and b2 == 0x61) and not (b1 == 0x69 and b2 == 0x73)  # dea, dis
+
+
 class PooledClient:
     """The protocol of a pooled client's connection (an asyncio protocol by its methods: a plain
     class, so that mypyc can compile it to a native one, see ``proxy/native.py``)."""
@@ -447,31 +468,26 @@ class PooledClient:
                         server.pending_set = None
                     pos = end
                     continue
-                if kind == 0x42 and buf[buf.index(0, pos + 5) + 1] == 0:  # Bind of the unnamed statement
+                if kind == 0x42 and buf[pos + 6 if buf[pos + 5] == 0 else buf.index(0, pos + 5) + 1] == 0:
+                    # Bind of the unnamed statement (to the unnamed portal, usually: no search)
                     server.status = 0
                     server.expect.append(_BIND)
                     pos = end
                     continue
-                if kind == 0x51:  # a simple query that is not a SET/RESET/DEALLOCATE/DISCARD
-                    c = buf[pos + 5]
-                    if c not in _MAYBE_SPECIAL or (c in _LETTERS and buf[pos + 5:pos + 8].lower()
-                                                   not in PREFIXES):
-                        server.expect.append(_QUERY)
-                        pos = end
-                        continue
+                if kind == 0x51 and _plain_sql(buf, pos + 5):  # a simple query, not SET/RESET/DEALLOCATE/DISCARD
+                    server.expect.append(_QUERY)
+                    pos = end
+                    continue
                 if kind == 0x44 and buf[pos + 5] == 0x50:  # Describe of a portal
                     server.status = 0
                     server.expect.append(_DESCRIBE)
                     pos = end
                     continue
-                if kind == 0x50 and buf[pos + 5] == 0:  # Parse of the unnamed statement, not a SET
-                    c = buf[pos + 6]
-                    if c not in _MAYBE_SPECIAL or (c in _LETTERS and buf[pos + 6:pos + 9].lower()
-                                                   not in PREFIXES):
-                        server.status = 0
-                        server.expect.append(_PARSE_UNNAMED)
-                        pos = end
-                        continue
+                if kind == 0x50 and buf[pos + 5] == 0 and _plain_sql(buf, pos + 6):  # unnamed Parse, not a SET
+                    server.status = 0
+                    server.expect.append(_PARSE_UNNAMED)
+                    pos = end
+                    continue
             done = self._forward(server, kind, buf, pos, end)
             if done is not None:
                 if run < pos:

@@ -158,3 +158,25 @@ async def test_an_answer_that_only_looks_finished_keeps_the_backend() -> None:
         server.data_received(answer[cut:])
         assert client.server is None and server.client is None and not server.expect  # released
         assert client.transport.out == answer  # type: ignore[attr-defined]
+
+
+def test_the_inline_check_never_passes_a_statement_the_pooler_reads() -> None:
+    """``_plain_sql`` lets a query or unnamed Parse through without the full reading: it must say
+    "plain" only for statements that are none of SET/RESET/DEALLOCATE/DISCARD, and should say so
+    for the everyday ones."""
+    from proxy.pooled_client import _plain_sql
+    from proxy.statements import OTHER, first_word
+
+    texts = [b"SET x = 1", b"set x to 1", b"ReSeT ALL", b"reset", b"DEALLOCATE a", b"deallocate all",
+             b"DISCARD ALL", b"discard", b" set x=1", b"\tSET x=1", b"\nset x=1", b"--c\nSET x=1", b"/* c */ set x=1",
+             b"SELECT 1", b"select 1", b"DELETE FROM t", b"RELEASE s", b"ROLLBACK", b"SAVEPOINT s", b"DO $$ $$",
+             b"SHOW x", b"DROP TABLE t", b"S", b"se", b"d", b"INSERT INTO t VALUES (1)", b"(SELECT 1)",
+             b"with x as (select 1) select 1"]
+    for text in texts:
+        buf = b"Q" + text + b"\x00"
+        if _plain_sql(buf, 1):
+            assert first_word(text) == OTHER, text
+    assert all(_plain_sql(b"Q" + t + b"\x00", 1) for t in (b"SELECT 1", b"select 1", b"INSERT INTO t VALUES (1)",
+                                                            b"DELETE FROM t", b"RELEASE s", b"ROLLBACK", b"DO $$ $$"))
+    assert not any(_plain_sql(b"Q" + t + b"\x00", 1) for t in (b"SET x = 1", b"reset", b"Deallocate a", b"discard all",
+                                                                b" set x=1", b"--c\nSET x=1"))
