@@ -203,6 +203,15 @@ async def idle_memory(name: str, port: int, pid: int, n: int, options: str) -> f
     return per
 
 
+def pooler_build(pid: int) -> str:
+    """Whether the Lakelet process runs the pooler's modules compiled (proxy/native.py): its
+    mypyc library is mapped into the process."""
+    with open(f"/proc/{pid}/maps") as f:
+        if "lakelet_pooler__mypyc" in f.read():
+            return "compiled (mypyc)"
+    return "interpreted (no build: scripts/setup.sh compiles it)"
+
+
 def run(args: argparse.Namespace, cleanup: object) -> None:
     clients = args.clients or (1000 if args.quick else 10_000)
     idle = args.idle if args.idle is not None else clients
@@ -227,6 +236,7 @@ def run(args: argparse.Namespace, cleanup: object) -> None:
     socket_dir, compute_port, postmaster = str(ep["host"]), int(ep["port"]), int(ep["pid"])
     verifier, _, _ = asyncio.run(bp.fetch_verifier(socket_dir, compute_port))
     targets = [Target("lakelet-pooled", lake.port, lake.proc.pid, "pool=transaction")]
+    print(f"lakelet's pooler: {pooler_build(lake.proc.pid)}", flush=True)
     binary = shutil.which("pgbouncer") or shutil.which("pgbouncer", path="/usr/sbin:/usr/local/sbin")
     bouncer: bp.PgBouncer | None = None
     if binary and not args.no_pgbouncer:
