@@ -262,9 +262,7 @@ class PooledClient:
             self.active = True
             pool = self.pool
             pool.active += 1
-            s = pool.signals
-            s.sessions += 1
-            s.last_activity = monotonic()
+            pool.signals.sessions += 1  # its end sets last_activity (Pool.activate)
 
     def granted(self, server: PooledServer) -> None:
         """The pool's answer to ``request``: a backend with this client's settings."""
@@ -418,7 +416,7 @@ class PooledClient:
         n = len(buf)
         pos = run = 0
         server = self.server
-        out: list[bytes] = []
+        out: list[bytes] | None = None  # the pieces, once a message is rewritten, dropped or answered
         while pos + 5 <= n:
             length = read_i32_be(buf, pos + 1)
             if length < 4 or length > MAX_MESSAGE:
@@ -430,6 +428,8 @@ class PooledClient:
             kind = buf[pos]
             if server is None or self.discarding or kind == 0x58:
                 if run < pos:
+                    if out is None:
+                        out = []
                     out.append(buf[run:pos])
                 run = end
                 if kind == 0x58:  # Terminate: answered by closing, as Postgres does
@@ -490,6 +490,8 @@ class PooledClient:
                     continue
             done = self._forward(server, kind, buf, pos, end)
             if done is not None:
+                if out is None:
+                    out = []
                 if run < pos:
                     out.append(buf[run:pos])
                 if done:
@@ -497,13 +499,14 @@ class PooledClient:
                 run = end
             pos = end
         if server is not None:
-            if not out:
+            if out is None:
                 if run < pos:
                     server.transport.write(buf if run == 0 and pos == n else buf[run:pos])
             else:
                 if run < pos:
                     out.append(buf[run:pos])
-                server.transport.write(b"".join(out))
+                if out:
+                    server.transport.write(b"".join(out))
         return pos
 
     def _synth(self, server: PooledServer | None, data: bytes,

@@ -19,7 +19,6 @@ ask). Idle backends also close after ``server_idle_timeout``.
 from __future__ import annotations
 
 import asyncio
-import bisect
 import contextlib
 import logging
 import secrets
@@ -28,7 +27,7 @@ import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Final, Protocol
 
 from prometheus_client import CollectorRegistry
 from prometheus_client.core import GaugeMetricFamily, HistogramMetricFamily
@@ -212,10 +211,10 @@ class Pool:
     # -- counts the compute sees -------------------------------------------------------------------
 
     def activate(self) -> None:
+        """Counted as a session (its end sets ``last_activity``: while one is counted, the
+        compute does not suspend, so its start need not)."""
         self.active += 1
-        s = self.signals
-        s.sessions += 1
-        s.last_activity = time.monotonic()
+        self.signals.sessions += 1
 
     def deactivate(self) -> None:
         self.active -= 1
@@ -528,7 +527,7 @@ class Pool:
 # -- all pools ------------------------------------------------------------------------------------------
 
 
-WAIT_BUCKETS = (0.001, 0.005, 0.025, 0.1, 0.5, 1.0, 5.0, 30.0)
+WAIT_BUCKETS: Final = (0.001, 0.005, 0.025, 0.1, 0.5, 1.0, 5.0, 30.0)
 
 
 class WaitTimes:
@@ -542,7 +541,10 @@ class WaitTimes:
         self.total = 0.0
 
     def observe(self, seconds: float) -> None:
-        self.counts[bisect.bisect_left(WAIT_BUCKETS, seconds)] += 1
+        i = 0
+        while i < len(WAIT_BUCKETS) and WAIT_BUCKETS[i] < seconds:  # bisect_left, in a few compares
+            i += 1
+        self.counts[i] += 1
         self.total += seconds
 
 
