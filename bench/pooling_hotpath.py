@@ -2,8 +2,8 @@
 callbacks (a client's request → lend and forward; the backend's answer ending in ReadyForQuery
 ``I`` → hand over and give the backend to the next client in line) on the real Pool, PooledClient
 and PooledServer, with byte sinks for transports. 1,000 clients over 20 backends, pgbench
-``-S -M extended``'s bytes. Compiled (``proxy/native.py``) when a build is there; run with
-``LAKELET_INTERPRETED=1`` for the interpreted modules.
+``-S -M extended``'s bytes and startup settings (``application_name``). Compiled
+(``proxy/native.py``) when a build is there; ``LAKELET_INTERPRETED=1`` for the interpreted modules.
 
     .venv/bin/python bench/pooling_hotpath.py [--transactions N]
 
@@ -29,6 +29,7 @@ from proxy import codec, native  # noqa: E402
 from proxy.pooled_client import PooledClient  # noqa: E402
 from proxy.pooled_server import PooledServer  # noqa: E402
 from proxy.pooler import PoolConfig, Pooler  # noqa: E402
+from proxy.statements import startup_settings  # noqa: E402
 
 SQL = b"SELECT abalance FROM pgbench_accounts WHERE aid = $1;"
 REQUEST = (codec.encode_message(b"P", b"\x00" + SQL + b"\x00" + struct.pack("!h", 0))
@@ -65,6 +66,7 @@ async def run(clients: int, backends: int, transactions: int) -> float:
     servers = []
     for _ in range(backends):
         server = PooledServer(pool, Sink(), None, b"", 1, 200)  # type: ignore[arg-type]
+        server.applied = pool.intern(startup_settings({"user": "bench", "application_name": "pgbench"}, []))
         server.where = 1  # as if just opened for a client
         pool.servers.add(server)
         pool.opened += 1
@@ -73,7 +75,8 @@ async def run(clients: int, backends: int, transactions: int) -> float:
         servers.append(server)
         pool.release(server)
     for i in range(clients):  # each sends its transaction; those past the backends wait in line
-        PooledClient(pool, Sink(), (), i, i).data_received(REQUEST)  # type: ignore[arg-type]
+        settings = startup_settings({"user": "bench", "application_name": "pgbench"}, [])  # as pgbench logs in
+        PooledClient(pool, Sink(), settings, i, i).data_received(REQUEST)  # type: ignore[arg-type]
     done = 0
     started = time.process_time()
     while done < transactions:

@@ -113,7 +113,7 @@ class PooledClient:
         self.buf = bytearray()
         self.server: PooledServer | None = None
         self.statements: dict[bytes, ServerStatement] = {}
-        self.settings = settings
+        self.settings = settings = pool.intern(settings)
         self.startup = settings  # what DISCARD ALL returns to
         self.pid = pid
         self.secret = secret
@@ -357,7 +357,7 @@ class PooledClient:
 
     def tracked(self, server: PooledServer, change: tuple[str, bytes | None]) -> None:
         """A SET/RESET the client ran alone outside a transaction succeeded: keep it."""
-        self.settings = with_setting(self.settings, *change)
+        self.settings = self.pool.intern(with_setting(self.settings, *change))
         if server.applied is not None:
             server.applied = self.settings
 
@@ -381,7 +381,7 @@ class PooledClient:
                 if change is not None:
                     settings = with_setting(settings, *change)
         if settings != self.settings:
-            self.settings = settings
+            self.settings = settings = self.pool.intern(settings)
             if server.applied is not None:
                 server.applied = settings
 

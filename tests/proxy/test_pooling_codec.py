@@ -180,3 +180,24 @@ def test_the_inline_check_never_passes_a_statement_the_pooler_reads() -> None:
                                                             b"DELETE FROM t", b"RELEASE s", b"ROLLBACK", b"DO $$ $$"))
     assert not any(_plain_sql(b"Q" + t + b"\x00", 1) for t in (b"SET x = 1", b"reset", b"Deallocate a", b"discard all",
                                                                 b" set x=1", b"--c\nSET x=1"))
+
+
+async def test_equal_settings_are_one_object_per_pool() -> None:
+    """Clients with the same startup settings share one settings object (a backend is matched to
+    a client by identity first); the table is bounded, and what is past it is still compared by
+    value."""
+    from compute import LoadSignals
+    from proxy import pooler as pooler_module
+    from proxy.pooler import PoolConfig, Pooler
+    from proxy.statements import startup_settings
+
+    signals = LoadSignals()
+    pool = Pooler(PoolConfig(mode="transaction", size=2), wake=None, signals=lambda _: signals).pool("b", "r", "d")  # type: ignore[arg-type]
+    a = startup_settings({"user": "u", "application_name": "app"}, [])
+    b = startup_settings({"user": "u", "application_name": "app"}, [])
+    assert a == b and a is not b
+    assert pool.intern(a) is pool.intern(b) is a
+    for i in range(pooler_module.INTERNED + 10):
+        pool.intern(startup_settings({"application_name": f"app{i}"}, []))
+    late = startup_settings({"application_name": "late"}, [])
+    assert pool.intern(late) is late and pool.intern(startup_settings({"application_name": "late"}, [])) == late
