@@ -175,7 +175,9 @@ class _FutureWaiter:
 
 # -- one pool --------------------------------------------------------------------------------------------
 
-_IDLE, _IN_USE, _GONE = 0, 1, 2
+_IDLE: Final = 0  # where a backend is (PooledServer.where)
+_IN_USE: Final = 1
+_GONE: Final = 2
 
 
 class Pool:
