@@ -18,8 +18,8 @@ socket: what Postgres alone costs, with no HTTP, no transaction, no role switch.
 Data API / floor so machine noise hits both. Printed: the worker count, requests/s, p50 and p99
 latency, the ratios, the CPU the lakelet process and its Data API workers spent per request (and
 the workers' share), the CPU the compute's Postgres processes spent per request on each side, and
-the floor client's own CPU per query. Goals (issue #15): single ≥ 0.5× its floor with
-p99 ≤ 10 ms; embedded ≥ 0.5× its floor.
+the floor client's own CPU per query, and the HTTP client's (wrk's) per request. Goals (issue
+#15): single ≥ 0.5× its floor with p99 ≤ 10 ms; embedded ≥ 0.5× its floor.
 """
 
 from __future__ import annotations
@@ -30,6 +30,7 @@ import json
 import os
 import random
 import re
+import resource
 import shutil
 import signal
 import socket
@@ -133,6 +134,14 @@ def tree_cpu(pid: int) -> float:
         except (OSError, ValueError, IndexError):
             pass
     return total
+
+
+def client_cpu() -> float:
+    """CPU seconds of the HTTP client: wrk (a finished child of this process) and this process
+    (the aiohttp client, when wrk is not used)."""
+    me = resource.getrusage(resource.RUSAGE_SELF)
+    kids = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return me.ru_utime + me.ru_stime + kids.ru_utime + kids.ru_stime
 
 
 def pct(values: list[float], q: float) -> float:
@@ -269,6 +278,7 @@ async def run(args: argparse.Namespace) -> None:
                 for n in range(args.rounds):
                     workers_before = workers_cpu(proc.pid)
                     cpu_before, pg_before = cpu_seconds(proc.pid) + workers_before, tree_cpu(proc.pid)
+                    client_before = client_cpu()
                     if use_wrk:
                         rps, p50, p99 = await asyncio.to_thread(
                             run_wrk, f"http://127.0.0.1:{api_port}", w.wrk_path, w.wrk_keys, args.clients,
@@ -280,7 +290,8 @@ async def run(args: argparse.Namespace) -> None:
                     workers_after = workers_cpu(proc.pid)
                     api_runs.append((rps, p50, p99, (cpu_seconds(proc.pid) + workers_after - cpu_before) / done,
                                      (tree_cpu(proc.pid) - pg_before) / done,
-                                     (workers_after - workers_before) / done))
+                                     (workers_after - workers_before) / done,
+                                     (client_cpu() - client_before) / done))
                     me_before, pg_before = cpu_seconds(os.getpid()), tree_cpu(proc.pid)
                     rate, lat = await drive(args.clients, args.seconds, via_asyncpg)
                     floor_runs.append((rate, pct(lat, 0.5), pct(lat, 0.99), (cpu_seconds(os.getpid()) - me_before)
@@ -313,6 +324,7 @@ def report(name: str, api_runs: list, floor_runs: list, args: argparse.Namespace
         "data_api_cpu_us_per_request": round(med(api_runs, 3) * 1e6),
         "data_api_workers_cpu_us_per_request": round(med(api_runs, 5) * 1e6),
         "data_api_postgres_cpu_us_per_request": round(med(api_runs, 4) * 1e6),
+        "http_client_cpu_us_per_request": round(med(api_runs, 6) * 1e6),
         "asyncpg_client_cpu_us_per_request": round(med(floor_runs, 3) * 1e6),
         "asyncpg_postgres_cpu_us_per_request": round(med(floor_runs, 4) * 1e6),
     }), flush=True)

@@ -96,6 +96,14 @@ def cpu_seconds(pid: int) -> float:
     return sum(cpu_times(pid))
 
 
+def machine_busy_seconds() -> float:
+    """CPU time the whole machine spent not idle (all processes, interrupts and soft interrupts)."""
+    with open("/proc/stat") as f:
+        fields = [int(v) for v in f.readline().split()[1:]]
+    user, nice, system, _idle, _iowait, irq, softirq, steal = fields[:8]
+    return (user + nice + system + irq + softirq + steal) / CLK_TCK
+
+
 def rss_kib(pid: int) -> int:
     with open(f"/proc/{pid}/status") as f:
         for line in f:
@@ -414,6 +422,11 @@ class Run:
     client_cpu_s: float = 0.0  # pgbench's own CPU: with SCRAM it derives the key on every connection
     seconds: float = 0.0  # the run's wall time
     lakelet_cpu_s: float | None = None  # the Lakelet process's CPU during another target's run
+    machine_s: float = 0.0  # the whole machine's busy CPU meanwhile
+
+    @property
+    def machine_us_per_txn(self) -> float:
+        return self.machine_s * 1e6 / self.txns if self.txns else 0.0
 
     @property
     def client_us_per_txn(self) -> float:
@@ -443,10 +456,12 @@ def pgbench(pg: PgBinaries, target: Target, args: list[str], lakelet_pid: int | 
     lakelet_before = cpu_seconds(lakelet_pid) if lakelet_pid else None
     started = time.monotonic()
     before = cpu_times(target.pid) if target.pid else None
+    machine_before = machine_busy_seconds()
     children = resource.getrusage(resource.RUSAGE_CHILDREN)
     seconds = float(args[args.index("-T") + 1]) if "-T" in args else 600.0
     out = run_bounded(cmd, f"pgbench {' '.join(args)} against {target.name}", seconds + STEP_TIMEOUT, env=pgbench_env())
     after = cpu_times(target.pid) if target.pid else None
+    machine = machine_busy_seconds() - machine_before
     seconds = time.monotonic() - started
     lakelet = cpu_seconds(lakelet_pid) - lakelet_before if lakelet_pid and lakelet_before is not None else None
     done = resource.getrusage(resource.RUSAGE_CHILDREN)
@@ -459,7 +474,7 @@ def pgbench(pg: PgBinaries, target: Target, args: list[str], lakelet_pid: int | 
     user = sys_ = None
     if before is not None and after is not None:
         user, sys_ = after[0] - before[0], after[1] - before[1]
-    return Run(float(tps.group(1)), int(txns.group(1)), user, sys_, client, seconds, lakelet)
+    return Run(float(tps.group(1)), int(txns.group(1)), user, sys_, client, seconds, lakelet, machine)
 
 
 def alternate(pg: PgBinaries, targets: list[Target], args: list[str], rounds: int, label: str,
@@ -473,9 +488,9 @@ def alternate(pg: PgBinaries, targets: list[Target], args: list[str], rounds: in
         for target in targets[shift:] + targets[:shift]:
             run = pgbench(pg, target, args, None if target.pid == lakelet_pid else lakelet_pid)
             runs[target.name].append(run)
-            cpu = ""
+            cpu = f", machine {run.machine_us_per_txn:.1f} µs/txn"
             if run.cpu_us_per_txn is not None and run.sys_share is not None:
-                cpu = f", {run.cpu_us_per_txn:.1f} µs CPU/txn ({run.sys_share:.0%} sys)"
+                cpu += f", {run.cpu_us_per_txn:.1f} µs CPU/txn ({run.sys_share:.0%} sys)"
             print(f"  {label} round {r + 1}/{rounds} {target.name:<10} {run.tps:10.0f} tps{cpu}", flush=True)
     return runs
 
@@ -487,6 +502,10 @@ def median_tps(runs: list[Run]) -> float:
 def median_cpu(runs: list[Run]) -> float | None:
     values = [v for v in (r.cpu_us_per_txn for r in runs) if v is not None]
     return statistics.median(values) if values else None
+
+
+def median_machine(runs: list[Run]) -> float:
+    return statistics.median(r.machine_us_per_txn for r in runs)
 
 
 def median_client(runs: list[Run]) -> float:
@@ -699,17 +718,21 @@ def report(s: Settings, select: dict[str, list[Run]], connect: dict[str, list[Ru
     print()
     print(f"pgbench -S, {s.clients} clients, -j 2, {s.duration}s × {s.rounds} rounds; "
           f"pgbench -C -S {s.conn_duration}s × {s.conn_rounds}; scale {s.scale}; medians")
-    print(f"{'target':<11}{'select tps':>12}{'ratio':>8}{'CPU µs/txn':>12}{'sys':>6}{'conn/s':>10}{'ratio':>8}"
-          f"{'CPU µs/conn':>13}{'sys':>6}{'pgbench µs/conn':>17}")
+    print(f"{'target':<11}{'select tps':>12}{'ratio':>8}{'CPU µs/txn':>12}{'sys':>6}{'machine':>9}{'+direct':>9}"
+          f"{'conn/s':>10}{'ratio':>8}{'CPU µs/conn':>13}{'sys':>6}{'pgbench µs/conn':>17}")
+    direct_machine = median_machine(select["direct"])
     direct_tps, direct_conn = median_tps(select["direct"]), median_tps(connect["direct"])
     for name in names:
         tps, conn = median_tps(select[name]), median_tps(connect[name])
         print(f"{name:<11}{tps:12.0f}{tps / direct_tps:8.2f}{fmt(median_cpu(select[name]), '12.1f')}"
-              f"{fmt(median_sys(select[name]), '6.0%')}{conn:10.0f}{conn / direct_conn:8.2f}"
+              f"{fmt(median_sys(select[name]), '6.0%')}{median_machine(select[name]):9.1f}"
+              f"{median_machine(select[name]) - direct_machine:9.1f}{conn:10.0f}{conn / direct_conn:8.2f}"
               f"{fmt(median_cpu(connect[name]), '13.0f')}{fmt(median_sys(connect[name]), '6.0%')}"
               f"{median_client(connect[name]):17.0f}")
     print(f"CPU: the Lakelet process (proxy + control plane; idle background {idle_cpu * 100:.1f}% of a core), "
           "the bare relay's and the pgbouncer process; sys = kernel share.")
+    print("machine: the whole machine's busy CPU per transaction (pgbench, Postgres, the relay, interrupts); "
+          "+direct: what the target adds to the direct connection's.")
     loaded = median_lakelet_share(select["direct"])
     if loaded is not None:
         print(f"The Lakelet process while the compute served the direct runs (nothing relayed): {loaded * 100:.2f}% "

@@ -2,7 +2,7 @@
 
 ``request`` parses, ``query`` builds SQL, ``schema`` caches the catalog, ``auth`` checks tokens,
 ``actions`` run inside one transaction, ``databases`` holds pools per (branch, database) and is the
-one place that talks to the compute room, ``server`` is the aiohttp face.
+one place that talks to the compute room, ``server`` is the HTTP face (over ``http_server``).
 """
 
 from dataapi.auth import ConfigError

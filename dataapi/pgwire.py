@@ -299,8 +299,11 @@ class Connection(asyncio.Protocol):
         await asyncio.wait_for(loop.create_unix_connection(lambda: conn, path), timeout)
         conn._startup = loop.create_future()
         assert conn._transport is not None
+        # READ COMMITTED whatever the database's or role's default: a Data API read runs as the
+        # implicit transaction of one pipeline, which takes the session's default level.
         conn._transport.write(encode_startup({"user": user, "database": database, "client_encoding": "UTF8",
-                                              "application_name": application_name}))
+                                              "application_name": application_name,
+                                              "default_transaction_isolation": "read committed"}))
         try:
             await asyncio.wait_for(conn._startup, timeout)
         except BaseException:

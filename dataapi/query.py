@@ -142,6 +142,9 @@ class Builder:
             test = "IS NULL" if (f.value == "null") != f.negate else "IS NOT NULL"
             return f"{embeds[f.field.name]} {test}"
         expr, typ = self.field_sql(alias, table, f.field)
+        col = table.columns.get(f.field.name)
+        if f.op in FTS and col is not None and col.base == "tsvector" and not f.field.path:
+            typ = "tsvector"  # a domain over tsvector is searched as it is, not through to_tsvector()
         sql = self._op(expr, typ, f)
         return f"NOT ({sql})" if f.negate else sql
 
@@ -607,3 +610,29 @@ def call_source(b: Builder, fn: FunctionInfo, args: dict[str, Any]) -> str:
     record = b.params.add(json.dumps({a.name: args[a.name] for a in given}))
     defs = ", ".join(f"{ident(a.name)} {a.type}" for a in given)
     return f"jsonb_to_record(({record})::jsonb) AS pgrst_args({defs}), LATERAL {call}"
+
+
+def legacy_target_warning(query: Query) -> str | None:
+    """PostgREST's ``Warning`` when a filter, order or limit names an aliased embedding by its
+    relation (still served, as ``_embed_path`` does, but deprecated upstream); None otherwise."""
+    keys = [k for m in (query.conditions, query.order, query.limit, query.offset) for k in m if k]
+    if not keys:
+        return None  # nothing names an embedding: the common case costs this line
+    found: list[str] = []
+    todo: list[tuple[Path, list[SelectItem]]] = [((), query.select)]
+    while todo:
+        path, items = todo.pop()
+        for e in items:
+            if not isinstance(e, Embed):
+                continue
+            by_key, by_relation = path + (e.key,), path + (e.relation,)
+            if e.alias and e.alias != e.relation and not any(k[:len(by_key)] == by_key for k in keys) and any(
+                    k[:len(by_relation)] == by_relation for k in keys):
+                found.append(f"`{e.relation}` to `{e.alias}`")
+                by_key = by_relation
+            todo.append((by_key, e.select))
+    if not found:
+        return None
+    return ('299 Lakelet "Embedded resource was referenced by relation name even though it has an alias. This is '
+            "deprecated and will stop working in a future release. Update " + ", ".join(found)
+            + ' in query string filters, orders or limits."')

@@ -36,7 +36,9 @@ AGGREGATES = {"count", "sum", "avg", "max", "min"}
 MAX_LOGIC_DEPTH = 32
 MAX_SELECT_DEPTH = 16
 
-IDENT = r"[^\s,.:()!\">]+"  # a dash is allowed (field-with_sep); arrows are split off before
+# A dash is allowed (field-with_sep), and inner spaces ("Unit Price", as PostgREST reads an unquoted
+# name); arrows are split off before. Any other character goes in double quotes ("a.b", "x(y)").
+IDENT = r"[^\s,.:()!\">](?:[^,.:()!\">]*[^\s,.:()!\">])?"
 _IDENT_RE = re.compile(IDENT)
 _CAST_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_ ]*(\[\])?$")
 _JSON_OP = re.compile(r"(->>|->)")
@@ -56,7 +58,10 @@ class Field:
 
     @property
     def default_alias(self) -> str:
-        return str(self.path[-1].key) if self.path else self.name
+        """The JSON key a selected field gets: PostgREST names it after the last key of its path,
+        skipping array indexes (``data->1->c->>2`` is ``c``, ``data->>0`` is ``data``)."""
+        keys = [s.key for s in self.path if isinstance(s.key, str)]
+        return keys[-1] if keys else self.name
 
 
 @dataclass(frozen=True)
@@ -199,19 +204,39 @@ def parse_list(text: str, what: str) -> tuple[str, ...]:
     return tuple(unquote(p.strip()) for p in split_top(inner))
 
 
+def _closing_quote(text: str) -> int:
+    """Where the double-quoted name ``text`` starts with ends (backslash escapes); -1 if it does not."""
+    i = 1
+    while i < len(text):
+        if text[i] == "\\":
+            i += 1
+        elif text[i] == '"':
+            return i
+        i += 1
+    return -1
+
+
 @functools.lru_cache(maxsize=1024)
 def parse_field(text: str) -> Field:
-    """A column name with JSON arrows (kept: a table's few column names recur on every request)."""
-    parts = _JSON_OP.split(text)
-    name = parts[0].strip()
-    if name.startswith('"') and name.endswith('"') and len(name) > 1:
-        name = name[1:-1]
+    """A column name with JSON arrows (kept: a table's few column names recur on every request). A
+    double-quoted name may hold any character, PostgREST's reserved ones included."""
+    text = text.strip()
+    if text.startswith('"') and (end := _closing_quote(text)) > 0:
+        parts = _JSON_OP.split(text[end + 1:])
+        if parts[0].strip():
+            raise parse_error(f'"failed to parse" ({text})', f"{text!r} is not a column name")
+        name = re.sub(r"\\(.)", r"\1", text[1:end])
+    else:
+        parts = _JSON_OP.split(text)
+        name = parts[0].strip()
     if not name or not _IDENT_RE.fullmatch(name) and not text.startswith('"'):
         raise parse_error(f'"failed to parse" ({text})', f"{text!r} is not a column name")
     steps: list[JsonStep] = []
     for arrow, key in zip(parts[1::2], parts[2::2], strict=True):
         if key == "":
             raise parse_error(f'"failed to parse" ({text})', "a JSON arrow needs a key after it")
+        if key.startswith("-") and not re.fullmatch(r"-\d+", key):
+            raise parse_error(f'"failed to parse" ({text})', 'unexpected "-" expecting digit')
         k: str | int = int(key) if re.fullmatch(r"-?\d+", key) else unquote(key)
         steps.append(JsonStep(arrow, k))  # type: ignore[arg-type]
     return Field(name, tuple(steps))
@@ -289,7 +314,8 @@ def _select_item(item: str, depth: int) -> SelectItem:
         item, aggregate = m.group(1), m.group(2)
         aggregate_cast = _cast(m.group(3)) if m.group(3) else None
     cast = None
-    if "::" in item:
+    after = _closing_quote(item) + 1 if item.startswith('"') else 0  # a quoted name may hold "::"
+    if "::" in item[after:]:
         item, c = item.rsplit("::", 1)
         cast = _cast(c.strip())
     return Column(parse_field(item.strip()), alias, cast, aggregate, aggregate_cast)
@@ -432,7 +458,10 @@ def parse_query(params: list[tuple[str, str]], rpc_arg_names: frozenset[str] = f
             *pre, _, op = key.split(".")
             q.conditions.setdefault(tuple(pre), []).append(parse_logic(op, value, True))
             continue
-        if "->" in key:
+        if '"' in key:  # a quoted column name may hold dots and arrows: split outside the quotes
+            *pre, last = split_top(key, ".")
+            path = tuple(pre)
+        elif "->" in key:
             # JSON arrows: the embedding path is what precedes the column, split on dots there.
             head, arrow, tail = key.partition("->")
             *pre, col = head.split(".")

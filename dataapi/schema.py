@@ -10,6 +10,7 @@ sends that after every DDL command, and users can send it themselves, as with Po
 
 from __future__ import annotations
 
+import difflib
 import re
 from dataclasses import dataclass, field
 from typing import Literal
@@ -59,6 +60,7 @@ class ColumnInfo:
     nullable: bool
     default: str | None  # the default expression, as Postgres prints it
     generated: bool = False
+    base: str = ""       # for a domain, the type its chain of domains ends at (PostgREST's base type)
 
 
 @dataclass(frozen=True)
@@ -70,6 +72,7 @@ class TableInfo:
     pk: tuple[str, ...] = ()
     uniques: tuple[tuple[str, ...], ...] = ()
     description: str | None = None
+    events: int = 28  # pg_relation_is_updatable: UPDATE 4, INSERT 8, DELETE 16 (a view may allow fewer)
     # Computed fields: functions of this table's row type (full_name(authors) → select=full_name),
     # name → (function schema, function name, return type). Filled once, while loading.
     computed: dict[str, tuple[str, str, str]] = field(default_factory=dict, compare=False)
@@ -77,6 +80,13 @@ class TableInfo:
     @property
     def qualified(self) -> tuple[str, str]:
         return (self.schema, self.name)
+
+    def allow(self) -> str:
+        """The methods an ``OPTIONS`` request lists, as PostgREST derives them: reads always; a write
+        when the relation takes it (a view may not); PUT needs a primary key too."""
+        insert, update, delete = self.events & 8, self.events & 4, self.events & 16
+        return ",".join(["OPTIONS,GET,HEAD"] + ["POST"] * bool(insert) + ["PUT"] * bool(insert and update and self.pk)
+                        + ["PATCH"] * bool(update) + ["DELETE"] * bool(delete))
 
 
 @dataclass(frozen=True)
@@ -163,9 +173,9 @@ class SchemaCache:
     def table(self, schema: str, name: str) -> TableInfo:
         info = self.tables.get((schema, name))
         if info is None:
+            near = difflib.get_close_matches(name, [t for s, t in self.tables if s == schema], 1, 0.75)
             raise ApiError(404, "PGRST205", f"Could not find the table '{schema}.{name}' in the schema cache",
-                           None, "Check the name, or if the table was just created, reload the schema cache: "
-                                 "NOTIFY pgrst, 'reload schema'")
+                           None, f"Perhaps you meant the table '{schema}.{near[0]}'" if near else None)
         return info
 
     def function(self, schema: str, name: str, given: frozenset[str]) -> FunctionInfo:
@@ -194,7 +204,11 @@ class SchemaCache:
                        "schema cache.", hint)
 
     def relationship(self, source: TableInfo, name: str, hint: str | None) -> Relationship:
-        candidates = [r for r in self._relationships(source) if r.target.name == name or _by_column(r, name)]
+        # As PostgREST keys its relationships: only targets in the source's own schema, named by the
+        # target, by the foreign key's column, or (without a hint) by the foreign key's name.
+        candidates = [r for r in self._relationships(source) if r.target.schema == source.schema and (
+            r.target.name == name or _by_column(r, name)
+            or (hint is None and r.junction is None and r.constraint == name))]
         computed = self.computed_rels.get(source.qualified, {}).get(name)
         if computed is not None:
             fn_schema, target, to_one = computed
@@ -263,14 +277,21 @@ def _matches_hint(r: Relationship, hint: str) -> bool:
 # -- loading --------------------------------------------------------------------------------------
 
 _TABLES = """
-SELECT c.oid, n.nspname, c.relname, c.relkind::text, obj_description(c.oid, 'pg_class')
+SELECT c.oid, n.nspname, c.relname, c.relkind::text, obj_description(c.oid, 'pg_class'),
+       pg_relation_is_updatable(c.oid, true)
 FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
 WHERE n.nspname = ANY($1::text[]) AND c.relkind IN ('r', 'v', 'm', 'f', 'p')
 """
 _COLUMNS = """
 SELECT a.attrelid, a.attname, a.atttypid::regtype::text, NOT a.attnotnull,
-       pg_get_expr(d.adbin, d.adrelid), a.attgenerated <> ''
-FROM pg_attribute a LEFT JOIN pg_attrdef d ON d.adrelid = a.attrelid AND d.adnum = a.attnum
+       pg_get_expr(d.adbin, d.adrelid), a.attgenerated <> '',
+       CASE WHEN ty.typtype = 'd' THEN (
+           WITH RECURSIVE chain(oid, base) AS (
+               SELECT ty.oid, ty.typbasetype
+               UNION ALL SELECT t.oid, t.typbasetype FROM pg_type t JOIN chain ON t.oid = chain.base)
+           SELECT oid::regtype::text FROM chain WHERE base = 0) ELSE '' END
+FROM pg_attribute a JOIN pg_type ty ON ty.oid = a.atttypid
+     LEFT JOIN pg_attrdef d ON d.adrelid = a.attrelid AND d.adnum = a.attnum
 WHERE a.attrelid = ANY($1::oid[]) AND a.attnum > 0 AND NOT a.attisdropped
 ORDER BY a.attrelid, a.attnum
 """
@@ -323,8 +344,8 @@ async def load(conn: asyncpg.Connection, schemas: tuple[str, ...]) -> SchemaCach
     type_rels = {f[6] for f in funcs if f[6]} - {r[0] for r in rels}
     oids = [r[0] for r in rels] + list(type_rels)
     columns: dict[int, dict[str, ColumnInfo]] = {}
-    for oid, name, typ, nullable, default, generated in await conn.fetch(_COLUMNS, oids):
-        columns.setdefault(oid, {})[name] = ColumnInfo(name, typ, nullable, default, generated)
+    for oid, name, typ, nullable, default, generated, base in await conn.fetch(_COLUMNS, oids):
+        columns.setdefault(oid, {})[name] = ColumnInfo(name, typ, nullable, default, generated, base)
     view_oids = [r[0] for r in rels if r[3] in ("v", "m")]
     sources: dict[int, dict[str, tuple[int, int]]] = {}
     for view, rule in (await conn.fetch(_VIEW_RULES, view_oids)) if view_oids else []:
@@ -371,9 +392,9 @@ async def load(conn: asyncpg.Connection, schemas: tuple[str, ...]) -> SchemaCach
                 pks[rel] = tuple(carried[c] for c in pks[base])
     by_oid: dict[int, TableInfo] = {}
     tables: dict[tuple[str, str], TableInfo] = {}
-    for oid, nspname, relname, relkind, description in rels:
+    for oid, nspname, relname, relkind, description, events in rels:
         info = TableInfo(nspname, relname, relkind, columns.get(oid, {}), pks.get(oid, ()),
-                         tuple(uniques.get(oid, ())), description)
+                         tuple(uniques.get(oid, ())), description, events=events)
         by_oid[oid] = info
         tables[info.qualified] = info
     seen: set[tuple[str, int, int]] = set()
@@ -391,11 +412,13 @@ async def load(conn: asyncpg.Connection, schemas: tuple[str, ...]) -> SchemaCach
     computed_rels: dict[tuple[str, str], dict[str, tuple[str, TableInfo, bool]]] = {}
     for (nspname, proname, volatility, retset, rettype, typtype, typrelid, argnames, argmodes, argtypes,
          nargs, ndefaults, row_of) in funcs:
-        if row_of in by_oid and volatility in ("i", "s"):
+        if row_of in by_oid:
             if typtype == "c" and typrelid in by_oid:
-                # fn(parent) RETURNS [SETOF] target: a computed relationship, embedded like a foreign key.
-                computed_rels.setdefault(by_oid[row_of].qualified, {}).setdefault(
-                    proname, (nspname, by_oid[typrelid], not retset))
+                if volatility in ("i", "s"):
+                    # fn(parent) RETURNS [SETOF] target: a computed relationship, embedded like a foreign key.
+                    computed_rels.setdefault(by_oid[row_of].qualified, {}).setdefault(
+                        proname, (nspname, by_oid[typrelid], not retset))
+            # A computed field may be volatile too: PostgREST does not look at volatility for them.
             elif not retset and rettype not in ("void", "record"):
                 by_oid[row_of].computed.setdefault(proname, (nspname, proname, rettype))
         modes = list(argmodes) or ["i"] * len(argtypes)

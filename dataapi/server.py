@@ -12,8 +12,8 @@ set, body as JSON, a single object, CSV, or the statement's EXPLAIN.
 
 from __future__ import annotations
 
-import asyncio
 import csv
+import dataclasses
 import functools
 import io
 import json
@@ -24,16 +24,17 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import quote
 
-from aiohttp import web
 from prometheus_client import CollectorRegistry
 
 from dataapi import actions, pgwire
 from dataapi.auth import Authenticator, Identity
+from dataapi.cors import CorsPolicy
 from dataapi.databases import Computes, Databases, PoolSettings, Unreachable
 from dataapi.errors import ApiError, from_postgres
+from dataapi.http_server import BodyTooLarge, HttpServer, Request, Response
 from dataapi.metrics import UNKNOWN, DataAPIMetrics
 from dataapi.openapi import describe
-from dataapi.query import ident
+from dataapi.query import ident, legacy_target_warning
 from dataapi.request import (
     MEDIA_BINARY,
     MEDIA_CSV,
@@ -65,6 +66,11 @@ SETTINGS = ("search_path", "request.jwt.claims", "request.method", "request.path
 SETTINGS_SQL = ("SELECT lakelet_dataapi.check_role($1::text), "
                 + ", ".join(f"set_config('{name}', ${n}::text, true)" for n, name in enumerate(SETTINGS, 2))
                 + ", set_config('role', $1::text, true)")
+# A read of one statement needs no BEGIN/COMMIT: the settings and the statement go out before one
+# Sync, which makes them one implicit transaction (the protocol's, ended by the Sync), read only
+# from its first statement on — two statements fewer for Postgres per request. Its isolation level
+# is the session's default, which the pool sets to READ COMMITTED when it connects.
+SETTINGS_READ_SQL = SETTINGS_SQL + ", set_config('transaction_read_only', 'on', true)"
 BEGIN_READ = "BEGIN ISOLATION LEVEL READ COMMITTED READ ONLY"
 BEGIN_WRITE = "BEGIN ISOLATION LEVEL READ COMMITTED"
 
@@ -87,8 +93,8 @@ class Planned(Exception):  # a result, not a failure: it carries the plan out of
         values = [next(iter(r.values())) or "" for r in rows]
         self.body = values[0] if plan.format == "json" and values else "\n".join(values)
 
-    def response(self, method: str) -> web.Response:
-        return web.Response(status=200, headers={"Content-Type": self.plan.content_type},
+    def response(self, method: str) -> Response:
+        return Response(status=200, headers={"Content-Type": self.plan.content_type},
                             body=None if method == "HEAD" else self.body.encode())
 
 
@@ -110,9 +116,7 @@ class Explaining:
         return getattr(self.conn, name)
 
 
-BRANCH_KEY = web.RequestKey("lakelet_branch", str)  # the metrics label, set once the branch exists
 MAX_CONTENT_LOCATION = 4096
-ALLOW_TABLE = "OPTIONS,GET,HEAD,POST,PUT,PATCH,DELETE"
 HEADERS_KEPT = 256
 
 
@@ -128,6 +132,12 @@ class DataAPIConfig:
     idle_timeout: float = 60.0
     plan_enabled: bool = False      # PostgREST's db-plan-enabled: the EXPLAIN media type
     jwt_aud: str = ""               # PostgREST's jwt-aud: tokens must name this audience
+    # PostgREST's db-tx-end: how each request's transaction ends. ``commit``/``rollback`` ignore
+    # ``Prefer: tx=``; the ``-allow-override`` forms honour it (the default: tx=rollback works).
+    tx_end: str = "commit-allow-override"
+    # PostgREST's server-cors-allowed-origins: the origins whose pages may read the answers
+    # (comma-separated); empty = every origin (dataapi/cors.py).
+    cors_origins: str = ""
     max_body_bytes: int = 10 * 1024 * 1024
     max_url_bytes: int = 64 * 1024
 
@@ -152,8 +162,7 @@ def parse_route(path: str) -> Route:
             return Route(parts[0], parts[1], "table", rest[0])
         if len(rest) == 2 and rest[0] == "rpc" and rest[1]:
             return Route(parts[0], parts[1], "rpc", rest[1])
-    raise ApiError(404, "PGRST125", "Invalid path specified in request URL", None,
-                   "Use /<branch>/<database>/rest/v1/<table> or /<branch>/<database>/rest/v1/rpc/<function>")
+    raise ApiError(404, "PGRST125", "Invalid path specified in request URL")
 
 
 def response_overrides(result: actions.Result) -> None:
@@ -177,9 +186,17 @@ def response_overrides(result: actions.Result) -> None:
         result.override_status = int(value)
 
 
-def error_response(e: ApiError) -> web.Response:
-    headers = {"Content-Type": "application/json; charset=utf-8", **e.headers}
-    return web.Response(status=e.status, body=e.body(), headers=headers)
+def error_response(e: ApiError) -> Response:
+    """PostgREST's error response: the JSON body, and ``Proxy-Status`` naming the error's code (the
+    server's own name first, as RFC 9209 asks)."""
+    headers = {"Content-Type": "application/json; charset=utf-8", "Proxy-Status": f"Lakelet; error={e.code}",
+               **e.headers}
+    return Response(status=e.status, body=e.body(), headers=headers)
+
+
+def internal_error() -> Response:
+    return error_response(ApiError(500, "PGRSTX00", "Internal error in the Data API", None,
+                                   "See the lakelet log for the cause"))
 
 
 def to_csv(body: str, scalar_name: str) -> str:
@@ -202,7 +219,7 @@ def to_csv(body: str, scalar_name: str) -> str:
 _PLAIN_QUERY = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_.-~=&")
 
 
-def content_location_query(request: web.BaseRequest) -> str:
+def content_location_query(request: Request) -> str:
     """The query string as ``Content-Location`` carries it: parameters sorted, each name and value
     percent-encoded. A query string of unreserved characters alone is already encoded, so it is
     only split and sorted (the common case, and cheaper than decoding and quoting again)."""
@@ -219,45 +236,43 @@ class DataAPI:
         self.config = config
         self.metrics = DataAPIMetrics(registry)
         self.auth = Authenticator(config.jwt_secret, config.anon_role or None, config.jwt_role_claim, config.jwt_aud)
+        self.cors = CorsPolicy.parse(config.cors_origins)
         self.databases = Databases(computes, config.schemas,
                                    PoolSettings(size=config.pool_size, idle_timeout=config.idle_timeout))
-        self._runner: web.ServerRunner | None = None
+        self._server: HttpServer | None = None
         self.port: int | None = None
         self._headers_kept: dict[Any, tuple[str, bool]] = {}
 
-    def _make_request(self, message: Any, payload: Any, protocol: Any, writer: Any, task: Any) -> web.BaseRequest:
-        return web.BaseRequest(message, payload, protocol, writer, task, asyncio.get_running_loop(),
-                               client_max_size=self.config.max_body_bytes)
-
     async def start(self, host: str = "127.0.0.1", port: int = 0, sock: socket.socket | None = None) -> None:
-        """aiohttp's low-level server: one handler takes every path (the Data API routes itself),
-        so no application router runs on each request. ``sock``: a listening socket to accept on
-        (a worker's, inherited from ``lakelet up``) instead of binding HOST:PORT."""
+        """One handler takes every path (the Data API routes itself; ``http.py``). ``sock``: a
+        listening socket to accept on (a worker's, inherited from ``lakelet up``) instead of
+        binding HOST:PORT."""
         self.databases.start()
-        server = web.Server(self.handle, request_factory=self._make_request, access_log=None,
-                            max_line_size=self.config.max_url_bytes, max_field_size=64 * 1024)
-        self._runner = web.ServerRunner(server, handle_signals=False)
-        await self._runner.setup()
-        site: web.BaseSite = web.SockSite(self._runner, sock) if sock is not None else \
-            web.TCPSite(self._runner, host, port)
-        await site.start()
-        sockets = getattr(site._server, "sockets", None) or []
-        self.port = sockets[0].getsockname()[1] if sockets else port
+        self._server = HttpServer(self.handle, internal_error, max_url=self.config.max_url_bytes,
+                                  max_headers=64 * 1024, max_body=self.config.max_body_bytes)
+        await self._server.start(host, port, sock)
+        self.port = self._server.port
 
     async def close(self) -> None:
-        if self._runner is not None:
-            await self._runner.cleanup()
-            self._runner = None
+        if self._server is not None:
+            await self._server.close()
+            self._server = None
         await self.databases.close()
 
     # -- the handler ----------------------------------------------------------------------------
 
-    async def handle(self, request: web.BaseRequest) -> web.StreamResponse:
+    async def handle(self, request: Request) -> Response:
         started = time.perf_counter()
-        request[BRANCH_KEY] = UNKNOWN
+        request.branch = UNKNOWN
+        headers = request.headers
+        if "Origin" in headers:  # a cross-origin request from a web page
+            preflight = self.cors.preflight(request.method, headers)
+            if preflight is not None:
+                self.metrics.observe(request.branch, request.method, 200, time.perf_counter() - started)
+                return preflight
         try:
             try:
-                response: web.StreamResponse = await self._handle(request)
+                response: Response = await self._handle(request)
             except Unreachable:
                 # The compute went away under us before any statement was sent (suspended,
                 # restarted, moved): ask the control plane again, which wakes it, and retry once.
@@ -265,22 +280,22 @@ class DataAPI:
                 response = await self._handle(request)
         except ApiError as e:
             response = error_response(e)
-        except web.HTTPRequestEntityTooLarge:
+        except BodyTooLarge:
             response = error_response(ApiError(413, "PGRST102", "Request body too large", None,
                                                f"Send at most {self.config.max_body_bytes} bytes per request"))
         except Exception:
             log.exception("data API request failed", extra={"path": request.path})
-            response = error_response(ApiError(500, "PGRSTX00", "Internal error in the Data API", None,
-                                               "See the lakelet log for the cause"))
-        self.metrics.observe(request[BRANCH_KEY], request.method, response.status, time.perf_counter() - started)
+            response = internal_error()
+        if "Origin" in headers:
+            self.cors.decorate(headers, response)
+        self.metrics.observe(request.branch, request.method, response.status, time.perf_counter() - started)
         return response
 
-    async def _handle(self, request: web.BaseRequest) -> web.StreamResponse:
+    async def _handle(self, request: Request) -> Response:
         route = parse_route(request.path)
         method = request.method
         if method == "OPTIONS":
-            allow = "OPTIONS,GET,HEAD,POST" if route.kind == "rpc" else ALLOW_TABLE
-            return web.Response(status=200, headers={"Allow": allow})
+            return await self._options(request, route)
         schema = self._schema(request, method)
         if self.auth.jwks_url is not None:
             await self.auth.refresh(request.headers.get("Authorization"))
@@ -291,17 +306,20 @@ class DataAPI:
             media = negotiate(request.headers.get("Accept"), openapi=True)
             async with self.databases.use(route.branch, route.database) as db:
                 assert db.cache is not None
-                doc = describe(db.cache, schema, request.url.origin(), request.path)
-            return web.Response(body=json.dumps(doc).encode(), content_type="application/openapi+json"
-                                if media == MEDIA_OPENAPI else "application/json", charset="utf-8")
+                doc = describe(db.cache, schema, request.origin(), request.path)
+            return Response(body=json.dumps(doc).encode(), content_type="application/openapi+json"
+                            if media == MEDIA_OPENAPI else "application/json", charset="utf-8",
+                            headers={"Content-Profile": schema} if len(self.config.schemas) > 1 else None)
         accept = request.headers.get("Accept")
         plan = parse_plan(accept) if self.config.plan_enabled else None
         media = (plan.for_media or MEDIA_JSON) if plan is not None else negotiate(accept)
         prefs = parse_prefer(request.headers.getall("Prefer", []))
+        if prefs.tx is not None and not self.config.tx_end.endswith("-allow-override"):
+            prefs = dataclasses.replace(prefs, tx=None)  # not honoured, so not in Preference-Applied
         range_ = parse_range(request.headers.get("Range")) if method in ("GET", "HEAD") else None
         params = [(k, v) for k, v in request.query.items()]
         if route.kind == "rpc" and method not in ("GET", "HEAD", "POST"):
-            raise ApiError(405, "PGRST101", "Only GET and POST verbs are allowed for functions")
+            raise ApiError(405, "PGRST101", f"Cannot use the {method} method on RPC")
         if route.kind == "table" and method not in ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE"):
             raise ApiError(405, "PGRST117", f"Unsupported HTTP method: {method}")
         query = parse_query(params) if route.kind == "table" or method == "POST" else None
@@ -313,7 +331,7 @@ class DataAPI:
                            "Send the body as application/json")
         body_type = ctype if ctype in ("application/x-www-form-urlencoded", "text/csv") else "application/json"
         async with self.databases.use(route.branch, route.database, len(raw)) as db:
-            request[BRANCH_KEY] = route.branch
+            request.branch = route.branch
             cache = db.cache
             assert cache is not None and db.pool is not None
             fn = None
@@ -368,7 +386,7 @@ class DataAPI:
 
     @staticmethod
     def _raw(method: str, media: str, status: int, headers: dict[str, str], body: str,
-             scalar: bool) -> web.Response:
+             scalar: bool) -> Response:
         """``text/plain`` / ``application/octet-stream``: the values of the one selected column,
         concatenated (bytea values as their bytes), as PostgREST serves binary output."""
         rows = json.loads(body)
@@ -388,41 +406,59 @@ class DataAPI:
                     pass
             data += (value if isinstance(value, str) else json.dumps(value)).encode()
         headers["Content-Type"] = media + ("; charset=utf-8" if media == MEDIA_TEXT else "")
-        return web.Response(status=status, headers=headers, body=None if method == "HEAD" else data)
+        return Response(status=status, headers=headers, body=None if method == "HEAD" else data)
 
-    def _schema(self, request: web.BaseRequest, method: str) -> str:
+    def _schema(self, request: Request, method: str) -> str:
         header = "Accept-Profile" if method in ("GET", "HEAD") else "Content-Profile"
         wanted = request.headers.get(header)
         if wanted is None:
             return self.config.schemas[0]
         if wanted not in self.config.schemas:
-            raise ApiError(406, "PGRST106", "The schema must be one of the following: "
-                           + ", ".join(self.config.schemas), None, None)
+            raise ApiError(406, "PGRST106", f"Invalid schema: {wanted}", None,
+                           "Only the following schemas are exposed: " + ", ".join(self.config.schemas))
         return wanted
 
-    async def _run(self, conn: pgwire.Connection, request: web.BaseRequest, identity: Identity, schema: str,
+    async def _options(self, request: Request, route: Route) -> Response:
+        """``OPTIONS`` as PostgREST answers it: the methods the resource takes, read from the schema
+        cache (a table, view or function that is not there is its usual 404)."""
+        allow = "OPTIONS,GET,HEAD"
+        if route.kind != "root":
+            schema = self._schema(request, "OPTIONS")
+            async with self.databases.use(route.branch, route.database) as db:
+                request.branch = route.branch
+                assert db.cache is not None
+                if route.kind == "table":
+                    allow = db.cache.table(schema, route.name).allow()
+                else:
+                    fn = (db.cache.functions.get((schema, route.name), ())
+                          or (db.cache.function(schema, route.name, frozenset()),))[0]
+                    allow = "OPTIONS,POST" if fn.volatility == "v" else "OPTIONS,GET,HEAD,POST"
+        return Response(status=200, headers={"Allow": allow})
+
+    async def _run(self, conn: pgwire.Connection, request: Request, identity: Identity, schema: str,
                    readonly: bool, ctx: actions.Context, route: Route, method: str, table: Any, fn: Any,
                    args: dict[str, Any], raw: bytes, body_type: str, plan: PlanRequest | None = None,
                    ) -> actions.Result:
         """The request's transaction. ``BEGIN``, the settings and the pre-request function are
         deferred: they go out in one write with the action's first statement. A read whose action
-        is one statement also carries its ``COMMIT`` in that write — one round trip in all (a
-        read-only transaction changes nothing, so committing before the response is checked is
-        the same as rolling back). Writes commit after their checks, in a second round trip."""
+        is one statement needs no ``BEGIN``/``COMMIT`` at all: it is the implicit transaction of
+        that one write (``SETTINGS_READ_SQL``) — one round trip in all (a read-only transaction
+        changes nothing, so committing before the response is checked is the same as rolling
+        back). Writes commit after their checks, in a second round trip."""
         headers_json, has_cookie = self._headers_json(request)
         path = ("/" if route.kind == "table" else "/rpc/") + route.name
-        conn.defer(BEGIN_READ if readonly else BEGIN_WRITE)
-        conn.defer(SETTINGS_SQL, (identity.role, f"{ident(schema)}, public", identity.claims_text, method,
-                                  path, headers_json,
-                                  json.dumps(dict(request.cookies)) if has_cookie else "{}"))
+        one_write = plan is None and readonly and ctx.prefs.count in (None, "exact")
+        if not one_write:
+            conn.defer(BEGIN_READ if readonly else BEGIN_WRITE)
+        conn.defer(SETTINGS_READ_SQL if one_write else SETTINGS_SQL,
+                   (identity.role, f"{ident(schema)}, public", identity.claims_text, method, path, headers_json,
+                    json.dumps(dict(request.cookies)) if has_cookie else "{}"))
         if ctx.prefs.timezone:
             conn.defer("SELECT set_config('timezone', $1::text, true)", (ctx.prefs.timezone,))
         if self.config.pre_request:
             conn.defer(f"SELECT {'.'.join(ident(p) for p in self.config.pre_request.split('.'))}()")
         if plan is not None:
             conn = Explaining(conn, plan)  # type: ignore[assignment]  # the action's statement is explained
-        elif readonly and ctx.prefs.count in (None, "exact"):
-            conn.tail("COMMIT")
         try:
             if fn is not None:
                 result = await actions.call(conn, ctx, fn, args)
@@ -441,7 +477,8 @@ class DataAPI:
                 raise ApiError(406, "PGRST116", "JSON object requested, multiple (or no) rows returned",
                                f"The result contains {result.page} rows", None)
             if conn.in_transaction:
-                await conn.execute("ROLLBACK" if ctx.prefs.tx == "rollback" else "COMMIT")
+                await conn.execute("ROLLBACK" if (ctx.prefs.tx or self.config.tx_end.split("-")[0]) == "rollback"
+                                   else "COMMIT")
             return result
         finally:
             conn = getattr(conn, "conn", conn)
@@ -449,7 +486,7 @@ class DataAPI:
             if conn.status != "I" and not conn.broken:
                 await conn.execute("ROLLBACK")
 
-    def _headers_json(self, request: web.BaseRequest) -> tuple[str, bool]:
+    def _headers_json(self, request: Request) -> tuple[str, bool]:
         """``request.headers`` as PostgREST sets it (lower-case names, JSON), and whether a cookie
         came. A client sends the same headers request after request, so the JSON is kept by the
         raw header block (bounded; cleared when full)."""
@@ -463,18 +500,31 @@ class DataAPI:
             self._headers_kept[raw] = kept
         return kept
 
-    def _respond(self, request: web.BaseRequest, method: str, media: str, prefs: Any, ctx: actions.Context,
-                 result: actions.Result, route: Route) -> web.Response:
+    def _respond(self, request: Request, method: str, media: str, prefs: Any, ctx: actions.Context,
+                 result: actions.Result, route: Route) -> Response:
         headers: dict[str, str] = dict(result.headers)
         status = result.status
         applied = []
-        for name, value in (("return", prefs.return_), ("count", prefs.count), ("resolution", prefs.resolution),
-                            ("missing", prefs.missing), ("tx", prefs.tx), ("handling", prefs.handling),
-                            ("timezone", prefs.timezone)):
-            if value is not None and (name != "resolution" or method == "POST"):
+        # Echoed only where PostgREST applies them: return= on writes to a table, resolution= on an
+        # insert into a table with a key (or on_conflict), missing= on inserts and updates,
+        # max-affected= on updates, deletes and functions.
+        writing = route.kind == "table" and method not in ("GET", "HEAD")
+        resolves = method == "POST" and route.kind == "table" and bool(
+            ctx.query.on_conflict or ctx.cache.table(ctx.schema, route.name).pk)
+        for name, value, applies in (
+                ("return", prefs.return_, writing), ("count", prefs.count, True),
+                ("resolution", prefs.resolution, resolves),
+                ("missing", prefs.missing, writing and method in ("POST", "PATCH")),
+                ("tx", prefs.tx, True), ("handling", prefs.handling, True), ("timezone", prefs.timezone, True),
+                ("max-affected", prefs.max_affected, route.kind == "rpc" or method in ("PATCH", "DELETE"))):
+            if value is not None and applies:
                 applied.append(f"{name}={value}")
         if applied:
             headers["Preference-Applied"] = ", ".join(applied)
+        if warning := legacy_target_warning(ctx.query):
+            headers["Warning"] = warning
+        if len(self.config.schemas) > 1:  # the schema served, as PostgREST names it when there is a choice
+            headers["Content-Profile"] = ctx.schema
         if method in ("GET", "HEAD") and route.kind == "table":
             ordered = content_location_query(request)
             if len(ordered) <= MAX_CONTENT_LOCATION:  # a 5,000-value in-list would break clients' header limits
@@ -503,7 +553,7 @@ class DataAPI:
             status = result.override_status
         body = result.body
         if body is None or status == 204:
-            return web.Response(status=status, headers=headers)
+            return Response(status=status, headers=headers)
         if ctx.singular and not result.scalar:
             rows = json.loads(body)
             body = json.dumps(rows[0]) if rows else "null"
@@ -518,5 +568,5 @@ class DataAPI:
         headers["Content-Type"] = f"{ctype}; charset=utf-8"
         data = text.encode()
         if method == "HEAD":
-            return web.Response(status=status, headers=headers)
-        return web.Response(status=status, body=data, headers=headers)
+            return Response(status=status, headers=headers)
+        return Response(status=status, body=data, headers=headers)

@@ -65,6 +65,8 @@ class Config:
     data_api_jwt_aud: str = ""
     data_api_plan_enabled: bool = False
     data_api_workers: int = 0  # Data API worker processes; 0 = one per CPU
+    data_api_tx_end: str = "commit-allow-override"  # PostgREST's db-tx-end
+    data_api_cors_origins: str = ""  # origins whose web pages may call the Data API; empty = any
     # Where lakehouse sync writes Delta tables: a path or s3://bucket/prefix (AWS_* settings from
     # the environment); empty = <data_dir>/lakehouse.
     lakehouse_uri: str = ""
@@ -103,7 +105,8 @@ SECTIONS: dict[str, str] = {
     **{name: "data_api" for name in ("data_api", "data_api_schemas", "data_api_anon_role", "data_api_jwt_secret",
                                      "data_api_jwt_role_claim", "data_api_max_rows", "data_api_pre_request",
                                      "data_api_pool_size", "data_api_idle_timeout", "data_api_jwt_aud",
-                                     "data_api_plan_enabled", "data_api_workers")},
+                                     "data_api_plan_enabled", "data_api_workers", "data_api_tx_end",
+                                     "data_api_cors_origins")},
     "lakehouse_uri": "lakehouse",
 }
 ENV_NAMES = {name: "LAKELET_" + name.upper() for name in SECTIONS} | {"user": "LAKELET_COMPUTE_USER"}
@@ -219,6 +222,9 @@ def validate(c: Config) -> None:
         parse_hostport(c.data_api, "data_api")
     if not [s for s in c.data_api_schemas.split(",") if s.strip()]:
         raise ConfigError("data_api_schemas is empty: name at least one schema (for example public)")
+    if c.data_api_tx_end not in ("commit", "commit-allow-override", "rollback", "rollback-allow-override"):
+        raise ConfigError("data_api_tx_end must be commit, commit-allow-override, rollback or "
+                          "rollback-allow-override (PostgREST's db-tx-end)")
     if c.data_api_workers < 0:
         raise ConfigError("data_api_workers must be >= 0 (0 = one worker process per CPU)")
     if c.data_api_max_rows < 0 or c.data_api_pool_size < 1 or c.data_api_idle_timeout <= 0:

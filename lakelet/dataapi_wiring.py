@@ -30,7 +30,8 @@ def data_api_config(config: Config):  # noqa: ANN201 - dataapi is imported lazil
         jwt_role_claim=config.data_api_jwt_role_claim, max_rows=config.data_api_max_rows or None,
         pre_request=config.data_api_pre_request, pool_size=config.data_api_pool_size,
         idle_timeout=config.data_api_idle_timeout, jwt_aud=config.data_api_jwt_aud,
-        plan_enabled=config.data_api_plan_enabled)
+        plan_enabled=config.data_api_plan_enabled, tx_end=config.data_api_tx_end,
+        cors_origins=config.data_api_cors_origins)
 
 
 def worker_count(config: Config) -> int:

@@ -140,3 +140,22 @@ CREATE FUNCTION sum_of(VARIADIC v int[]) RETURNS int LANGUAGE sql IMMUTABLE AS $
 CREATE FUNCTION total_of(payload json) RETURNS numeric LANGUAGE sql IMMUTABLE
   AS $$ SELECT sum(value::numeric) FROM json_each_text(payload) $$;
 GRANT EXECUTE ON FUNCTION join_words(text[]), sum_of(int[]), total_of(json) TO web_anon, web_user;
+-- Full-text search on columns whose type is a domain over tsvector (searched as they are), and a
+-- computed field declared without a volatility (VOLATILE, which PostgREST accepts).
+CREATE DOMAIN memo_vector AS tsvector CHECK (VALUE IS NOT NULL);
+CREATE DOMAIN memo_vector_nonempty AS memo_vector CHECK (VALUE <> '');
+CREATE TABLE memos (id int PRIMARY KEY, body text, vec memo_vector, vec2 memo_vector_nonempty);
+INSERT INTO memos VALUES (1, 'the cat sat', to_tsvector('simple', 'the cat sat'), to_tsvector('simple', 'the cat sat')),
+                         (2, 'a dog ran', to_tsvector('simple', 'a dog ran'), to_tsvector('simple', 'a dog ran'));
+CREATE FUNCTION shouted(memos) RETURNS text LANGUAGE sql AS $$ SELECT upper($1.body) $$;
+GRANT SELECT ON memos TO web_anon;
+GRANT EXECUTE ON FUNCTION shouted(memos) TO web_anon;
+-- The same views in a second exposed schema: an embedding only looks in its own schema.
+CREATE VIEW extra.shelves AS SELECT id, label FROM private.shelves;
+CREATE VIEW extra.shelf_books AS SELECT id, shelf_id, book_id FROM private.shelf_books;
+GRANT SELECT ON extra.shelves, extra.shelf_books TO web_anon;
+CREATE VIEW book_years AS SELECT DISTINCT year FROM books;  -- not updatable: OPTIONS lists reads only
+GRANT SELECT ON book_years TO web_anon;
+CREATE TABLE "Order Items" (id int PRIMARY KEY, "Unit Price" int, "a.b(c)" text);
+INSERT INTO "Order Items" VALUES (1, 150, 'cheap'), (2, 250, 'dear');
+GRANT SELECT ON "Order Items" TO web_anon;

@@ -326,3 +326,29 @@ def test_verified_tokens_are_cached_until_they_expire(monkeypatch: pytest.Monkey
         with pytest.raises(ApiError) as e:
             auth.authenticate(expired)
         assert (e.value.status, e.value.code) == (401, "PGRST303")
+
+
+def test_names_with_spaces_and_quoted_names_with_reserved_characters() -> None:
+    """PostgREST reads an unquoted name with inner spaces as it is, and a double-quoted name may hold
+    its reserved characters (``, . : ( ) *``) in select, in filter keys and before a cast or arrow."""
+    assert parse_select("Unit Price,x:Unit Price::text") == [
+        Column(Field("Unit Price")), Column(Field("Unit Price"), "x", "text")]
+    assert parse_select('":a->b::c","(in,side)","a.b"::text,"q"->>k') == [
+        Column(Field(":a->b::c")), Column(Field("(in,side)")), Column(Field("a.b"), None, "text"),
+        Column(Field("q", (JsonStep("->>", "k"),)))]
+    q = parse_query([('"*id*"', "eq.1"), ("Unit Price", "lt.200"), ('"a.b"', "is.null")])
+    assert [f.field.name for f in q.conditions[()]] == ["*id*", "Unit Price", "a.b"]  # type: ignore[union-attr]
+    for bad in ('"a"b', " ", '"unclosed'):
+        with pytest.raises(ApiError) as e:
+            parse_select(bad)
+        assert e.value.code == "PGRST100"
+
+
+def test_json_path_keys_and_indexes_as_postgrest_names_them() -> None:
+    """A selected JSON path is named after its last key, array indexes skipped; a negative index is
+    ``-`` and digits, anything else after a ``-`` is a parse error (PGRST100)."""
+    names = [c.field.default_alias for c in parse_select("data->>0,data->1->c->>2,meta->a->-1,x")]  # type: ignore[union-attr]
+    assert names == ["data", "c", "a", "x"]
+    with pytest.raises(ApiError) as e:
+        parse_select("data->>--34")
+    assert (e.value.code, e.value.details) == ("PGRST100", 'unexpected "-" expecting digit')

@@ -8,6 +8,7 @@ import contextlib
 import dataclasses
 from collections.abc import Iterator
 
+import asyncpg
 import pytest
 
 from tests.dataapi.conftest import Api
@@ -192,3 +193,39 @@ async def test_read_templates_build_what_the_builder_builds(api: Api) -> None:
     _, _, one = await api.get("books?select=id&id=eq.1")
     _, _, two = await api.get("books?select=id&id=eq.2")
     assert one == [{"id": 1}] and two == [{"id": 2}]
+
+
+# -- a read's implicit transaction -----------------------------------------------------------------
+
+async def test_a_read_is_read_committed_read_only_and_as_the_role_whatever_the_defaults(api: Api) -> None:
+    """A one-statement read runs as the implicit transaction of one pipeline (no BEGIN): it must
+    still be READ COMMITTED when the database's default is SERIALIZABLE, read only, and run as the
+    request's role with its settings."""
+    await api.admin("CREATE DATABASE isotest")
+    await api.admin("ALTER DATABASE isotest SET default_transaction_isolation = 'serializable'")
+    addr = await api.endpoints.ensure_ready("main")
+    conn = await asyncpg.connect(host=addr.socket_dir, port=addr.port, user="lakelet_admin", database="isotest")
+    try:
+        assert await conn.fetchval("SHOW default_transaction_isolation") == "serializable"
+        await conn.execute("""
+            CREATE FUNCTION pre_request() RETURNS void LANGUAGE plpgsql AS $$ BEGIN END $$;  -- the fixture's
+            CREATE TABLE marks (n int);
+            GRANT SELECT, INSERT ON marks TO web_anon;
+            CREATE FUNCTION tx() RETURNS json STABLE LANGUAGE sql AS $$
+              SELECT json_build_object('isolation', current_setting('transaction_isolation'),
+                                       'read_only', current_setting('transaction_read_only'),
+                                       'user', current_user, 'method', current_setting('request.method')) $$;
+            CREATE FUNCTION mark() RETURNS int VOLATILE LANGUAGE sql AS $$ INSERT INTO marks VALUES (1) RETURNING n $$;
+        """)
+    finally:
+        await conn.close()
+    async with api.session.get(api.url("rpc/tx", database="isotest")) as r:
+        assert r.status == 200, await r.text()
+        assert await r.json() == {"isolation": "read committed", "read_only": "on", "user": "web_anon",
+                                  "method": "GET"}
+    async with api.session.get(api.url("rpc/mark", database="isotest")) as r:  # a write in a GET
+        assert r.status == 405 and (await r.json())["code"] == "25006"
+    async with api.session.post(api.url("rpc/tx", database="isotest")) as r:  # POST: BEGIN … COMMIT
+        assert r.status == 200 and (await r.json())["isolation"] == "read committed"
+    async with api.session.get(api.url("rpc/tx", database="isotest")) as r:  # the settings did not stay
+        assert (await r.json())["user"] == "web_anon"

@@ -9,8 +9,10 @@ import asyncio
 
 import pytest
 
+from dataapi import DataAPI, DataAPIConfig
+from dataapi.local import LocalComputes
 from tests.conftest import poll_until
-from tests.dataapi.conftest import IDLE_TIMEOUT, Api, user_token
+from tests.dataapi.conftest import IDLE_TIMEOUT, SECRET, Api, user_token
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -20,6 +22,27 @@ REPR = {"Prefer": "return=representation"}
 async def kv(api: Api) -> dict[str, int]:
     rows = await api.admin("SELECT k, v FROM kv WHERE k NOT LIKE 'row%'")
     return {r["k"]: r["v"] for r in rows}
+
+
+async def test_tx_end_rollback_ends_every_transaction_so(api: Api) -> None:
+    """``tx_end = rollback`` (PostgREST's db-tx-end) rolls every write back and ignores ``Prefer: tx=``
+    (not echoed in Preference-Applied); ``rollback-allow-override`` lets ``tx=commit`` through."""
+    tok = user_token()
+    for tx_end, committed in (("rollback", False), ("rollback-allow-override", True)):
+        other = DataAPI(LocalComputes(api.endpoints), DataAPIConfig(anon_role="web_anon", jwt_secret=SECRET,
+                                                                    tx_end=tx_end))
+        await other.start("127.0.0.1", 0)
+        try:
+            key = f"txend-{tx_end}"
+            url = f"http://127.0.0.1:{other.port}/main/postgres/rest/v1/kv?select=k"
+            async with api.session.post(url, json={"k": key}, headers={
+                    "Authorization": f"Bearer {tok}", "Prefer": "return=representation, tx=commit"}) as r:
+                assert r.status == 201 and await r.json() == [{"k": key}]
+                applied = r.headers.get("Preference-Applied", "")
+            assert ("tx=commit" in applied) == committed
+            assert (key in await kv(api)) == committed
+        finally:
+            await other.close()
 
 
 async def test_insert_single_bulk_and_minimal(api: Api) -> None:
@@ -361,3 +384,16 @@ async def test_branch_scales_to_zero_after_http_traffic_and_wakes_again(api: Api
         assert status == 200 and body == [{"title": "Pride and Prejudice"}]
     finally:
         eps.configure("main", before)
+
+
+async def test_preference_applied_echoes_only_what_was_applied(api: Api) -> None:
+    """PostgREST echoes ``return=`` only for writes to a table, ``missing=`` only for inserts and
+    updates, ``max-affected=`` for updates, deletes and functions; count, tx and handling always."""
+    _, headers, _ = await api.get("books?select=id&id=eq.1", headers={"Prefer": "return=representation, count=exact"})
+    assert headers["Preference-Applied"] == "count=exact"
+    status, headers, _ = await api.request("POST", "rpc/add", json={"a": 1, "b": 2},
+                                           headers={"Prefer": "return=minimal, missing=default"})
+    assert status == 200 and "Preference-Applied" not in headers
+    status, headers, _ = await api.request("DELETE", "kv?k=eq.nothing-here", token=user_token(),
+                                           headers={"Prefer": "return=minimal, max-affected=5, handling=strict"})
+    assert status == 204 and headers["Preference-Applied"] == "return=minimal, handling=strict, max-affected=5"
