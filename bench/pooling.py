@@ -102,16 +102,16 @@ def _window(prefix: str, start: float, end: float) -> tuple[int, float]:
     return len(latencies), latencies[min(len(latencies) - 1, int(len(latencies) * 0.99))] / 1000
 
 
-def children_cpu(ppid: int) -> float:
-    """CPU seconds of the children of ``ppid`` (a compute's postmaster: its backends and helpers)
-    that are alive now; pooled backends live through a run, so differences over it are theirs."""
+def children_cpu(ppid: int) -> dict[int, float]:
+    """CPU seconds of each child of ``ppid`` (a compute's postmaster: its backends and helpers)
+    alive now."""
     with open(f"/proc/{ppid}/task/{ppid}/children") as f:
         pids = f.read().split()
-    total = 0.0
+    out: dict[int, float] = {}
     for pid in pids:
         with contextlib.suppress(OSError):
-            total += bp.cpu_seconds(int(pid))
-    return total
+            out[int(pid)] = bp.cpu_seconds(int(pid))
+    return out
 
 
 class CpuSampler(threading.Thread):
@@ -122,7 +122,7 @@ class CpuSampler(threading.Thread):
         super().__init__(daemon=True)
         self.pid = pid
         self.postmaster = postmaster
-        self.samples: list[tuple[float, float, float]] = []
+        self.samples: list[tuple[float, float, dict[int, float]]] = []
         self.stop = threading.Event()
 
     def run(self) -> None:
@@ -135,7 +135,10 @@ class CpuSampler(threading.Thread):
         inside = [(c, b) for t, c, b in self.samples if start <= t <= end]
         if len(inside) < 2:
             return float("nan"), float("nan")
-        return inside[-1][0] - inside[0][0], inside[-1][1] - inside[0][1]
+        # Per backend, over those alive at the end (one that exited meanwhile — the other pooler's
+        # idle backends closing — must not subtract its whole life's CPU).
+        first, last = inside[0][1], inside[-1][1]
+        return inside[-1][0] - inside[0][0], sum(cpu - first.get(pid, 0.0) for pid, cpu in last.items())
 
 
 def pgbench(pgbench_bin: str, target: Target, clients: int, duration: int, mode: str, logdir: Path,
@@ -203,6 +206,15 @@ async def idle_memory(name: str, port: int, pid: int, n: int, options: str) -> f
     return per
 
 
+def pooler_build(pid: int) -> str:
+    """Whether the Lakelet process runs the pooler's modules compiled (proxy/native.py): its
+    mypyc library is mapped into the process."""
+    with open(f"/proc/{pid}/maps") as f:
+        if "lakelet_pooler__mypyc" in f.read():
+            return "compiled (mypyc)"
+    return "interpreted (no build: scripts/setup.sh compiles it)"
+
+
 def run(args: argparse.Namespace, cleanup: object) -> None:
     clients = args.clients or (1000 if args.quick else 10_000)
     idle = args.idle if args.idle is not None else clients
@@ -227,6 +239,7 @@ def run(args: argparse.Namespace, cleanup: object) -> None:
     socket_dir, compute_port, postmaster = str(ep["host"]), int(ep["port"]), int(ep["pid"])
     verifier, _, _ = asyncio.run(bp.fetch_verifier(socket_dir, compute_port))
     targets = [Target("lakelet-pooled", lake.port, lake.proc.pid, "pool=transaction")]
+    print(f"lakelet's pooler: {pooler_build(lake.proc.pid)}", flush=True)
     binary = shutil.which("pgbouncer") or shutil.which("pgbouncer", path="/usr/sbin:/usr/local/sbin")
     bouncer: bp.PgBouncer | None = None
     if binary and not args.no_pgbouncer:

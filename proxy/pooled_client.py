@@ -12,9 +12,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import struct
 from time import monotonic
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Final
 
 from proxy import codec
 from proxy.errors import PoolTimeout, SessionError
@@ -34,6 +33,7 @@ from proxy.pooled_server import (
     QUERY_ENTRY,
     SYNC_ENTRY,
     PooledServer,
+    read_i32_be,
 )
 from proxy.statements import (
     CLOSE_COMPLETE,
@@ -63,11 +63,10 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("lakelet.proxy")
 
-_LEN = struct.Struct("!i")
-MAX_MESSAGE = 1 << 30
-READ_AHEAD_LIMIT = 256 * 1024  # buffered client bytes while waiting for a backend, before reading pauses
-BLOCK_BUFFER = 1  # reasons reading from the client is paused (PooledClient.blocks); BLOCK_SERVER: pooled_server
-_IDLE_READY = codec.ready_for_query(b"I")
+MAX_MESSAGE: Final = 1 << 30
+READ_AHEAD_LIMIT: Final = 256 * 1024  # buffered client bytes while waiting for a backend, before reading pauses
+BLOCK_BUFFER: Final = 1  # reasons reading from the client is paused (PooledClient.blocks); BLOCK_SERVER: pooled_server
+_IDLE_READY: Final = codec.ready_for_query(b"I")
 _SYNC = SYNC_ENTRY
 _BIND = (E_BIND, None, None)
 _EXECUTE = (E_EXECUTE, None, None)
@@ -75,11 +74,35 @@ _DESCRIBE = (E_DESCRIBE, None, None)
 _CLOSE = (E_CLOSE, None, None)
 _PARSE_UNNAMED = (E_PARSE, None, None)
 _QUERY = QUERY_ENTRY
-_MAYBE_SPECIAL = frozenset(b"sSrRdD \t\r\n-/")
-_LETTERS = frozenset(b"sSrRdD")
+_MAYBE_SPECIAL: Final = frozenset(b"sSrRdD \t\r\n-/")
+_LETTERS: Final = frozenset(b"sSrRdD")
 
 
-class PooledClient(asyncio.Protocol):
+def _plain_sql(buf: bytes, at: int) -> bool:
+    """The statement at ``at`` is surely none of SET, RESET, DEALLOCATE, DISCARD (which the pooler
+    reads with ``first_word``): by its first byte, or its first three letters when that is an s, r
+    or d. Whitespace or a comment first: not sure. Byte by byte, with no slice made."""
+    c = buf[at]
+    if c == 0x20 or c == 0x09 or c == 0x0A or c == 0x0D or c == 0x2D or c == 0x2F:  # space, tab, LF, CR, -, /
+        return False
+    low = c | 0x20  # a letter's lower case (exact for the letters compared here)
+    if low != 0x73 and low != 0x72 and low != 0x64:  # s, r, d
+        return True
+    if at + 2 >= len(buf):
+        return True
+    b1 = buf[at + 1] | 0x20
+    b2 = buf[at + 2] | 0x20
+    if low == 0x73:
+        return not (b1 == 0x65 and b2 == 0x74)  # set
+    if low == 0x72:
+        return not (b1 == 0x65 and b2 == 0x73)  # res
+    return not (b1 == 0x65 and b2 == 0x61) and not (b1 == 0x69 and b2 == 0x73)  # dea, dis
+
+
+class PooledClient:
+    """The protocol of a pooled client's connection (an asyncio protocol by its methods: a plain
+    class, so that mypyc can compile it to a native one, see ``proxy/native.py``)."""
+
     __slots__ = ("transport", "pool", "buf", "server", "statements", "settings", "startup", "pid", "secret",
                  "done", "asking", "queued", "wait_since", "discarding", "active", "closed", "held", "blocks",
                  "server_paused")
@@ -90,7 +113,7 @@ class PooledClient(asyncio.Protocol):
         self.buf = bytearray()
         self.server: PooledServer | None = None
         self.statements: dict[bytes, ServerStatement] = {}
-        self.settings = settings
+        self.settings = settings = pool.intern(settings)
         self.startup = settings  # what DISCARD ALL returns to
         self.pid = pid
         self.secret = secret
@@ -118,7 +141,21 @@ class PooledClient(asyncio.Protocol):
         self.transport = transport  # type: ignore[assignment]
 
     def data_received(self, data: bytes) -> None:
-        if self.buf or self.asking:
+        server = self.server
+        if server is None and not self.asking and not self.buf and not self.discarding:
+            kind = data[0]
+            pool = self.pool
+            if (kind == 0x50 or kind == 0x42) and pool.waiting and not pool.idle:
+                # A transaction's first Parse or Bind while others wait in line (so no backend is
+                # idle): in line at once, the chunk kept as received and read when a backend comes.
+                self.held = data
+                self.asking = True
+                if not self.active:
+                    self.active = True
+                    pool.activate()
+                pool.request(self)
+                return
+        elif self.buf or self.asking:
             if self.held is not None:
                 self._unhold()
             self.buf += data
@@ -139,8 +176,10 @@ class PooledClient(asyncio.Protocol):
                 self._pause()
 
     def _unhold(self) -> None:
-        self.buf += self.held  # type: ignore[operator]
-        self.held = None
+        held = self.held
+        if held is not None:
+            self.buf += held
+            self.held = None
 
     def _pause(self) -> None:
         self.block(BLOCK_BUFFER)
@@ -223,9 +262,7 @@ class PooledClient(asyncio.Protocol):
             self.active = True
             pool = self.pool
             pool.active += 1
-            s = pool.signals
-            s.sessions += 1
-            s.last_activity = monotonic()
+            pool.signals.sessions += 1  # its end sets last_activity (Pool.activate)
 
     def granted(self, server: PooledServer) -> None:
         """The pool's answer to ``request``: a backend with this client's settings."""
@@ -242,7 +279,8 @@ class PooledClient(asyncio.Protocol):
                 self.buf += held[pos:]
         else:
             self._pump()
-        self._resume()
+        if self.blocks & BLOCK_BUFFER:
+            self.unblock(BLOCK_BUFFER)
 
     def refused(self, error: SessionError) -> None:
         """No backend: past pool_timeout the messages fail (not fatal: the client held no backend,
@@ -271,8 +309,10 @@ class PooledClient(asyncio.Protocol):
         """The transaction ended (ReadyForQuery I, nothing outstanding): the backend goes back."""
         server.client = None
         self.server = None
-        self._unpause_server(server)
-        self.unblock(BLOCK_SERVER)
+        if self.server_paused:
+            self._unpause_server(server)
+        if self.blocks & BLOCK_SERVER:
+            self.unblock(BLOCK_SERVER)
         pool = self.pool
         if self.active:
             self.active = False
@@ -305,7 +345,7 @@ class PooledClient(asyncio.Protocol):
             self._unhold()
         buf = self.buf
         if len(buf) >= 5 and buf[0] in (0x51, 0x46):  # a simple query or function call: one answer
-            del buf[:1 + _LEN.unpack_from(buf, 1)[0]]
+            del buf[:1 + int.from_bytes(buf[1:5], "big", signed=True)]
             self.transport.write(error + _IDLE_READY)
         else:  # extended protocol: the error, then nothing until Sync
             self.transport.write(error)
@@ -317,7 +357,7 @@ class PooledClient(asyncio.Protocol):
 
     def tracked(self, server: PooledServer, change: tuple[str, bytes | None]) -> None:
         """A SET/RESET the client ran alone outside a transaction succeeded: keep it."""
-        self.settings = with_setting(self.settings, *change)
+        self.settings = self.pool.intern(with_setting(self.settings, *change))
         if server.applied is not None:
             server.applied = self.settings
 
@@ -341,7 +381,7 @@ class PooledClient(asyncio.Protocol):
                 if change is not None:
                     settings = with_setting(settings, *change)
         if settings != self.settings:
-            self.settings = settings
+            self.settings = settings = self.pool.intern(settings)
             if server.applied is not None:
                 server.applied = settings
 
@@ -353,28 +393,32 @@ class PooledClient(asyncio.Protocol):
     # -- the client's messages ---------------------------------------------------------------------------
 
     def _pump(self) -> None:
-        """Forward the whole messages buffered."""
+        """Forward the whole messages buffered (copied out of ``buf`` only when the first is whole,
+        so a large message arriving in many chunks is not copied for each)."""
         if self.held is not None:
             self._unhold()
-        pos = self._forward_from(self.buf)
-        if pos:
-            del self.buf[:pos]
+        buf = self.buf
+        if len(buf) >= 5:
+            length = int.from_bytes(buf[1:5], "big", signed=True)
+            if not 4 <= length <= MAX_MESSAGE or length < len(buf):  # a whole message (or a bad length)
+                pos = self._forward_from(bytes(buf))
+                if pos:
+                    del buf[:pos]
         # Only whole messages waiting for a backend pause reading: with a backend lent, what is
         # left is the start of one message (a large CopyData), which needs more bytes to finish.
         if self.asking and len(self.buf) > READ_AHEAD_LIMIT:
             self._pause()
 
-    def _forward_from(self, buf: bytes | bytearray) -> int:
+    def _forward_from(self, buf: bytes) -> int:
         """Forward every whole message of ``buf``; return how many bytes were consumed. Runs of
         messages passed on as they are go out as one slice of ``buf`` (``buf`` itself when it is
         all one run); only a rewritten, dropped or answered message breaks a run."""
         n = len(buf)
         pos = run = 0
         server = self.server
-        out: list[bytes] = []
-        unpack = _LEN.unpack_from
+        out: list[bytes] | None = None  # the pieces, once a message is rewritten, dropped or answered
         while pos + 5 <= n:
-            length = unpack(buf, pos + 1)[0]
+            length = read_i32_be(buf, pos + 1)
             if length < 4 or length > MAX_MESSAGE:
                 self.fatal("08P01", f"invalid message length {length}")
                 return n
@@ -384,7 +428,9 @@ class PooledClient(asyncio.Protocol):
             kind = buf[pos]
             if server is None or self.discarding or kind == 0x58:
                 if run < pos:
-                    out.append(bytes(buf[run:pos]))
+                    if out is None:
+                        out = []
+                    out.append(buf[run:pos])
                 run = end
                 if kind == 0x58:  # Terminate: answered by closing, as Postgres does
                     pos = n
@@ -422,47 +468,45 @@ class PooledClient(asyncio.Protocol):
                         server.pending_set = None
                     pos = end
                     continue
-                if kind == 0x42 and buf[buf.index(0, pos + 5) + 1] == 0:  # Bind of the unnamed statement
+                if kind == 0x42 and buf[pos + 6 if buf[pos + 5] == 0 else buf.index(0, pos + 5) + 1] == 0:
+                    # Bind of the unnamed statement (to the unnamed portal, usually: no search)
                     server.status = 0
                     server.expect.append(_BIND)
                     pos = end
                     continue
-                if kind == 0x51:  # a simple query that is not a SET/RESET/DEALLOCATE/DISCARD
-                    c = buf[pos + 5]
-                    if c not in _MAYBE_SPECIAL or (c in _LETTERS and bytes(buf[pos + 5:pos + 8]).lower()
-                                                   not in PREFIXES):
-                        server.expect.append(_QUERY)
-                        pos = end
-                        continue
+                if kind == 0x51 and _plain_sql(buf, pos + 5):  # a simple query, not SET/RESET/DEALLOCATE/DISCARD
+                    server.expect.append(_QUERY)
+                    pos = end
+                    continue
                 if kind == 0x44 and buf[pos + 5] == 0x50:  # Describe of a portal
                     server.status = 0
                     server.expect.append(_DESCRIBE)
                     pos = end
                     continue
-                if kind == 0x50 and buf[pos + 5] == 0:  # Parse of the unnamed statement, not a SET
-                    c = buf[pos + 6]
-                    if c not in _MAYBE_SPECIAL or (c in _LETTERS and bytes(buf[pos + 6:pos + 9]).lower()
-                                                   not in PREFIXES):
-                        server.status = 0
-                        server.expect.append(_PARSE_UNNAMED)
-                        pos = end
-                        continue
+                if kind == 0x50 and buf[pos + 5] == 0 and _plain_sql(buf, pos + 6):  # unnamed Parse, not a SET
+                    server.status = 0
+                    server.expect.append(_PARSE_UNNAMED)
+                    pos = end
+                    continue
             done = self._forward(server, kind, buf, pos, end)
             if done is not None:
+                if out is None:
+                    out = []
                 if run < pos:
-                    out.append(bytes(buf[run:pos]))
+                    out.append(buf[run:pos])
                 if done:
                     out.append(done)
                 run = end
             pos = end
         if server is not None:
-            if not out:
+            if out is None:
                 if run < pos:
-                    server.transport.write(buf if run == 0 and pos == n and type(buf) is bytes else buf[run:pos])
+                    server.transport.write(buf if run == 0 and pos == n else buf[run:pos])
             else:
                 if run < pos:
-                    out.append(bytes(buf[run:pos]))
-                server.transport.write(b"".join(out))
+                    out.append(buf[run:pos])
+                if out:
+                    server.transport.write(b"".join(out))
         return pos
 
     def _synth(self, server: PooledServer | None, data: bytes,
@@ -474,7 +518,7 @@ class PooledClient(asyncio.Protocol):
         else:
             self.transport.write(data)
 
-    def _answer_idle(self, kind: int, buf: bytearray, pos: int, end: int) -> bool:
+    def _answer_idle(self, kind: int, buf: bytes, pos: int, end: int) -> bool:
         """What needs no backend, answered with none held (so nothing is outstanding)."""
         if kind == 0x53:  # Sync
             self.transport.write(_IDLE_READY)
@@ -483,11 +527,11 @@ class PooledClient(asyncio.Protocol):
             return True
         if kind == 0x43:  # Close
             if buf[pos + 5] == 0x53:  # a statement
-                self.statements.pop(bytes(buf[pos + 6:end - 1]), None)
+                self.statements.pop(buf[pos + 6:end - 1], None)
             self.transport.write(CLOSE_COMPLETE)  # a portal cannot exist outside a transaction
             return True
         if kind == 0x51 and buf[pos + 5] in _MAYBE_SPECIAL:
-            answer = self._special_query(bytes(buf[pos + 5:end - 1]), IDLE)
+            answer = self._special_query(buf[pos + 5:end - 1], IDLE)
             if answer is not None:
                 self.transport.write(answer)
                 return True
@@ -505,9 +549,9 @@ class PooledClient(asyncio.Protocol):
                     names.retire(stmt)
                 self.statements.clear()
                 return command_complete("DEALLOCATE ALL") + codec.ready_for_query(bytes([status]))
-            stmt = self.statements.pop(target, None) if target is not None else None
-            if stmt is not None:
-                names.retire(stmt)
+            dropped = self.statements.pop(target, None) if target is not None else None
+            if dropped is not None:
+                names.retire(dropped)
                 return command_complete("DEALLOCATE") + codec.ready_for_query(bytes([status]))
         elif word == DISCARD and status == IDLE and is_discard_all(sql):
             self.statements.clear()
@@ -526,7 +570,7 @@ class PooledClient(asyncio.Protocol):
         expect.append((E_PARSE, client_name, stmt) if client_name is not None else (E_PARSE_HIDDEN, None, stmt.name))
         return b"".join(parts) if len(parts) > 1 else parts[0]
 
-    def _forward(self, server: PooledServer, kind: int, buf: bytearray, pos: int, end: int) -> bytes | None:
+    def _forward(self, server: PooledServer, kind: int, buf: bytes, pos: int, end: int) -> bytes | None:
         """Record what the backend will answer to this message; None: pass it on as it is, else
         what to send instead (b"" for nothing)."""
         expect = server.expect
@@ -554,11 +598,11 @@ class PooledClient(asyncio.Protocol):
             portal_end = buf.index(0, pos + 5) + 1
             if buf[portal_end] != 0:  # a named statement: the client's, under the pooler's name
                 stmt_end = buf.index(0, portal_end) + 1
-                stmt = self.statements.get(bytes(buf[portal_end:stmt_end - 1]))
+                stmt = self.statements.get(buf[portal_end:stmt_end - 1])
                 if stmt is not None:
                     pre = b"" if server.prepared.use(stmt.name) else self._prepare(server, stmt, None)
                     expect.append(_BIND)
-                    return pre + rename_bind(bytes(buf[pos + 5:end]), portal_end - pos - 5, stmt_end - pos - 5,
+                    return pre + rename_bind(buf[pos + 5:end], portal_end - pos - 5, stmt_end - pos - 5,
                                              stmt.name)
             expect.append(_BIND)
             return None
@@ -566,11 +610,11 @@ class PooledClient(asyncio.Protocol):
             server.status = 0
             if buf[pos + 5] == 0:  # the unnamed statement: passed on
                 if buf[pos + 6] in _MAYBE_SPECIAL and (buf[pos + 6] not in _LETTERS
-                                                       or bytes(buf[pos + 6:pos + 9]).lower() in PREFIXES):
-                    self._set_in_parse(server, bytes(buf[pos + 6:buf.index(0, pos + 6)]))
+                                                       or buf[pos + 6:pos + 9].lower() in PREFIXES):
+                    self._set_in_parse(server, buf[pos + 6:buf.index(0, pos + 6)])
                 expect.append(_PARSE_UNNAMED)
                 return None
-            payload = bytes(buf[pos + 5:end])
+            payload = buf[pos + 5:end]
             name, at = split_cstring(payload)
             if payload[at] in _MAYBE_SPECIAL:
                 self._set_in_parse(server, payload[at:payload.index(0, at)])
@@ -588,7 +632,7 @@ class PooledClient(asyncio.Protocol):
         if kind == 0x44:  # Describe
             server.status = 0
             if buf[pos + 5] == 0x53 and end - pos > 7:
-                stmt = self.statements.get(bytes(buf[pos + 6:end - 1]))
+                stmt = self.statements.get(buf[pos + 6:end - 1])
                 if stmt is not None:
                     pre = b"" if server.prepared.use(stmt.name) else self._prepare(server, stmt, None)
                     expect.append(_DESCRIBE)
@@ -598,7 +642,7 @@ class PooledClient(asyncio.Protocol):
         if kind == 0x43:  # Close
             server.status = 0
             if buf[pos + 5] == 0x53 and end - pos > 7:  # a named statement: it stays prepared on the backend
-                stmt = self.statements.pop(bytes(buf[pos + 6:end - 1]), None)
+                stmt = self.statements.pop(buf[pos + 6:end - 1], None)
                 if stmt is not None:
                     self.pool.pooler.names.retire(stmt)
                 self._synth(server, CLOSE_COMPLETE)
@@ -608,7 +652,7 @@ class PooledClient(asyncio.Protocol):
         if kind == 0x51:  # Query
             track = None
             if buf[pos + 5] in _MAYBE_SPECIAL:
-                sql = bytes(buf[pos + 5:end - 1])
+                sql = buf[pos + 5:end - 1]
                 word = first_word(sql)
                 if word in (SET, RESET):
                     if server.status == IDLE and not expect:

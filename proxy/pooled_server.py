@@ -18,40 +18,50 @@ from __future__ import annotations
 import asyncio
 import struct
 from collections import deque
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Final
 
 from proxy import codec
 from proxy.cancel import BackendKey
 from proxy.statements import STALE_STATEMENT_CODES, BackendStatements, Settings, error_code
 
-BLOCK_SERVER = 2  # the reason bit a backend's full write buffer sets on its client (PooledClient.blocks)
+BLOCK_SERVER: Final = 2  # the reason bit a backend's full write buffer sets on its client (PooledClient.blocks)
 
 if TYPE_CHECKING:
+    from mypy_extensions import i32, i64
+
     from proxy.pooled_client import PooledClient
     from proxy.pooler import Pool
 
-_LEN = struct.Struct("!i")
+_LEN: Final = struct.Struct("!i")
+
+try:  # compiled (proxy/native.py), a load of four bytes; interpreted, a C call like struct's
+    from librt.strings import read_i32_be
+except ImportError:  # no mypy toolchain installed: struct does the same
+    def read_i32_be(b: bytes, index: i64, /) -> i32:
+        return _LEN.unpack_from(b, index)[0]  # type: ignore[no-any-return]
 
 # expect entries: (code, a, b)
-E_PARSE = 1  # a client's Parse: (code, client name or None, ServerStatement or None)
-E_PARSE_HIDDEN = 2  # the pooler's Parse before a Bind/Describe: (code, None, server name)
-E_BIND = 3
-E_DESCRIBE = 4
-E_EXECUTE = 5
-E_CLOSE = 6
-E_CLOSE_HIDDEN = 7  # an LRU eviction: (code, None, server name)
-E_SYNC = 8
-E_QUERY = 9  # a simple query or function call, answered up to ReadyForQuery: (code, tracked SET or None, _)
-E_SYNTH = 10  # the pooler's own answer: (code, bytes, _)
+E_PARSE: Final = 1  # a client's Parse: (code, client name or None, ServerStatement or None)
+E_PARSE_HIDDEN: Final = 2  # the pooler's Parse before a Bind/Describe: (code, None, server name)
+E_BIND: Final = 3
+E_DESCRIBE: Final = 4
+E_EXECUTE: Final = 5
+E_CLOSE: Final = 6
+E_CLOSE_HIDDEN: Final = 7  # an LRU eviction: (code, None, server name)
+E_SYNC: Final = 8
+E_QUERY: Final = 9  # a simple query or function call, answered up to ReadyForQuery: (code, tracked SET or None, _)
+E_SYNTH: Final = 10  # the pooler's own answer: (code, bytes, _)
 
-IDLE = 0x49  # 'I'
+IDLE: Final = 0x49  # 'I'
 SYNC_ENTRY = (E_SYNC, None, None)  # the plain entries: nothing to do when answered but pop them
 QUERY_ENTRY = (E_QUERY, None, None)
-_IDLE_TAIL = b"Z\x00\x00\x00\x05I"  # ReadyForQuery I
-_LOOK_INTO = frozenset(b"ESZ")  # ErrorResponse, ParameterStatus, ReadyForQuery: not for the fast path
+_IDLE_TAIL: Final = b"Z\x00\x00\x00\x05I"  # ReadyForQuery I
 
 
-class PooledServer(asyncio.Protocol):
+class PooledServer:
+    """The protocol of a pooled backend's connection (an asyncio protocol by its methods: a plain
+    class, so that mypyc can compile it to a native one, see ``proxy/native.py``)."""
+
     __slots__ = ("transport", "pool", "key", "compute_pid", "client", "expect", "prepared", "applied", "status",
                  "buf", "closed", "reported", "skipping", "failed", "broken", "cancelling", "held", "idle_since",
                  "_waiter", "last_rows", "where", "pending_set", "plain",
@@ -133,12 +143,11 @@ class PooledServer(asyncio.Protocol):
             if (last is SYNC_ENTRY and expect.count(SYNC_ENTRY) == 1) or (last is QUERY_ENTRY and len(expect) == 1):
                 n = len(data) - 6
                 pos = 0
-                unpack = _LEN.unpack_from
-                look = _LOOK_INTO
                 while pos < n:
-                    if data[pos] in look:
+                    kind = data[pos]
+                    if kind == 0x45 or kind == 0x53 or kind == 0x5A:  # ErrorResponse, ParameterStatus, ReadyForQuery
                         break
-                    pos += 1 + unpack(data, pos + 1)[0]
+                    pos += 1 + read_i32_be(data, pos + 1)
                 else:
                     if pos == n:
                         expect.clear()
@@ -156,10 +165,9 @@ class PooledServer(asyncio.Protocol):
         pos = run = 0
         parts: list[bytes] | None = None
         ended = False
-        unpack = _LEN.unpack_from
         while pos + 5 <= n:
             kind = data[pos]
-            end = pos + 1 + unpack(data, pos + 1)[0]
+            end = pos + 1 + read_i32_be(data, pos + 1)
             if end > n:
                 break
             if kind == 0x44:  # DataRow: the common case, passed on untouched

@@ -84,3 +84,15 @@ if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
   .venv/bin/python -m pip install -q --disable-pip-version-check -e ".$extra"
   touch "$stamp"
 fi
+
+# --- the transaction pooler's hot modules, compiled with mypyc (proxy/native.py) ------------------
+# Rebuilt when a source changed; without a C compiler the pooler runs interpreted (slower, the same).
+if ! .venv/bin/python -c 'import sys, proxy.native as n; sys.exit(0 if n.compiled() else 1)' 2>/dev/null; then
+  if command -v cc >/dev/null 2>&1 || command -v gcc >/dev/null 2>&1; then
+    say "compiling the pooler's hot modules with mypyc (proxy/native.py)"
+    .venv/bin/python -c 'from proxy.native import build; build()' >/dev/null 2>.venv/native-build.log \
+      || say "could not compile the pooler (see .venv/native-build.log): it runs interpreted"
+  else
+    say "no C compiler (cc): the pooler runs interpreted; install gcc for the compiled one"
+  fi
+fi

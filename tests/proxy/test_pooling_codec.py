@@ -115,13 +115,17 @@ def test_the_pooled_url_names_the_branch_and_the_mode() -> None:
     assert parse_qs(urlsplit(url).query)["options"] == ["endpoint=feature pool=transaction -c work_mem=1MB"]
 
 
-def test_an_answer_that_only_looks_finished_keeps_the_backend() -> None:
+async def test_an_answer_that_only_looks_finished_keeps_the_backend() -> None:
     """The fast path hands over a chunk ending in ReadyForQuery I only when the header walk lands
     on it: a DataRow cut by the chunk boundary right after bytes that spell ReadyForQuery I (bytea
-    in binary can) must not end the lend."""
+    in binary can) must not end the lend. Real pool objects (compiled or not), byte sinks for
+    sockets."""
     import struct
 
+    from compute import LoadSignals
+    from proxy.pooled_client import PooledClient
     from proxy.pooled_server import E_BIND, E_DESCRIBE, E_EXECUTE, SYNC_ENTRY, PooledServer
+    from proxy.pooler import PoolConfig, Pooler
 
     class Sink:
         def __init__(self) -> None:
@@ -130,29 +134,70 @@ def test_an_answer_that_only_looks_finished_keeps_the_backend() -> None:
         def write(self, data: bytes) -> None:
             self.out += bytes(data)
 
-    class Client:
-        def __init__(self) -> None:
-            self.transport = Sink()
-            self.released = 0
-
-        def release(self, server: PooledServer) -> None:
-            self.released += 1
-            server.client = None
+        def is_closing(self) -> bool:
+            return False
 
     def msg(kind: bytes, payload: bytes) -> bytes:
         return kind + struct.pack("!i", 4 + len(payload)) + payload
 
+    signals = LoadSignals()
+    pool = Pooler(PoolConfig(mode="transaction", size=2), wake=None, signals=lambda _: signals).pool("b", "r", "d")  # type: ignore[arg-type]
     for split_inside_row in (True, False):
-        server = PooledServer(None, Sink(), None, b"", 0, 10)  # type: ignore[arg-type]
-        client = Client()
-        server.client = client  # type: ignore[assignment]
+        server = PooledServer(pool, Sink(), None, b"", 0, 10)  # type: ignore[arg-type]
+        server.where = 1  # in use, as lent by the pool
+        client = PooledClient(pool, Sink(), (), 1, 1)  # type: ignore[arg-type]
+        server.client = client
+        client.server = server
         server.expect.extend([(E_BIND, None, None), (E_DESCRIBE, None, None), (E_EXECUTE, None, None), SYNC_ENTRY])
         value = b"\x01Z\x00\x00\x00\x05I" + b"\x02" * 20
         row = msg(b"D", struct.pack("!hi", 1, len(value)) + value)
         answer = (msg(b"2", b"") + msg(b"n", b"") + row + msg(b"C", b"SELECT 1\x00") + msg(b"Z", b"I"))
         cut = answer.index(b"Z\x00\x00\x00\x05I") + 6 if split_inside_row else len(answer) - 3
         server.data_received(answer[:cut])
-        assert client.released == 0 and server.expect[-1] is SYNC_ENTRY  # still the client's
+        assert client.server is server and server.expect[-1] is SYNC_ENTRY  # still the client's
         server.data_received(answer[cut:])
-        assert client.released == 1 and not server.expect
-        assert client.transport.out == answer
+        assert client.server is None and server.client is None and not server.expect  # released
+        assert client.transport.out == answer  # type: ignore[attr-defined]
+
+
+def test_the_inline_check_never_passes_a_statement_the_pooler_reads() -> None:
+    """``_plain_sql`` lets a query or unnamed Parse through without the full reading: it must say
+    "plain" only for statements that are none of SET/RESET/DEALLOCATE/DISCARD, and should say so
+    for the everyday ones."""
+    from proxy.pooled_client import _plain_sql
+    from proxy.statements import OTHER, first_word
+
+    texts = [b"SET x = 1", b"set x to 1", b"ReSeT ALL", b"reset", b"DEALLOCATE a", b"deallocate all",
+             b"DISCARD ALL", b"discard", b" set x=1", b"\tSET x=1", b"\nset x=1", b"--c\nSET x=1", b"/* c */ set x=1",
+             b"SELECT 1", b"select 1", b"DELETE FROM t", b"RELEASE s", b"ROLLBACK", b"SAVEPOINT s", b"DO $$ $$",
+             b"SHOW x", b"DROP TABLE t", b"S", b"se", b"d", b"INSERT INTO t VALUES (1)", b"(SELECT 1)",
+             b"with x as (select 1) select 1"]
+    for text in texts:
+        buf = b"Q" + text + b"\x00"
+        if _plain_sql(buf, 1):
+            assert first_word(text) == OTHER, text
+    assert all(_plain_sql(b"Q" + t + b"\x00", 1) for t in (b"SELECT 1", b"select 1", b"INSERT INTO t VALUES (1)",
+                                                            b"DELETE FROM t", b"RELEASE s", b"ROLLBACK", b"DO $$ $$"))
+    assert not any(_plain_sql(b"Q" + t + b"\x00", 1) for t in (b"SET x = 1", b"reset", b"Deallocate a", b"discard all",
+                                                                b" set x=1", b"--c\nSET x=1"))
+
+
+async def test_equal_settings_are_one_object_per_pool() -> None:
+    """Clients with the same startup settings share one settings object (a backend is matched to
+    a client by identity first); the table is bounded, and what is past it is still compared by
+    value."""
+    from compute import LoadSignals
+    from proxy import pooler as pooler_module
+    from proxy.pooler import PoolConfig, Pooler
+    from proxy.statements import startup_settings
+
+    signals = LoadSignals()
+    pool = Pooler(PoolConfig(mode="transaction", size=2), wake=None, signals=lambda _: signals).pool("b", "r", "d")  # type: ignore[arg-type]
+    a = startup_settings({"user": "u", "application_name": "app"}, [])
+    b = startup_settings({"user": "u", "application_name": "app"}, [])
+    assert a == b and a is not b
+    assert pool.intern(a) is pool.intern(b) is a
+    for i in range(pooler_module.INTERNED + 10):
+        pool.intern(startup_settings({"application_name": f"app{i}"}, []))
+    late = startup_settings({"application_name": "late"}, [])
+    assert pool.intern(late) is late and pool.intern(startup_settings({"application_name": "late"}, [])) == late
