@@ -12,27 +12,30 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from time import monotonic
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Final
 
 from proxy import codec
 from proxy.errors import PoolTimeout, SessionError
 from proxy.pooled_server import (
+    BIND_ENTRY,
     BLOCK_SERVER,
-    E_BIND,
-    E_CLOSE,
+    CLOSE_ENTRY,
+    DESCRIBE_ENTRY,
     E_CLOSE_HIDDEN,
-    E_DESCRIBE,
-    E_EXECUTE,
     E_PARSE,
     E_PARSE_HIDDEN,
     E_QUERY,
     E_SYNC,
     E_SYNTH,
+    EXECUTE_ENTRY,
     IDLE,
+    PARSE_UNNAMED_ENTRY,
     QUERY_ENTRY,
     SYNC_ENTRY,
+    Entry,
     PooledServer,
+    Waiter,
     read_i32_be,
 )
 from proxy.statements import (
@@ -67,13 +70,6 @@ MAX_MESSAGE: Final = 1 << 30
 READ_AHEAD_LIMIT: Final = 256 * 1024  # buffered client bytes while waiting for a backend, before reading pauses
 BLOCK_BUFFER: Final = 1  # reasons reading from the client is paused (PooledClient.blocks); BLOCK_SERVER: pooled_server
 _IDLE_READY: Final = codec.ready_for_query(b"I")
-_SYNC = SYNC_ENTRY
-_BIND = (E_BIND, None, None)
-_EXECUTE = (E_EXECUTE, None, None)
-_DESCRIBE = (E_DESCRIBE, None, None)
-_CLOSE = (E_CLOSE, None, None)
-_PARSE_UNNAMED = (E_PARSE, None, None)
-_QUERY = QUERY_ENTRY
 _MAYBE_SPECIAL: Final = frozenset(b"sSrRdD \t\r\n-/")
 _LETTERS: Final = frozenset(b"sSrRdD")
 
@@ -99,31 +95,30 @@ def _plain_sql(buf: bytes, at: int) -> bool:
     return not (b1 == 0x65 and b2 == 0x61) and not (b1 == 0x69 and b2 == 0x73)  # dea, dis
 
 
-class PooledClient:
+class PooledClient(Waiter):
     """The protocol of a pooled client's connection (an asyncio protocol by its methods: a plain
-    class, so that mypyc can compile it to a native one, see ``proxy/native.py``)."""
+    class, so that mypyc can compile it to a native one, see ``proxy/native.py``). It waits in its
+    pool's line as a ``Waiter`` (``settings``, ``queued``, ``wait_since``, ``closed``)."""
 
-    __slots__ = ("transport", "pool", "buf", "server", "statements", "settings", "startup", "pid", "secret",
-                 "done", "asking", "queued", "wait_since", "discarding", "active", "closed", "held", "blocks",
-                 "server_paused")
+    __slots__ = ("transport", "write", "pool", "buf", "server", "statements", "startup", "pid", "secret",
+                 "done", "asking", "discarding", "active", "held", "blocks", "server_paused")
 
     def __init__(self, pool: Pool, transport: asyncio.Transport, settings: Settings, pid: int, secret: int) -> None:
+        settings = pool.intern(settings)
+        super().__init__(settings)
         self.transport = transport
+        self.write: Callable[[bytes], object] = transport.write  # bound once: called for every answer
         self.pool = pool
         self.buf = bytearray()
         self.server: PooledServer | None = None
         self.statements: dict[bytes, ServerStatement] = {}
-        self.settings = settings = pool.intern(settings)
         self.startup = settings  # what DISCARD ALL returns to
         self.pid = pid
         self.secret = secret
         self.done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self.asking = False  # a backend was asked for: the messages wait in ``buf``
-        self.queued = False  # in the pool's line (``pool.waiters``)
-        self.wait_since = 0.0
         self.discarding = False  # after an error the pooler raised itself: ignore until Sync, as Postgres does
         self.active = False  # counted as a session (holding or waiting for a backend)
-        self.closed = False
         self.held: bytes | None = None  # what arrived while asking for a backend, kept as received (no copy)
         # Why reading from the client is paused: one owner of pause/resume, a bit per reason
         # (BLOCK_BUFFER: too much buffered while waiting for a backend; BLOCK_SERVER: the lent
@@ -139,6 +134,7 @@ class PooledClient:
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:  # pragma: no cover - swapped in
         self.transport = transport  # type: ignore[assignment]
+        self.write = transport.write  # type: ignore[attr-defined]
 
     def data_received(self, data: bytes) -> None:
         server = self.server
@@ -260,9 +256,7 @@ class PooledClient:
         self.server = server
         if not self.active:
             self.active = True
-            pool = self.pool
-            pool.active += 1
-            pool.signals.sessions += 1  # its end sets last_activity (Pool.activate)
+            self.pool.activate()
 
     def granted(self, server: PooledServer) -> None:
         """The pool's answer to ``request``: a backend with this client's settings."""
@@ -316,10 +310,7 @@ class PooledClient:
         pool = self.pool
         if self.active:
             self.active = False
-            pool.active -= 1
-            s = pool.signals
-            s.sessions -= 1
-            s.last_activity = monotonic()
+            pool.deactivate()
         pool.release(server)
 
     def server_lost(self, server: PooledServer) -> None:
@@ -337,7 +328,7 @@ class PooledClient:
 
     def fatal(self, code: str, message: str, hint: str | None = None) -> None:
         if self.transport is not None and not self.transport.is_closing():
-            self.transport.write(codec.fatal(code, message, hint=hint))
+            self.write(codec.fatal(code, message, hint=hint))
         self._close()
 
     def _refuse(self, error: bytes) -> None:
@@ -346,9 +337,9 @@ class PooledClient:
         buf = self.buf
         if len(buf) >= 5 and buf[0] in (0x51, 0x46):  # a simple query or function call: one answer
             del buf[:1 + int.from_bytes(buf[1:5], "big", signed=True)]
-            self.transport.write(error + _IDLE_READY)
+            self.write(error + _IDLE_READY)
         else:  # extended protocol: the error, then nothing until Sync
-            self.transport.write(error)
+            self.write(error)
             self.discarding = True
         self._resume()
         self._pump()
@@ -457,35 +448,35 @@ class PooledClient:
             if not server.skipping:  # what every driver's extended query sends, inline
                 if kind == 0x45:  # Execute
                     server.status = 0
-                    server.expect.append(_EXECUTE)
+                    server.expect.append(EXECUTE_ENTRY)
                     pos = end
                     continue
                 if kind == 0x53:  # Sync
                     if server.pending_set is None:
-                        server.expect.append(_SYNC)
+                        server.expect.append(SYNC_ENTRY)
                     else:
-                        server.expect.append((E_SYNC, server.pending_set, None))
+                        server.expect.append(Entry(E_SYNC, server.pending_set))
                         server.pending_set = None
                     pos = end
                     continue
                 if kind == 0x42 and buf[pos + 6 if buf[pos + 5] == 0 else buf.index(0, pos + 5) + 1] == 0:
                     # Bind of the unnamed statement (to the unnamed portal, usually: no search)
                     server.status = 0
-                    server.expect.append(_BIND)
+                    server.expect.append(BIND_ENTRY)
                     pos = end
                     continue
                 if kind == 0x51 and _plain_sql(buf, pos + 5):  # a simple query, not SET/RESET/DEALLOCATE/DISCARD
-                    server.expect.append(_QUERY)
+                    server.expect.append(QUERY_ENTRY)
                     pos = end
                     continue
                 if kind == 0x44 and buf[pos + 5] == 0x50:  # Describe of a portal
                     server.status = 0
-                    server.expect.append(_DESCRIBE)
+                    server.expect.append(DESCRIBE_ENTRY)
                     pos = end
                     continue
                 if kind == 0x50 and buf[pos + 5] == 0 and _plain_sql(buf, pos + 6):  # unnamed Parse, not a SET
                     server.status = 0
-                    server.expect.append(_PARSE_UNNAMED)
+                    server.expect.append(PARSE_UNNAMED_ENTRY)
                     pos = end
                     continue
             done = self._forward(server, kind, buf, pos, end)
@@ -501,12 +492,12 @@ class PooledClient:
         if server is not None:
             if out is None:
                 if run < pos:
-                    server.transport.write(buf if run == 0 and pos == n else buf[run:pos])
+                    server.write(buf if run == 0 and pos == n else buf[run:pos])
             else:
                 if run < pos:
                     out.append(buf[run:pos])
                 if out:
-                    server.transport.write(b"".join(out))
+                    server.write(b"".join(out))
         return pos
 
     def _synth(self, server: PooledServer | None, data: bytes,
@@ -514,26 +505,26 @@ class PooledClient:
         """An answer of the pooler's own, in its place among the backend's answers (``parsed``: the
         client's statement it stands for, forgotten if an error before it makes Postgres skip it)."""
         if server is not None and server.expect:
-            server.expect.append((E_SYNTH, data, parsed))
+            server.expect.append(Entry(E_SYNTH, data, parsed))
         else:
-            self.transport.write(data)
+            self.write(data)
 
     def _answer_idle(self, kind: int, buf: bytes, pos: int, end: int) -> bool:
         """What needs no backend, answered with none held (so nothing is outstanding)."""
         if kind == 0x53:  # Sync
-            self.transport.write(_IDLE_READY)
+            self.write(_IDLE_READY)
             return True
         if kind == 0x48:  # Flush
             return True
         if kind == 0x43:  # Close
             if buf[pos + 5] == 0x53:  # a statement
                 self.statements.pop(buf[pos + 6:end - 1], None)
-            self.transport.write(CLOSE_COMPLETE)  # a portal cannot exist outside a transaction
+            self.write(CLOSE_COMPLETE)  # a portal cannot exist outside a transaction
             return True
         if kind == 0x51 and buf[pos + 5] in _MAYBE_SPECIAL:
             answer = self._special_query(buf[pos + 5:end - 1], IDLE)
             if answer is not None:
-                self.transport.write(answer)
+                self.write(answer)
                 return True
         return False
 
@@ -565,9 +556,10 @@ class PooledClient:
         parts = []
         for old in server.prepared.add(stmt.name):
             parts.append(close_statement(old))
-            expect.append((E_CLOSE_HIDDEN, None, old))
+            expect.append(Entry(E_CLOSE_HIDDEN, None, old))
         parts.append(stmt.parse)
-        expect.append((E_PARSE, client_name, stmt) if client_name is not None else (E_PARSE_HIDDEN, None, stmt.name))
+        expect.append(Entry(E_PARSE, client_name, stmt) if client_name is not None
+                      else Entry(E_PARSE_HIDDEN, None, stmt.name))
         return b"".join(parts) if len(parts) > 1 else parts[0]
 
     def _forward(self, server: PooledServer, kind: int, buf: bytes, pos: int, end: int) -> bytes | None:
@@ -580,17 +572,17 @@ class PooledClient:
                 server.skipping = False
                 if server.pending_set is not None:  # a SET of the failed batch: it did not happen
                     server.pending_set = None
-                expect.append(_SYNC)
+                expect.append(SYNC_ENTRY)
             return None
         if kind == 0x45:  # Execute
             server.status = 0  # an implicit transaction is open until the Sync's ReadyForQuery
-            expect.append(_EXECUTE)
+            expect.append(EXECUTE_ENTRY)
             return None
         if kind == 0x53:  # Sync
             if server.pending_set is None:
-                expect.append(_SYNC)
+                expect.append(SYNC_ENTRY)
             else:
-                expect.append((E_SYNC, server.pending_set, None))
+                expect.append(Entry(E_SYNC, server.pending_set))
                 server.pending_set = None
             return None
         if kind == 0x42:  # Bind
@@ -601,10 +593,10 @@ class PooledClient:
                 stmt = self.statements.get(buf[portal_end:stmt_end - 1])
                 if stmt is not None:
                     pre = b"" if server.prepared.use(stmt.name) else self._prepare(server, stmt, None)
-                    expect.append(_BIND)
+                    expect.append(BIND_ENTRY)
                     return pre + rename_bind(buf[pos + 5:end], portal_end - pos - 5, stmt_end - pos - 5,
                                              stmt.name)
-            expect.append(_BIND)
+            expect.append(BIND_ENTRY)
             return None
         if kind == 0x50:  # Parse
             server.status = 0
@@ -612,7 +604,7 @@ class PooledClient:
                 if buf[pos + 6] in _MAYBE_SPECIAL and (buf[pos + 6] not in _LETTERS
                                                        or buf[pos + 6:pos + 9].lower() in PREFIXES):
                     self._set_in_parse(server, buf[pos + 6:buf.index(0, pos + 6)])
-                expect.append(_PARSE_UNNAMED)
+                expect.append(PARSE_UNNAMED_ENTRY)
                 return None
             payload = buf[pos + 5:end]
             name, at = split_cstring(payload)
@@ -635,9 +627,9 @@ class PooledClient:
                 stmt = self.statements.get(buf[pos + 6:end - 1])
                 if stmt is not None:
                     pre = b"" if server.prepared.use(stmt.name) else self._prepare(server, stmt, None)
-                    expect.append(_DESCRIBE)
+                    expect.append(DESCRIBE_ENTRY)
                     return pre + codec.encode_message(b"D", b"S" + stmt.name + b"\x00")
-            expect.append(_DESCRIBE)
+            expect.append(DESCRIBE_ENTRY)
             return None
         if kind == 0x43:  # Close
             server.status = 0
@@ -647,7 +639,7 @@ class PooledClient:
                     self.pool.pooler.names.retire(stmt)
                 self._synth(server, CLOSE_COMPLETE)
                 return b""
-            expect.append(_CLOSE)
+            expect.append(CLOSE_ENTRY)
             return None
         if kind == 0x51:  # Query
             track = None
@@ -666,10 +658,10 @@ class PooledClient:
                         return b""
                     if word == DISCARD:  # DISCARD ALL in a transaction: Postgres' error; other DISCARDs run
                         server.applied = None
-            expect.append(_QUERY if track is None else (E_QUERY, track, None))
+            expect.append(QUERY_ENTRY if track is None else Entry(E_QUERY, track))
             return None
         if kind == 0x46:  # FunctionCall: answered up to ReadyForQuery, like a query
-            expect.append(_QUERY)
+            expect.append(QUERY_ENTRY)
         return None  # Flush, CopyData, CopyDone, CopyFail: no answer of their own
 
     @staticmethod

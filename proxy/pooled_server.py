@@ -17,11 +17,12 @@ from __future__ import annotations
 
 import asyncio
 import struct
-from collections import deque
-from typing import TYPE_CHECKING, Final
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, Final
 
 from proxy import codec
 from proxy.cancel import BackendKey
+from proxy.errors import SessionError
 from proxy.statements import STALE_STATEMENT_CODES, BackendStatements, Settings, error_code
 
 BLOCK_SERVER: Final = 2  # the reason bit a backend's full write buffer sets on its client (PooledClient.blocks)
@@ -40,41 +41,159 @@ except ImportError:  # no mypy toolchain installed: struct does the same
     def read_i32_be(b: bytes, index: i64, /) -> i32:
         return _LEN.unpack_from(b, index)[0]  # type: ignore[no-any-return]
 
-# expect entries: (code, a, b)
-E_PARSE: Final = 1  # a client's Parse: (code, client name or None, ServerStatement or None)
-E_PARSE_HIDDEN: Final = 2  # the pooler's Parse before a Bind/Describe: (code, None, server name)
+# What a backend owes, per message it answers (``Entry.code``).
+E_PARSE: Final = 1  # a client's Parse: a = client name or None, b = ServerStatement or None
+E_PARSE_HIDDEN: Final = 2  # the pooler's Parse before a Bind/Describe: b = server name
 E_BIND: Final = 3
 E_DESCRIBE: Final = 4
 E_EXECUTE: Final = 5
 E_CLOSE: Final = 6
-E_CLOSE_HIDDEN: Final = 7  # an LRU eviction: (code, None, server name)
-E_SYNC: Final = 8
-E_QUERY: Final = 9  # a simple query or function call, answered up to ReadyForQuery: (code, tracked SET or None, _)
-E_SYNTH: Final = 10  # the pooler's own answer: (code, bytes, _)
+E_CLOSE_HIDDEN: Final = 7  # an LRU eviction: b = server name
+E_SYNC: Final = 8  # a = the SETs of the batch to track, or None
+E_QUERY: Final = 9  # a simple query or function call, answered up to ReadyForQuery: a = tracked SET or None
+E_SYNTH: Final = 10  # the pooler's own answer: a = its bytes, b = (client name, statement) it stands for, or None
 
 IDLE: Final = 0x49  # 'I'
-SYNC_ENTRY = (E_SYNC, None, None)  # the plain entries: nothing to do when answered but pop them
-QUERY_ENTRY = (E_QUERY, None, None)
 _IDLE_TAIL: Final = b"Z\x00\x00\x00\x05I"  # ReadyForQuery I
+
+
+class Entry:
+    """One answer a lent backend owes, in the order the messages went: its ``code`` (``E_*``) and
+    what is needed when it comes (``a``, ``b``: see the codes). A native class, so that reading a
+    code is a field load when compiled."""
+
+    __slots__ = ("code", "a", "b")
+
+    def __init__(self, code: int, a: Any = None, b: Any = None) -> None:
+        self.code = code
+        self.a = a
+        self.b = b
+
+    def __repr__(self) -> str:
+        return f"Entry({self.code}, {self.a!r}, {self.b!r})"
+
+
+# The plain entries, one object each (nothing to do when answered but pop them): what the client
+# side records for the messages it passes on inline, and what the common answer is recognised by.
+SYNC_ENTRY: Final = Entry(E_SYNC)
+QUERY_ENTRY: Final = Entry(E_QUERY)
+BIND_ENTRY: Final = Entry(E_BIND)
+EXECUTE_ENTRY: Final = Entry(E_EXECUTE)
+DESCRIBE_ENTRY: Final = Entry(E_DESCRIBE)
+CLOSE_ENTRY: Final = Entry(E_CLOSE)
+PARSE_UNNAMED_ENTRY: Final = Entry(E_PARSE)
+
+
+class Expect:
+    """The entries a lent backend owes, oldest first, and how many of them a ReadyForQuery answers
+    (Sync, Query: ``readies``). A list read from ``head`` rather than a deque: compiled, every
+    append and pop is a list primitive instead of a method call (compacted as it empties, so a
+    long pipeline stays linear)."""
+
+    __slots__ = ("items", "head", "readies")
+
+    def __init__(self) -> None:
+        self.items: list[Entry] = []
+        self.head = 0
+        self.readies = 0
+
+    def __len__(self) -> int:
+        return len(self.items) - self.head
+
+    def __bool__(self) -> bool:
+        return self.head < len(self.items)
+
+    def __getitem__(self, i: int) -> Entry:
+        n = len(self.items) - self.head
+        if i < 0:
+            i += n
+        if not 0 <= i < n:
+            raise IndexError("Expect index out of range")
+        return self.items[self.head + i]
+
+    def append(self, entry: Entry) -> None:
+        self.items.append(entry)
+        code = entry.code
+        if code in (E_SYNC, E_QUERY):
+            self.readies += 1
+
+    def extend(self, entries: list[Entry]) -> None:
+        for entry in entries:
+            self.append(entry)
+
+    def first_code(self) -> int:
+        """The oldest entry's code; 0 when nothing is owed."""
+        head = self.head
+        return self.items[head].code if head < len(self.items) else 0
+
+    def last(self) -> Entry | None:
+        items = self.items
+        return items[len(items) - 1] if self.head < len(items) else None
+
+    def popleft(self) -> Entry:
+        items = self.items
+        head = self.head
+        if head >= len(items):
+            raise IndexError("pop from an empty Expect")
+        entry = items[head]
+        head += 1
+        if head == len(items):
+            items.clear()
+            head = 0
+        elif head >= 64 and head * 2 >= len(items):
+            del items[:head]
+            head = 0
+        self.head = head
+        code = entry.code
+        if code in (E_SYNC, E_QUERY):
+            self.readies -= 1
+        return entry
+
+    def clear(self) -> None:
+        self.items.clear()
+        self.head = 0
+        self.readies = 0
+
+
+class Waiter:
+    """Who waits in a pool's line for a backend: a pooled client, or the pooler itself greeting a
+    new client (``pooler._FutureWaiter``). A native base class, so that the pool reads its fields
+    and calls it directly when compiled."""
+
+    __slots__ = ("settings", "queued", "wait_since", "closed")
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.queued = False  # in the pool's line (``Pool.waiters``)
+        self.wait_since = 0.0
+        self.closed = False  # gone: skipped when its turn comes
+
+    def granted(self, server: PooledServer) -> None:
+        """A backend with this waiter's settings."""
+        raise NotImplementedError
+
+    def refused(self, error: SessionError) -> None:
+        """No backend: past pool_timeout, or one could not be opened."""
+        raise NotImplementedError
 
 
 class PooledServer:
     """The protocol of a pooled backend's connection (an asyncio protocol by its methods: a plain
     class, so that mypyc can compile it to a native one, see ``proxy/native.py``)."""
 
-    __slots__ = ("transport", "pool", "key", "compute_pid", "client", "expect", "prepared", "applied", "status",
-                 "buf", "closed", "reported", "skipping", "failed", "broken", "cancelling", "held", "idle_since",
-                 "_waiter", "last_rows", "where", "pending_set", "plain",
-                 "changed")
+    __slots__ = ("transport", "write", "pool", "key", "compute_pid", "client", "expect", "prepared", "applied",
+                 "status", "buf", "closed", "reported", "skipping", "failed", "broken", "cancelling", "held",
+                 "idle_since", "_waiter", "last_rows", "where", "pending_set", "plain", "changed")
 
     def __init__(self, pool: Pool, transport: asyncio.Transport, key: BackendKey, greeting: bytes,
                  compute_pid: int, max_prepared: int) -> None:
         self.transport = transport
+        self.write: Callable[[bytes], object] = transport.write  # bound once: called for every request
         self.pool = pool
         self.key = key
         self.compute_pid = compute_pid
         self.client: PooledClient | None = None
-        self.expect: deque[tuple] = deque()
+        self.expect = Expect()
         self.prepared = BackendStatements(max_prepared)
         self.applied: Settings | None = ()  # the settings statements run here since RESET ALL; None: unknown
         self.status = IDLE
@@ -105,6 +224,7 @@ class PooledServer:
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:  # pragma: no cover - swapped in
         self.transport = transport  # type: ignore[assignment]
+        self.write = transport.write  # type: ignore[attr-defined]
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
@@ -134,26 +254,28 @@ class PooledServer:
             self._wake()
             return
         expect = self.expect
-        if self.plain and data[-6:] == _IDLE_TAIL and not self.buf and not self.skipping:
+        n = len(data)
+        if (self.plain and expect.readies == 1 and n >= 6 and data[n - 6] == 0x5A and data[n - 1] == IDLE
+                and read_i32_be(data, n - 5) == 5 and not self.buf and not self.skipping):
             # The common answer: a whole batch ending in ReadyForQuery I. If it is the answer to the
             # one batch outstanding (one Sync or Query, the last entry) and holds no error and no
             # ParameterStatus, nothing in it needs looking at: walk the headers to be sure the tail
             # is a message of its own, then hand the chunk over and the backend back.
-            last = expect[-1] if expect else None
-            if (last is SYNC_ENTRY and expect.count(SYNC_ENTRY) == 1) or (last is QUERY_ENTRY and len(expect) == 1):
-                n = len(data) - 6
+            last = expect.last()
+            if last is SYNC_ENTRY or (last is QUERY_ENTRY and len(expect) == 1):
+                end = n - 6
                 pos = 0
-                while pos < n:
+                while pos < end:
                     kind = data[pos]
                     if kind == 0x45 or kind == 0x53 or kind == 0x5A:  # ErrorResponse, ParameterStatus, ReadyForQuery
                         break
                     pos += 1 + read_i32_be(data, pos + 1)
                 else:
-                    if pos == n:
+                    if pos == end:
                         expect.clear()
                         self.failed = False
                         self.status = IDLE
-                        client.transport.write(data)  # type: ignore[union-attr]
+                        client.write(data)
                         if self.client is client:
                             client.release(self)
                         return
@@ -161,7 +283,7 @@ class PooledServer:
             self.buf += data
             data = bytes(self.buf)
             self.buf.clear()
-        n = len(data)
+            n = len(data)
         pos = run = 0
         parts: list[bytes] | None = None
         ended = False
@@ -173,17 +295,17 @@ class PooledServer:
             if kind == 0x44:  # DataRow: the common case, passed on untouched
                 pos = end
                 continue
-            code = expect[0][0] if expect else 0
+            code = expect.first_code()
             drop = False
             if kind == 0x5A:  # ReadyForQuery
                 if code in (E_SYNC, E_QUERY):
                     entry = expect.popleft()
-                    if entry[1] is not None:
+                    if entry.a is not None:
                         if code == E_QUERY:
                             if not self.failed:
-                                client.tracked(self, entry[1])
+                                client.tracked(self, entry.a)
                         elif not self.failed and data[pos + 5] == IDLE:  # the SETs of a batch
-                            for change in entry[1]:
+                            for change in entry.a:
                                 client.tracked(self, change)
                         else:  # ran, but rolled back or still in a transaction: unknown from here
                             self.applied = None
@@ -235,22 +357,21 @@ class PooledServer:
                 parts.append(data[run:pos])
                 run = end
             pos = end
-            if expect and expect[0][0] == E_SYNTH:
+            if expect.first_code() == E_SYNTH:
                 if parts is None:
                     parts = []
                 parts.append(data[run:pos])
                 run = pos
-                while expect and expect[0][0] == E_SYNTH:
-                    parts.append(expect.popleft()[1])
+                while expect.first_code() == E_SYNTH:
+                    parts.append(expect.popleft().a)
         if pos < n:
             self.buf += data[pos:]
-        write = client.transport.write  # type: ignore[union-attr]
         if parts is None:
             if pos:
-                write(data[:pos] if pos < n else data)
+                client.write(data[:pos] if pos < n else data)
         else:
             parts.append(data[run:pos])
-            write(b"".join(parts))
+            client.write(b"".join(parts))
         if ended and self.status == IDLE and not expect and not self.skipping and self.client is client:
             client.release(self)
 
@@ -258,18 +379,19 @@ class PooledServer:
         """An error in an extended-protocol batch: Postgres answers nothing more until Sync."""
         expect = self.expect
         client = self.client
-        while expect and expect[0][0] != E_SYNC:
-            code, a, b = expect.popleft()
-            if code == E_PARSE and a is not None:
-                self.prepared.discard(b.name)
+        while expect and expect.first_code() != E_SYNC:
+            entry = expect.popleft()
+            code = entry.code
+            if code == E_PARSE and entry.a is not None:
+                self.prepared.discard(entry.b.name)
                 if client is not None:
-                    client.forget(a, b)
+                    client.forget(entry.a, entry.b)
             elif code == E_PARSE_HIDDEN:
-                self.prepared.discard(b)
+                self.prepared.discard(entry.b)
             elif code == E_CLOSE_HIDDEN:
                 self.broken = True  # the eviction never ran: the backend has a name we forgot
-            elif code == E_SYNTH and b is not None and client is not None:
-                client.forget(*b)  # a Parse answered by the pooler, which Postgres would have skipped
+            elif code == E_SYNTH and entry.b is not None and client is not None:
+                client.forget(*entry.b)  # a Parse answered by the pooler, which Postgres would have skipped
         if not expect:
             self.skipping = True
 
@@ -284,7 +406,7 @@ class PooledServer:
         None. ParameterStatus it causes is remembered in ``reported``; rows are returned in
         ``last_rows``."""
         self.buf.clear()
-        self.transport.write(codec.encode_message(b"Q", sql + b"\x00"))
+        self.write(codec.encode_message(b"Q", sql + b"\x00"))
         error: codec.ErrorFields | None = None
         rows: list[bytes] = []
         while True:

@@ -24,10 +24,9 @@ import logging
 import secrets
 import shlex
 import time
-from collections import deque
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
-from typing import Final, Protocol
+from typing import Final
 
 from prometheus_client import CollectorRegistry
 from prometheus_client.core import GaugeMetricFamily, HistogramMetricFamily
@@ -40,7 +39,7 @@ from proxy.connect import open_session
 from proxy.errors import ConnectError, HandshakeError, PoolTimeout, SessionError
 from proxy.pipe import Side
 from proxy.pooled_client import PooledClient
-from proxy.pooled_server import PooledServer
+from proxy.pooled_server import PooledServer, Waiter
 from proxy.statements import Settings, StatementNames, apply_sql, parse_options, startup_settings
 
 log = logging.getLogger("lakelet.proxy")
@@ -127,50 +126,75 @@ def select_mode(params: dict[str, str], sni: str | None, default: str) -> tuple[
 # -- who waits for a backend ----------------------------------------------------------------------------
 
 
-class Waiter(Protocol):
-    """A pooled client, or the pooler itself greeting a new client."""
+class _FutureWaiter(Waiter):
+    """The pooler waiting for a backend itself (a new client's greeting)."""
 
-    settings: Settings
-    queued: bool
-    wait_since: float
-
-    @property
-    def closed(self) -> bool: ...
-    def granted(self, server: PooledServer) -> None: ...
-    def refused(self, error: SessionError) -> None: ...
-
-
-class _FutureWaiter:
-    __slots__ = ("settings", "future", "pool", "queued", "wait_since", "gone")
+    __slots__ = ("future", "pool")
 
     def __init__(self, settings: Settings, future: asyncio.Future[PooledServer], pool: Pool) -> None:
-        self.settings = settings
+        super().__init__(settings)
         self.future = future
         self.pool = pool
-        self.queued = False
-        self.wait_since = 0.0
-        self.gone = False
-
-    @property
-    def closed(self) -> bool:
-        return self.gone
 
     def granted(self, server: PooledServer) -> None:
-        if self.gone:
+        if self.closed:
             self.pool.release(server)
         else:
             self.future.set_result(server)
 
     def refused(self, error: SessionError) -> None:
-        if not self.gone:
+        if not self.closed:
             self.future.set_exception(error)
 
     def give_up(self) -> None:
-        self.gone = True
+        self.closed = True
         if self.queued:
             self.pool.left_line(self)
         if self.future.done() and not self.future.cancelled() and self.future.exception() is None:
             self.pool.release(self.future.result())
+
+
+class Line:
+    """The waiters of a pool in arrival order: a list read from ``head`` (as ``Expect``), so that
+    joining and leaving are list primitives when compiled. A waiter that left stays in it, with
+    ``queued`` False, and is skipped when its turn comes."""
+
+    __slots__ = ("items", "head")
+
+    def __init__(self) -> None:
+        self.items: list[Waiter] = []
+        self.head = 0
+
+    def __len__(self) -> int:
+        return len(self.items) - self.head
+
+    def __bool__(self) -> bool:
+        return self.head < len(self.items)
+
+    def __iter__(self) -> Iterator[Waiter]:
+        return iter(self.items[self.head:])
+
+    def first(self) -> Waiter:
+        return self.items[self.head]
+
+    def append(self, w: Waiter) -> None:
+        self.items.append(w)
+
+    def popleft(self) -> Waiter:
+        items = self.items
+        head = self.head
+        if head >= len(items):
+            raise IndexError("pop from an empty Line")
+        w = items[head]
+        head += 1
+        if head == len(items):
+            items.clear()
+            head = 0
+        elif head >= 64 and head * 2 >= len(items):
+            del items[:head]
+            head = 0
+        self.head = head
+        return w
 
 
 # -- one pool --------------------------------------------------------------------------------------------
@@ -191,7 +215,7 @@ class Pool:
         self.idle: list[PooledServer] = []
         self.opened = 0  # open or opening
         self.in_use = 0
-        self.waiters: deque[Waiter] = deque()
+        self.waiters = Line()
         self.greetings: dict[Settings, bytes] = {}
         self._interned: dict[Settings, Settings] = {}
         self._greeting: dict[Settings, asyncio.Future[bytes]] = {}
@@ -205,6 +229,9 @@ class Pool:
         self.clients = 0  # connected
         self.active = 0  # holding or waiting for a backend
         self.waiting = 0
+        # What of ``active`` and ``waiting`` is in the branch's LoadSignals (``report``).
+        self.counted_active = 0
+        self.counted_waiting = 0
         self.servers: set[PooledServer] = set()  # open ones; each knows its state (``where``)
         self.wait_seconds = WaitTimes()
 
@@ -226,17 +253,34 @@ class Pool:
 
     # -- counts the compute sees -------------------------------------------------------------------
 
+    # A pooled client is a session of the compute while it holds or waits for a backend, and a
+    # waiting one is load the compute cannot serve yet. Under load both change twice per
+    # transaction, so the branch's LoadSignals get them when it matters and not on every change:
+    # at once when the pool goes from none to some and back (scale to zero never sees an idle
+    # compute while one is counted here, and its idle time starts when the last one ends), else
+    # within ``JANITOR_EVERY`` (the autoscaler samples once a second).
+
     def activate(self) -> None:
-        """Counted as a session (its end sets ``last_activity``: while one is counted, the
-        compute does not suspend, so its start need not)."""
         self.active += 1
-        self.signals.sessions += 1
+        if self.active == 1:
+            self.report()
 
     def deactivate(self) -> None:
         self.active -= 1
+        if self.active == 0:
+            self.report()
+
+    def report(self) -> None:
+        """Bring the branch's LoadSignals up to date with this pool's counts."""
         s = self.signals
-        s.sessions -= 1
-        s.last_activity = time.monotonic()
+        if self.counted_active != self.active:
+            s.sessions += self.active - self.counted_active
+            self.counted_active = self.active
+            if self.active == 0:
+                s.last_activity = time.monotonic()
+        if self.counted_waiting != self.waiting:
+            s.waiting += self.waiting - self.counted_waiting
+            self.counted_waiting = self.waiting
 
     def client_left(self, client: PooledClient) -> None:
         self.clients -= 1
@@ -295,14 +339,16 @@ class Pool:
         w.queued = True
         w.wait_since = time.monotonic()
         self.waiting += 1
-        self.signals.waiting += 1  # demand the compute cannot serve yet: the autoscaler's load
+        if self.waiting == 1:
+            self.report()
         self.waiters.append(w)
 
     def left_line(self, w: Waiter) -> None:
-        """``w`` is out of the line (served, refused or gone); a gone one stays in the deque, skipped."""
+        """``w`` is out of the line (served, refused or gone); a gone one stays in the line, skipped."""
         w.queued = False
         self.waiting -= 1
-        self.signals.waiting -= 1
+        if self.waiting == 0:
+            self.report()
 
     async def _provide(self, w: Waiter, reserved: bool = False) -> None:
         """An idle backend for ``w``, or a new one (``reserved``: its room is already counted)."""
@@ -369,7 +415,7 @@ class Pool:
         """Refuse those who waited past pool_timeout (the line is in arrival order)."""
         limit = now - self.pooler.config.timeout
         waiters = self.waiters
-        while waiters and (not waiters[0].queued or waiters[0].wait_since < limit):
+        while waiters and (not waiters.first().queued or waiters.first().wait_since < limit):
             w = waiters.popleft()
             if not w.queued:
                 continue
@@ -546,7 +592,8 @@ class Pool:
 # -- all pools ------------------------------------------------------------------------------------------
 
 
-WAIT_BUCKETS: Final = (0.001, 0.005, 0.025, 0.1, 0.5, 1.0, 5.0, 30.0)
+# Variable-length in its type: compiled, a fixed-length tuple of floats would be rebuilt at every use.
+WAIT_BUCKETS: Final[tuple[float, ...]] = (0.001, 0.005, 0.025, 0.1, 0.5, 1.0, 5.0, 30.0)
 
 
 class WaitTimes:
@@ -560,8 +607,10 @@ class WaitTimes:
         self.total = 0.0
 
     def observe(self, seconds: float) -> None:
+        bounds = WAIT_BUCKETS
+        n = len(bounds)
         i = 0
-        while i < len(WAIT_BUCKETS) and WAIT_BUCKETS[i] < seconds:  # bisect_left, in a few compares
+        while i < n and bounds[i] < seconds:  # bisect_left, in a few compares
             i += 1
         self.counts[i] += 1
         self.total += seconds
@@ -590,7 +639,7 @@ class _PoolCollector(Collector):
         for branch, signals in sorted(self.pooler.session_branches.items()):
             # Session mode has no pool: each session holds its own backend from log-in to log-out.
             # Its sessions are the branch's sessions less the pooled clients counted among them.
-            sessions = signals.sessions - sum(p.active for p in self.pooler.by_branch.get(branch, ()))
+            sessions = signals.sessions - sum(p.counted_active for p in self.pooler.by_branch.get(branch, ()))
             backends.add_metric([branch, "session", "in_use"], sessions)
             clients.add_metric([branch, "session", "active"], sessions)
         for branch, (sz, idle, in_use, waiting, active, idle_clients) in sorted(by_branch.items()):
@@ -764,6 +813,7 @@ class Pooler:
             for pool in list(self.pools.values()):
                 pool.close_idle(older)
                 pool.expire(now)
+                pool.report()
             for branch in self.by_branch:
                 self.room_freed(branch)
 

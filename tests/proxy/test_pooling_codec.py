@@ -124,7 +124,7 @@ async def test_an_answer_that_only_looks_finished_keeps_the_backend() -> None:
 
     from compute import LoadSignals
     from proxy.pooled_client import PooledClient
-    from proxy.pooled_server import E_BIND, E_DESCRIBE, E_EXECUTE, SYNC_ENTRY, PooledServer
+    from proxy.pooled_server import BIND_ENTRY, DESCRIBE_ENTRY, EXECUTE_ENTRY, SYNC_ENTRY, PooledServer
     from proxy.pooler import PoolConfig, Pooler
 
     class Sink:
@@ -148,7 +148,7 @@ async def test_an_answer_that_only_looks_finished_keeps_the_backend() -> None:
         client = PooledClient(pool, Sink(), (), 1, 1)  # type: ignore[arg-type]
         server.client = client
         client.server = server
-        server.expect.extend([(E_BIND, None, None), (E_DESCRIBE, None, None), (E_EXECUTE, None, None), SYNC_ENTRY])
+        server.expect.extend([BIND_ENTRY, DESCRIBE_ENTRY, EXECUTE_ENTRY, SYNC_ENTRY])
         value = b"\x01Z\x00\x00\x00\x05I" + b"\x02" * 20
         row = msg(b"D", struct.pack("!hi", 1, len(value)) + value)
         answer = (msg(b"2", b"") + msg(b"n", b"") + row + msg(b"C", b"SELECT 1\x00") + msg(b"Z", b"I"))
