@@ -83,6 +83,8 @@ class Result:
     cpu_us: float
     backend_us: float
     failed: int
+    client_us: float = float("nan")  # pgbench's own CPU per transaction
+    busy: float = float("nan")  # the machine's busy share of its cores over the window (1.0: saturated)
 
 
 def _window(prefix: str, start: float, end: float) -> tuple[int, float]:
@@ -115,30 +117,39 @@ def children_cpu(ppid: int) -> dict[int, float]:
 
 
 class CpuSampler(threading.Thread):
-    """The pooler process's CPU seconds and the compute's (its backends'), sampled with wall-clock
-    time, so CPU per transaction is taken over a steady window after every client has logged in."""
+    """The pooler process's CPU seconds, the compute's (its backends'), pgbench's and the whole
+    machine's busy time, sampled with wall-clock time, so CPU per transaction is taken over a steady
+    window after every client has logged in. On a saturated machine TPS is its cores over the sum
+    of everyone's CPU per transaction: a pooler also costs what it makes the others spend."""
 
     def __init__(self, pid: int, postmaster: int) -> None:
         super().__init__(daemon=True)
         self.pid = pid
         self.postmaster = postmaster
-        self.samples: list[tuple[float, float, dict[int, float]]] = []
+        self.client = 0  # pgbench's pid, once started
+        self.samples: list[tuple[float, float, dict[int, float], float, float]] = []
         self.stop = threading.Event()
 
     def run(self) -> None:
         while not self.stop.is_set():
             with contextlib.suppress(OSError):
-                self.samples.append((time.time(), bp.cpu_seconds(self.pid), children_cpu(self.postmaster)))
+                client = bp.cpu_seconds(self.client) if self.client else float("nan")
+                self.samples.append((time.time(), bp.cpu_seconds(self.pid), children_cpu(self.postmaster), client,
+                                     bp.machine_busy_seconds()))
             self.stop.wait(0.25)
 
-    def between(self, start: float, end: float) -> tuple[float, float]:
-        inside = [(c, b) for t, c, b in self.samples if start <= t <= end]
+    def between(self, start: float, end: float) -> tuple[float, float, float, float]:
+        """Over the samples inside [start, end]: the pooler's, the backends' and pgbench's CPU
+        seconds, and the machine's busy share of its cores."""
+        inside = [sample for sample in self.samples if start <= sample[0] <= end]
         if len(inside) < 2:
-            return float("nan"), float("nan")
+            return float("nan"), float("nan"), float("nan"), float("nan")
         # Per backend, over those alive at the end (one that exited meanwhile — the other pooler's
         # idle backends closing — must not subtract its whole life's CPU).
-        first, last = inside[0][1], inside[-1][1]
-        return inside[-1][0] - inside[0][0], sum(cpu - first.get(pid, 0.0) for pid, cpu in last.items())
+        first, last = inside[0], inside[-1]
+        backends = sum(cpu - first[2].get(pid, 0.0) for pid, cpu in last[2].items())
+        busy = (last[4] - first[4]) / (last[0] - first[0]) / (os.cpu_count() or 1)
+        return last[1] - first[1], backends, last[3] - first[3], busy
 
 
 def pgbench(pgbench_bin: str, target: Target, clients: int, duration: int, mode: str, logdir: Path,
@@ -150,7 +161,10 @@ def pgbench(pgbench_bin: str, target: Target, clients: int, duration: int, mode:
     sampler = CpuSampler(target.pid, postmaster)
     sampler.start()
     began = time.time()
-    out = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env) as proc:
+        sampler.client = proc.pid
+        stdout, stderr = proc.communicate()
+    out = subprocess.CompletedProcess(cmd, proc.returncode, stdout, stderr)
     ended = time.time()
     sampler.stop.set()
     sampler.join()
@@ -168,15 +182,17 @@ def pgbench(pgbench_bin: str, target: Target, clients: int, duration: int, mode:
     # The steady window: from a second after the last login to a second before the end.
     start, end = max(began + logins + 1, ended - 1 - 0.6 * duration), ended - 1
     n, p99 = _window(prefix, start, end)
-    cpu, backends = sampler.between(start, end) if end - start >= 2 else (float("nan"), float("nan"))
+    nan = float("nan")
+    cpu, backends, client, busy = sampler.between(start, end) if end - start >= 2 else (nan, nan, nan, nan)
     result = Result(target.name, mode, float(tps.group(1)) if tps else 0.0, int(txns.group(1)), p99,
-                    cpu * 1e6 / n if n else float("nan"), backends * 1e6 / n if n else float("nan"),
-                    (int(failed.group(1)) if failed else 0) + aborted + (out.returncode != 0))
+                    cpu * 1e6 / n if n else nan, backends * 1e6 / n if n else nan,
+                    (int(failed.group(1)) if failed else 0) + aborted + (out.returncode != 0),
+                    client * 1e6 / n if n else nan, busy)
     if quiet:
         return result
     print(f"  {target.name:<16} -M {mode:<9} {result.tps:9.0f} tps  p99 {result.p99_ms:8.1f} ms  "
-          f"{result.cpu_us:7.1f} µs CPU/txn  backends {result.backend_us:5.1f} µs/txn  errors {result.failed}  "
-          f"(logins {logins:.1f}s)", flush=True)
+          f"{result.cpu_us:7.1f} µs CPU/txn  backends {result.backend_us:5.1f}  pgbench {result.client_us:5.1f} "
+          f"µs/txn  machine busy {result.busy:4.0%}  errors {result.failed}  (logins {logins:.1f}s)", flush=True)
     return result
 
 
@@ -264,8 +280,9 @@ def run(args: argparse.Namespace, cleanup: object) -> None:
                                    postmaster))
         # pgbench prepares each client's statements with a blocking call in a thread shared by
         # thousands of clients: behind a deep line that serializes logins, not the pooler; 1,000 at most.
-        results.append(pgbench(pg["pgbench"], targets[0], min(clients, 1000), duration, "prepared", logdir,
-                               args.threads, postmaster))
+        if not args.no_prepared:
+            results.append(pgbench(pg["pgbench"], targets[0], min(clients, 1000), duration, "prepared", logdir,
+                                   args.threads, postmaster))
 
     memory: dict[str, float] = {}
     if idle > 0:
@@ -290,28 +307,31 @@ def report(clients: int, duration: int, pool_size: int, threads: int, results: l
            memory: dict[str, float]) -> None:
     print()
     print(f"{clients} clients, pool size {pool_size}, pgbench -S -j {threads} -T {duration}; medians over rounds")
-    print(f"{'target':<16}{'mode':>10}{'tps':>10}{'p99 ms':>10}{'CPU µs/txn':>12}{'backends µs':>13}{'errors':>8}"
-          f"{'KiB/idle':>10}")
+    print(f"{'target':<16}{'mode':>10}{'tps':>10}{'p99 ms':>10}{'CPU µs/txn':>12}{'backends µs':>13}"
+          f"{'pgbench µs':>12}{'errors':>8}{'KiB/idle':>10}")
     rows: dict[tuple[str, str], list[Result]] = {}
     for r in results:
         rows.setdefault((r.target, r.mode), []).append(r)
-    med: dict[tuple[str, str], tuple[float, float, float, float, int]] = {}
+    med: dict[tuple[str, str], tuple[float, float, float, float, float, int]] = {}
     for (target, mode), rs in rows.items():
         med[(target, mode)] = (statistics.median(r.tps for r in rs), statistics.median(r.p99_ms for r in rs),
                                statistics.median(r.cpu_us for r in rs), statistics.median(r.backend_us for r in rs),
-                               sum(r.failed for r in rs))
-        tps, p99, cpu, backends, failed = med[(target, mode)]
+                               statistics.median(r.client_us for r in rs), sum(r.failed for r in rs))
+        tps, p99, cpu, backends, client, failed = med[(target, mode)]
         mem = memory.get(target)
-        print(f"{target:<16}{mode:>10}{tps:10.0f}{p99:10.1f}{cpu:12.1f}{backends:13.1f}{failed:8d}"
+        print(f"{target:<16}{mode:>10}{tps:10.0f}{p99:10.1f}{cpu:12.1f}{backends:13.1f}{client:12.1f}{failed:8d}"
               f"{'' if mem is None or mode != 'extended' else format(mem, '10.2f')}")
     lake, bouncer = med.get(("lakelet-pooled", "extended")), med.get(("pgbouncer-tx", "extended"))
     if lake and bouncer:
         print(f"lakelet/pgbouncer: TPS {lake[0] / bouncer[0]:.2f} (goal ≥ 1), p99 {lake[1] / bouncer[1]:.2f}, "
-              f"CPU/txn {lake[2] / bouncer[2]:.2f}, backends' CPU/txn {lake[3] / bouncer[3]:.2f}", end="")
+              f"CPU/txn {lake[2] / bouncer[2]:.2f}, backends' CPU/txn {lake[3] / bouncer[3]:.2f}, "
+              f"pgbench's CPU/txn {lake[4] / bouncer[4]:.2f}", end="")
         if "lakelet-pooled" in memory and "pgbouncer-tx" in memory:
             print(f", KiB/idle client {memory['lakelet-pooled']:.2f} vs {memory['pgbouncer-tx']:.2f} (goal ≤ 10)",
                   end="")
         print()
+        pairs = zip(rows[("lakelet-pooled", "extended")], rows[("pgbouncer-tx", "extended")], strict=False)
+        print("TPS ratio per round: " + ", ".join(f"{a.tps / b.tps:.2f}" for a, b in pairs))
 
 
 def main() -> int:
@@ -327,6 +347,8 @@ def main() -> int:
     ap.add_argument("--scale", type=int, default=10, help="pgbench scale factor (default 10)")
     ap.add_argument("--cu", type=float, default=0.25, help="compute size, pinned (default 0.25: max_connections 100)")
     ap.add_argument("--no-pgbouncer", action="store_true")
+    ap.add_argument("--no-prepared", action="store_true", help="skip Lakelet's -M prepared runs (more rounds in the "
+                    "same time)")
     return bp.run_bench("bench/pooling.py", run, ap.parse_args())
 
 

@@ -275,9 +275,11 @@ class PooledServer:
                         expect.clear()
                         self.failed = False
                         self.status = IDLE
+                        # The backend goes back first (to the next client in line, whose request it
+                        # gets now), then the answer out: the backend idles less between transactions,
+                        # often not long enough to sleep, and the client's bytes are the same.
+                        client.release(self)
                         client.write(data)
-                        if self.client is client:
-                            client.release(self)
                         return
         if self.buf:
             self.buf += data

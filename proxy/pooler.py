@@ -26,6 +26,7 @@ import shlex
 import time
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
+from time import monotonic
 from typing import Final
 
 from prometheus_client import CollectorRegistry
@@ -337,7 +338,7 @@ class Pool:
             self.pooler.spawn(self._provide(w, reserved=True))
             return
         w.queued = True
-        w.wait_since = time.monotonic()
+        w.wait_since = monotonic()
         self.waiting += 1
         if self.waiting == 1:
             self.report()
@@ -432,7 +433,7 @@ class Pool:
             w = waiters.popleft()
             if w.queued:
                 self.left_line(w)
-                self.wait_seconds.observe(time.monotonic() - w.wait_since)
+                self.wait_seconds.observe(monotonic() - w.wait_since)
                 return w
         return None
 
