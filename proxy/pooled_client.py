@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable
 from typing import TYPE_CHECKING, Final
 
 from proxy import codec
@@ -100,31 +99,36 @@ class PooledClient(Waiter):
     class, so that mypyc can compile it to a native one, see ``proxy/native.py``). It waits in its
     pool's line as a ``Waiter`` (``settings``, ``queued``, ``wait_since``, ``closed``)."""
 
-    __slots__ = ("transport", "write", "pool", "buf", "server", "statements", "startup", "pid", "secret",
-                 "done", "asking", "discarding", "active", "held", "blocks", "server_paused")
+    # Fields in the order a transaction touches them (compiled, the object's layout follows the
+    # assignments below): a client is one of thousands, cold in the cache when its turn comes, and
+    # every cache line of it read costs a miss.
+    __slots__ = ("server", "held", "asking", "discarding", "active", "buffered", "blocks", "server_paused", "pool",
+                 "transport", "buf", "statements", "startup", "pid", "secret", "done")
 
     def __init__(self, pool: Pool, transport: asyncio.Transport, settings: Settings, pid: int, secret: int) -> None:
         settings = pool.intern(settings)
         super().__init__(settings)
-        self.transport = transport
-        self.write: Callable[[bytes], object] = transport.write  # bound once: called for every answer
-        self.pool = pool
-        self.buf = bytearray()
         self.server: PooledServer | None = None
-        self.statements: dict[bytes, ServerStatement] = {}
-        self.startup = settings  # what DISCARD ALL returns to
-        self.pid = pid
-        self.secret = secret
-        self.done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self.asking = False  # a backend was asked for: the messages wait in ``buf``
+        self.held: bytes | None = None  # what arrived while asking for a backend, kept as received (no copy)
+        self.asking = False  # a backend was asked for: the messages wait in ``held`` or ``buf``
         self.discarding = False  # after an error the pooler raised itself: ignore until Sync, as Postgres does
         self.active = False  # counted as a session (holding or waiting for a backend)
-        self.held: bytes | None = None  # what arrived while asking for a backend, kept as received (no copy)
+        self.buffered = False  # bytes wait in ``buf`` (read without touching it, a separate object)
         # Why reading from the client is paused: one owner of pause/resume, a bit per reason
         # (BLOCK_BUFFER: too much buffered while waiting for a backend; BLOCK_SERVER: the lent
         # backend's write buffer is full). Reading resumes only when no reason is left.
         self.blocks = 0
         self.server_paused = False  # the lent backend's reading paused: the client's writes are full
+        self.pool = pool
+        # Its ``write`` is looked up at each call, not bound once: a bound method is one more
+        # object per client, and one more cache miss per answer.
+        self.transport = transport
+        self.buf = bytearray()
+        self.statements: dict[bytes, ServerStatement] = {}
+        self.startup = settings  # what DISCARD ALL returns to
+        self.pid = pid
+        self.secret = secret
+        self.done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
 
     async def run(self) -> None:
         """Until the client's connection is gone."""
@@ -134,11 +138,10 @@ class PooledClient(Waiter):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:  # pragma: no cover - swapped in
         self.transport = transport  # type: ignore[assignment]
-        self.write = transport.write  # type: ignore[attr-defined]
 
     def data_received(self, data: bytes) -> None:
         server = self.server
-        if server is None and not self.asking and not self.buf and not self.discarding:
+        if server is None and not self.asking and not self.buffered and not self.discarding:
             kind = data[0]
             pool = self.pool
             if (kind == 0x50 or kind == 0x42) and pool.waiting and not pool.idle:
@@ -151,10 +154,11 @@ class PooledClient(Waiter):
                     pool.activate()
                 pool.request(self)
                 return
-        elif self.buf or self.asking:
+        elif self.buffered or self.asking:
             if self.held is not None:
                 self._unhold()
             self.buf += data
+            self.buffered = True
             if not self.asking:
                 self._pump()
             elif len(self.buf) > READ_AHEAD_LIMIT:
@@ -168,6 +172,7 @@ class PooledClient(Waiter):
                 self.held = data
                 return
             self.buf += data[pos:]
+            self.buffered = True
             if self.asking and len(self.buf) > READ_AHEAD_LIMIT:
                 self._pause()
 
@@ -175,6 +180,7 @@ class PooledClient(Waiter):
         held = self.held
         if held is not None:
             self.buf += held
+            self.buffered = True
             self.held = None
 
     def _pause(self) -> None:
@@ -266,11 +272,12 @@ class PooledClient(Waiter):
             return
         self._lend(server)
         held = self.held
-        if held is not None and not self.buf:  # the usual case: one chunk waited, passed on as it is
+        if held is not None and not self.buffered:  # the usual case: one chunk waited, passed on as it is
             self.held = None
             pos = self._forward_from(held)
             if pos < len(held) and not self.closed:
                 self.buf += held[pos:]
+                self.buffered = True
         else:
             self._pump()
         if self.blocks & BLOCK_BUFFER:
@@ -328,7 +335,7 @@ class PooledClient(Waiter):
 
     def fatal(self, code: str, message: str, hint: str | None = None) -> None:
         if self.transport is not None and not self.transport.is_closing():
-            self.write(codec.fatal(code, message, hint=hint))
+            self.transport.write(codec.fatal(code, message, hint=hint))
         self._close()
 
     def _refuse(self, error: bytes) -> None:
@@ -337,9 +344,9 @@ class PooledClient(Waiter):
         buf = self.buf
         if len(buf) >= 5 and buf[0] in (0x51, 0x46):  # a simple query or function call: one answer
             del buf[:1 + int.from_bytes(buf[1:5], "big", signed=True)]
-            self.write(error + _IDLE_READY)
+            self.transport.write(error + _IDLE_READY)
         else:  # extended protocol: the error, then nothing until Sync
-            self.write(error)
+            self.transport.write(error)
             self.discarding = True
         self._resume()
         self._pump()
@@ -395,6 +402,7 @@ class PooledClient(Waiter):
                 pos = self._forward_from(bytes(buf))
                 if pos:
                     del buf[:pos]
+        self.buffered = len(buf) > 0
         # Only whole messages waiting for a backend pause reading: with a backend lent, what is
         # left is the start of one message (a large CopyData), which needs more bytes to finish.
         if self.asking and len(self.buf) > READ_AHEAD_LIMIT:
@@ -507,24 +515,24 @@ class PooledClient(Waiter):
         if server is not None and server.expect:
             server.expect.append(Entry(E_SYNTH, data, parsed))
         else:
-            self.write(data)
+            self.transport.write(data)
 
     def _answer_idle(self, kind: int, buf: bytes, pos: int, end: int) -> bool:
         """What needs no backend, answered with none held (so nothing is outstanding)."""
         if kind == 0x53:  # Sync
-            self.write(_IDLE_READY)
+            self.transport.write(_IDLE_READY)
             return True
         if kind == 0x48:  # Flush
             return True
         if kind == 0x43:  # Close
             if buf[pos + 5] == 0x53:  # a statement
                 self.statements.pop(buf[pos + 6:end - 1], None)
-            self.write(CLOSE_COMPLETE)  # a portal cannot exist outside a transaction
+            self.transport.write(CLOSE_COMPLETE)  # a portal cannot exist outside a transaction
             return True
         if kind == 0x51 and buf[pos + 5] in _MAYBE_SPECIAL:
             answer = self._special_query(buf[pos + 5:end - 1], IDLE)
             if answer is not None:
-                self.write(answer)
+                self.transport.write(answer)
                 return True
         return False
 

@@ -279,7 +279,7 @@ class PooledServer:
                         # gets now), then the answer out: the backend idles less between transactions,
                         # often not long enough to sleep, and the client's bytes are the same.
                         client.release(self)
-                        client.write(data)
+                        client.transport.write(data)
                         return
         if self.buf:
             self.buf += data
@@ -370,10 +370,10 @@ class PooledServer:
             self.buf += data[pos:]
         if parts is None:
             if pos:
-                client.write(data[:pos] if pos < n else data)
+                client.transport.write(data[:pos] if pos < n else data)
         else:
             parts.append(data[run:pos])
-            client.write(b"".join(parts))
+            client.transport.write(b"".join(parts))
         if ended and self.status == IDLE and not expect and not self.skipping and self.client is client:
             client.release(self)
 
