@@ -201,3 +201,91 @@ async def test_equal_settings_are_one_object_per_pool() -> None:
         pool.intern(startup_settings({"application_name": f"app{i}"}, []))
     late = startup_settings({"application_name": "late"}, [])
     assert pool.intern(late) is late and pool.intern(startup_settings({"application_name": "late"}, [])) == late
+
+
+def test_the_answers_owed_keep_their_order_and_count_the_ready_ones() -> None:
+    """``Expect`` (a list read from a head index, compacted as it empties) gives entries back in
+    order through a long pipeline, and counts those a ReadyForQuery answers, which the common
+    answer's shortcut relies on."""
+    from proxy.pooled_server import (
+        BIND_ENTRY,
+        E_QUERY,
+        E_SYNC,
+        EXECUTE_ENTRY,
+        QUERY_ENTRY,
+        SYNC_ENTRY,
+        Entry,
+        Expect,
+    )
+
+    expect = Expect()
+    assert not expect and len(expect) == 0 and expect.first_code() == 0 and expect.last() is None
+    entries = []
+    for i in range(1000):  # a pipeline: Bind, Execute, Sync per statement, plus a query now and then
+        batch = [BIND_ENTRY, EXECUTE_ENTRY, SYNC_ENTRY if i % 7 else Entry(E_SYNC, [("x", b"SET x = 1")])]
+        if i % 5 == 0:
+            batch.append(QUERY_ENTRY)
+        entries.extend(batch)
+        expect.extend(batch)
+    assert len(expect) == len(entries) and expect.last() is entries[-1] and expect[0] is entries[0]
+    assert expect.readies == sum(e.code in (E_SYNC, E_QUERY) for e in entries)
+    taken = []
+    while len(taken) < 2000:
+        taken.append(expect.popleft())
+    expect.append(SYNC_ENTRY)  # appended while partly read: still after the rest
+    entries.append(SYNC_ENTRY)
+    while expect:
+        assert expect.first_code() == expect[0].code
+        taken.append(expect.popleft())
+    assert taken == entries and expect.readies == 0 and len(expect) == 0
+    expect.extend([BIND_ENTRY, SYNC_ENTRY])
+    expect.clear()
+    assert not expect and expect.readies == 0
+
+
+async def test_a_query_answered_before_a_pipelined_batch_keeps_the_backend() -> None:
+    """A simple query followed, before its answer, by an extended batch: the query's answer ends
+    in ReadyForQuery I but the batch is still owed, so the backend stays with the client (two
+    ReadyForQuery are owed, not one), and goes back after the batch's answer."""
+    import struct
+
+    from compute import LoadSignals
+    from proxy.pooled_client import PooledClient
+    from proxy.pooled_server import (
+        BIND_ENTRY,
+        EXECUTE_ENTRY,
+        PARSE_UNNAMED_ENTRY,
+        QUERY_ENTRY,
+        SYNC_ENTRY,
+        PooledServer,
+    )
+    from proxy.pooler import PoolConfig, Pooler
+
+    class Sink:
+        def __init__(self) -> None:
+            self.out = b""
+
+        def write(self, data: bytes) -> None:
+            self.out += bytes(data)
+
+        def is_closing(self) -> bool:
+            return False
+
+    def msg(kind: bytes, payload: bytes) -> bytes:
+        return kind + struct.pack("!i", 4 + len(payload)) + payload
+
+    signals = LoadSignals()
+    pool = Pooler(PoolConfig(mode="transaction", size=2), wake=None, signals=lambda _: signals).pool("b", "r", "d")  # type: ignore[arg-type]
+    server = PooledServer(pool, Sink(), None, b"", 0, 10)  # type: ignore[arg-type]
+    server.where = 1  # in use, as lent by the pool
+    client = PooledClient(pool, Sink(), (), 1, 1)  # type: ignore[arg-type]
+    server.client = client
+    client.server = server
+    server.expect.extend([QUERY_ENTRY, PARSE_UNNAMED_ENTRY, BIND_ENTRY, EXECUTE_ENTRY, SYNC_ENTRY])
+    first = msg(b"C", b"SELECT 1\x00") + msg(b"Z", b"I")
+    server.data_received(first)
+    assert client.server is server and server.client is client and len(server.expect) == 4
+    second = msg(b"1", b"") + msg(b"2", b"") + msg(b"C", b"SELECT 1\x00") + msg(b"Z", b"I")
+    server.data_received(second)
+    assert client.server is None and server.client is None and not server.expect
+    assert client.transport.out == first + second  # type: ignore[attr-defined]
