@@ -7,9 +7,10 @@
  * transaction than PgBouncer, C, spends on the same work). Here a chunk costs one epoll wakeup,
  * one read and one write, and never holds the GIL: this file uses no Python API at all, and is
  * loaded with ctypes by proxy/relay.py, which owns every policy (which sessions come here, what
- * an end means, warm backends). The proxy hands over *duplicates* of the two sockets; this
- * thread closes its duplicates when the session ends, so the proxy's own sockets (and their
- * kernel byte counters) outlive the relay.
+ * an end means, warm backends). The proxy lends the two sockets (its transports paused, so
+ * nothing else reads or writes them) and gets them back, still open, when the session ends:
+ * this thread never closes a socket, so the proxy's own transports (and the kernel's byte
+ * counters) outlive the relay, and a descriptor is never closed under the other's feet.
  *
  * Per session and direction the rule is PgBouncer's: read a chunk into a scratch buffer shared
  * by the thread, write it to the other end at once, and only if the other end cannot take it
@@ -270,8 +271,7 @@ static void drop(struct relay *r, struct session *s) {
         if (s->ends[i].in_epoll)
             epoll_ctl(r->epfd, EPOLL_CTL_DEL, s->ends[i].fd, NULL);
         s->ends[i].in_epoll = 0;
-        close(s->ends[i].fd);
-        s->ends[i].fd = -1;
+        s->ends[i].fd = -1;  /* lent, not owned: the proxy closes it */
         count(r, -(long)(s->pend[i].len - s->pend[i].off));
         free(s->pend[i].buf);
         s->pend[i].buf = NULL;
@@ -419,17 +419,14 @@ int lr_donefd(void *h) {
 }
 
 /*
- * Relay between client_fd and server_fd (the relay owns and closes both from now on). Returns
- * the session's handle, or NULL (the fds are then closed too).
+ * Relay between client_fd and server_fd, lent by the proxy until the session is reported ended
+ * (the relay never closes them). Returns the session's handle, or NULL.
  */
 void *lr_add(void *h, int client_fd, int server_fd, int track) {
     struct relay *r = h;
     struct session *s = calloc(1, sizeof *s);
-    if (s == NULL) {
-        close(client_fd);
-        close(server_fd);
+    if (s == NULL)
         return NULL;
-    }
     s->track = track;
     s->ends[0] = (struct end){.s = s, .fd = client_fd, .which = 0, .armed = EPOLLIN | EPOLLRDHUP};
     s->ends[1] = (struct end){.s = s, .fd = server_fd, .which = 1, .armed = EPOLLIN | EPOLLRDHUP};
@@ -529,8 +526,8 @@ long lr_live(void *h) {
 }
 
 /*
- * Stop the thread and free everything. Sessions still relaying are ended (their sockets closed
- * by the relay, the proxy's own copies untouched) and freed without a report.
+ * Stop the thread and free everything. The proxy stops and collects every session first; one it
+ * did not is left as it is (its sockets are the proxy's).
  */
 void lr_close(void *h) {
     struct relay *r = h;

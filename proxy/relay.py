@@ -2,10 +2,12 @@
 
 After the handshake a session-mode session needs nothing from the proxy but its bytes moved, and
 moving them through Python callbacks cost more CPU per transaction than PgBouncer spends. So
-``relay.c`` — a thread with its own epoll, no Python API, loaded here with ctypes — takes over
-*duplicates* of the two sockets and copies bytes between them until one side leaves; the proxy's
-own sockets stay open (their transports paused) for what comes after: the kernel's byte counts,
-the closing words, and a backend kept warm.
+``relay.c`` — a thread with its own epoll, no Python API, loaded here with ctypes — borrows the
+two sockets (their transports paused: nothing else reads or writes them meanwhile) and copies
+bytes between them until one side leaves, then hands them back open for what comes after: the
+kernel's byte counts, the closing words, and a backend kept warm. No socket is closed while lent
+(a cancelled session waits for the thread to let go first), so a descriptor number is never
+reused under the thread.
 
 Everything with a policy stays here and in ``server.py``: which sessions go native (plain TCP or
 Unix sockets, nothing buffered on either side: TLS sessions stay in Python, where the TLS is), what
@@ -181,15 +183,15 @@ class Relay:
         assert client.transport is not None and server.transport is not None
         client.transport.pause_reading()
         server.transport.pause_reading()
-        cfd, sfd = os.dup(fds[0]), os.dup(fds[1])  # the relay closes these; ours stay open
-        handle = self._lib.lr_add(self._h, cfd, sfd, int(track))
+        handle = self._lib.lr_add(self._h, fds[0], fds[1], int(track))
         if not handle:
             raise OSError("the native relay could not take the session (out of memory)")
         future: asyncio.Future[int] = self._loop.create_future()
         self._waiting[handle] = future
         try:
-            reason = await asyncio.shield(future)
+            reason = await asyncio.shield(future)  # a cancellation must not lose the report
         except asyncio.CancelledError:
+            # The sockets are lent: they may be closed only once the thread has let go of them.
             self._lib.lr_stop(self._h, handle)
             while not future.done():  # the thread answers within microseconds
                 try:
