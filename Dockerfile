@@ -18,6 +18,14 @@ COPY storage ./storage
 COPY lakehouse ./lakehouse
 COPY dataapi ./dataapi
 RUN pip install --no-cache-dir .
+# The pooler's hot modules (mypyc) and the session relay (C) are compiled here, then the compiler
+# goes: without these builds Lakelet runs the same code in Python, slower.
+RUN apt-get update \
+ && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends gcc libc6-dev \
+ && (python -c 'from proxy.native import build; build()' \
+     && python -c 'from proxy.relay import build; build()' \
+     || echo "native builds failed: Lakelet runs interpreted") \
+ && apt-get purge -y gcc libc6-dev && apt-get autoremove -y && rm -rf /var/lib/apt/lists/*
 
 USER lakelet
 ENV LAKELET_DATA_DIR=/data \

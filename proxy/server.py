@@ -39,6 +39,7 @@ from proxy.metrics import ProxyMetrics
 from proxy.pipe import Side, tcp_bytes
 from proxy.pooled_client import PooledClient
 from proxy.pooler import PoolConfig, Pooler, select_mode
+from proxy.relay import Relay
 from proxy.warm import PoolKey, WarmBackend, WarmPool, pool_key
 
 log = logging.getLogger("lakelet.proxy")
@@ -103,6 +104,7 @@ class Proxy:
         self._sock: socket.socket | None = None
         self._accepting: asyncio.Task[None] | None = None
         self._sessions: set[asyncio.Task[None]] = set()
+        self.relay: Relay | None = None  # the native relay, when built (else sessions relay in Python)
         self._sockets = 0
         self._authenticated = 0
         self.gate = PreAuthGate(config.max_unauthenticated_per_address)
@@ -155,6 +157,7 @@ class Proxy:
         sock.listen(4096)
         sock.setblocking(False)
         self._sock = sock
+        self.relay = Relay.open(asyncio.get_running_loop())
         self._accepting = asyncio.create_task(self._accept_loop(), name="proxy-accept")
 
     async def close(self) -> None:
@@ -167,6 +170,9 @@ class Proxy:
         for task in list(self._sessions):
             task.cancel()
         await asyncio.gather(*self._sessions, return_exceptions=True)
+        if self.relay is not None:
+            self.relay.close()
+            self.relay = None
         await self.warm.close()
         await self.pooler.close()
 
@@ -410,14 +416,20 @@ class Proxy:
                            loop: asyncio.AbstractEventLoop, s: _Session) -> None:
         """Relay until either side closes. When the client left first, the backend goes to the
         warm pool (which keeps it only if a reset proves it clean); otherwise both close."""
-        ended: asyncio.Future[Side] = loop.create_future()
-        client.track = self.warm.per_key > 0
-        client.relay_to(server, ended=ended)
-        server.relay_to(client, ended=ended)
+        track = self.warm.per_key > 0
+        fds = self.relay.takes(client, server) if self.relay is not None else None
         self._relaying[client] = s.branch
         first: Side | None = None
         try:
-            first = await ended
+            if fds is not None:
+                assert self.relay is not None
+                first = await self.relay.run(client, server, fds, track=track)
+            else:  # TLS, or no native build: the same relay in Python
+                ended: asyncio.Future[Side] = loop.create_future()
+                client.track = track
+                client.relay_to(server, ended=ended)
+                server.relay_to(client, ended=ended)
+                first = await ended
         finally:
             del self._relaying[client]
             received, sent = client.take_final_bytes()  # the kernel's counts, before the socket closes

@@ -96,3 +96,15 @@ if ! .venv/bin/python -c 'import sys, proxy.native as n; sys.exit(0 if n.compile
     say "no C compiler (cc): the pooler runs interpreted; install gcc for the compiled one"
   fi
 fi
+
+# --- the session relay's byte mover, in C (proxy/relay.c, loaded by proxy/relay.py) --------------
+# Its build is named by its source's digest; without a C compiler sessions are relayed in Python.
+if ! .venv/bin/python -c 'import sys, proxy.relay as r; sys.exit(0 if r.library_path().exists() else 1)' 2>/dev/null; then
+  if command -v cc >/dev/null 2>&1 || command -v gcc >/dev/null 2>&1; then
+    say "compiling the native session relay (proxy/relay.c)"
+    .venv/bin/python -c 'from proxy.relay import build; build()' >/dev/null 2>.venv/relay-build.log \
+      || say "could not compile the session relay (see .venv/relay-build.log): sessions are relayed in Python"
+  else
+    say "no C compiler (cc): sessions are relayed in Python; install gcc for the native relay"
+  fi
+fi
