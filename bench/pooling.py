@@ -9,7 +9,10 @@ driver uses) with ``--clients`` connections (default 10,000; --quick 1,000), ``-
 alternating rounds. Reported per target: TPS (pgbench's, without connection time), p99 latency
 (from pgbench's per-transaction log), the pooler process's CPU per transaction (user + system,
 sampled from /proc from the last login to the end of the run, so SCRAM logins are not in it; p99
-over the same window), and failed or aborted clients. Lakelet alone
+over the same window), the backends' and pgbench's CPU per transaction and the machine's busy share
+over that window (on a saturated machine TPS is the cores over everyone's CPU per transaction, so a
+pooler is also judged by what it makes the others spend), and failed or aborted clients; the TPS
+ratio of each round. Lakelet alone
 also runs ``-M prepared`` (named statements remapped per backend; at most 1,000
 clients, as pgbench prepares with a blocking call per client); the PgBouncer found here (1.18)
 predates prepared-statement support (1.21), so it gets no such row.

@@ -692,10 +692,9 @@ class Pooler:
             registry.register(_PoolCollector(self))
 
     def size_for(self, branch: str) -> int:
-        """Backends one pool of ``branch`` may hold."""
-        if self.config.size:
-            return self.config.size
-        return self.branch_cap(branch)
+        """Backends one pool of ``branch`` may hold (asked on every request that finds no idle one)."""
+        size = self.config.size
+        return size if size else self.branch_cap(branch)
 
     def branch_cap(self, branch: str) -> int:
         """Backends all pools of ``branch`` may hold together: half of what the compute's
