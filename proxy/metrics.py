@@ -14,12 +14,16 @@ from prometheus_client.registry import Collector
 from compute import LoadSignals
 
 LiveBytes = Callable[[], dict[str, tuple[int, int]]]
+# The native relay's (sessions it moves now, bytes it holds for slow readers), or None without it.
+RelayState = Callable[[], tuple[int, int] | None]
 
 
 class _SignalsCollector(Collector):
-    def __init__(self, branches: Callable[[], dict[str, LoadSignals]], live: LiveBytes | None) -> None:
+    def __init__(self, branches: Callable[[], dict[str, LoadSignals]], live: LiveBytes | None,
+                 relay: RelayState | None) -> None:
         self.branches = branches
         self.live = live
+        self.relay = relay
 
     def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
         active = GaugeMetricFamily("lakelet_proxy_connections_active", "Sessions relayed now", labels=["branch"])
@@ -32,11 +36,18 @@ class _SignalsCollector(Collector):
             moved.add_metric([branch, "out"], s.bytes_out + live_out)
         yield active
         yield moved
+        state = self.relay() if self.relay is not None else None
+        if state is not None:
+            yield GaugeMetricFamily("lakelet_proxy_relay_native_sessions",
+                                    "Sessions whose bytes the native relay moves now", value=state[0])
+            yield GaugeMetricFamily("lakelet_proxy_relay_buffered_bytes",
+                                    "Bytes the native relay holds for readers slower than their writers",
+                                    value=state[1])
 
 
 class ProxyMetrics:
     def __init__(self, registry: CollectorRegistry | None, branches: Callable[[], dict[str, LoadSignals]],
-                 live: LiveBytes | None = None) -> None:
+                 live: LiveBytes | None = None, relay: RelayState | None = None) -> None:
         kw = {"registry": registry}
         self.connections = Counter("lakelet_proxy_connections_total", "Client connections by outcome",
                                    ["branch", "outcome"], **kw)
@@ -48,7 +59,7 @@ class ProxyMetrics:
             "Connections closed quietly because their first bytes were not a startup packet", **kw)
         self.protocol_errors = Counter("lakelet_proxy_protocol_errors_total", "Protocol violations by clients", **kw)
         if registry is not None:
-            registry.register(_SignalsCollector(branches, live))
+            registry.register(_SignalsCollector(branches, live, relay))
         self._ended: dict[tuple[str, str], Counter] = {}
 
     def connection_ended(self, branch: str, outcome: str) -> None:

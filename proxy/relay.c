@@ -78,6 +78,7 @@ struct session {
     int reported;          /* under relay.lock: on the done list */
     struct session *next_done;  /* the done list, under relay.lock */
     struct session *next_stop;  /* the stop list, under relay.lock */
+    struct session *next_add;   /* the add list, under relay.lock */
     struct session *next_finished; /* thread only: ended in the current batch */
 };
 
@@ -89,6 +90,7 @@ struct relay {
     pthread_mutex_t lock;
     struct session *done_head, *done_tail;
     struct session *stops;
+    struct session *adds;  /* handed over, not yet watched: only the thread touches epoll */
     int quit;
     long live;             /* sessions added and not yet collected, under lock */
     long buffered;         /* bytes kept for slow readers, all sessions (atomic) */
@@ -279,6 +281,20 @@ static void drop(struct relay *r, struct session *s) {
     }
 }
 
+/* Start watching a session's two ends: done here, on the thread, so that no event of one end can
+ * be handled while the other is not watched yet. */
+static void watch(struct relay *r, struct session *s, struct session **finished) {
+    for (int i = 0; i < 2; i++) {
+        struct epoll_event ev = {.events = EPOLLIN | EPOLLRDHUP, .data.ptr = &s->ends[i]};
+        if (epoll_ctl(r->epfd, EPOLL_CTL_ADD, s->ends[i].fd, &ev) < 0) {
+            finish(s, END_STOPPED, finished);
+            return;
+        }
+        s->ends[i].in_epoll = 1;
+        s->ends[i].armed = ev.events;
+    }
+}
+
 static void report(struct relay *r, struct session *finished) {
     if (finished == NULL)
         return;
@@ -317,6 +333,10 @@ static void *run(void *arg) {
                 (void)rd;
                 pthread_mutex_lock(&r->lock);
                 int quit = r->quit;
+                struct session *adds = r->adds;
+                r->adds = NULL;
+                for (struct session *s = adds; s != NULL; s = s->next_add)
+                    watch(r, s, &finished);
                 struct session *stops = r->stops;
                 r->stops = NULL;
                 for (struct session *s = stops; s != NULL; s = s->next_stop) {
@@ -428,30 +448,16 @@ void *lr_add(void *h, int client_fd, int server_fd, int track) {
     if (s == NULL)
         return NULL;
     s->track = track;
-    s->ends[0] = (struct end){.s = s, .fd = client_fd, .which = 0, .armed = EPOLLIN | EPOLLRDHUP};
-    s->ends[1] = (struct end){.s = s, .fd = server_fd, .which = 1, .armed = EPOLLIN | EPOLLRDHUP};
+    s->ends[0] = (struct end){.s = s, .fd = client_fd, .which = 0};
+    s->ends[1] = (struct end){.s = s, .fd = server_fd, .which = 1};
     pthread_mutex_lock(&r->lock);
     r->live++;
+    s->next_add = r->adds;
+    r->adds = s;
     pthread_mutex_unlock(&r->lock);
-    for (int i = 0; i < 2; i++) {
-        struct epoll_event ev = {.events = EPOLLIN | EPOLLRDHUP, .data.ptr = &s->ends[i]};
-        s->ends[i].in_epoll = 1;
-        if (epoll_ctl(r->epfd, EPOLL_CTL_ADD, s->ends[i].fd, &ev) < 0) {
-            s->ends[i].in_epoll = 0;
-            /* The thread may already see the other end; let it end the session. */
-            pthread_mutex_lock(&r->lock);
-            if (!s->reported && !s->stop_requested) {
-                s->stop_requested = 1;
-                s->next_stop = r->stops;
-                r->stops = s;
-            }
-            pthread_mutex_unlock(&r->lock);
-            uint64_t one = 1;
-            ssize_t w = write(r->wakefd, &one, sizeof one);
-            (void)w;
-            break;
-        }
-    }
+    uint64_t one = 1;
+    ssize_t w = write(r->wakefd, &one, sizeof one);
+    (void)w;
     return s;
 }
 

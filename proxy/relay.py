@@ -138,6 +138,9 @@ class Relay:
         """A relay when the native build is there (and can start), else None."""
         lib = library()
         if lib is None:
+            why = ("LAKELET_INTERPRETED is set" if os.environ.get("LAKELET_INTERPRETED")
+                   else f"no build of {SOURCE.name} (scripts/setup.sh makes one where cc exists)")
+            log.info("sessions are relayed in Python", extra={"reason": why})
             return None
         try:
             return cls(lib, loop)

@@ -90,7 +90,7 @@ class Proxy:
         self.throttle = FailureThrottle()
         self._branches: dict[str, LoadSignals] = {}
         self._relaying: dict[Side, str] = {}  # client side → branch, while relayed
-        self.metrics = ProxyMetrics(registry, lambda: self._branches, self._live_bytes)
+        self.metrics = ProxyMetrics(registry, lambda: self._branches, self._live_bytes, self._relay_state)
         self.pooler = Pooler(config.pool, wake=self._wake, signals=self._signals, registry=registry)
         self.pooler.session_branches = self._branches
         self.material = tls.load(config.tls_dir, config.tls_cert, config.tls_key)
@@ -137,6 +137,10 @@ class Proxy:
             was = live.get(branch, (0, 0))
             live[branch] = (was[0] + received, was[1] + sent)
         return live
+
+    def _relay_state(self) -> tuple[int, int] | None:
+        relay = self.relay
+        return (relay.live, relay.buffered) if relay is not None else None
 
     def connections(self, branch: str) -> int:
         s = self._branches.get(branch)

@@ -85,26 +85,21 @@ if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
   touch "$stamp"
 fi
 
-# --- the transaction pooler's hot modules, compiled with mypyc (proxy/native.py) ------------------
-# Rebuilt when a source changed; without a C compiler the pooler runs interpreted (slower, the same).
-if ! .venv/bin/python -c 'import sys, proxy.native as n; sys.exit(0 if n.compiled() else 1)' 2>/dev/null; then
-  if command -v cc >/dev/null 2>&1 || command -v gcc >/dev/null 2>&1; then
-    say "compiling the pooler's hot modules with mypyc (proxy/native.py)"
-    .venv/bin/python -c 'from proxy.native import build; build()' >/dev/null 2>.venv/native-build.log \
-      || say "could not compile the pooler (see .venv/native-build.log): it runs interpreted"
-  else
-    say "no C compiler (cc): the pooler runs interpreted; install gcc for the compiled one"
+# --- native builds: the pooler's hot modules (mypyc, proxy/native.py) and the session relay (C,
+# proxy/relay.c). Each is rebuilt when its source changed; without a C compiler, or when a build
+# fails, the same code runs in Python (slower, the same behaviour).
+native_build() {  # what, the check that it is built and current, the build, its log
+  .venv/bin/python -c "$2" 2>/dev/null && return 0
+  if ! command -v cc >/dev/null 2>&1 && ! command -v gcc >/dev/null 2>&1; then
+    say "no C compiler (cc): $1 runs in Python; install gcc for the native build"
+    return 0
   fi
-fi
-
-# --- the session relay's byte mover, in C (proxy/relay.c, loaded by proxy/relay.py) --------------
-# Its build is named by its source's digest; without a C compiler sessions are relayed in Python.
-if ! .venv/bin/python -c 'import sys, proxy.relay as r; sys.exit(0 if r.library_path().exists() else 1)' 2>/dev/null; then
-  if command -v cc >/dev/null 2>&1 || command -v gcc >/dev/null 2>&1; then
-    say "compiling the native session relay (proxy/relay.c)"
-    .venv/bin/python -c 'from proxy.relay import build; build()' >/dev/null 2>.venv/relay-build.log \
-      || say "could not compile the session relay (see .venv/relay-build.log): sessions are relayed in Python"
-  else
-    say "no C compiler (cc): sessions are relayed in Python; install gcc for the native relay"
-  fi
-fi
+  say "compiling $1"
+  .venv/bin/python -c "$3" >/dev/null 2>"$4" || say "could not compile $1 (see $4): it runs in Python"
+}
+native_build "the pooler's hot modules with mypyc (proxy/native.py)" \
+  'import sys, proxy.native as n; sys.exit(0 if n.compiled() else 1)' \
+  'from proxy.native import build; build()' .venv/native-build.log
+native_build "the native session relay (proxy/relay.c)" \
+  'import sys, proxy.relay as r; sys.exit(0 if r.library_path().exists() else 1)' \
+  'from proxy.relay import build; build()' .venv/relay-build.log

@@ -3,8 +3,9 @@ one per test module (Postgres takes seconds to boot)."""
 
 from __future__ import annotations
 
+import contextlib
 import shutil
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import asyncpg
@@ -41,6 +42,21 @@ class Harness:
 
     def metric(self, name: str) -> str:
         return "\n".join(ln for ln in generate_latest(self.registry).decode().splitlines() if ln.startswith(name))
+
+
+@contextlib.contextmanager
+def relayed_by(harness: Harness, kind: str) -> Iterator[None]:
+    """Sessions opened inside are relayed by the native relay ("native": skipped without a build)
+    or by the Python one ("python", as for TLS sessions and where no build exists)."""
+    native = harness.proxy.relay
+    if kind == "native" and native is None:
+        pytest.skip("no native relay build (scripts/setup.sh builds it where cc exists)")
+    if kind == "python":
+        harness.proxy.relay = None
+    try:
+        yield
+    finally:
+        harness.proxy.relay = native
 
 
 @pytest.fixture(scope="module")

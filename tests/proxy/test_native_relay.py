@@ -43,6 +43,7 @@ async def test_plain_sessions_go_native_and_tls_ones_stay_in_python(harness: Har
     try:
         assert await conn.fetchval("SELECT 41 + 1") == 42
         assert relay.live == 1
+        assert harness.metric("lakelet_proxy_relay_native_sessions") == "lakelet_proxy_relay_native_sessions 1.0"
     finally:
         await conn.close()
     await _until(lambda: relay.live == 0)

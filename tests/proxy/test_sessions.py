@@ -18,7 +18,7 @@ import pytest
 
 from proxy.codec import encode_ssl_request, encode_startup
 from storage.postgres import PgBinaries
-from tests.proxy.harness import PASSWORD, PSQL, Harness
+from tests.proxy.harness import PASSWORD, PSQL, Harness, relayed_by
 
 
 async def test_psql_simple_query_and_copy(harness: Harness) -> None:
@@ -270,25 +270,19 @@ async def test_max_client_connections(harness: Harness) -> None:
 async def test_slow_reader_does_not_make_the_proxy_buffer(harness: Harness, relay: str) -> None:
     """A client that stops reading a large result: the relay (native or Python) stops reading
     the compute instead of buffering the result in memory."""
-    native = harness.proxy.relay
-    if relay == "native" and native is None:
-        pytest.skip("no native relay build (scripts/setup.sh builds it where cc exists)")
-    if relay == "python":
-        harness.proxy.relay = None
-    try:
+    with relayed_by(harness, relay):
+        native = harness.proxy.relay
         # psycopg.connect waits without holding the GIL (the proxy runs on this process' loop).
         conn = await asyncio.to_thread(psycopg.connect, harness.dsn())
         conn.pgconn.send_query(b"SELECT repeat('y', 1000) FROM generate_series(1, 100000)")  # ~100 MB
         await asyncio.sleep(2)
-        if relay == "native":
-            assert native is not None and native.live >= 1  # this session is relayed natively
+        if native is not None:
+            assert native.live >= 1  # this session is relayed natively
             buffered = [native.buffered]
         else:
             buffered = [t.get_write_buffer_size() for t in _client_transports(harness)]
         conn.pgconn.finish()
         assert buffered and max(buffered) < 4 << 20  # bounded by a socket's worth, not 100 MB
-    finally:
-        harness.proxy.relay = native
 
 
 def _client_transports(harness: Harness) -> list[asyncio.Transport]:

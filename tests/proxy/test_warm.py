@@ -15,7 +15,7 @@ from lakelet.project import create_role
 from proxy import codec
 from proxy.warm import left_in_open_transaction, reset_outcome
 from tests.conftest import poll_until
-from tests.proxy.harness import PASSWORD, Harness
+from tests.proxy.harness import PASSWORD, Harness, relayed_by
 
 NONCE = "0123456789abcdef"
 
@@ -66,7 +66,14 @@ async def _idle_warm(harness: Harness, n: int) -> None:
     await poll_until(lambda: len(harness.proxy.warm) >= n, f"{n} warm backend(s)", timeout=30, every=0.05)
 
 
-async def test_next_client_gets_the_same_backend_reset(harness: Harness) -> None:
+@pytest.mark.parametrize("relay", ["native", "python"])
+async def test_next_client_gets_the_same_backend_reset(harness: Harness, relay: str) -> None:
+    """Whichever relay moved the session, its Terminate leaves the backend to be reset and kept."""
+    with relayed_by(harness, relay):
+        await _same_backend_reset(harness)
+
+
+async def _same_backend_reset(harness: Harness) -> None:
     await harness.proxy.warm.close()  # start from an empty pool
     conn = await harness.apg()
     pid = conn.get_server_pid()
