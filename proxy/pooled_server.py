@@ -84,6 +84,20 @@ CLOSE_ENTRY: Final = Entry(E_CLOSE)
 PARSE_UNNAMED_ENTRY: Final = Entry(E_PARSE)
 
 
+def taken(items: list[Any], head: int) -> int:
+    """The read index of a list used as a queue (``Expect``, ``pooler.Line``) after the item at
+    ``head`` is taken: an emptied list is cleared, and a dead prefix of half the list or more is cut
+    off, so a long queue stays linear."""
+    head += 1
+    if head == len(items):
+        items.clear()
+        return 0
+    if head >= 64 and head * 2 >= len(items):
+        del items[:head]
+        return 0
+    return head
+
+
 class Expect:
     """The entries a lent backend owes, oldest first, and how many of them a ReadyForQuery answers
     (Sync, Query: ``readies``). A list read from ``head`` rather than a deque: compiled, every
@@ -136,14 +150,7 @@ class Expect:
         if head >= len(items):
             raise IndexError("pop from an empty Expect")
         entry = items[head]
-        head += 1
-        if head == len(items):
-            items.clear()
-            head = 0
-        elif head >= 64 and head * 2 >= len(items):
-            del items[:head]
-            head = 0
-        self.head = head
+        self.head = taken(items, head)
         code = entry.code
         if code in (E_SYNC, E_QUERY):
             self.readies -= 1

@@ -40,7 +40,7 @@ from proxy.connect import open_session
 from proxy.errors import ConnectError, HandshakeError, PoolTimeout, SessionError
 from proxy.pipe import Side
 from proxy.pooled_client import PooledClient
-from proxy.pooled_server import PooledServer, Waiter
+from proxy.pooled_server import PooledServer, Waiter, taken
 from proxy.statements import Settings, StatementNames, apply_sql, parse_options, startup_settings
 
 log = logging.getLogger("lakelet.proxy")
@@ -187,14 +187,7 @@ class Line:
         if head >= len(items):
             raise IndexError("pop from an empty Line")
         w = items[head]
-        head += 1
-        if head == len(items):
-            items.clear()
-            head = 0
-        elif head >= 64 and head * 2 >= len(items):
-            del items[:head]
-            head = 0
-        self.head = head
+        self.head = taken(items, head)
         return w
 
 

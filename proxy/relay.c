@@ -97,6 +97,13 @@ struct relay {
     char *scratch;
 };
 
+/* Make an eventfd readable (wake whoever watches it). */
+static void poke(int fd) {
+    uint64_t one = 1;
+    ssize_t w = write(fd, &one, sizeof one);
+    (void)w;
+}
+
 static void arm(struct relay *r, struct end *e) {
     struct session *s = e->s;
     int i = e->which;
@@ -309,9 +316,7 @@ static void report(struct relay *r, struct session *finished) {
         r->done_tail = s;
     }
     pthread_mutex_unlock(&r->lock);
-    uint64_t one = 1;
-    ssize_t w = write(r->donefd, &one, sizeof one);
-    (void)w;
+    poke(r->donefd);
 }
 
 static void *run(void *arg) {
@@ -455,9 +460,7 @@ void *lr_add(void *h, int client_fd, int server_fd, int track) {
     s->next_add = r->adds;
     r->adds = s;
     pthread_mutex_unlock(&r->lock);
-    uint64_t one = 1;
-    ssize_t w = write(r->wakefd, &one, sizeof one);
-    (void)w;
+    poke(r->wakefd);
     return s;
 }
 
@@ -472,9 +475,7 @@ void lr_stop(void *h, void *session) {
         r->stops = s;
     }
     pthread_mutex_unlock(&r->lock);
-    uint64_t one = 1;
-    ssize_t w = write(r->wakefd, &one, sizeof one);
-    (void)w;
+    poke(r->wakefd);
 }
 
 /*
@@ -510,9 +511,7 @@ int lr_done(void *h, void **sessions, int *reasons, int cap) {
     int more = r->done_head != NULL;
     pthread_mutex_unlock(&r->lock);
     if (more) {  /* keep the eventfd readable for the rest */
-        uint64_t one = 1;
-        ssize_t w = write(r->donefd, &one, sizeof one);
-        (void)w;
+        poke(r->donefd);
     }
     return n;
 }
@@ -540,9 +539,7 @@ void lr_close(void *h) {
     pthread_mutex_lock(&r->lock);
     r->quit = 1;
     pthread_mutex_unlock(&r->lock);
-    uint64_t one = 1;
-    ssize_t w = write(r->wakefd, &one, sizeof one);
-    (void)w;
+    poke(r->wakefd);
     pthread_join(r->thread, NULL);
     /* Sessions the thread never ended are found through epoll no more; the proxy stops every
      * session before closing, so none is expected here. */

@@ -3,6 +3,8 @@ statement names it owns."""
 
 from __future__ import annotations
 
+import struct
+
 from proxy.statements import (
     DEALLOCATE,
     DISCARD,
@@ -20,6 +22,24 @@ from proxy.statements import (
     tracked_set,
     with_setting,
 )
+
+
+class Sink:
+    """A transport that keeps what is written (native pooler classes refuse fake objects, not this)."""
+
+    def __init__(self) -> None:
+        self.out = b""
+
+    def write(self, data: bytes) -> None:
+        self.out += bytes(data)
+
+    def is_closing(self) -> bool:
+        return False
+
+
+def msg(kind: bytes, payload: bytes) -> bytes:
+    return kind + struct.pack("!i", 4 + len(payload)) + payload
+
 
 
 def test_first_word() -> None:
@@ -120,25 +140,11 @@ async def test_an_answer_that_only_looks_finished_keeps_the_backend() -> None:
     on it: a DataRow cut by the chunk boundary right after bytes that spell ReadyForQuery I (bytea
     in binary can) must not end the lend. Real pool objects (compiled or not), byte sinks for
     sockets."""
-    import struct
 
     from compute import LoadSignals
     from proxy.pooled_client import PooledClient
     from proxy.pooled_server import BIND_ENTRY, DESCRIBE_ENTRY, EXECUTE_ENTRY, SYNC_ENTRY, PooledServer
     from proxy.pooler import PoolConfig, Pooler
-
-    class Sink:
-        def __init__(self) -> None:
-            self.out = b""
-
-        def write(self, data: bytes) -> None:
-            self.out += bytes(data)
-
-        def is_closing(self) -> bool:
-            return False
-
-    def msg(kind: bytes, payload: bytes) -> bytes:
-        return kind + struct.pack("!i", 4 + len(payload)) + payload
 
     signals = LoadSignals()
     pool = Pooler(PoolConfig(mode="transaction", size=2), wake=None, signals=lambda _: signals).pool("b", "r", "d")  # type: ignore[arg-type]
@@ -247,7 +253,6 @@ async def test_a_query_answered_before_a_pipelined_batch_keeps_the_backend() -> 
     """A simple query followed, before its answer, by an extended batch: the query's answer ends
     in ReadyForQuery I but the batch is still owed, so the backend stays with the client (two
     ReadyForQuery are owed, not one), and goes back after the batch's answer."""
-    import struct
 
     from compute import LoadSignals
     from proxy.pooled_client import PooledClient
@@ -260,19 +265,6 @@ async def test_a_query_answered_before_a_pipelined_batch_keeps_the_backend() -> 
         PooledServer,
     )
     from proxy.pooler import PoolConfig, Pooler
-
-    class Sink:
-        def __init__(self) -> None:
-            self.out = b""
-
-        def write(self, data: bytes) -> None:
-            self.out += bytes(data)
-
-        def is_closing(self) -> bool:
-            return False
-
-    def msg(kind: bytes, payload: bytes) -> bytes:
-        return kind + struct.pack("!i", 4 + len(payload)) + payload
 
     signals = LoadSignals()
     pool = Pooler(PoolConfig(mode="transaction", size=2), wake=None, signals=lambda _: signals).pool("b", "r", "d")  # type: ignore[arg-type]
