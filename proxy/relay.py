@@ -204,8 +204,8 @@ class Relay:
             raise
         if reason == END_SERVER:
             return server
-        if reason == END_STOPPED:  # only asked for on cancellation, which raised above
-            raise ConnectionResetError("the relay was stopped")
+        if reason == END_STOPPED:  # the thread could not watch the sockets (cancellation raised above)
+            raise ConnectionResetError("the native relay could not take the session's sockets")
         return client
 
     def close(self) -> None:
