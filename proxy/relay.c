@@ -128,36 +128,12 @@ static void finish(struct session *s, int reason, struct session **finished) {
     *finished = s;
 }
 
-/* Write what end 1-i waits for from end i; returns -1 when end 1-i is gone. */
 static void count(struct relay *r, long delta) {
     __atomic_add_fetch(&r->buffered, delta, __ATOMIC_RELAXED);
 }
 
-static int flush(struct relay *r, struct session *s, int i) {
-    struct pending *p = &s->pend[i];
-    int fd = s->ends[1 - i].fd;
-    while (p->off < p->len) {
-        ssize_t n = send(fd, p->buf + p->off, p->len - p->off, MSG_NOSIGNAL);
-        if (n > 0) {
-            p->off += (size_t)n;
-            count(r, -n);
-            continue;
-        }
-        if (n < 0 && errno == EINTR)
-            continue;
-        if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK))
-            return 0;
-        return -1;
-    }
-    free(p->buf);
-    p->buf = NULL;
-    p->len = p->off = 0;
-    return 0;
-}
-
-/* Send data from end i to end 1-i, keeping what the other end cannot take now. */
-static int forward(struct relay *r, struct session *s, int i, const char *data, size_t len) {
-    int fd = s->ends[1 - i].fd;
+/* Send as much of data as fd takes now: the bytes sent, or -1 when its peer is gone. */
+static ssize_t send_some(int fd, const char *data, size_t len) {
     size_t off = 0;
     while (off < len) {
         ssize_t n = send(fd, data + off, len - off, MSG_NOSIGNAL);
@@ -171,6 +147,31 @@ static int forward(struct relay *r, struct session *s, int i, const char *data, 
             break;
         return -1;
     }
+    return (ssize_t)off;
+}
+
+/* Write what end 1-i waits for from end i; returns -1 when end 1-i is gone. */
+static int flush(struct relay *r, struct session *s, int i) {
+    struct pending *p = &s->pend[i];
+    ssize_t n = send_some(s->ends[1 - i].fd, p->buf + p->off, p->len - p->off);
+    if (n < 0)
+        return -1;
+    p->off += (size_t)n;
+    count(r, -n);
+    if (p->off < p->len)
+        return 0;
+    free(p->buf);
+    p->buf = NULL;
+    p->len = p->off = 0;
+    return 0;
+}
+
+/* Send data from end i to end 1-i, keeping what the other end cannot take now. */
+static int forward(struct relay *r, struct session *s, int i, const char *data, size_t len) {
+    ssize_t sent = send_some(s->ends[1 - i].fd, data, len);
+    if (sent < 0)
+        return -1;
+    size_t off = (size_t)sent;
     if (off < len) {
         struct pending *p = &s->pend[i];
         p->buf = malloc(len - off);
@@ -230,8 +231,7 @@ static void pump(struct relay *r, struct session *s, int i, struct session **fin
         finish(s, i == 0 ? END_CLIENT : END_SERVER, finished);
         return;
     }
-    if (n == 0) {
-        s->closing[i] = 1;  /* its last word was delivered (nothing waits: we only read when drained) */
+    if (n == 0) {  /* its last word was delivered: this end is read only when nothing of it waits */
         finish(s, i == 0 ? END_CLIENT : END_SERVER, finished);
         return;
     }
