@@ -3,6 +3,7 @@ Lakelet's pooled string and through PgBouncer in transaction mode with the same 
 by side; then the memory each idle pooled client costs.
 
     .venv/bin/python bench/pooling.py [--quick] [--clients N] [--pool-size N] [--duration S] [--rounds N]
+                                      [--control] [--no-prepared] [--idle N]
 
 Load: ``pgbench -n -S -M extended`` (one statement per transaction, the extended protocol every
 driver uses) with ``--clients`` connections (default 10,000; --quick 1,000), ``-j 4``, in
@@ -21,6 +22,10 @@ Idle memory: ``--idle`` clients (default: as many as ``--clients``) log in with 
 idle; the RSS growth of the Lakelet process (a fresh one) and of PgBouncer, divided by the number
 of clients. A pooled idle client holds no backend, so this is the proxy's cost alone.
 
+``--control`` adds a second PgBouncer, identical to the first, as a third target in every round:
+its ratio to the first is what this machine alone makes of two equal poolers, the yardstick for
+Lakelet's ratio (each comparison printed per round, and as a geometric mean with a 95 % interval).
+
 Goals (issue #16): every client served with no error; TPS ≥ PgBouncer's; ≤ 10 KiB per idle
 pooled client.
 """
@@ -32,6 +37,7 @@ import asyncio
 import contextlib
 import glob
 import importlib.util
+import math
 import os
 import re
 import shutil
@@ -66,6 +72,7 @@ bp = _load_proxy_bench()
 from storage.postgres import find_binaries, resolve_service_user  # noqa: E402
 
 ROLE, DATABASE, PASSWORD = bp.ROLE, bp.DATABASE, bp.PASSWORD
+CONTROL = "pgbouncer-ctl"  # --control: a second, identical PgBouncer
 
 
 @dataclass
@@ -266,6 +273,11 @@ def run(args: argparse.Namespace, cleanup: object) -> None:
                                pool_mode="transaction", pool_size=args.pool_size)
         bouncer.start(binary, cleanup)
         targets.append(Target("pgbouncer-tx", bouncer.port, bouncer.proc.pid))  # type: ignore[union-attr]
+        if args.control:  # the same PgBouncer again: what the machine alone makes of two equal poolers
+            twin = bp.PgBouncer(root, user, socket_dir, compute_port, verifier, max_clients=clients + 2000,
+                                pool_mode="transaction", pool_size=args.pool_size, name="pgbouncer-control")
+            twin.start(binary, cleanup)
+            targets.append(Target(CONTROL, twin.port, twin.proc.pid))  # type: ignore[union-attr]
     else:
         print("pgbouncer not found (scripts/setup.sh --bench installs it): Lakelet only")
     logdir = root / "logs"
@@ -333,8 +345,30 @@ def report(clients: int, duration: int, pool_size: int, threads: int, results: l
             print(f", KiB/idle client {memory['lakelet-pooled']:.2f} vs {memory['pgbouncer-tx']:.2f} (goal ≤ 10)",
                   end="")
         print()
-        pairs = zip(rows[("lakelet-pooled", "extended")], rows[("pgbouncer-tx", "extended")], strict=False)
-        print("TPS ratio per round: " + ", ".join(f"{a.tps / b.tps:.2f}" for a, b in pairs))
+        per_round("lakelet/pgbouncer", rows[("lakelet-pooled", "extended")], rows[("pgbouncer-tx", "extended")])
+        if (CONTROL, "extended") in rows:
+            per_round("control: pgbouncer/pgbouncer", rows[(CONTROL, "extended")], rows[("pgbouncer-tx", "extended")])
+
+
+# t(0.975, df): the 95 % two-sided quantile of Student's t for a handful of rounds (df above 30: 2.0).
+_T95 = {1: 12.71, 2: 4.30, 3: 3.18, 4: 2.78, 5: 2.57, 6: 2.45, 7: 2.36, 8: 2.31, 9: 2.26, 10: 2.23, 11: 2.20,
+        12: 2.18, 13: 2.16, 14: 2.14, 15: 2.13, 16: 2.12, 17: 2.11, 18: 2.10, 19: 2.09, 20: 2.09, 25: 2.06, 30: 2.04}
+
+
+def per_round(label: str, these: list[Result], those: list[Result]) -> None:
+    """The TPS and CPU ratios of each round (runs of the same round sit side by side in time), and
+    the geometric mean of the TPS ratios with its 95 % interval: with ``--control`` the same line for
+    PgBouncer against itself says how far apart two equal poolers land on this machine."""
+    pairs = list(zip(these, those, strict=False))
+    tps = [a.tps / b.tps for a, b in pairs]
+    print(f"{label}: TPS ratio per round " + ", ".join(f"{r:.2f}" for r in tps)
+          + "; pooler CPU/txn ratio " + ", ".join(f"{a.cpu_us / b.cpu_us:.2f}" for a, b in pairs))
+    if len(tps) >= 2:
+        logs = [math.log(r) for r in tps]
+        mean, se = statistics.fmean(logs), statistics.stdev(logs) / math.sqrt(len(logs))
+        t = _T95.get(len(logs) - 1) or next((v for k, v in sorted(_T95.items()) if k >= len(logs) - 1), 2.0)
+        print(f"  {label}: geometric mean TPS ratio {math.exp(mean):.3f}, 95 % interval "
+              f"{math.exp(mean - t * se):.3f}–{math.exp(mean + t * se):.3f} over {len(tps)} rounds")
 
 
 def main() -> int:
@@ -350,6 +384,8 @@ def main() -> int:
     ap.add_argument("--scale", type=int, default=10, help="pgbench scale factor (default 10)")
     ap.add_argument("--cu", type=float, default=0.25, help="compute size, pinned (default 0.25: max_connections 100)")
     ap.add_argument("--no-pgbouncer", action="store_true")
+    ap.add_argument("--control", action="store_true", help="a second PgBouncer as a third target: the TPS ratio "
+                    "of two equal poolers, this machine's noise floor for the comparison")
     ap.add_argument("--no-prepared", action="store_true", help="skip Lakelet's -M prepared runs (more rounds in the "
                     "same time)")
     return bp.run_bench("bench/pooling.py", run, ap.parse_args())

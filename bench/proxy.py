@@ -277,6 +277,7 @@ class PgBouncer:
     max_clients: int
     pool_mode: str = "session"
     pool_size: int = 64
+    name: str = "pgbouncer"  # its directory under ``root``: a second instance takes another
     port: int = field(default_factory=free_port)
     proc: subprocess.Popen[bytes] | None = None
     _registered: bool = False
@@ -284,7 +285,7 @@ class PgBouncer:
     def start(self, binary: str, cleanup: Cleanup) -> None:
         """PgBouncer refuses to run as root: its files go to a directory of the service user,
         which can also reach the compute's private socket."""
-        home = self.root / "pgbouncer"
+        home = self.root / self.name
         home.mkdir(exist_ok=True)
         self.user.own(home, 0o700)
         (home / "userlist.txt").write_text(f'"{ROLE}" "{self.verifier}"\n')
@@ -305,7 +306,7 @@ class PgBouncer:
             preexec_fn=self.user.preexec, env=self.user.child_env(), cwd="/", start_new_session=True,
         )
         if not self._registered:
-            cleanup.push("pgbouncer", lambda: stop_process(self.proc, signal.SIGINT, timeout=10))  # type: ignore[arg-type]
+            cleanup.push(self.name, lambda: stop_process(self.proc, signal.SIGINT, timeout=10))  # type: ignore[arg-type]
             self._registered = True
         deadline = time.monotonic() + 20
         while time.monotonic() < deadline:
