@@ -366,7 +366,7 @@ def per_round(label: str, these: list[Result], those: list[Result]) -> None:
     if len(tps) >= 2:
         logs = [math.log(r) for r in tps]
         mean, se = statistics.fmean(logs), statistics.stdev(logs) / math.sqrt(len(logs))
-        t = _T95.get(len(logs) - 1) or next((v for k, v in sorted(_T95.items()) if k >= len(logs) - 1), 2.0)
+        t = next((v for df, v in sorted(_T95.items()) if df >= len(logs) - 1), 2.0)  # the table's next df up
         print(f"  {label}: geometric mean TPS ratio {math.exp(mean):.3f}, 95 % interval "
               f"{math.exp(mean - t * se):.3f}–{math.exp(mean + t * se):.3f} over {len(tps)} rounds")
 
